@@ -1,0 +1,5 @@
+import sys
+
+from bridgeta.cli import main
+
+sys.exit(main())

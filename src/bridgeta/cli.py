@@ -1,0 +1,135 @@
+"""The ``bridgeta`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from bridgeta.config import ConfigError
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="preset name or YAML file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (dotted path, YAML value); repeatable",
+    )
+
+
+def _command_info(args: argparse.Namespace) -> int:
+    from bridgeta.config import load_config
+    from bridgeta.models.bev_model import build_model
+    from bridgeta.models.cost import format_cost, measure_model_cost
+
+    config = load_config(args.config, args.overrides)
+    model = build_model(config)
+    cost = measure_model_cost(model)
+    if args.json:
+        print(json.dumps({"name": config.name, **cost.as_dict()}, indent=2))
+    else:
+        print(format_cost(config.name, cost))
+    return 0
+
+
+def _command_presets(args: argparse.Namespace) -> int:
+    from bridgeta.config import list_presets, load_config
+
+    for name in list_presets():
+        print(f"{name:<18} {load_config(name).description}")
+    return 0
+
+
+def _command_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "bev-pool":
+        from bridgeta.bench.bev_pool import main as bev_pool_main
+
+        return bev_pool_main(args.bench_args)
+    raise AssertionError(args.bench_command)  # argparse restricts the choices
+
+
+def _command_report(args: argparse.Namespace) -> int:
+    from bridgeta.report import measure_model_zoo, render_docs, write_json
+
+    results_dir, docs_dir = Path(args.results), Path(args.docs)
+    if args.report_command == "model-zoo":
+        path = results_dir / "model_zoo.json"
+        write_json(path, measure_model_zoo())
+        print(f"wrote {path}")
+    for section in render_docs(results_dir, docs_dir):
+        print(f"rendered {section}")
+    return 0
+
+
+def _command_demo(args: argparse.Namespace) -> int:
+    from bridgeta.demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bridgeta",
+        description="Cross-modal knowledge distillation for BEV map segmentation (pure PyTorch).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="parameters and MACs of a model config")
+    _add_config_arguments(info)
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(handler=_command_info)
+
+    presets = commands.add_parser("presets", help="list the packaged config presets")
+    presets.set_defaults(handler=_command_presets)
+
+    bench = commands.add_parser("bench", help="benchmarks (long measurements, not tests)")
+    bench.add_argument("bench_command", choices=["bev-pool"])
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
+    bench.set_defaults(handler=_command_bench)
+
+    report = commands.add_parser(
+        "report", help="measure results files and render the docs' tables from them"
+    )
+    report.add_argument(
+        "report_command",
+        choices=["model-zoo", "render"],
+        help="model-zoo: measure every preset, then render; render: only re-render the docs",
+    )
+    report.add_argument("--results", default="results", help="results directory")
+    report.add_argument("--docs", default="docs", help="docs directory")
+    report.set_defaults(handler=_command_report)
+
+    demo = commands.add_parser("demo", help="the main job on the embedded default")
+    demo.add_argument("--out", default="runs/demo", help="output directory")
+    demo.add_argument("--steps", type=int, default=60, help="optimisation steps per model")
+    demo.set_defaults(handler=_command_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"bridgeta: config error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"bridgeta: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

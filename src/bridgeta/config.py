@@ -1,0 +1,389 @@
+"""Plain-YAML configs validated against dataclasses.
+
+A config file is parsed with ``yaml.safe_load`` (no tags, no code) and converted field by field
+into the dataclasses below. An unknown or mistyped key is an error that names the file and the
+dotted key; so is a value of the wrong type. A file may start from a preset or another file with
+``base: NAME_OR_PATH``; its keys then override the base's, recursively.
+
+Presets live in ``bridgeta/configs/<name>.yaml`` and are addressable by name everywhere a config is
+accepted (``bridgeta info --config bevfusion-c``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from bridgeta.geometry import BEVGrid
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+MAP_CLASSES = (
+    "drivable_area",
+    "ped_crossing",
+    "walkway",
+    "stop_line",
+    "carpark_area",
+    "divider",
+)
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and key."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GridConfig:
+    """``(min, max, step)`` per axis, metres, ego frame (see docs/conventions.md)."""
+
+    x: tuple[float, float, float]
+    y: tuple[float, float, float]
+    z: tuple[float, float, float] = (-10.0, 10.0, 20.0)
+
+    def build(self) -> BEVGrid:
+        return BEVGrid(self.x, self.y, self.z)
+
+
+@dataclass
+class BackboneConfig:
+    type: Literal["resnet18", "resnet34", "resnet50", "swin_t"]
+    # Stage indices whose outputs feed the neck (0 = stride 4 ... 3 = stride 32).
+    out_indices: list[int] = field(default_factory=lambda: [1, 2, 3])
+    drop_path_rate: float = 0.0
+    # Local checkpoint file (torchvision ResNet or official Swin-T); nothing is ever downloaded.
+    pretrained: str | None = None
+
+
+@dataclass
+class NeckConfig:
+    """GeneralizedLSSFPN (BEVFusion): top-down concat + 1x1 + 3x3 convs."""
+
+    out_channels: int = 256
+
+
+@dataclass
+class ViewTransformConfig:
+    """LSS lift-splat: depth distribution x context features, pooled on ``model.grid``."""
+
+    out_channels: int = 80
+    depth: tuple[float, float, float] = (1.0, 60.0, 0.5)
+    # Stride of the neck level used for lifting (BEVFusion uses the stride-8 FPN output).
+    feature_stride: int = 8
+    # 1 or 2: BEVFusion's three-conv block that halves the pooled BEV resolution.
+    downsample: int = 1
+
+
+@dataclass
+class CameraEncoderConfig:
+    image_size: tuple[int, int]  # (H, W) of the network input
+    backbone: BackboneConfig
+    num_cameras: int = 6
+    neck: NeckConfig = field(default_factory=NeckConfig)
+    vtransform: ViewTransformConfig = field(default_factory=ViewTransformConfig)
+
+
+@dataclass
+class LidarEncoderConfig:
+    """Dynamic pillars on ``model.grid`` (x/y), scattered to BEV, then a small conv backbone."""
+
+    point_features: int = 5  # x, y, z, intensity, time_lag
+    z_range: tuple[float, float] = (-5.0, 3.0)
+    pillar_channels: int = 64
+    # Conv BEV backbone after the scatter; stride 2 in the first block when downsample == 2.
+    channels: list[int] = field(default_factory=lambda: [128, 256])
+    out_channels: int = 256
+    downsample: int = 1
+
+
+@dataclass
+class FuserConfig:
+    """ConvFuser: concat(camera, lidar) -> conv3x3 -> BN -> ReLU."""
+
+    out_channels: int = 80
+
+
+@dataclass
+class DecoderConfig:
+    """GeneralizedResNet stages then LSSFPN (BEVFusion's map-segmentation decoder)."""
+
+    # One [num_blocks, channels, stride] per residual stage.
+    blocks: list[tuple[int, int, int]] = field(
+        default_factory=lambda: [(2, 160, 2), (2, 320, 2), (2, 640, 1)]
+    )
+    # LSSFPN: the deep stage is upsampled to the shallow one, concatenated, fused.
+    in_indices: tuple[int, int] = (-1, 0)
+    out_channels: int = 256
+    scale_factor: int = 2
+
+
+@dataclass
+class HeadConfig:
+    output_grid: GridConfig
+    classes: tuple[str, ...] = MAP_CLASSES
+
+
+@dataclass
+class ModelConfig:
+    # The BEV pooling grid; encoders with ``downsample: 2`` produce features on grid.downsample(2).
+    grid: GridConfig
+    head: HeadConfig
+    camera: CameraEncoderConfig | None = None
+    lidar: LidarEncoderConfig | None = None
+    fuser: FuserConfig | None = None
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig
+    name: str = "unnamed"
+    description: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: no type matched: {errors}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _build_dataclass(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item_type = args[0] if args else Any
+        items = [_convert(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build_dataclass(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown key '{prefix}{unknown[0]}' (valid keys here: {', '.join(sorted(known))})"
+        )
+    kwargs = {}
+    for name, spec in known.items():
+        key = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key)
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key '{key}'")
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> Any:
+    """Plain YAML-able structure of a config (tuples become lists)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    return config
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _resolve_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
+    candidate = Path(name_or_path)
+    if relative_to is not None and not candidate.is_absolute():
+        sibling = relative_to.parent / candidate
+        if sibling.is_file():
+            return sibling
+    if candidate.is_file():
+        return candidate
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(
+        f"config '{name_or_path}' is neither a file nor a preset "
+        f"(presets: {', '.join(list_presets())})"
+    )
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_raw(name_or_path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[dict, Path]:
+    """Read a config (following ``base:``) into a plain dict; returns it and its file."""
+    path = _resolve_path(name_or_path, _chain[-1] if _chain else None).resolve()
+    if path in _chain:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        base_data, _ = load_raw(base, _chain + (path,))
+        data = _deep_merge(base_data, data)
+    return data, path
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, value = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML: {exc}") from exc
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = _deep_merge({}, data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            if node.get(key) is None:
+                node[key] = {}
+            if not isinstance(node[key], dict):
+                raise ConfigError(f"override '{text}': '{key}' is not a mapping")
+            node = node[key]
+        node[keys[-1]] = value
+    return data
+
+
+def parse_config(data: dict, source: str = "<dict>") -> ExperimentConfig:
+    try:
+        return _build_dataclass(ExperimentConfig, data, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except ValueError as exc:  # e.g. a BEV grid that is not a whole number of cells
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a preset name or YAML file, apply ``key=value`` overrides, validate."""
+    data, path = load_raw(name_or_path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    config = parse_config(data, str(path))
+    validate(config, str(path))
+    return config
+
+
+def validate(config: ExperimentConfig, source: str = "<config>") -> None:
+    """Cross-field checks that a per-field type check cannot express."""
+    model = config.model
+
+    def fail(message: str) -> None:
+        raise ConfigError(f"{source}: {message}")
+
+    try:
+        grid = model.grid.build()
+        output = model.head.output_grid.build()
+    except ValueError as exc:
+        fail(str(exc))
+    if model.camera is None and model.lidar is None:
+        fail("model needs at least one of 'model.camera' and 'model.lidar'")
+    if model.camera is not None and model.lidar is not None and model.fuser is None:
+        fail("a camera + lidar model needs 'model.fuser'")
+    if model.fuser is not None and (model.camera is None or model.lidar is None):
+        fail("'model.fuser' needs both 'model.camera' and 'model.lidar'")
+    downsamples = []
+    if model.camera is not None:
+        vt = model.camera.vtransform
+        if vt.downsample not in (1, 2):
+            fail(f"model.camera.vtransform.downsample must be 1 or 2, got {vt.downsample}")
+        downsamples.append(vt.downsample)
+        height, width = model.camera.image_size
+        if height % vt.feature_stride or width % vt.feature_stride:
+            fail(
+                f"model.camera.image_size {model.camera.image_size} must be divisible by "
+                f"vtransform.feature_stride {vt.feature_stride}"
+            )
+        for index in model.camera.backbone.out_indices:
+            if not 0 <= index <= 3:
+                fail(f"model.camera.backbone.out_indices: {index} is not a stage index 0..3")
+    if model.lidar is not None:
+        if model.lidar.downsample not in (1, 2):
+            fail(f"model.lidar.downsample must be 1 or 2, got {model.lidar.downsample}")
+        downsamples.append(model.lidar.downsample)
+    if len(set(downsamples)) > 1:
+        fail("camera and lidar encoders must produce the same BEV grid (equal downsample)")
+    unknown = [c for c in model.head.classes if c not in MAP_CLASSES]
+    if unknown:
+        fail(f"model.head.classes: unknown class '{unknown[0]}' (known: {', '.join(MAP_CLASSES)})")
+    if not grid.contains(output):
+        fail("model.head.output_grid must lie inside model.grid")

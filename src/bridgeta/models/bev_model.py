@@ -1,0 +1,185 @@
+"""``BEVModel``: optional camera and LiDAR encoders, fuser, decoder and map head.
+
+One class covers the camera-only baseline (BEVFusion-C), the LiDAR-camera fusion teacher and the
+LiDAR-only model; which branches exist is decided by the config. ``forward`` returns
+:class:`BEVOutputs` so distillers can read every level by name.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from bridgeta.config import CameraEncoderConfig, ExperimentConfig, ModelConfig
+from bridgeta.geometry import BEVGrid
+from bridgeta.models.backbones import build_backbone
+from bridgeta.models.checkpoint import load_pretrained
+from bridgeta.models.decoder import BEVDecoder
+from bridgeta.models.fuser import ConvFuser
+from bridgeta.models.head import MapSegmentationHead
+from bridgeta.models.lidar import PillarEncoder
+from bridgeta.models.lss import LSSViewTransform
+from bridgeta.models.neck import GeneralizedLSSFPN
+from bridgeta.models.types import BEVInputs, BEVOutputs, CameraInputs
+
+log = logging.getLogger(__name__)
+
+
+class CameraEncoder(nn.Module):
+    """Images -> backbone -> GeneralizedLSSFPN -> LSS lift-splat -> camera BEV (``F_cam``)."""
+
+    def __init__(self, config: CameraEncoderConfig, grid: BEVGrid) -> None:
+        super().__init__()
+        self.image_size = tuple(config.image_size)
+        self.num_cameras = config.num_cameras
+        self.backbone = build_backbone(
+            config.backbone.type, config.backbone.out_indices, config.backbone.drop_path_rate
+        )
+        self.neck = GeneralizedLSSFPN(list(self.backbone.out_channels), config.neck.out_channels)
+        # The neck returns one map per backbone level except the deepest (fused into the others).
+        neck_strides = list(self.backbone.out_strides[:-1])
+        stride = config.vtransform.feature_stride
+        if stride not in neck_strides:
+            raise ValueError(
+                f"vtransform.feature_stride {stride} is not a neck output stride {neck_strides}; "
+                "choose backbone.out_indices so that this stride is produced"
+            )
+        self.neck_level = neck_strides.index(stride)
+        self.vtransform = LSSViewTransform(
+            in_channels=config.neck.out_channels,
+            out_channels=config.vtransform.out_channels,
+            image_size=self.image_size,
+            feature_stride=stride,
+            grid=grid,
+            depth=config.vtransform.depth,
+            downsample=config.vtransform.downsample,
+        )
+        self.out_channels = self.vtransform.out_channels
+        self.output_grid = self.vtransform.output_grid
+        if config.backbone.pretrained:
+            report = load_pretrained(
+                self.backbone,
+                config.backbone.pretrained,
+                ignore=getattr(self.backbone, "pretrained_ignore", ()),
+            )
+            log.info("camera backbone: %s", report.summary())
+
+    def forward(
+        self, camera: CameraInputs, bev_aug: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        images = camera.images
+        batch, cams, _, height, width = images.shape
+        if (height, width) != self.image_size:
+            raise ValueError(f"camera images are {height}x{width}, the model expects {self.image_size}")
+        features = self.backbone(images.flatten(0, 1))
+        level = self.neck(features)[self.neck_level]
+        level = level.unflatten(0, (batch, cams))
+        lifted = self.vtransform(level, camera, bev_aug)
+        return lifted.bev, lifted.depth
+
+
+class BEVModel(nn.Module):
+    """A BEV map-segmentation model; see :class:`BEVOutputs` for what it returns."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        grid = config.grid.build()
+        self.camera_encoder: CameraEncoder | None = None
+        self.lidar_encoder: PillarEncoder | None = None
+        branch_channels = []
+        feature_grid: BEVGrid | None = None
+        if config.camera is not None:
+            self.camera_encoder = CameraEncoder(config.camera, grid)
+            branch_channels.append(self.camera_encoder.out_channels)
+            feature_grid = self.camera_encoder.output_grid
+        if config.lidar is not None:
+            lidar = config.lidar
+            self.lidar_encoder = PillarEncoder(
+                grid,
+                point_features=lidar.point_features,
+                z_range=lidar.z_range,
+                pillar_channels=lidar.pillar_channels,
+                channels=tuple(lidar.channels),
+                out_channels=lidar.out_channels,
+                downsample=lidar.downsample,
+            )
+            branch_channels.append(self.lidar_encoder.out_channels)
+            feature_grid = self.lidar_encoder.output_grid
+        assert feature_grid is not None  # validate() guarantees at least one branch
+        self.feature_grid = feature_grid
+
+        self.fuser: ConvFuser | None = None
+        if config.fuser is not None:
+            self.fuser = ConvFuser(branch_channels, config.fuser.out_channels)
+            decoder_in = config.fuser.out_channels
+        else:
+            decoder_in = branch_channels[0]
+
+        self.decoder = BEVDecoder(
+            decoder_in,
+            list(config.decoder.blocks),
+            in_indices=config.decoder.in_indices,
+            out_channels=config.decoder.out_channels,
+            scale_factor=config.decoder.scale_factor,
+        )
+        if abs(self.decoder.output_scale - 1.0) > 1e-9:
+            raise ValueError(
+                "the decoder must return F_dec on the fused BEV grid (stride product of the "
+                f"shallow neck input / scale_factor = 1), got scale {self.decoder.output_scale}"
+            )
+        self.classes = tuple(config.head.classes)
+        self.output_grid = config.head.output_grid.build()
+        self.head = MapSegmentationHead(
+            config.decoder.out_channels, feature_grid, self.output_grid, len(self.classes)
+        )
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        names = []
+        if self.camera_encoder is not None:
+            names.append("camera")
+        if self.lidar_encoder is not None:
+            names.append("lidar")
+        return tuple(names)
+
+    def encode(self, inputs: BEVInputs) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Per-modality BEV features ``(F_cam, F_lid, depth)``."""
+        camera_bev = lidar_bev = depth = None
+        if self.camera_encoder is not None:
+            if inputs.camera is None:
+                raise ValueError("this model has a camera branch but the batch has no camera inputs")
+            camera_bev, depth = self.camera_encoder(inputs.camera, inputs.bev_aug)
+        if self.lidar_encoder is not None:
+            if inputs.lidar is None:
+                raise ValueError("this model has a LiDAR branch but the batch has no LiDAR points")
+            lidar_bev = self.lidar_encoder(inputs.lidar, inputs.batch_size)
+        return camera_bev, lidar_bev, depth
+
+    def fuse(self, camera_bev: torch.Tensor | None, lidar_bev: torch.Tensor | None) -> torch.Tensor:
+        if self.fuser is not None:
+            return self.fuser([camera_bev, lidar_bev])
+        fused = camera_bev if camera_bev is not None else lidar_bev
+        assert fused is not None
+        return fused
+
+    def forward(self, inputs: BEVInputs) -> BEVOutputs:
+        camera_bev, lidar_bev, depth = self.encode(inputs)
+        fused = self.fuse(camera_bev, lidar_bev)
+        decoded = self.decoder(fused)
+        logits = self.head(decoded)
+        return BEVOutputs(
+            camera_bev=camera_bev,
+            lidar_bev=lidar_bev,
+            fused_bev=fused,
+            decoded_bev=decoded,
+            logits=logits,
+            depth=depth,
+        )
+
+
+def build_model(config: ExperimentConfig | ModelConfig) -> BEVModel:
+    model_config = config.model if isinstance(config, ExperimentConfig) else config
+    return BEVModel(model_config)

@@ -1,0 +1,115 @@
+"""Typed inputs and intermediates of BEV models.
+
+Models take and return these small structures instead of positional tuples, so a distiller can
+read any level (camera BEV, LiDAR BEV, fused, decoded, logits) without the model knowing about
+distillation. Frames and layouts follow docs/conventions.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class CameraInputs:
+    """Multi-view camera batch.
+
+    images:       ``(B, N, 3, H, W)`` float, already normalised, after image augmentation.
+    intrinsics:   ``(B, N, 3, 3)`` pinhole intrinsics of the *original* (un-augmented) image.
+    ego_T_camera: ``(B, N, 4, 4)`` camera frame -> ego frame.
+    image_aug:    ``(B, N, 3, 3)`` homogeneous 2D affine taking original pixels to augmented
+                  pixels (resize, crop, flip, rotate); identity when there is no augmentation.
+    """
+
+    images: torch.Tensor
+    intrinsics: torch.Tensor
+    ego_T_camera: torch.Tensor
+    image_aug: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dim() != 5:
+            raise ValueError(f"CameraInputs.images must be (B, N, 3, H, W), got {tuple(self.images.shape)}")
+        batch, cams = self.images.shape[:2]
+        expected = {
+            "intrinsics": (batch, cams, 3, 3),
+            "ego_T_camera": (batch, cams, 4, 4),
+            "image_aug": (batch, cams, 3, 3),
+        }
+        for name, shape in expected.items():
+            actual = tuple(getattr(self, name).shape)
+            if actual != shape:
+                raise ValueError(f"CameraInputs.{name} must have shape {shape}, got {actual}")
+
+
+@dataclass
+class LidarInputs:
+    """LiDAR points of a batch, concatenated.
+
+    points:      ``(P, F)`` float; columns ``x, y, z, intensity, time_lag`` (seconds, >= 0, 0 for
+                 the keyframe sweep) in the *augmented* ego frame (the loader applies the BEV
+                 augmentation to points; cameras receive it as ``bev_aug``).
+    batch_index: ``(P,)`` long, the sample each point belongs to.
+    """
+
+    points: torch.Tensor
+    batch_index: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.points.dim() != 2:
+            raise ValueError(f"LidarInputs.points must be (P, F), got {tuple(self.points.shape)}")
+        if self.batch_index.shape != self.points.shape[:1]:
+            raise ValueError(
+                f"LidarInputs.batch_index must have shape ({self.points.shape[0]},), "
+                f"got {tuple(self.batch_index.shape)}"
+            )
+
+
+@dataclass
+class BEVInputs:
+    """Everything a BEV model may consume. Absent modalities are ``None``.
+
+    bev_aug: ``(B, 4, 4)`` augmented_ego_T_ego, applied to camera geometry so that camera BEV
+             features line up with the (already augmented) points and labels. ``None`` = identity.
+    """
+
+    batch_size: int
+    camera: CameraInputs | None = None
+    lidar: LidarInputs | None = None
+    bev_aug: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "BEVInputs":
+        def move(value):
+            if value is None:
+                return None
+            if isinstance(value, torch.Tensor):
+                return value.to(device, non_blocking=True)
+            return replace(value, **{f.name: move(getattr(value, f.name)) for f in fields(value)})
+
+        return BEVInputs(
+            batch_size=self.batch_size,
+            camera=move(self.camera),
+            lidar=move(self.lidar),
+            bev_aug=move(self.bev_aug),
+        )
+
+
+@dataclass
+class BEVOutputs:
+    """Intermediates of one forward pass, all ``(B, C, X, Y)`` in the ego frame.
+
+    camera_bev:  camera branch BEV feature (``F_cam``), or ``None`` without cameras.
+    lidar_bev:   LiDAR branch BEV feature (``F_lid``), or ``None`` without LiDAR.
+    fused_bev:   input of the decoder: the fuser output, or the single modality's BEV.
+    decoded_bev: decoder output (``F_dec``).
+    logits:      segmentation logits on the output grid (``L``), one channel per class.
+    depth:       camera depth distribution ``(B, N, D, fH, fW)``, or ``None``.
+    """
+
+    camera_bev: torch.Tensor | None
+    lidar_bev: torch.Tensor | None
+    fused_bev: torch.Tensor
+    decoded_bev: torch.Tensor
+    logits: torch.Tensor
+    depth: torch.Tensor | None = None

@@ -1,0 +1,157 @@
+"""Results files and the docs rendered from them.
+
+Numbers in ``docs/`` are never typed by hand: a command writes a JSON results file (with the
+machine, date, torch version and commit it was measured on), and ``bridgeta report render``
+rewrites the marked sections of the docs from those files. A marked section is the text between
+``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from bridgeta.config import list_presets, load_config
+
+# Reported figures for the BridgeTA paper's camera-only baseline (its Table 3).
+PAPER_BASELINE = {"params_m": 31.8, "gflops": 456.6, "latency_ms": 61.6}
+
+
+def environment() -> dict:
+    """Where and when a measurement was taken."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "device": device,
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write atomically so an interrupted command never leaves a half-written results file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=2) + "\n")
+    temporary.replace(path)
+
+
+def measure_model_zoo(presets: list[str] | None = None) -> dict:
+    from bridgeta.models.bev_model import build_model
+    from bridgeta.models.cost import measure_model_cost
+
+    models = {}
+    for name in presets or list_presets():
+        config = load_config(name)
+        cost = measure_model_cost(build_model(config))
+        models[name] = {"description": config.description, **cost.as_dict()}
+    return {"environment": environment(), "models": models}
+
+
+def render_model_zoo(results: dict) -> str:
+    env = results["environment"]
+    lines = [
+        "| preset | params (M) | GMACs | GFLOPs (2×MACs) | input |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, model in results["models"].items():
+        lines.append(
+            f"| `{name}` | {model['params'] / 1e6:.2f} | {model['macs'] / 1e9:.1f} | "
+            f"{2 * model['macs'] / 1e9:.1f} | {model['input']} |"
+        )
+    lines.append(
+        f"| BridgeTA paper, Table 3 baseline | {PAPER_BASELINE['params_m']} | – | "
+        f"{PAPER_BASELINE['gflops']} | 6×256×704 (reported) |"
+    )
+    lines.append("")
+    lines.append("Per block (params M / GMACs):")
+    lines.append("")
+    names = list(results["models"])
+    blocks: list[str] = []
+    for model in results["models"].values():
+        blocks += [b for b in model["blocks"] if b not in blocks]
+    lines.append("| block | " + " | ".join(f"`{n}`" for n in names) + " |")
+    lines.append("|---|" + "---:|" * len(names))
+    for block in blocks:
+        cells = []
+        for name in names:
+            entry = results["models"][name]["blocks"].get(block)
+            cells.append("" if entry is None else f"{entry['params'] / 1e6:.2f} / {entry['macs'] / 1e9:.2f}")
+        lines.append(f"| {block} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        f"Measured with `bridgeta report model-zoo` on {env['date']}, commit `{env['commit']}`, "
+        f"torch {env['torch']}."
+    )
+    return "\n".join(lines)
+
+
+def render_bev_pool(results: dict) -> str:
+    lines = [
+        "| device | threads | frustum points (kept) | fast fwd+bwd (ms) | cumsum reference fwd+bwd (ms) | speed-up | plan (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in results["runs"]:
+        lines.append(
+            f"| {run['device']} | {run.get('threads', '')} | {run['num_points']:,} ({run['num_kept']:,}) | "
+            f"{run['fast_ms']:.1f} | {run['reference_ms']:.1f} | {run['speedup']:.2f}× | "
+            f"{run['plan_ms']:.1f} |"
+        )
+    env = results["environment"]
+    lines.append("")
+    lines.append(
+        f"Measured with `bridgeta bench bev-pool --out results/bev_pool.json` on {env['date']}, "
+        f"commit `{env['commit']}`, torch {env['torch']}."
+    )
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    # section name -> (results file, renderer)
+    "model-zoo": ("model_zoo.json", render_model_zoo),
+    "bev-pool": ("bev_pool.json", render_bev_pool),
+}
+
+
+def render_docs(results_dir: Path, docs_dir: Path) -> list[str]:
+    """Rewrite every marked section whose results file exists; returns the sections rendered."""
+    rendered = []
+    for doc in sorted(docs_dir.glob("*.md")):
+        text = doc.read_text()
+        original = text
+        for name, (filename, renderer) in RENDERERS.items():
+            pattern = re.compile(
+                rf"(<!-- results:{re.escape(name)} -->\n)(.*?)(<!-- /results:{re.escape(name)} -->)",
+                re.DOTALL,
+            )
+            if not pattern.search(text):
+                continue
+            source = results_dir / filename
+            if not source.is_file():
+                raise FileNotFoundError(f"{doc}: section '{name}' needs {source}; run its command first")
+            body = renderer(json.loads(source.read_text()))
+            text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text)
+            rendered.append(f"{doc.name}:{name}")
+        if text != original:
+            doc.write_text(text)
+    return rendered
