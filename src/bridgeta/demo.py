@@ -68,7 +68,7 @@ def overfit_one_batch(preset: str, steps: int, batch_size: int = 1, seed: int = 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     step_time = (time.perf_counter() - start) / steps
 
     model.eval()

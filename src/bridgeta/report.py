@@ -84,6 +84,20 @@ def render_model_zoo(results: dict) -> str:
         f"{PAPER_BASELINE['gflops']} | 6×256×704 (reported) |"
     )
     lines.append("")
+    lines.append("Against the paper's baseline (31.8 M parameters, 456.6 GFLOPs):")
+    lines.append("")
+    for name in ("bevfusion-c", "bevfusion-c-r18"):
+        model = results["models"].get(name)
+        if model is None:
+            continue
+        params_m, gflops = model["params"] / 1e6, 2 * model["macs"] / 1e9
+        lines.append(
+            f"- `{name}`: {params_m:.1f} M parameters ({params_m / PAPER_BASELINE['params_m']:.2f}× "
+            f"the paper's), {gflops:.0f} GFLOPs ({gflops / PAPER_BASELINE['gflops']:.2f}× the paper's); "
+            f"image backbone {model['blocks']['camera_encoder.backbone']['params'] / 1e6:.1f} M, "
+            f"BEV decoder {model['blocks']['decoder.backbone']['params'] / 1e6:.1f} M parameters."
+        )
+    lines.append("")
     lines.append("Per block (params M / GMACs):")
     lines.append("")
     names = list(results["models"])
