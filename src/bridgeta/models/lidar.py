@@ -15,20 +15,11 @@ import torch
 from torch import nn
 
 from bridgeta.geometry import BEVGrid
+from bridgeta.models.layers import conv_bn_relu
 from bridgeta.models.types import LidarInputs
 
 # Decoration adds 3 offsets to the pillar's point mean (x, y, z) and 2 to the pillar centre (x, y).
 _DECORATION_FEATURES = 5
-
-
-def _conv_bn_relu(
-    in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int
-) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
 
 
 class PillarEncoder(nn.Module):
@@ -92,10 +83,10 @@ class PillarEncoder(nn.Module):
         in_channels = pillar_channels
         for index, width in enumerate(channels):
             stride = downsample if index == 0 else 1
-            layers.append(_conv_bn_relu(in_channels, width, max(3, stride + 1), stride, 1))
-            layers.append(_conv_bn_relu(width, width, 3, 1, 1))
+            layers.append(conv_bn_relu(in_channels, width, max(3, stride + 1), stride, 1))
+            layers.append(conv_bn_relu(width, width, 3, 1, 1))
             in_channels = width
-        layers.append(_conv_bn_relu(in_channels, out_channels, 1, 1, 0))
+        layers.append(conv_bn_relu(in_channels, out_channels, 1, 1, 0))
         self.backbone = nn.Sequential(*layers)
 
     def forward(self, lidar: LidarInputs, batch_size: int) -> torch.Tensor:

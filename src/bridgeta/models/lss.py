@@ -25,6 +25,7 @@ from torch import nn
 
 from bridgeta.geometry import BEVGrid
 from bridgeta.models.bev_pool import bev_pool, compute_pool_plan
+from bridgeta.models.layers import conv_bn_relu
 from bridgeta.models.types import CameraInputs
 
 
@@ -174,11 +175,6 @@ class LSSViewTransform(nn.Module):
 def _downsample_block(channels: int) -> nn.Sequential:
     """BEVFusion's LSS downsample: conv3x3-BN-ReLU, strided conv3x3-BN-ReLU, conv3x3-BN-ReLU."""
 
-    def conv_bn_relu(stride: int) -> list[nn.Module]:
-        return [
-            nn.Conv2d(channels, channels, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(True),
-        ]
-
-    return nn.Sequential(*conv_bn_relu(1), *conv_bn_relu(2), *conv_bn_relu(1))
+    # Flat (not nested) so the keys read like BEVFusion's: downsample.0 ... downsample.8.
+    layers = [conv_bn_relu(channels, channels, 3, stride) for stride in (1, 2, 1)]
+    return nn.Sequential(*(module for layer in layers for module in layer))

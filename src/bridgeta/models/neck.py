@@ -14,14 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
-    """mmcv ``ConvModule`` with BN + ReLU: the conv has no bias because BN supplies it."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
+from bridgeta.models.layers import conv_bn_relu, init_conv_bn_
 
 
 class GeneralizedLSSFPN(nn.Module):
@@ -62,12 +55,7 @@ class GeneralizedLSSFPN(nn.Module):
 
     def reset_parameters(self) -> None:
         """mmcv ``ConvModule`` initialisation: He-normal (fan-out) convs, unit BatchNorm."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_conv_bn_(self)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``n`` maps ``(B, in_channels[i], H_i, W_i)``, fine to coarse -> the ``n - 1`` finest

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from bridgeta.models.layers import init_conv_bn_
+
 STAGE_STRIDES = (4, 8, 16, 32)
 STAGE_PLANES = (64, 128, 256, 512)
 
@@ -141,12 +143,7 @@ class ResNet(nn.Module):
 
     def reset_parameters(self) -> None:
         """torchvision's initialisation: He-normal (fan-out) convolutions, unit BatchNorm."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_conv_bn_(self)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``(B, 3, H, W)`` -> one ``(B, C_k, H / s_k, W / s_k)`` map per entry of ``out_indices``."""
