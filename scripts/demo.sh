@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
-.venv/bin/python -m pip install --quiet -c constraints.txt -e .
+.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[nuscenes,synth]'
 exec .venv/bin/bridgeta demo "$@"

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
-.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
+.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test,nuscenes,synth]'
 exec .venv/bin/python -m pytest "$@"
