@@ -51,6 +51,10 @@ def _command_bench(args: argparse.Namespace) -> int:
         from bridgeta.bench.bev_pool import main as bev_pool_main
 
         return bev_pool_main(args.bench_args)
+    if args.bench_command == "loader":
+        from bridgeta.bench.loader import main as loader_main
+
+        return loader_main(args.bench_args)
     raise AssertionError(args.bench_command)  # argparse restricts the choices
 
 
@@ -65,6 +69,27 @@ def _command_report(args: argparse.Namespace) -> int:
     for section in render_docs(results_dir, docs_dir):
         print(f"rendered {section}")
     return 0
+
+
+def _command_synth(args: argparse.Namespace) -> int:
+    from bridgeta.data.synth.generate import generate_dataroot
+
+    report = generate_dataroot(
+        args.out, args.scenes, args.seed, args.preset, workers=args.workers, duration=args.duration
+    )
+    print(
+        f"wrote {report.dataroot}: {report.samples} samples, {report.sweeps} LiDAR sweeps, "
+        f"{report.annotations} boxes in {len(report.towns)} towns "
+        f"({', '.join(f'{k} {len(v)} scenes' for k, v in report.scenes.items())}); "
+        f"{report.seconds:.1f} s, {report.samples_per_second:.2f} samples/s"
+    )
+    return 0
+
+
+def _command_data(args: argparse.Namespace) -> int:
+    from bridgeta.data.commands import COMMANDS
+
+    return COMMANDS[args.data_command](args.data_args)
 
 
 def _command_demo(args: argparse.Namespace) -> int:
@@ -91,9 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
     presets.set_defaults(handler=_command_presets)
 
     bench = commands.add_parser("bench", help="benchmarks (long measurements, not tests)")
-    bench.add_argument("bench_command", choices=["bev-pool"])
+    bench.add_argument("bench_command", choices=["bev-pool", "loader"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     bench.set_defaults(handler=_command_bench)
+
+    synth = commands.add_parser(
+        "synth", help="generate a synthetic world as a nuScenes-format dataroot"
+    )
+    synth.add_argument("--out", required=True, help="new dataroot directory")
+    synth.add_argument("--scenes", type=int, required=True, help="scenes over train/val/test towns")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--preset", default="tiny", help="world size and sensor resolution: tiny, default")
+    synth.add_argument("--workers", type=int, default=None, help="rendering processes (default: cores)")
+    synth.add_argument("--duration", type=float, default=None, help="scene length in s (default 20)")
+    synth.set_defaults(handler=_command_synth)
+
+    data = commands.add_parser("data", help="nuScenes-format dataroots: check, prepare, labels, show")
+    data.add_argument("data_command", choices=["check", "prepare", "labels", "show"])
+    data.add_argument("data_args", nargs=argparse.REMAINDER, help="arguments of the data command")
+    data.set_defaults(handler=_command_data)
 
     report = commands.add_parser(
         "report", help="measure results files and render the docs' tables from them"
@@ -126,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"bridgeta: config error: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        # Bad input (a path, a token, an argument value): one clear line, no traceback.
         print(f"bridgeta: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,1 @@
+"""Data preparation: the nuScenes-format writer, map expansion and the synthetic world."""

@@ -1,0 +1,296 @@
+"""The training/evaluation dataset over a prepared cache, and its collate function.
+
+Reads ``LabelCache`` (metadata + labels) and the sensor files of the dataroot; never imports the
+nuScenes devkit. Per sample it returns a :class:`BEVSample`; :func:`collate_bev` batches them into
+the model's :class:`~bridgeta.models.types.BEVInputs`, the labels and the metadata.
+
+Augmentation is deterministic per ``(seed, epoch, sample)`` (call :meth:`BEVMapDataset.set_epoch`
+before each epoch) so a resumed run sees the same data. The BEV and image augmentations draw from
+separate streams, so a camera-only student and a LiDAR teacher built with the same seed see the
+same ``bev_aug`` for the same sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from bridgeta.config import MAP_CLASSES
+from bridgeta.data.augment import (
+    AugmentConfig,
+    apply_bev_aug_points,
+    apply_image_aug,
+    image_aug_scale,
+    resample_labels,
+    sample_bev_aug,
+    sample_image_aug,
+)
+from bridgeta.data.cache import CacheError, LabelCache, default_cache_dir
+from bridgeta.geometry import BEVGrid
+from bridgeta.models.types import BEVInputs, CameraInputs, LidarInputs
+
+__all__ = ["AugmentConfig", "BEVMapDataset", "BEVSample", "DataConfig", "collate_bev", "load_points"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MODALITIES = ("camera", "lidar")
+# Sweep points this close (m, |x| and |y| in the sweep's sensor frame) to the sensor are the ego
+# vehicle itself; BEVFusion's LoadPointsFromMultiSweeps drops them the same way.
+SWEEP_SELF_RADIUS = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is read.
+
+    max_sweeps / max_sweep_lag: previous LiDAR sweeps added to the keyframe: at most
+        ``max_sweeps`` and none older than ``max_sweep_lag`` seconds. BEVFusion uses 9 sweeps of
+        20 Hz nuScenes (0.45 s); the lag cap gives the same time window on the 10 Hz synthetic world.
+    load_interval: use every n-th sample of the split (BEVFusion's ``load_interval``).
+    num_workers: DataLoader worker processes (for whoever builds the DataLoader).
+    mean / std: image normalisation of ``[0, 1]`` RGB (ImageNet, as the pretrained backbones).
+    """
+
+    dataroot: str
+    version: str = "v1.0-trainval"
+    cache_dir: str | None = None
+    split: str = "train"
+    max_sweeps: int = 9
+    max_sweep_lag: float = 0.5
+    load_interval: int = 1
+    num_workers: int = 4
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataroot, (str, Path)) or not str(self.dataroot):
+            raise ValueError(f"data.dataroot must be a path, got {self.dataroot!r}")
+        for name, low in (("max_sweeps", 0), ("load_interval", 1), ("num_workers", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"data.{name} must be an integer >= {low}, got {value!r}")
+        if not self.max_sweep_lag >= 0:
+            raise ValueError(f"data.max_sweep_lag must be >= 0, got {self.max_sweep_lag}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"data.mean / data.std must be 3 values, std > 0; got {self.mean}, {self.std}")
+        if not isinstance(self.augment, AugmentConfig):
+            raise ValueError(f"data.augment must be an AugmentConfig, got {type(self.augment).__name__}")
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir(self.dataroot, self.version)
+
+
+@dataclass
+class BEVSample:
+    """One sample. Camera fields are ``None`` without the camera modality, ``points`` without LiDAR.
+
+    images:       ``(N, 3, H, W)`` float, normalised, augmented.
+    intrinsics:   ``(N, 3, 3)`` of the original images; ``ego_T_camera`` ``(N, 4, 4)``;
+                  ``image_aug`` ``(N, 3, 3)``.
+    bev_aug:      ``(4, 4)`` augmented_ego_T_ego.
+    points:       ``(P, 5)`` float32: x, y, z (augmented keyframe ego frame), intensity, time lag (s).
+    labels:       ``(C, X, Y)`` bool on the output grid, augmented frame.
+    meta:         token, scene, condition, split, location, timestamp, index (in the cache).
+    """
+
+    bev_aug: torch.Tensor
+    labels: torch.Tensor
+    meta: dict[str, Any]
+    images: torch.Tensor | None = None
+    intrinsics: torch.Tensor | None = None
+    ego_T_camera: torch.Tensor | None = None
+    image_aug: torch.Tensor | None = None
+    points: torch.Tensor | None = None
+
+
+def load_points(dataroot: Path, record: dict, max_sweeps: int, max_sweep_lag: float) -> np.ndarray:
+    """``(P, 5)`` float32 keyframe + sweep points in the keyframe ego frame (not augmented).
+
+    Columns: x, y, z, intensity (from the file), time lag (s; 0 for the keyframe). Files are
+    nuScenes ``.pcd.bin``: float32 ``(x, y, z, intensity, ring)`` in the sensor frame.
+    """
+    def read(path: str, transform: Sequence[Sequence[float]], lag: float, drop_self: bool) -> np.ndarray:
+        raw = np.fromfile(dataroot / path, dtype=np.float32).reshape(-1, 5)
+        if drop_self:
+            raw = raw[~((np.abs(raw[:, 0]) < SWEEP_SELF_RADIUS) & (np.abs(raw[:, 1]) < SWEEP_SELF_RADIUS))]
+        matrix = np.asarray(transform, dtype=np.float64)
+        xyz = raw[:, :3].astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
+        out = np.empty((len(raw), 5), dtype=np.float32)
+        out[:, :3], out[:, 3], out[:, 4] = xyz, raw[:, 3], lag
+        return out
+
+    lidar = record["lidar"]
+    parts = [read(lidar["path"], lidar["ego_T_lidar"], 0.0, drop_self=False)]
+    for sweep in record["sweeps"][:max_sweeps]:
+        if sweep["time_lag"] > max_sweep_lag:
+            break
+        transform, lag = sweep["keyframe_ego_T_sweep_lidar"], sweep["time_lag"]
+        parts.append(read(sweep["path"], transform, lag, drop_self=True))
+    return np.concatenate(parts)
+
+
+def load_image(
+    path: Path, matrix: np.ndarray, original_size: tuple[int, int], final_size: tuple[int, int]
+) -> Image.Image:
+    """The augmented ``final_size`` RGB image; JPEGs are decoded at a reduced size when that suffices.
+
+    ``Image.draft`` lets libjpeg decode at 1/2, 1/4 or 1/8 size (much faster); the matrix is
+    rescaled to the decoded size, so the result still follows ``matrix``.
+    """
+    height, width = original_size
+    scale = image_aug_scale(matrix)
+    with Image.open(path) as source:
+        if source.size != (width, height):
+            actual = f"{source.size[1]}x{source.size[0]}"
+            raise ValueError(f"{path}: image is {actual}, the cache says {height}x{width}")
+        source.draft("RGB", (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
+        image = source.convert("RGB")
+    decoded_w, decoded_h = image.size
+    matrix = matrix @ np.diag([width / decoded_w, height / decoded_h, 1.0])
+    return apply_image_aug(image, matrix, final_size)
+
+
+class BEVMapDataset(Dataset):
+    """BEV map segmentation samples of one split of a prepared dataroot.
+
+    Only the files of the requested ``modalities`` are read (a camera-only model never opens a
+    LiDAR file). ``output_grid`` is the model's label grid; cached labels are resampled onto it
+    through the BEV augmentation. ``split`` overrides ``config.split``.
+    """
+
+    def __init__(
+        self,
+        config: DataConfig,
+        image_size: tuple[int, int],
+        output_grid: BEVGrid,
+        classes: Sequence[str] = MAP_CLASSES,
+        train: bool = False,
+        modalities: Sequence[str] = MODALITIES,
+        seed: int = 0,
+        split: str | None = None,
+    ) -> None:
+        unknown = [m for m in modalities if m not in MODALITIES]
+        if unknown or not modalities:
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
+        self.config = config
+        self.image_size = tuple(image_size)
+        self.output_grid = output_grid
+        self.classes = tuple(classes)
+        self.train = train
+        self.modalities = tuple(modalities)
+        self.seed = seed
+        self.epoch = 0
+        self.split = split or config.split
+        self.dataroot = Path(config.dataroot).expanduser()
+        self.cache = LabelCache(config.resolved_cache_dir())
+        if self.cache.meta["version"] != config.version:
+            raise CacheError(
+                f"{self.cache.cache_dir / 'meta.json'}: prepared for {self.cache.meta['version']}, "
+                f"not data.version={config.version}"
+            )
+        if "lidar" in self.modalities and self.cache.meta["max_sweeps"] < config.max_sweeps:
+            raise CacheError(
+                f"{self.cache.cache_dir / 'meta.json'}: prepared with max_sweeps="
+                f"{self.cache.meta['max_sweeps']}, fewer than data.max_sweeps={config.max_sweeps}"
+            )
+        self.class_indices = self.cache.class_indices(self.classes)
+        self.indices = self.cache.indices(self.split)[:: config.load_interval]
+        mean, std = torch.tensor(config.mean).view(3, 1, 1), torch.tensor(config.std).view(3, 1, 1)
+        self._scale, self._shift = 1.0 / (255.0 * std), mean / std
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of ``epoch`` (before creating the epoch's iterator)."""
+        self.epoch = epoch
+
+    def index_of(self, token: str) -> int:
+        """Position in this dataset of the sample ``token``."""
+        position = np.flatnonzero(self.indices == self.cache.index_of(token))
+        if not len(position):
+            raise KeyError(
+                f"sample {token} is not in split '{self.split}' (load_interval {self.config.load_interval})"
+            )
+        return int(position[0])
+
+    def _rng(self, cache_index: int, stream: int) -> np.random.Generator:
+        """Keyed by the cache index, so a sample's augmentation ignores split and load_interval."""
+        return np.random.default_rng([self.seed, self.epoch, cache_index, stream])
+
+    def __getitem__(self, index: int) -> BEVSample:
+        cache_index = int(self.indices[index])
+        record = self.cache.record(cache_index)
+        bev_aug = sample_bev_aug(self._rng(cache_index, 0), self.config.augment, self.train)
+        labels = self.cache.labels(cache_index)[self.class_indices]
+        labels = resample_labels(labels, self.cache.label_grid, self.output_grid, bev_aug)
+        sample = BEVSample(
+            bev_aug=torch.from_numpy(bev_aug).float(),
+            labels=torch.from_numpy(labels),
+            meta={
+                "token": record["token"],
+                "scene": record["scene"],
+                "condition": record["condition"],
+                "split": record["split"],
+                "location": record["location"],
+                "timestamp": record["timestamp"],
+                "index": cache_index,
+            },
+        )
+        if "camera" in self.modalities:
+            self._add_cameras(sample, record, self._rng(cache_index, 1))
+        if "lidar" in self.modalities:
+            points = load_points(self.dataroot, record, self.config.max_sweeps, self.config.max_sweep_lag)
+            sample.points = torch.from_numpy(apply_bev_aug_points(points, bev_aug))
+        return sample
+
+    def _add_cameras(self, sample: BEVSample, record: dict, rng: np.random.Generator) -> None:
+        images, augs = [], []
+        for camera in record["cameras"]:
+            original_size = (camera["height"], camera["width"])
+            matrix = sample_image_aug(rng, original_size, self.image_size, self.config.augment, self.train)
+            image = load_image(self.dataroot / camera["path"], matrix, original_size, self.image_size)
+            pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float()
+            images.append(pixels.mul_(self._scale).sub_(self._shift))  # (pixels / 255 - mean) / std
+            augs.append(matrix)
+        cameras = record["cameras"]
+        sample.images = torch.stack(images)
+        sample.image_aug = torch.from_numpy(np.stack(augs)).float()
+        sample.intrinsics = torch.tensor([c["intrinsics"] for c in cameras], dtype=torch.float32)
+        sample.ego_T_camera = torch.tensor([c["ego_T_camera"] for c in cameras], dtype=torch.float32)
+
+
+def collate_bev(batch: Sequence[BEVSample]) -> tuple[BEVInputs, torch.Tensor, list[dict[str, Any]]]:
+    """Batch samples into ``(BEVInputs, labels (B, C, X, Y) bool, metas)``.
+
+    LiDAR points are concatenated over the batch with ``batch_index`` naming each point's sample.
+    """
+    camera = None
+    if batch[0].images is not None:
+        camera = CameraInputs(
+            images=torch.stack([s.images for s in batch]),
+            intrinsics=torch.stack([s.intrinsics for s in batch]),
+            ego_T_camera=torch.stack([s.ego_T_camera for s in batch]),
+            image_aug=torch.stack([s.image_aug for s in batch]),
+        )
+    lidar = None
+    if batch[0].points is not None:
+        lidar = LidarInputs(
+            points=torch.cat([s.points for s in batch]),
+            batch_index=torch.cat(
+                [torch.full((len(s.points),), k, dtype=torch.long) for k, s in enumerate(batch)]
+            ),
+        )
+    inputs = BEVInputs(
+        batch_size=len(batch), camera=camera, lidar=lidar, bev_aug=torch.stack([s.bev_aug for s in batch])
+    )
+    return inputs, torch.stack([s.labels for s in batch]), [s.meta for s in batch]

@@ -1,0 +1,66 @@
+"""Lazy access to the official nuScenes devkit.
+
+The devkit pins old dependencies and is only needed once, to prepare labels and metadata
+(``bridgeta.data.prepare``); training reads the cache and must work without it. Nothing here
+imports ``nuscenes`` at module import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+INSTALL_HINT = "pip install 'bridgeta[nuscenes]'"
+
+
+def require_devkit() -> ModuleType:
+    """The ``nuscenes`` package, or an ImportError that says how to install it."""
+    try:
+        import nuscenes
+    except ImportError as exc:
+        raise ImportError(
+            f"the nuScenes devkit is needed to prepare a dataroot (not to train): {INSTALL_HINT}"
+        ) from exc
+    return nuscenes
+
+
+def load_nuscenes(dataroot: str | Path, version: str) -> Any:
+    """``nuscenes.NuScenes`` for ``version`` in ``dataroot``, without its console chatter."""
+    require_devkit()
+    from nuscenes.nuscenes import NuScenes
+
+    return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
+
+
+def load_map(dataroot: str | Path, location: str) -> Any:
+    """``NuScenesMap`` of ``location`` from ``DATAROOT/maps/expansion/<location>.json``.
+
+    The devkit asserts that the location is one of the four nuScenes cities. Synthetic towns
+    (``synth-train-0`` ...) are written in the same format, so their names are added to the
+    devkit's list of known locations before loading; nothing else about the devkit changes.
+    """
+    require_devkit()
+    import matplotlib
+
+    # map_api calls plt.style.use(...) on import; keep the process's matplotlib style unchanged.
+    with matplotlib.rc_context():
+        from nuscenes.map_expansion import map_api
+
+    path = Path(dataroot) / "maps" / "expansion" / f"{location}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"map expansion of location '{location}' not found: {path}")
+    if location not in map_api.locations:
+        map_api.locations.append(location)
+    return map_api.NuScenesMap(dataroot=str(dataroot), map_name=location)
+
+
+def scene_splits(version: str) -> dict[str, list[str]]:
+    """Official scene names per split for ``version`` (mini: its mini_train / mini_val)."""
+    require_devkit()
+    from nuscenes.utils.splits import create_splits_scenes
+
+    official = create_splits_scenes()
+    if version == "v1.0-mini":
+        return {"train": official["mini_train"], "val": official["mini_val"]}
+    return {name: official[name] for name in ("train", "val", "test")}

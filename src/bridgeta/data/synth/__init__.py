@@ -1,0 +1,1 @@
+"""Procedural synthetic driving world written out in nuScenes format."""

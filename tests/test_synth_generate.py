@@ -1,0 +1,95 @@
+"""`bridgeta synth` end to end on a very small world: nuScenes format, splits, determinism."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from bridgeta.cli import main
+from bridgeta.data.check import check_dataroot
+from bridgeta.data.synth.generate import (
+    SynthPreset,
+    allocate_scenes,
+    generate_dataroot,
+    stratified_conditions,
+)
+from bridgeta.data.synth.world import TownSettings
+
+SMALL = SynthPreset(
+    town=replace(TownSettings.tiny(), scene_duration=1.0),
+    image_size=(36, 64),
+    scenes_per_town=2,
+    lidar_sweeps=1,
+    ground_resolution=0.2,
+)
+
+
+@pytest.fixture(scope="module")
+def dataroot(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    report = generate_dataroot(root, scenes=3, seed=3, preset=SMALL, workers=1)
+    return root, report
+
+
+def test_allocation_and_condition_quotas():
+    assert allocate_scenes(10, (0.6, 0.2, 0.2)) == {"train": 6, "val": 2, "test": 2}
+    assert allocate_scenes(3, (0.6, 0.2, 0.2)) == {"train": 1, "val": 1, "test": 1}
+    assert sum(allocate_scenes(7, (0.6, 0.2, 0.2)).values()) == 7
+    with pytest.raises(ValueError, match="--scenes must be >= 1"):
+        allocate_scenes(0, (0.6, 0.2, 0.2))
+    conditions = stratified_conditions(8, (("day", 0.5), ("night", 0.25), ("rain", 0.25)), np.random.default_rng(0))
+    assert sorted(conditions) == ["day"] * 4 + ["night"] * 2 + ["rain"] * 2
+
+
+def test_dataroot_is_valid_nuscenes_with_town_splits(dataroot):
+    root, report = dataroot
+    splits = json.loads((root / "bridgeta_splits.json").read_text())
+    assert {k: len(v) for k, v in splits.items()} == {"train": 1, "val": 1, "test": 1}
+    # Each split is driven in its own town: scene names carry their town.
+    assert all(name.startswith(f"synth-{split}-") for split, names in splits.items() for name in names)
+    assert report.samples == 3 * 2  # 1 s scenes at 2 Hz
+    assert report.sweeps == report.samples  # one intermediate sweep per keyframe
+    assert report.annotations > 0
+    check = check_dataroot(root, "v1.0-trainval")
+    assert check.ok, check.format()
+    nuscenes = pytest.importorskip("nuscenes.nuscenes")
+    nusc = nuscenes.NuScenes("v1.0-trainval", str(root), verbose=False)
+    assert len(nusc.scene) == 3 and len(nusc.sample) == 6
+    lidar = nusc.get("sample_data", nusc.sample[1]["data"]["LIDAR_TOP"])
+    points = np.fromfile(root / lidar["filename"], dtype=np.float32).reshape(-1, 5)
+    assert len(points) > 1000 and set(np.unique(points[:, 4]).astype(int)) <= set(range(32))
+    assert lidar["prev"] != ""  # the intermediate sweep precedes the keyframe
+    camera = nusc.get("sample_data", nusc.sample[1]["data"]["CAM_FRONT"])
+    assert (camera["height"], camera["width"]) == (36, 64)
+
+
+def test_generation_is_deterministic_and_refuses_to_overwrite(tmp_path):
+    one_scene = replace(SMALL, town=replace(SMALL.town, scene_duration=0.5), lidar_sweeps=0)
+    first = generate_dataroot(tmp_path / "a", scenes=1, seed=5, preset=one_scene, workers=1)
+    generate_dataroot(tmp_path / "b", scenes=1, seed=5, preset=one_scene, workers=1)
+    for table in ("sample_annotation", "ego_pose", "sample_data"):
+        a = (tmp_path / "a" / "v1.0-trainval" / f"{table}.json").read_text()
+        b = (tmp_path / "b" / "v1.0-trainval" / f"{table}.json").read_text()
+        assert a == b, table
+    lidar = sorted((tmp_path / "a" / "samples" / "LIDAR_TOP").iterdir())[0]
+    assert lidar.read_bytes() == (tmp_path / "b" / "samples" / "LIDAR_TOP" / lidar.name).read_bytes()
+    assert first.samples == 1
+    with pytest.raises(FileExistsError, match="already exists"):
+        generate_dataroot(tmp_path / "a", scenes=1, seed=5, preset=one_scene, workers=1)
+
+
+def test_cli_reports_bad_arguments_without_writing(tmp_path, capsys):
+    out = tmp_path / "x"
+    assert main(["synth", "--out", str(out), "--scenes", "3", "--preset", "nope"]) == 2
+    assert "unknown synth preset 'nope'" in capsys.readouterr().err
+    assert main(["synth", "--out", str(out), "--scenes", "0"]) == 2
+    assert "--scenes must be >= 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_check_exit_codes(dataroot, tmp_path, capsys):
+    root, _ = dataroot
+    assert main(["data", "check", "--dataroot", str(root), "--version", "v1.0-trainval", "--quick"]) == 0
+    assert main(["data", "check", "--dataroot", str(tmp_path), "--version", "v1.0-trainval"]) == 1
+    assert "v1.0-trainval" in capsys.readouterr().out
