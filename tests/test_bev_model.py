@@ -4,11 +4,26 @@ import pytest
 import torch
 
 from bridgeta.config import load_config
-from bridgeta.demo import toy_map_labels
 from bridgeta.losses import map_segmentation_loss
 from bridgeta.models.bev_model import build_model
 from bridgeta.models.types import BEVInputs
 from bridgeta.rig import reference_inputs
+
+
+def toy_map_labels(grid, classes, batch_size):
+    """A fixed intersection-like layout: (B, K, X, Y) booleans."""
+    x = grid.cell_centers("x")[:, None]
+    y = grid.cell_centers("y")[None, :]
+    layers = {
+        "drivable_area": (y.abs() < 7) | (x.abs() < 7),
+        "ped_crossing": (x > 8) & (x < 12) & (y.abs() < 7),
+        "walkway": (y.abs() > 7) & (y.abs() < 10) & ~(x.abs() < 7),
+        "stop_line": (x > 12) & (x < 13) & (y < 0) & (y > -7),
+        "carpark_area": (x < -25) & (x > -45) & (y > 15) & (y < 35),
+        "divider": ((y.abs() < 0.6) & (x.abs() > 7)) | ((x.abs() < 0.6) & (y.abs() > 7)),
+    }
+    labels = torch.stack([layers[name].expand(grid.shape) for name in classes])
+    return labels.unsqueeze(0).expand(batch_size, -1, -1, -1).clone()
 
 
 def inputs_for(config, batch_size=1, points=5_000):

@@ -93,3 +93,26 @@ def test_cli_check_exit_codes(dataroot, tmp_path, capsys):
     assert main(["data", "check", "--dataroot", str(root), "--version", "v1.0-trainval", "--quick"]) == 0
     assert main(["data", "check", "--dataroot", str(tmp_path), "--version", "v1.0-trainval"]) == 1
     assert "v1.0-trainval" in capsys.readouterr().out
+
+
+def test_cli_prepare_labels_show_agree(dataroot, tmp_path, capsys):
+    root, _ = dataroot
+    cache = tmp_path / "cache"
+    args = ["--dataroot", str(root), "--version", "v1.0-trainval"]
+    assert main(["data", "prepare", *args, "--cache", str(cache)]) == 0
+    assert "samples per split" in capsys.readouterr().out
+    from bridgeta.data.cache import LabelCache
+
+    labels_cache = LabelCache(cache)
+    token = labels_cache.tokens[1]
+    out = tmp_path / "labels.npy"
+    assert main(["data", "labels", *args, "--sample", token, "--out", str(out)]) == 0
+    written = np.load(out)
+    assert written.dtype == np.uint8 and written.shape == (6, 200, 200)
+    assert np.array_equal(written.astype(bool), labels_cache.labels(1))
+    assert written[0].any()  # the ego drives on drivable area
+    picture = tmp_path / "show.png"
+    assert main(["data", "show", *args, "--cache", str(cache), "--sample", token, "--out", str(picture)]) == 0
+    assert picture.stat().st_size > 10_000
+    assert main(["data", "labels", *args, "--sample", "f" * 32, "--out", str(out)]) == 2
+    assert "is not in" in capsys.readouterr().err

@@ -51,6 +51,10 @@ def _command_bench(args: argparse.Namespace) -> int:
         from bridgeta.bench.bev_pool import main as bev_pool_main
 
         return bev_pool_main(args.bench_args)
+    if args.bench_command == "data":
+        from bridgeta.bench.data import main as data_main
+
+        return data_main(args.bench_args)
     if args.bench_command == "loader":
         from bridgeta.bench.loader import main as loader_main
 
@@ -95,7 +99,7 @@ def _command_data(args: argparse.Namespace) -> int:
 def _command_demo(args: argparse.Namespace) -> int:
     from bridgeta.demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps)
+    run_demo(Path(args.out), steps=args.steps, scenes=args.scenes, duration=args.duration)
     return 0
 
 
@@ -116,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     presets.set_defaults(handler=_command_presets)
 
     bench = commands.add_parser("bench", help="benchmarks (long measurements, not tests)")
-    bench.add_argument("bench_command", choices=["bev-pool", "loader"])
+    bench.add_argument("bench_command", choices=["bev-pool", "loader", "data"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     bench.set_defaults(handler=_command_bench)
 
@@ -151,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--out", default="runs/demo", help="output directory")
     demo.add_argument("--steps", type=int, default=60, help="optimisation steps per model")
+    demo.add_argument("--scenes", type=int, default=6, help="scenes of the synthetic world")
+    demo.add_argument("--duration", type=float, default=8.0, help="seconds per scene")
     demo.set_defaults(handler=_command_demo)
     return parser
 

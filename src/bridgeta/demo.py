@@ -1,10 +1,10 @@
 """The main job on the embedded default.
 
-Until the synthetic world and the training engine exist, the demo runs the largest end-to-end
-path the foundation has: it measures every preset's parameters and MACs, then fits the tiny
-fusion teacher and the tiny camera-only model to one fixed batch (the "overfit one batch" sanity
-check) with the real focal loss and map metric, and writes a table, ``results.json`` and a
-picture of labels vs predictions.
+Until the training engine exists, the demo runs the largest end-to-end path there is: it
+generates a small synthetic world in nuScenes format, prepares it (labels cached once), draws one
+sample, measures every preset's parameters and MACs, then fits the tiny fusion teacher and the
+tiny camera-only model to one real training batch (the "overfit one batch" sanity check) with
+the real loader, focal loss and map metric, and writes a table, ``results.json`` and pictures.
 """
 
 from __future__ import annotations
@@ -18,46 +18,30 @@ import torch
 from tqdm import tqdm
 
 from bridgeta.config import list_presets, load_config
-from bridgeta.geometry import BEVGrid
+from bridgeta.data.cache import LabelCache
+from bridgeta.data.dataset import BEVMapDataset, DataConfig, collate_bev
+from bridgeta.data.prepare import prepare_dataroot
+from bridgeta.data.show import render_sample_picture
+from bridgeta.data.synth.generate import VERSION, generate_dataroot
 from bridgeta.losses import map_segmentation_loss
 from bridgeta.metrics import MapMetric
 from bridgeta.models.bev_model import build_model
 from bridgeta.models.cost import measure_model_cost
-from bridgeta.rig import reference_inputs
 
 log = logging.getLogger(__name__)
 
 
-def toy_map_labels(grid: BEVGrid, classes: tuple[str, ...], batch_size: int) -> torch.Tensor:
-    """A fixed intersection-like layout in BEV: ``(B, K, X, Y)`` booleans, (C, X, Y) per sample."""
-    x = grid.cell_centers("x")[:, None]
-    y = grid.cell_centers("y")[None, :]
-    road = (y.abs() < 7) | (x.abs() < 7)
-    layers = {
-        "drivable_area": road,
-        "ped_crossing": (x > 8) & (x < 12) & (y.abs() < 7),
-        "walkway": ((y.abs() > 7) & (y.abs() < 10)) & ~(x.abs() < 7),
-        "stop_line": (x > 12) & (x < 13) & (y < 0) & (y > -7),
-        "carpark_area": (x < -25) & (x > -45) & (y > 15) & (y < 35),
-        "divider": ((y.abs() < 0.6) & (x.abs() > 7)) | ((x.abs() < 0.6) & (y.abs() > 7)),
-    }
-    labels = torch.stack([layers[name].expand(grid.shape) for name in classes])
-    return labels.unsqueeze(0).expand(batch_size, -1, -1, -1).clone()
-
-
-def overfit_one_batch(preset: str, steps: int, batch_size: int = 1, seed: int = 0) -> dict:
+def overfit_one_batch(dataroot: Path, preset: str, steps: int, batch_size: int = 2, seed: int = 0) -> dict:
+    """Fit ``preset`` to one (un-augmented) training batch; report loss and mIoU on that batch."""
     torch.manual_seed(seed)
     config = load_config(preset)
     model = build_model(config)
-    camera = config.model.camera
-    inputs = reference_inputs(
-        batch_size,
-        tuple(camera.image_size) if camera else None,
-        num_cameras=camera.num_cameras if camera else 1,
-        with_lidar=config.model.lidar is not None,
-        points_per_sample=20_000,
+    image_size = tuple(config.model.camera.image_size) if config.model.camera else (0, 0)
+    dataset = BEVMapDataset(
+        DataConfig(dataroot=str(dataroot)), image_size, model.output_grid, model.classes,
+        train=False, modalities=model.modalities, split="train",
     )
-    labels = toy_map_labels(model.output_grid, model.classes, batch_size)
+    inputs, labels, _ = collate_bev([dataset[i] for i in range(batch_size)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     model.train()
     losses = []
@@ -116,11 +100,22 @@ def save_picture(results: list[dict], classes: tuple[str, ...], path: Path) -> N
     plt.close(fig)
 
 
-def run_demo(out_dir: Path, steps: int = 60) -> dict:
+def run_demo(out_dir: Path, steps: int = 60, scenes: int = 6, duration: float = 8.0) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    dataroot = out_dir / "world"
+    print(f"== synthetic world: {scenes} scenes of {duration:.0f} s in separate train/val/test towns ==")
+    if (dataroot / VERSION).exists():
+        print(f"reusing {dataroot}")
+    else:
+        world = generate_dataroot(dataroot, scenes, seed=0, preset="tiny", duration=duration)
+        print(f"{world.samples} samples, {world.sweeps} LiDAR sweeps, {world.annotations} boxes, "
+              f"{world.seconds:.0f} s ({world.samples_per_second:.1f} samples/s)")
+    cache_dir = prepare_dataroot(dataroot, VERSION, progress=False)
+    cache = LabelCache(cache_dir)
+    sample_picture = render_sample_picture(cache, len(cache) // 2, out_dir / "sample.png")
+    print(f"samples per split {cache.meta['counts']}; picture of one sample: {sample_picture}")
 
-    print("== model zoo: parameters and MACs at each preset's input size ==")
+    print("\n== model zoo: parameters and MACs at each preset's input size ==")
     costs = {}
     for name in tqdm(list_presets(), desc="measuring presets", unit="preset"):
         cost = measure_model_cost(build_model(load_config(name)))
@@ -129,8 +124,8 @@ def run_demo(out_dir: Path, steps: int = 60) -> dict:
     for name, cost in costs.items():
         print(f"{name:<18}{cost['params'] / 1e6:>12.2f}{cost['macs'] / 1e9:>10.2f}  {cost['input']}")
 
-    print(f"\n== overfit one fixed batch ({steps} steps): focal loss and map metric end to end ==")
-    fits = [overfit_one_batch(name, steps) for name in ("tiny-lc", "tiny-c")]
+    print(f"\n== overfit one real training batch ({steps} steps): loader, focal loss, map metric ==")
+    fits = [overfit_one_batch(dataroot, name, steps) for name in ("tiny-lc", "tiny-c")]
     print(f"{'preset':<10}{'loss first':>12}{'loss last':>12}{'mIoU':>8}{'s/step':>9}")
     for fit in fits:
         print(
@@ -142,6 +137,7 @@ def run_demo(out_dir: Path, steps: int = 60) -> dict:
     save_picture(fits, classes, picture)
 
     results = {
+        "world": {"dataroot": str(dataroot), "samples_per_split": cache.meta["counts"]},
         "presets": costs,
         "overfit_one_batch": [
             {k: v for k, v in fit.items() if k not in ("probabilities", "labels")} for fit in fits
@@ -150,5 +146,5 @@ def run_demo(out_dir: Path, steps: int = 60) -> dict:
         "threads": torch.get_num_threads(),
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out_dir / 'results.json'} and {picture}")
+    print(f"\nwrote {out_dir / 'results.json'}, {sample_picture} and {picture}")
     return results
