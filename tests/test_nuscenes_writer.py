@@ -83,6 +83,15 @@ def test_lidar_points_must_have_five_columns(tmp_path):
         writer.lidar_sweep("s", calibrated, "e", 0, "LIDAR_TOP", np.zeros((4, 4), np.float32))
 
 
+def test_sensor_files_are_never_overwritten(tmp_path):
+    writer = NuScenesWriter(tmp_path, "v1.0-mini")
+    calibrated = writer.calibrated_sensor("LIDAR_TOP", "lidar", np.eye(4))
+    points = np.zeros((3, 5), np.float32)
+    writer.lidar_sweep("s", calibrated, "e", 7, "LIDAR_TOP", points)
+    with pytest.raises(FileExistsError, match="would share one file"):
+        writer.lidar_sweep("s", calibrated, "e", 7, "LIDAR_TOP", points)
+
+
 def test_official_devkit_loads_and_renders(tmp_path):
     nuscenes = pytest.importorskip("nuscenes.nuscenes")
     import matplotlib

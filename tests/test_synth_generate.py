@@ -62,6 +62,26 @@ def test_dataroot_is_valid_nuscenes_with_town_splits(dataroot):
     assert lidar["prev"] != ""  # the intermediate sweep precedes the keyframe
     camera = nusc.get("sample_data", nusc.sample[1]["data"]["CAM_FRONT"])
     assert (camera["height"], camera["width"]) == (36, 64)
+    # Every record has its own file: scenes of different towns must not overwrite each other.
+    records = json.loads((root / "v1.0-trainval" / "sample_data.json").read_text())
+    on_disk = [p for folder in ("samples", "sweeps") for p in (root / folder).rglob("*") if p.is_file()]
+    assert len({r["filename"] for r in records}) == len(records) == len(on_disk)
+
+
+def test_night_scenes_are_rendered_at_night(tmp_path):
+    night = replace(SMALL, town=replace(SMALL.town, condition_mix=(("day", 0.5), ("night", 0.5))), lidar_sweeps=0)
+    generate_dataroot(tmp_path, scenes=4, seed=1, preset=night, workers=1)
+    from PIL import Image
+
+    scenes = {s["token"]: s["description"] for s in json.loads((tmp_path / "v1.0-trainval" / "scene.json").read_text())}
+    samples = {s["token"]: scenes[s["scene_token"]] for s in json.loads((tmp_path / "v1.0-trainval" / "sample.json").read_text())}
+    brightness = {"Day": [], "Night": []}
+    for record in json.loads((tmp_path / "v1.0-trainval" / "sample_data.json").read_text()):
+        if record["fileformat"] == "jpg" and "CAM_BACK__" in record["filename"]:
+            condition = samples[record["sample_token"]].split(",")[0]
+            brightness[condition].append(np.asarray(Image.open(tmp_path / record["filename"])).mean())
+    assert brightness["Day"] and brightness["Night"]
+    assert max(brightness["Night"]) < 0.5 * min(brightness["Day"])
 
 
 def test_generation_is_deterministic_and_refuses_to_overwrite(tmp_path):

@@ -26,14 +26,16 @@ PAPER_BASELINE = {"params_m": 31.8, "gflops": 456.6, "latency_ms": 61.6}
 
 def environment() -> dict:
     """Where and when a measurement was taken."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
         ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        # Code changed since the commit means the numbers belong to no commit: say so.
+        if git("status", "--porcelain", "--untracked-files=no", "--", "src"):
+            commit += "-dirty"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
@@ -140,10 +142,38 @@ def render_bev_pool(results: dict) -> str:
     return "\n".join(lines)
 
 
+def render_data_throughput(results: dict) -> str:
+    generation = results["generation"]
+    lines = [
+        f"Generation (`tiny` world, {generation['scenes']} scenes of {generation['scene_duration_s']:.0f} s, "
+        f"6 cameras + LiDAR + {generation['lidar_sweeps'] // max(generation['samples'], 1)} sweeps per keyframe): "
+        f"**{generation['samples_per_s']:.2f} samples/s**; `data prepare`: "
+        f"{generation['prepare_samples_per_s']:.0f} samples/s.",
+        "",
+        "| preset | loader, 0 workers (samples/s) | loader, 2 workers (samples/s) | training step (samples/s) | loader / training |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for preset, entry in results["presets"].items():
+        loader = entry["loader_samples_per_s"]
+        training = entry["training"]["samples_per_s"]
+        lines.append(
+            f"| `{preset}` | {loader['0']:.1f} | {loader['2']:.1f} | {training:.1f} | "
+            f"{max(loader['0'], loader['2']) / training:.0f}× |"
+        )
+    env = results["environment"]
+    lines.append("")
+    lines.append(
+        f"Measured with `bridgeta bench data` (batch {next(iter(results['presets'].values()))['training']['batch_size']}) "
+        f"on {env['date']}, commit `{env['commit']}`, torch {env['torch']}, {env['cpu_threads']} CPU threads."
+    )
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     # section name -> (results file, renderer)
     "model-zoo": ("model_zoo.json", render_model_zoo),
     "bev-pool": ("bev_pool.json", render_bev_pool),
+    "data-throughput": ("data_throughput.json", render_data_throughput),
 }
 
 

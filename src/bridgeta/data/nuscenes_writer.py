@@ -131,6 +131,18 @@ class NuScenesWriter:
             self._by_name[(table, name)] = self._add(table, make)
         return self._by_name[(table, name)]
 
+    def _new_file(self, filename: str) -> Path:
+        """Path of a sensor file to create; an existing file is never overwritten.
+
+        Two records must never share a file: a collision means two frames were given the same
+        channel and timestamp, and silently overwriting would corrupt the earlier record's data.
+        """
+        path = self.dataroot / filename
+        if path.exists():
+            raise FileExistsError(f"{path} already exists: two sample_data records would share one file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
     # -- static tables ----------------------------------------------------------------------
 
     def category(self, name: str, description: str = "") -> str:
@@ -175,8 +187,7 @@ class NuScenesWriter:
 
         token = self._token("map")
         filename = f"maps/{token}.png"
-        path = self.dataroot / filename
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self._new_file(filename)
         Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path)
         return self._add(
             "map", {"token": token, "log_tokens": list(log_tokens), "category": category, "filename": filename}
@@ -244,8 +255,7 @@ class NuScenesWriter:
 
         folder = "samples" if is_key_frame else "sweeps"
         filename = f"{folder}/{channel}/{self.namespace}__{channel}__{int(timestamp)}.jpg"
-        path = self.dataroot / filename
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self._new_file(filename)
         Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path, quality=quality)
         height, width = image.shape[:2]
         return self._sample_data(
@@ -276,8 +286,7 @@ class NuScenesWriter:
             raise ValueError(f"{channel} points must be (N, 5), got {points.shape}")
         folder = "samples" if is_key_frame else "sweeps"
         filename = f"{folder}/{channel}/{self.namespace}__{channel}__{int(timestamp)}.pcd.bin"
-        path = self.dataroot / filename
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self._new_file(filename)
         points.tofile(path)
         return self._sample_data(
             sample_token, calibrated_sensor_token, ego_pose_token, timestamp, filename, "pcd", is_key_frame

@@ -229,7 +229,8 @@ def generate_dataroot(
             town_settings = replace(settings.town, num_scenes=in_town)
             town = generate_town(location, int(rng.integers(2**31)), town_settings)
             town.scenes = [replace(scene, condition=conditions.pop()) for scene in town.scenes]
-            _write_town(writer, out, town, settings, int(rng.integers(2**31)), workers, report)
+            _write_town(writer, out, town, settings, int(rng.integers(2**31)), workers, report,
+                        first_scene=sum(len(names) for names in report.scenes.values()))
             report.scenes[split] += [scene.name for scene in town.scenes]
             report.towns.append(location)
             count -= in_town
@@ -249,7 +250,9 @@ def _write_town(
     seed: int,
     workers: int,
     report: GenerationReport,
+    first_scene: int,
 ) -> None:
+    """Render and write every scene of ``town``; ``first_scene`` numbers its scenes globally."""
     write_map_expansion(out, town.location, town.layers, town.bounds)
     rig = camera_rig(settings.image_size)
     logs = []
@@ -286,7 +289,8 @@ def _write_town(
         for (scene_index, keyframe, time_s, is_key), result in tqdm(
             zip(plan, results), total=len(plan), desc=f"rendering {town.location}", unit="frame"
         ):
-            timestamp = base_time + scene_index * 100_000_000 + int(round(time_s * 1e6))
+            # Scenes 100 s apart on one global clock: timestamps (and so file names) are unique.
+            timestamp = base_time + (first_scene + scene_index) * 100_000_000 + int(round(time_s * 1e6))
             if not is_key:
                 pending_sweeps.append((result, timestamp))
                 continue
