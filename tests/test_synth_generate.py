@@ -133,6 +133,11 @@ def test_cli_prepare_labels_show_agree(dataroot, tmp_path, capsys):
     assert written[0].any()  # the ego drives on drivable area
     picture = tmp_path / "show.png"
     assert main(["data", "show", *args, "--cache", str(cache), "--sample", token, "--out", str(picture)]) == 0
+    # With the default cache prepared, `data check` reports label coverage per split and class.
+    assert main(["data", "prepare", *args]) == 0
+    capsys.readouterr()
+    assert main(["data", "check", *args, "--quick"]) == 0
+    assert "label coverage train: drivable_area" in capsys.readouterr().out
     assert picture.stat().st_size > 10_000
     assert main(["data", "labels", *args, "--sample", "f" * 32, "--out", str(out)]) == 2
     assert "is not in" in capsys.readouterr().err

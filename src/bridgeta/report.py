@@ -34,7 +34,7 @@ def environment() -> dict:
     try:
         commit = git("rev-parse", "--short", "HEAD")
         # Code changed since the commit means the numbers belong to no commit: say so.
-        if git("status", "--porcelain", "--untracked-files=no", "--", "src"):
+        if git("status", "--porcelain", "--untracked-files=no", "--", ":/src"):
             commit += "-dirty"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"

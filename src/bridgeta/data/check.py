@@ -239,6 +239,23 @@ class CheckReport:
         return "\n".join(lines)
 
 
+def prepared_label_coverage(dataroot: str | Path, version: str) -> dict[str, dict[str, float]] | None:
+    """Per-split, per-class label coverage from the default prepared cache, if there is one.
+
+    Labels come from the map through the devkit; the checker itself never rasterises, so it
+    reports what ``bridgeta data prepare`` measured.
+    """
+    from bridgeta.data.cache import default_cache_dir
+
+    meta = default_cache_dir(dataroot, version) / "meta.json"
+    if not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text()).get("coverage")
+    except json.JSONDecodeError:
+        return None
+
+
 def check_dataroot(
     dataroot: str | Path, version: str, *, deep: bool = True, progress: bool = False
 ) -> CheckReport:
@@ -1140,5 +1157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     report = check_dataroot(args.dataroot, args.version, deep=not args.quick, progress=sys.stderr.isatty())
+    report.label_coverage = prepared_label_coverage(args.dataroot, args.version)
+    if report.label_coverage is None and not args.json:
+        print("label coverage: not prepared yet (run `bridgeta data prepare` to rasterise labels)")
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
     return 0 if report.ok else 1
