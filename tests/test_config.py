@@ -114,3 +114,18 @@ def test_round_trip_through_dict():
     config = load_config("bevfusion-lc")
     again = parse_config(yaml.safe_load(yaml.safe_dump(to_dict(config))))
     assert again == config
+
+
+def test_experiment_sections_and_scientific_notation():
+    config = load_config(
+        "tiny-c", ["data.dataroot=/data/world", "train.optimizer.lr=1e-3", "data.augment.bev=false"]
+    )
+    assert config.data.dataroot == "/data/world" and config.data.augment.bev is False
+    assert config.train.optimizer.lr == 1e-3
+    assert load_config("tiny-c").data is None  # presets do not know where the data is
+    with pytest.raises(ConfigError, match="train.optimizer.lr: expected a number, got 'fast'"):
+        load_config("tiny-c", ["train.optimizer.lr=fast"])
+    with pytest.raises(ConfigError, match="unknown key 'train.optimiser'"):
+        load_config("tiny-c", ["train.optimiser.lr=0.1"])
+    with pytest.raises(ConfigError, match="data.max_sweeps must be an integer >= 0"):
+        load_config("tiny-c", ["data.dataroot=/x", "data.max_sweeps=-1"])

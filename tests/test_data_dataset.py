@@ -23,9 +23,8 @@ from test_data_prepare import (
 
 from bridgeta.data.augment import apply_image_aug
 from bridgeta.data.cache import CacheError, LabelCache
+from bridgeta.data.config import IMAGENET_MEAN, IMAGENET_STD
 from bridgeta.data.dataset import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     AugmentConfig,
     BEVMapDataset,
     DataConfig,

@@ -12,6 +12,7 @@ accepted (``bridgeta info --config bevfusion-c``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from bridgeta.data.config import DataConfig
 from bridgeta.geometry import BEVGrid
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -145,15 +147,55 @@ class ModelConfig:
 
 
 @dataclass
+class OptimizerConfig:
+    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr`` (per optimiser step)."""
+
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 50
+    min_lr_ratio: float = 1e-3
+    # Global gradient-norm clip (BEVFusion: 35); null disables it.
+    grad_clip: float | None = 35.0
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained. Global batch = batch_size x grad_accumulation x processes."""
+
+    epochs: int = 20
+    batch_size: int = 2  # per process
+    grad_accumulation: int = 1
+    # "auto": bf16 autocast on a CUDA device that supports it, fp32 elsewhere.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    # Deterministic algorithms and seeded workers: bit-exact resume on CPU.
+    deterministic: bool = False
+    num_workers: int = 2
+    log_every: int = 10  # optimiser steps between log lines
+    eval_every: int = 1  # epochs between validation runs; 0 = only at the end
+    checkpoint_every: int = 0  # optimiser steps between checkpoints; 0 = at the end of each epoch
+    max_steps: int | None = None  # stop after this many optimiser steps (quick runs)
+    eval_split: str = "val"
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig
     name: str = "unnamed"
     description: str = ""
+    # Where the data is; presets leave it out (set it with --dataroot or data.dataroot=...).
+    data: DataConfig | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # --------------------------------------------------------------------------------------------
 # Parsing
 # --------------------------------------------------------------------------------------------
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _type_name(tp: Any) -> str:
@@ -167,6 +209,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
     if tp is Any:
         return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null, got {value!r}")
+        return None
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -206,6 +252,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        # YAML 1.1 (PyYAML) reads "1e-3" as a string; accept scientific notation for float fields.
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

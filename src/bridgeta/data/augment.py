@@ -15,64 +15,22 @@ Sampling follows BEVFusion's map-segmentation recipe (``ImageAug3D``, ``GlobalRo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
+from bridgeta.data.config import AugmentConfig
 from bridgeta.geometry import BEVGrid
 from bridgeta.rig import resize_crop_matrix
 
 # BEVFusion trains 256x704 inputs from 900x1600 images at scales [0.38, 0.55] and tests at 0.48;
 # the range is stored relative to the test-time scale so it carries over to other image sizes.
-_BEVFUSION_TEST_SCALE = 0.48
 # Bilinear sampling at scales down to this aliases little; below it, resize with antialiasing first.
 ANTIALIAS_BELOW = 0.75
 
 
-@dataclass
-class AugmentConfig:
-    """Training augmentation (``train=False`` always gives the test-time transform).
 
-    Defaults are BEVFusion's map-segmentation settings (``configs/nuscenes/seg/default.yaml``).
-
-    image / bev:       switch the image / BEV augmentation on (they only ever act in training).
-    image_resize:      scale factor range relative to the test-time scale.
-    image_bottom_crop: fraction of the resized height left out below the crop (BEVFusion's
-                       ``bot_pct_lim``; ``(0, 0)`` keeps the bottom of the image, the road).
-    image_flip:        mirror left-right with probability 1/2.
-    image_rotate_deg:  rotation about the crop centre, uniform in ``[-r, r]`` degrees.
-    bev_rotate_deg:    rotation about ego Z, uniform in ``[-r, r]`` degrees (BEVFusion: pi/4).
-    bev_scale:         uniform scale range.
-    bev_translate_std: standard deviation (m) of the translation along X, Y and Z.
-    bev_flip_x / bev_flip_y: negate ego X / ego Y, each with probability 1/2.
-    """
-
-    image: bool = True
-    image_resize: tuple[float, float] = (0.38 / _BEVFUSION_TEST_SCALE, 0.55 / _BEVFUSION_TEST_SCALE)
-    image_bottom_crop: tuple[float, float] = (0.0, 0.0)
-    image_flip: bool = True
-    image_rotate_deg: float = 5.4
-    bev: bool = True
-    bev_rotate_deg: float = 45.0
-    bev_scale: tuple[float, float] = (0.9, 1.1)
-    bev_translate_std: float = 0.5
-    bev_flip_x: bool = True
-    bev_flip_y: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("image_resize", "image_bottom_crop", "bev_scale"):
-            low, high = getattr(self, name)
-            if not 0 <= low <= high:
-                raise ValueError(f"augment.{name}: need 0 <= low <= high, got {(low, high)}")
-        if self.image_resize[0] <= 0 or self.bev_scale[0] <= 0:
-            raise ValueError("augment.image_resize and augment.bev_scale must be > 0")
-        if self.image_bottom_crop[1] >= 1:
-            raise ValueError(f"augment.image_bottom_crop must be < 1, got {self.image_bottom_crop}")
-        for name in ("image_rotate_deg", "bev_rotate_deg", "bev_translate_std"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
 
 
 def _rotation_about(angle_deg: float, centre: tuple[float, float]) -> np.ndarray:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,60 +33,19 @@ from bridgeta.data.augment import (
     sample_bev_aug,
     sample_image_aug,
 )
-from bridgeta.data.cache import CacheError, LabelCache, default_cache_dir
+from bridgeta.data.cache import CacheError, LabelCache
+from bridgeta.data.config import DataConfig
 from bridgeta.geometry import BEVGrid
 from bridgeta.models.types import BEVInputs, CameraInputs, LidarInputs
 
 __all__ = ["AugmentConfig", "BEVMapDataset", "BEVSample", "DataConfig", "collate_bev", "load_points"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MODALITIES = ("camera", "lidar")
 # Sweep points this close (m, |x| and |y| in the sweep's sensor frame) to the sensor are the ego
 # vehicle itself; BEVFusion's LoadPointsFromMultiSweeps drops them the same way.
 SWEEP_SELF_RADIUS = 1.0
 
 
-@dataclass
-class DataConfig:
-    """Where the data is and how it is read.
-
-    max_sweeps / max_sweep_lag: previous LiDAR sweeps added to the keyframe: at most
-        ``max_sweeps`` and none older than ``max_sweep_lag`` seconds. BEVFusion uses 9 sweeps of
-        20 Hz nuScenes (0.45 s); the lag cap gives the same time window on the 10 Hz synthetic world.
-    load_interval: use every n-th sample of the split (BEVFusion's ``load_interval``).
-    num_workers: DataLoader worker processes (for whoever builds the DataLoader).
-    mean / std: image normalisation of ``[0, 1]`` RGB (ImageNet, as the pretrained backbones).
-    """
-
-    dataroot: str
-    version: str = "v1.0-trainval"
-    cache_dir: str | None = None
-    split: str = "train"
-    max_sweeps: int = 9
-    max_sweep_lag: float = 0.5
-    load_interval: int = 1
-    num_workers: int = 4
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.dataroot, (str, Path)) or not str(self.dataroot):
-            raise ValueError(f"data.dataroot must be a path, got {self.dataroot!r}")
-        for name, low in (("max_sweeps", 0), ("load_interval", 1), ("num_workers", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"data.{name} must be an integer >= {low}, got {value!r}")
-        if not self.max_sweep_lag >= 0:
-            raise ValueError(f"data.max_sweep_lag must be >= 0, got {self.max_sweep_lag}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"data.mean / data.std must be 3 values, std > 0; got {self.mean}, {self.std}")
-        if not isinstance(self.augment, AugmentConfig):
-            raise ValueError(f"data.augment must be an AugmentConfig, got {type(self.augment).__name__}")
-
-    def resolved_cache_dir(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else default_cache_dir(self.dataroot, self.version)
 
 
 @dataclass
