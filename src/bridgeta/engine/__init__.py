@@ -1,0 +1,1 @@
+"""Training, evaluation and visualisation of BEV models."""
