@@ -1,0 +1,59 @@
+"""Docs tables are rendered from results files, never typed: the renderer and its errors."""
+
+import json
+
+import pytest
+
+from bridgeta.report import environment, render_docs, write_json
+
+BEV_POOL = {
+    "environment": {"date": "2026-01-01 00:00 UTC", "commit": "abc1234", "torch": "2.13.0"},
+    "runs": [
+        {"device": "cpu", "threads": 2, "num_points": 1000, "num_kept": 800, "fast_ms": 10.0,
+         "reference_ms": 80.0, "speedup": 8.0, "plan_ms": 1.5}
+    ],
+}
+
+
+def test_marked_section_is_replaced_and_the_rest_kept(tmp_path):
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    docs.mkdir()
+    write_json(results / "bev_pool.json", BEV_POOL)
+    doc = docs / "page.md"
+    doc.write_text("intro\n<!-- results:bev-pool -->\nstale 1.0x\n<!-- /results:bev-pool -->\noutro\n")
+    assert render_docs(results, docs) == ["page.md:bev-pool"]
+    text = doc.read_text()
+    assert "stale" not in text and "8.00×" in text and "commit `abc1234`" in text
+    assert text.startswith("intro\n") and text.endswith("outro\n")
+    render_docs(results, docs)  # idempotent
+    assert doc.read_text() == text
+
+
+def test_missing_results_file_names_the_command(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "page.md").write_text("<!-- results:model-zoo -->\n<!-- /results:model-zoo -->\n")
+    with pytest.raises(FileNotFoundError, match="model_zoo.json; run its command first"):
+        render_docs(tmp_path / "results", tmp_path / "docs")
+
+
+def test_environment_and_atomic_json(tmp_path):
+    env = environment()
+    assert {"date", "commit", "torch", "cpu_threads"} <= set(env)
+    write_json(tmp_path / "a" / "r.json", {"x": 1})
+    assert json.loads((tmp_path / "a" / "r.json").read_text()) == {"x": 1}
+    assert not (tmp_path / "a" / "r.json.tmp").exists()
+
+
+def test_committed_docs_match_committed_results(tmp_path):
+    """Every rendered section in docs/ is what its committed results file renders to."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    docs = root / "docs"
+    shutil.copytree(docs, tmp_path / "docs")
+    render_docs(root / "results", tmp_path / "docs")
+    for page in docs.glob("*.md"):
+        assert (tmp_path / "docs" / page.name).read_text() == page.read_text(), (
+            f"{page.name}: run `bridgeta report render`"
+        )
