@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def _command_bench(args: argparse.Namespace) -> int:
         from bridgeta.bench.bev_pool import main as bev_pool_main
 
         return bev_pool_main(args.bench_args)
+    if args.bench_command == "baselines":
+        from bridgeta.bench.baselines import main as baselines_main
+
+        return baselines_main(args.bench_args)
     if args.bench_command == "data":
         from bridgeta.bench.data import main as data_main
 
@@ -72,6 +77,56 @@ def _command_report(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     for section in render_docs(results_dir, docs_dir):
         print(f"rendered {section}")
+    return 0
+
+
+def _training_config(args: argparse.Namespace):
+    from bridgeta.config import load_config
+
+    overrides = list(args.overrides)
+    if args.dataroot:
+        overrides.insert(0, f"data.dataroot={args.dataroot}")
+    config = load_config(args.config, overrides)
+    if config.data is None:
+        raise ValueError(f"config '{args.config}' says nothing about data: pass --dataroot DIR")
+    return config
+
+
+def _command_train(args: argparse.Namespace) -> int:
+    from bridgeta.engine.evaluate import evaluate_checkpoint_model
+    from bridgeta.engine.trainer import train
+
+    summary = train(_training_config(args), Path(args.out), resume=args.resume, evaluate_fn=evaluate_checkpoint_model)
+    if os.environ.get("RANK", "0") == "0":  # one summary under torchrun, not one per process
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _command_eval(args: argparse.Namespace) -> int:
+    from bridgeta.engine.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint, dataroot=args.dataroot, version=args.version, split=args.split,
+        batch_size=args.batch_size, num_workers=args.workers,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"split {result['split']}: mIoU {result['miou']:.4f} (iou@max), {result['miou_at_0.5']:.4f} at 0.5")
+        for name, value in result["iou"].items():
+            print(f"  {name:<14} {value:.4f}")
+        for group in ("by_condition", "by_range"):
+            parts = [f"{k} {v['miou']:.4f}" if v["miou"] is not None else f"{k} -" for k, v in result[group].items()]
+            print(f"{group}: " + ", ".join(parts))
+    return 0
+
+
+def _command_viz(args: argparse.Namespace) -> int:
+    from bridgeta.engine.viz import render_prediction
+
+    sample = int(args.sample) if args.sample.isdigit() else args.sample
+    path = render_prediction(args.checkpoint, None, args.dataroot, sample, args.out, split=args.split)
+    print(f"wrote {path}")
     return 0
 
 
@@ -99,7 +154,7 @@ def _command_data(args: argparse.Namespace) -> int:
 def _command_demo(args: argparse.Namespace) -> int:
     from bridgeta.demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps, scenes=args.scenes, duration=args.duration)
+    run_demo(Path(args.out), scenes=args.scenes, duration=args.duration, seed=args.seed, epochs=args.epochs)
     return 0
 
 
@@ -120,9 +175,34 @@ def build_parser() -> argparse.ArgumentParser:
     presets.set_defaults(handler=_command_presets)
 
     bench = commands.add_parser("bench", help="benchmarks (long measurements, not tests)")
-    bench.add_argument("bench_command", choices=["bev-pool", "loader", "data"])
+    bench.add_argument("bench_command", choices=["bev-pool", "loader", "data", "baselines"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     bench.set_defaults(handler=_command_bench)
+
+    train = commands.add_parser("train", help="train a BEV model (one process, or many under torchrun)")
+    _add_config_arguments(train)
+    train.add_argument("--out", required=True, help="run directory")
+    train.add_argument("--dataroot", default=None, help="sets data.dataroot")
+    train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.set_defaults(handler=_command_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model file / run / checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, help="model.safetensors, a run dir or a checkpoint dir")
+    evaluate.add_argument("--dataroot", default=None, help="override the data the model was trained on")
+    evaluate.add_argument("--version", default=None)
+    evaluate.add_argument("--split", default=None, help="default: test")
+    evaluate.add_argument("--batch-size", type=int, default=2)
+    evaluate.add_argument("--workers", type=int, default=0)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(handler=_command_eval)
+
+    viz = commands.add_parser("viz", help="cameras, prediction vs ground truth per class, error map")
+    viz.add_argument("--checkpoint", required=True)
+    viz.add_argument("--sample", required=True, help="sample index in the split, or token")
+    viz.add_argument("--out", required=True)
+    viz.add_argument("--dataroot", default=None)
+    viz.add_argument("--split", default=None)
+    viz.set_defaults(handler=_command_viz)
 
     synth = commands.add_parser(
         "synth", help="generate a synthetic world as a nuScenes-format dataroot"
@@ -154,9 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--out", default="runs/demo", help="output directory")
-    demo.add_argument("--steps", type=int, default=60, help="optimisation steps per model")
-    demo.add_argument("--scenes", type=int, default=6, help="scenes of the synthetic world")
-    demo.add_argument("--duration", type=float, default=8.0, help="seconds per scene")
+    demo.add_argument("--scenes", type=int, default=10, help="scenes of the synthetic world")
+    demo.add_argument("--duration", type=float, default=20.0, help="seconds per scene")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=int, default=None, help="override the presets' epochs")
     demo.set_defaults(handler=_command_demo)
     return parser
 
@@ -173,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"bridgeta: config error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # a non-finite loss stopped training; the last good checkpoint is kept
+        print(f"bridgeta: {exc}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         # Bad input (a path, a token, an argument value): one clear line, no traceback.
         print(f"bridgeta: {exc}", file=sys.stderr)

@@ -1,121 +1,67 @@
-"""The main job on the embedded default.
+"""The main job on the embedded default: ``bridgeta demo``.
 
-Until the training engine exists, the demo runs the largest end-to-end path there is: it
-generates a small synthetic world in nuScenes format, prepares it (labels cached once), draws one
-sample, measures every preset's parameters and MACs, then fits the tiny fusion teacher and the
-tiny camera-only model to one real training batch (the "overfit one batch" sanity check) with
-the real loader, focal loss and map metric, and writes a table, ``results.json`` and pictures.
+Generates a small synthetic world in nuScenes format (train, validation and test in different
+towns), prepares its labels, trains the tiny LiDAR-camera fusion teacher and the tiny camera-only
+baseline with their preset recipes, evaluates both on the test towns, and writes a table,
+``results.json`` and pictures. Distillation joins it in its own issue.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from bridgeta.bench.baselines import train_and_evaluate
 from bridgeta.config import list_presets, load_config
 from bridgeta.data.cache import LabelCache
-from bridgeta.data.dataset import BEVMapDataset, DataConfig, collate_bev
 from bridgeta.data.prepare import prepare_dataroot
 from bridgeta.data.show import render_sample_picture
 from bridgeta.data.synth.generate import VERSION, generate_dataroot
-from bridgeta.losses import map_segmentation_loss
-from bridgeta.metrics import MapMetric
 from bridgeta.models.bev_model import build_model
 from bridgeta.models.cost import measure_model_cost
 
-log = logging.getLogger(__name__)
+MODELS = (("teacher", "tiny-lc"), ("camera-only", "tiny-c"))
 
 
-def overfit_one_batch(dataroot: Path, preset: str, steps: int, batch_size: int = 2, seed: int = 0) -> dict:
-    """Fit ``preset`` to one (un-augmented) training batch; report loss and mIoU on that batch."""
-    torch.manual_seed(seed)
-    config = load_config(preset)
-    model = build_model(config)
-    image_size = tuple(config.model.camera.image_size) if config.model.camera else (0, 0)
-    dataset = BEVMapDataset(
-        DataConfig(dataroot=str(dataroot)), image_size, model.output_grid, model.classes,
-        train=False, modalities=model.modalities, split="train",
-    )
-    inputs, labels, _ = collate_bev([dataset[i] for i in range(batch_size)])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    model.train()
-    losses = []
-    start = time.perf_counter()
-    for _ in tqdm(range(steps), desc=f"overfit {preset}", unit="step"):
-        terms = map_segmentation_loss(model(inputs).logits, labels, model.classes)
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    step_time = (time.perf_counter() - start) / steps
-
-    model.eval()
-    metric = MapMetric(model.classes)
-    with torch.no_grad():
-        probabilities = model(inputs).logits.sigmoid()
-    metric.update(probabilities, labels)
-    scores = metric.compute()
-    return {
-        "preset": preset,
-        "steps": steps,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "step_time_s": step_time,
-        "miou": scores["miou"],
-        "iou": scores["iou"],
-        "probabilities": probabilities[0],
-        "labels": labels[0],
-    }
+def format_table(results: dict[str, dict]) -> str:
+    names = list(results)
+    classes = list(next(iter(results.values()))["iou"])
+    lines = [f"{'IoU (test towns)':<18}" + "".join(f"{n:>14}" for n in names)]
+    for name in classes:
+        lines.append(f"{name:<18}" + "".join(f"{results[m]['iou'][name]:>14.3f}" for m in names))
+    lines.append(f"{'mIoU':<18}" + "".join(f"{results[m]['miou']:>14.3f}" for m in names))
+    for condition in ("day", "night", "rain"):
+        cells = []
+        for m in names:
+            value = results[m]["by_condition"][condition]["miou"]
+            cells.append(f"{value:>14.3f}" if value is not None else f"{'-':>14}")
+        lines.append(f"{'mIoU ' + condition:<18}" + "".join(cells))
+    for band in results[names[0]]["by_range"]:
+        cells = [f"{results[m]['by_range'][band]['miou']:>14.3f}" for m in names]
+        lines.append(f"{'mIoU ' + band + ' m':<18}" + "".join(cells))
+    return "\n".join(lines)
 
 
-def save_picture(results: list[dict], classes: tuple[str, ...], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = 1 + len(results)
-    fig, axes = plt.subplots(rows, len(classes), figsize=(2.2 * len(classes), 2.3 * rows))
-    panels = [("label", results[0]["labels"].float())]
-    panels += [(r["preset"], r["probabilities"]) for r in results]
-    for row, (title, maps) in enumerate(panels):
-        for col, name in enumerate(classes):
-            ax = axes[row, col]
-            # (X, Y) -> image with forward (X) up and left (Y) to the left.
-            ax.imshow(maps[col].flip(0, 1).numpy(), vmin=0, vmax=1, cmap="viridis")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(name, fontsize=8)
-            if col == 0:
-                ax.set_ylabel(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def run_demo(out_dir: Path, steps: int = 60, scenes: int = 6, duration: float = 8.0) -> dict:
+def run_demo(
+    out_dir: Path, scenes: int = 10, duration: float = 20.0, seed: int = 0, epochs: int | None = None
+) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     dataroot = out_dir / "world"
-    print(f"== synthetic world: {scenes} scenes of {duration:.0f} s in separate train/val/test towns ==")
+    print(f"== 1/4 synthetic world: {scenes} scenes of {duration:.0f} s, train/val/test in different towns ==")
     if (dataroot / VERSION).exists():
         print(f"reusing {dataroot}")
     else:
-        world = generate_dataroot(dataroot, scenes, seed=0, preset="tiny", duration=duration)
+        world = generate_dataroot(dataroot, scenes, seed=seed, preset="tiny", duration=duration)
         print(f"{world.samples} samples, {world.sweeps} LiDAR sweeps, {world.annotations} boxes, "
               f"{world.seconds:.0f} s ({world.samples_per_second:.1f} samples/s)")
-    cache_dir = prepare_dataroot(dataroot, VERSION, progress=False)
-    cache = LabelCache(cache_dir)
+    cache = LabelCache(prepare_dataroot(dataroot, VERSION, progress=False))
     sample_picture = render_sample_picture(cache, len(cache) // 2, out_dir / "sample.png")
-    print(f"samples per split {cache.meta['counts']}; picture of one sample: {sample_picture}")
+    print(f"samples per split {cache.meta['counts']}; one sample drawn in {sample_picture}")
 
-    print("\n== model zoo: parameters and MACs at each preset's input size ==")
+    print("\n== 2/4 model zoo: parameters and MACs at each preset's input size ==")
     costs = {}
     for name in tqdm(list_presets(), desc="measuring presets", unit="preset"):
         cost = measure_model_cost(build_model(load_config(name)))
@@ -124,27 +70,45 @@ def run_demo(out_dir: Path, steps: int = 60, scenes: int = 6, duration: float = 
     for name, cost in costs.items():
         print(f"{name:<18}{cost['params'] / 1e6:>12.2f}{cost['macs'] / 1e9:>10.2f}  {cost['input']}")
 
-    print(f"\n== overfit one real training batch ({steps} steps): loader, focal loss, map metric ==")
-    fits = [overfit_one_batch(dataroot, name, steps) for name in ("tiny-lc", "tiny-c")]
-    print(f"{'preset':<10}{'loss first':>12}{'loss last':>12}{'mIoU':>8}{'s/step':>9}")
-    for fit in fits:
-        print(
-            f"{fit['preset']:<10}{fit['loss_first']:>12.4f}{fit['loss_last']:>12.4f}"
-            f"{fit['miou']:>8.3f}{fit['step_time_s']:>9.2f}"
-        )
-    classes = load_config("tiny-c").model.head.classes
-    picture = out_dir / "overfit_one_batch.png"
-    save_picture(fits, classes, picture)
+    print("\n== 3/4 training on the train towns (preset recipes) ==")
+    overrides = [f"train.epochs={epochs}"] if epochs else []
+    runs = {}
+    for role, preset in MODELS:
+        print(f"-- {role}: {preset}")
+        runs[role] = train_and_evaluate(preset, dataroot, out_dir / "runs" / role, seed, overrides)
+
+    print("\n== 4/4 evaluation on the test towns ==")
+    tests = {role: run["test"] for role, run in runs.items()}
+    table = format_table(tests)
+    print(table)
+    (out_dir / "table.txt").write_text(table + "\n")
+    pictures = _prediction_pictures(out_dir, cache)
 
     results = {
         "world": {"dataroot": str(dataroot), "samples_per_split": cache.meta["counts"]},
+        "models": {role: {"preset": preset, **runs[role]} for role, preset in MODELS},
         "presets": costs,
-        "overfit_one_batch": [
-            {k: v for k, v in fit.items() if k not in ("probabilities", "labels")} for fit in fits
-        ],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out_dir / 'results.json'}, {sample_picture} and {picture}")
+    print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'table.txt'}, {sample_picture}, "
+          + ", ".join(str(p) for p in pictures))
     return results
+
+
+def _prediction_pictures(out_dir: Path, cache: LabelCache) -> list[Path]:
+    """Prediction vs ground truth of every model on one day and one night test sample."""
+    from bridgeta.engine.viz import render_prediction
+
+    test = [i for i in range(len(cache)) if cache.record(i)["split"] == "test"]
+    pictures = []
+    for condition in ("day", "night"):
+        matching = [i for i in test if cache.record(i)["condition"] == condition]
+        if not matching:
+            continue
+        token = cache.tokens[matching[len(matching) // 2]]
+        for role, _ in MODELS:
+            path = out_dir / f"prediction_{role}_{condition}.png"
+            pictures.append(render_prediction(out_dir / "runs" / role, None, None, token, path, split="test"))
+    return pictures

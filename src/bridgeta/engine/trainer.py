@@ -1,0 +1,515 @@
+"""The training loop behind ``bridgeta train``: one function, :func:`train`.
+
+What a run does, in order: join the process group torchrun describes (or run alone), seed, build
+the model, the training set and its loader, AdamW and the warm-up + cosine schedule; resume from
+``out_dir/checkpoints/latest`` when asked; then per optimiser step run ``grad_accumulation``
+micro-batches (forward under autocast, focal loss, backward), check the loss, unscale, clip,
+step; log, checkpoint, evaluate on schedule; finally write ``model.safetensors``.
+
+Design points:
+
+* **Data order** comes from a :class:`~torch.utils.data.DistributedSampler` in every run (with
+  one replica when alone), seeded by ``train.seed`` and the epoch. Process ``r`` of ``N`` takes
+  every ``N``-th sample of the permutation, so ``N`` processes with batch ``b`` see per step the
+  samples one process sees with batch ``b`` and ``N``-fold accumulation. Augmentation is keyed by
+  ``(seed, epoch, sample)`` in the dataset, never by worker or process RNG.
+* **Exact resume**: checkpoints are taken at optimiser-step boundaries and record the epoch and
+  the micro-batches of it already consumed; the sampler then starts the epoch's permutation past
+  them. Model, optimiser, schedule, GradScaler and every RNG (python, numpy, torch CPU/CUDA, per
+  rank) are restored, and the DataLoader draws its worker seeds from its own generator so that
+  creating an epoch's iterator does not advance the global torch RNG.
+* **Non-finite loss**: the reduced loss terms are checked before every optimiser step, so the
+  update is never applied and no checkpoint ever holds NaN weights; the run raises
+  ``FloatingPointError`` naming the term and the step.
+* **Distributed**: DDP wraps the model for the training forward only; saving and evaluation use
+  the bare model. BatchNorm stays per process, as in BEVFusion (``SyncBatchNorm`` has no CPU
+  kernel): N processes x batch b normalise like one process with N-fold accumulation of batch
+  b, not like one process with batch N x b. Gradient accumulation skips the all-reduce
+  (``no_sync``) on all but the last micro-batch of a step.
+* **No weight decay on biases and normalisation parameters** (every parameter with fewer than two
+  dimensions): decaying a BatchNorm scale/shift or a bias pulls a layer's output gain and offset
+  towards zero, which constrains what the network computes instead of regularising it (the
+  usual split, as timm's and mmcv's ``norm_decay_mult=0`` / ``bias_decay_mult=0``). Weights
+  keep ``train.optimizer.weight_decay``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from bridgeta.config import ExperimentConfig, to_dict
+from bridgeta.data.dataset import BEVMapDataset, collate_bev
+from bridgeta.engine.precision import autocast_dtype
+from bridgeta.engine.checkpoint import (
+    config_hash,
+    gather_rng_states,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from bridgeta.engine.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    cleanup,
+    init_distributed,
+    wrap_model,
+)
+from bridgeta.engine.logging import MetricsLogger, progress_bar
+from bridgeta.engine.model_file import save_model_file
+from bridgeta.engine.schedule import WarmupCosineSchedule
+from bridgeta.losses import map_segmentation_loss
+from bridgeta.models.bev_model import BEVModel, build_model
+from bridgeta.models.types import BEVInputs
+
+log = logging.getLogger(__name__)
+
+EvaluateFn = Callable[[BEVModel, ExperimentConfig, str], dict[str, Any]]
+
+CONFIG_FILE = "config.yaml"
+MODEL_FILE = "model.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weights decay; biases and norm parameters (``ndim <= 1``) do not."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim > 1 else no_decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+class TrainSampler(DistributedSampler):
+    """A shuffling :class:`DistributedSampler` whose epoch can start part-way through.
+
+    ``start`` (samples of this process's share) is skipped without loading them, which is how a
+    resumed run continues inside an epoch with the permutation the interrupted run was using.
+    """
+
+    def __init__(self, dataset: BEVMapDataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed python and numpy in a loader worker from its torch seed (base seed + worker id)."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _loader_seed(seed: int, rank: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
+@contextmanager
+def deterministic_mode(enabled: bool, device: torch.device) -> Iterator[None]:
+    """Deterministic algorithms for the duration of a run, then the previous settings.
+
+    On CUDA a few ops (scatter-adds) have no deterministic kernel; there torch only warns about
+    them (``warn_only``) instead of stopping the run. CPU runs are strict.
+    """
+    if not enabled:
+        yield
+        return
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode
+    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2:]
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+class _Trainer:
+    """State of one training run; :func:`train` is the public entry point."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        out_dir: Path,
+        ctx: DistributedContext,
+        evaluate_fn: EvaluateFn | None,
+    ) -> None:
+        if config.data is None:
+            raise ValueError("the config has no 'data' section: set data.dataroot (or --dataroot)")
+        self.config, self.out_dir, self.ctx, self.evaluate_fn = config, out_dir, ctx, evaluate_fn
+        cfg = config.train
+        if cfg.batch_size < 1 or cfg.grad_accumulation < 1 or cfg.log_every < 1:
+            raise ValueError("train.batch_size, train.grad_accumulation and train.log_every must be >= 1")
+        # Per-rank streams; DDP copies rank 0's initial weights to every rank anyway.
+        _seed_everything(cfg.seed + ctx.rank)
+        self.model = build_model(config).to(ctx.device).train()
+        self.forward_model = wrap_model(self.model, ctx)
+
+        camera = config.model.camera
+        self.dataset = BEVMapDataset(
+            config.data,
+            image_size=tuple(camera.image_size) if camera is not None else (0, 0),
+            output_grid=self.model.output_grid,
+            classes=self.model.classes,
+            train=True,
+            modalities=self.model.modalities,
+            seed=cfg.seed,
+            split="train",
+        )
+        if len(self.dataset) == 0:
+            raise ValueError(f"split 'train' of {config.data.dataroot} has no samples")
+        self.sampler = TrainSampler(self.dataset, ctx.world_size, ctx.rank, cfg.seed)
+        self.loader_generator = torch.Generator()
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            collate_fn=collate_bev,
+            num_workers=cfg.num_workers,
+            worker_init_fn=_seed_worker,
+            generator=self.loader_generator,
+            persistent_workers=cfg.num_workers > 0,
+            pin_memory=ctx.device.type == "cuda",
+        )
+        self.batches_per_epoch = len(self.loader)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accumulation)
+        total = cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps is not None else total
+        if self.total_steps < 1:
+            raise ValueError("nothing to train: train.epochs and train.max_steps give 0 steps")
+
+        settings = cfg.optimizer
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, settings.weight_decay), lr=settings.lr, betas=settings.betas
+        )
+        self.scheduler = WarmupCosineSchedule(
+            self.optimizer, settings.warmup_steps, self.total_steps, settings.min_lr_ratio
+        )
+        self.autocast = autocast_dtype(cfg.precision, ctx.device)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
+
+        # Position: optimiser steps done; epoch in progress and its micro-batches consumed.
+        self.step = 0
+        self.epoch = 0
+        self.batch = 0
+        self.resumed_from: int | None = None
+        self.last_saved_step = -1
+        self.last_eval: dict[str, Any] | None = None
+        self.last_eval_step = -1
+        self.last_loss = math.nan
+        self.step_times: list[float] = []
+        self.term_names: list[str] = []
+        self.logger: MetricsLogger | None = None
+        self._window = _Window()
+
+    # -- resume ---------------------------------------------------------------------------------
+
+    def _resume(self, checkpoint: Path) -> None:
+        state = load_checkpoint(
+            checkpoint, self.model, self.optimizer, self.scheduler, self.scaler,
+            rank=self.ctx.rank, device=self.ctx.device,
+        )
+        if state.config_hash != config_hash(self.config) and self.ctx.is_main:
+            log.warning("resuming %s with a config that differs from the one it was saved with", checkpoint)
+        cfg = self.config.train
+        data = state.data
+        self.step, self.epoch, self.batch = state.step, state.epoch, data["batch"]
+        if (data["world_size"], data["batch_size"]) != (self.ctx.world_size, cfg.batch_size):
+            # Another process count or batch size splits the permutation differently: continue
+            # after the same number of samples, which is close but not exact.
+            samples = data["batch"] * data["batch_size"] * data["world_size"]
+            self.batch = min(samples // (cfg.batch_size * self.ctx.world_size), self.batches_per_epoch)
+            if self.ctx.is_main:
+                log.warning(
+                    "resuming with %d process(es) x batch %d instead of %d x %d: the data order is "
+                    "not exactly the interrupted run's", self.ctx.world_size, cfg.batch_size,
+                    data["world_size"], data["batch_size"],
+                )
+        self.resumed_from = state.step
+        self.last_saved_step = state.step
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def _micro_step(self, inputs: BEVInputs, labels: torch.Tensor, group_size: int, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its detached loss terms."""
+        inputs = inputs.to(self.ctx.device)
+        labels = labels.to(self.ctx.device, non_blocking=True)
+        no_sync = self.forward_model.no_sync if self.ctx.distributed and not sync else nullcontext
+        with no_sync():
+            with torch.autocast(self.ctx.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                outputs = self.forward_model(inputs)
+                terms = map_segmentation_loss(outputs.logits, labels, self.model.classes)
+            if not self.term_names:
+                self.term_names = list(terms)
+            values = torch.stack([terms[name].float() for name in self.term_names])
+            # Each micro-batch weighs 1/group_size, so the update is the mean over the group.
+            self.scaler.scale(values.sum() / group_size).backward()
+        return values.detach() / group_size
+
+    def _check_finite(self, values: torch.Tensor) -> None:
+        if torch.isfinite(values).all():
+            return
+        bad = ", ".join(
+            f"{name}={value}" for name, value in zip(self.term_names, values.tolist()) if not math.isfinite(value)
+        )
+        checkpoint = latest_checkpoint(self.out_dir)
+        message = (
+            f"non-finite loss at step {self.step + 1} (epoch {self.epoch}): {bad}; the update was not "
+            f"applied. Last good checkpoint: {checkpoint if checkpoint is not None else 'none'}"
+        )
+        if self.ctx.is_main:
+            log.error(message)
+        raise FloatingPointError(message)
+
+    def _optimizer_step(self) -> tuple[float, torch.Tensor | None]:
+        """Unscale, clip, step, advance the schedule; returns (lr used, grad norm before clipping)."""
+        clip = self.config.train.optimizer.grad_clip
+        grad_norm = None
+        if clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return lr, grad_norm
+
+    def _train_epoch(self, bar: tqdm) -> bool:
+        """Run epoch ``self.epoch`` from micro-batch ``self.batch``; True when it ran to its end."""
+        cfg = self.config.train
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.start = self.batch * cfg.batch_size
+        self.dataset.set_epoch(self.epoch)
+        self.loader_generator.manual_seed(_loader_seed(cfg.seed, self.ctx.rank, self.epoch))
+        batches = iter(self.loader)
+        while self.batch < self.batches_per_epoch and self.step < self.total_steps:
+            started = time.perf_counter()
+            group_size = min(cfg.grad_accumulation, self.batches_per_epoch - self.batch)
+            values = None
+            samples = 0
+            for micro in range(group_size):
+                inputs, labels, _ = next(batches)
+                samples += labels.shape[0]
+                terms = self._micro_step(inputs, labels, group_size, sync=micro == group_size - 1)
+                values = terms if values is None else values + terms
+            values = all_reduce_mean(values, self.ctx).cpu()
+            self._check_finite(values)
+            lr, grad_norm = self._optimizer_step()
+            self.batch += group_size
+            seconds = time.perf_counter() - started
+            self.step_times.append(seconds)
+            self.last_loss = float(values.sum())
+            self._window.add(values, grad_norm, samples * self.ctx.world_size, seconds)
+            bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                self._log(lr)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self._save()
+        return self.batch == self.batches_per_epoch
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    def _log(self, lr: float) -> None:
+        row = self._window.summary(self.term_names)
+        self._window = _Window()
+        self.logger.log(self.step, {"epoch": self.epoch, "lr": lr, **row})
+        if self.ctx.is_main:
+            log.info(
+                "step %d/%d epoch %d: loss %.4f, lr %.3g, %.1f samples/s",
+                self.step, self.total_steps, self.epoch, row["loss"], lr, row["samples_per_s"],
+            )
+
+    def _save(self) -> None:
+        """Checkpoint the current step; a finished epoch is stored as the start of the next."""
+        epoch, batch = self.epoch, self.batch
+        if batch >= self.batches_per_epoch:
+            epoch, batch = epoch + 1, 0
+        rng = gather_rng_states(self.ctx)  # a collective: every rank takes part
+        if self.ctx.is_main:
+            save_checkpoint(
+                self.out_dir, self.step, epoch, self.model, self.config, self.optimizer,
+                self.scheduler, self.scaler, rng,
+                {
+                    "batch": batch,
+                    "batches_per_epoch": self.batches_per_epoch,
+                    "batch_size": self.config.train.batch_size,
+                    "world_size": self.ctx.world_size,
+                },
+            )
+        self.last_saved_step = self.step
+
+    def _evaluate(self) -> None:
+        """Call ``evaluate_fn`` on every rank (it may shard and all-reduce); rank 0 logs it."""
+        split = self.config.train.eval_split
+        results = self.evaluate_fn(self.model, self.config, split)
+        self.model.train()
+        self.last_eval, self.last_eval_step = results, self.step
+        # After the loop has moved past a finished epoch (batch 0), label it with that epoch.
+        epoch = self.epoch - 1 if self.batch == 0 and self.epoch > 0 else self.epoch
+        self.logger.log(self.step, {"epoch": epoch, "eval": {"split": split, **results}})
+        if self.ctx.is_main:
+            log.info("step %d: %s mIoU %.4f", self.step, split, float(results["miou"]))
+
+    # -- driver ---------------------------------------------------------------------------------
+
+    def run(self, resume: bool) -> dict[str, Any]:
+        started = time.perf_counter()
+        checkpoint = latest_checkpoint(self.out_dir)
+        if checkpoint is not None and not resume:
+            raise FileExistsError(
+                f"{self.out_dir} already holds checkpoints ({checkpoint.name}); resume it with "
+                "--resume or choose a new --out"
+            )
+        if resume and checkpoint is None and self.ctx.is_main:
+            log.warning("nothing to resume in %s: starting from scratch", self.out_dir)
+        if self.ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+        # Restoring the RNG states must follow everything that draws from them (model init).
+        if checkpoint is not None:
+            self._resume(checkpoint)
+            if self.ctx.is_main:
+                log.info("resumed from %s (step %d)", checkpoint, self.step)
+        self.logger = MetricsLogger(self.out_dir, self.ctx.is_main, resume_step=self.step)
+        cfg = self.config.train
+        with logging_redirect_tqdm(), progress_bar(self.total_steps, self.step, self.ctx.is_main) as bar:
+            while self.epoch < cfg.epochs and self.step < self.total_steps:
+                if not self._train_epoch(bar):
+                    break  # max_steps reached inside the epoch
+                if self.evaluate_fn is not None and cfg.eval_every > 0 and (self.epoch + 1) % cfg.eval_every == 0:
+                    self._evaluate()
+                if cfg.checkpoint_every == 0:
+                    self._save()
+                self.epoch, self.batch = self.epoch + 1, 0
+        if self.evaluate_fn is not None and self.last_eval_step != self.step:
+            self._evaluate()
+        if self.last_saved_step != self.step:
+            self._save()
+        if self.ctx.is_main:
+            save_model_file(self.out_dir / MODEL_FILE, self.model, self.config, kind="model")
+        return {
+            "steps": self.step,
+            "epochs": self.step / self.steps_per_epoch,
+            "final_loss": self.last_loss,
+            "seconds": time.perf_counter() - started,
+            "step_time_s": statistics.median(self.step_times) if self.step_times else None,
+            "eval": self.last_eval,
+            "resumed_from": self.resumed_from,
+            "out_dir": str(self.out_dir),
+        }
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+
+
+class _Window:
+    """Sums over the optimiser steps since the last log line, averaged when it is written."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.terms: torch.Tensor | None = None
+        self.grad_norm = 0.0
+        self.grad_norms = 0
+        self.samples = 0
+        self.seconds = 0.0
+
+    def add(self, terms: torch.Tensor, grad_norm: torch.Tensor | None, samples: int, seconds: float) -> None:
+        self.steps += 1
+        self.terms = terms.clone() if self.terms is None else self.terms + terms
+        if grad_norm is not None:
+            self.grad_norm += float(grad_norm)
+            self.grad_norms += 1
+        self.samples += samples
+        self.seconds += seconds
+
+    def summary(self, names: list[str]) -> dict[str, float]:
+        terms = (self.terms / self.steps).tolist()
+        row = {"loss": sum(terms), **dict(zip(names, terms))}
+        if self.grad_norms:
+            row["grad_norm"] = self.grad_norm / self.grad_norms
+        row["samples_per_s"] = self.samples / self.seconds if self.seconds else 0.0
+        row["step_time_s"] = self.seconds / self.steps
+        return row
+
+
+def train(
+    config: ExperimentConfig,
+    out_dir: Path,
+    resume: bool = False,
+    evaluate_fn: EvaluateFn | None = None,
+) -> dict[str, Any]:
+    """Train ``config`` into ``out_dir``; returns a summary of the run.
+
+    ``resume``: continue from ``out_dir/checkpoints/latest`` exactly where it stopped (a fresh
+    start when there is none). Without it, an ``out_dir`` that already holds checkpoints is
+    refused rather than overwritten.
+
+    ``evaluate_fn(model, config, split) -> {"miou": ..., ...}`` runs every ``train.eval_every``
+    epochs and at the end, on every process with the bare (unwrapped) model; the trainer puts the
+    model back in training mode afterwards.
+
+    Loader workers come from ``train.num_workers`` (``data.num_workers`` is not used here).
+    Writes ``config.yaml``, ``metrics.jsonl``, ``tb/``, ``checkpoints/`` and ``model.safetensors``
+    (rank 0 only).
+    Raises ``FloatingPointError`` when a loss term is NaN or infinite.
+    """
+    out_dir = Path(out_dir)
+    ctx = init_distributed()
+    try:
+        with deterministic_mode(config.train.deterministic, ctx.device):
+            trainer = _Trainer(config, out_dir, ctx, evaluate_fn)
+            try:
+                return trainer.run(resume)
+            finally:
+                trainer.close()
+    finally:
+        cleanup(ctx)

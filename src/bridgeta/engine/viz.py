@@ -1,0 +1,221 @@
+"""One picture of a model's prediction on one sample: cameras, and per class prediction, truth, errors.
+
+For judging a model by eye: where it misses (false negatives) and where it invents map (false
+positives), next to what the cameras saw. Camera images are the original files, whatever the
+model's modalities; BEV panels are drawn forward up, left to the left (``bev.flip(0, 1)``, see
+docs/conventions.md) with axes in metres. Uses matplotlib's Agg canvas directly (no pyplot state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from bridgeta.config import ExperimentConfig
+from bridgeta.data.dataset import BEVMapDataset, collate_bev
+from bridgeta.data.show import CAMERA_LAYOUT, _open_rgb
+from bridgeta.engine.evaluate import DEFAULT_SPLIT, data_config_for, resolve_model_file, unwrap_model
+from bridgeta.engine.model_file import load_model_file
+from bridgeta.geometry import BEVGrid
+
+# Error map colours (RGB in [0, 1]): correct cells green, invented map red, missed map blue.
+ERROR_COLOURS = {
+    "true positive": (0.20, 0.70, 0.25),
+    "false positive": (0.90, 0.15, 0.15),
+    "false negative": (0.15, 0.35, 0.95),
+    "true negative": (1.0, 1.0, 1.0),
+}
+GROUND_TRUTH_COLOUR = (0.15, 0.15, 0.15)
+
+
+def error_map(probability: np.ndarray, target: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """RGB ``(X, Y, 3)`` of one class: TP / FP / FN / TN cells in :data:`ERROR_COLOURS`.
+
+    A cell is predicted when ``probability >= threshold``, as :class:`~bridgeta.metrics.MapMetric`
+    counts it. Stays in the BEV layout ``(X, Y)``; flipping for display is the caller's.
+    """
+    if probability.shape != target.shape or probability.ndim != 2:
+        raise ValueError(f"need two equal (X, Y) arrays, got {probability.shape} and {target.shape}")
+    predicted = probability >= threshold
+    target = target.astype(bool)
+    rgb = np.empty((*target.shape, 3))
+    rgb[...] = ERROR_COLOURS["true negative"]
+    rgb[predicted & target] = ERROR_COLOURS["true positive"]
+    rgb[predicted & ~target] = ERROR_COLOURS["false positive"]
+    rgb[~predicted & target] = ERROR_COLOURS["false negative"]
+    return rgb
+
+
+def _load(
+    checkpoint_or_model: str | Path | torch.nn.Module, config: ExperimentConfig | None, device: torch.device
+) -> tuple[torch.nn.Module, ExperimentConfig, str]:
+    """(model, config, label for the title); a given ``config`` wins over the embedded one."""
+    if isinstance(checkpoint_or_model, torch.nn.Module):
+        if config is None:
+            raise ValueError("render_prediction needs the experiment config when given a model")
+        return unwrap_model(checkpoint_or_model), config, config.name
+    path = resolve_model_file(checkpoint_or_model)
+    model, embedded = load_model_file(path, map_location=device)
+    return model, config or embedded, path.parent.name + "/" + path.name
+
+
+def _dataset_for(
+    model: torch.nn.Module,
+    config: ExperimentConfig,
+    dataset_or_dataroot: BEVMapDataset | str | Path | None,
+    split: str | None,
+) -> BEVMapDataset:
+    """The test-time dataset the model is shown; a given dataset must match its grid and classes."""
+    if isinstance(dataset_or_dataroot, BEVMapDataset):
+        dataset = dataset_or_dataroot
+        if dataset.output_grid != model.output_grid or dataset.classes != tuple(model.classes):
+            raise ValueError(
+                "the dataset's output grid / classes differ from the model's: "
+                f"{dataset.output_grid} {dataset.classes} vs {model.output_grid} {tuple(model.classes)}"
+            )
+        missing = set(model.modalities) - set(dataset.modalities)
+        if missing:
+            raise ValueError(f"the dataset does not load {sorted(missing)}, which the model needs")
+        return dataset
+    data = data_config_for(config, dataset_or_dataroot)
+    camera = config.model.camera
+    return BEVMapDataset(
+        data,
+        tuple(camera.image_size) if camera is not None else (0, 0),
+        model.output_grid,
+        model.classes,
+        train=False,
+        modalities=model.modalities,
+        seed=config.train.seed,
+        split=split or DEFAULT_SPLIT,
+    )
+
+
+def _class_thresholds(classes: Sequence[str], threshold: float | Mapping[str, float]) -> list[float]:
+    if isinstance(threshold, Mapping):
+        missing = [c for c in classes if c not in threshold]
+        if missing:
+            raise ValueError(f"no threshold for classes {missing}")
+        return [float(threshold[c]) for c in classes]
+    return [float(threshold)] * len(classes)
+
+
+def _draw_bev(axes, image: np.ndarray, grid: BEVGrid, **imshow_args) -> object:
+    """Draw an ``(X, Y[, 3])`` map forward up, left to the left, in ego metres; ego at the origin."""
+    drawn = axes.imshow(
+        image[::-1, ::-1],  # bev.flip(0, 1): row 0 = front, column 0 = left
+        extent=(grid.y[1], grid.y[0], grid.x[0], grid.x[1]),
+        interpolation="nearest",
+        **imshow_args,
+    )
+    axes.plot([0], [0], marker="^", color="black", markersize=5)
+    axes.tick_params(labelsize=7)
+    return drawn
+
+
+def render_prediction(
+    checkpoint_or_model: str | Path | torch.nn.Module,
+    config: ExperimentConfig | None,
+    dataset_or_dataroot: BEVMapDataset | str | Path | None,
+    sample: int | str,
+    out_png: str | Path,
+    split: str | None = None,
+    threshold: float | Mapping[str, float] = 0.5,
+    device: str | torch.device | None = None,
+) -> Path:
+    """``bridgeta viz``: write a PNG of the model's prediction on one sample; returns its path.
+
+    checkpoint_or_model: a model file / checkpoint or run directory, or a model (then ``config``
+        is required: it says where the data is).
+    config: overrides the model file's embedded config when given.
+    dataset_or_dataroot: a test-time dataset for the model, a dataroot that replaces the config's,
+        or ``None`` for the config's own.
+    sample: index in the split (``int``) or sample token (``str``).
+    split: the split to read when no dataset is given (default ``test``).
+    threshold: where a probability counts as predicted in the error maps: one value, or one per
+        class (e.g. each class's best threshold from the metric).
+
+    Layout: the six cameras (front row FL, F, FR; back row BL, B, BR), then one column per class
+    with prediction probability, ground truth and error map (TP / FP / FN) below each other.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, config, model_name = _load(checkpoint_or_model, config, device)
+    dataset = _dataset_for(model, config, dataset_or_dataroot, split)
+    index = dataset.index_of(sample) if isinstance(sample, str) else int(sample)
+    if not 0 <= index < len(dataset):
+        raise IndexError(f"sample {index} is out of range: split '{dataset.split}' has {len(dataset)}")
+    item = dataset[index]
+    inputs, labels, metas = collate_bev([item])
+    model_device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            probabilities = model(inputs.to(model_device)).logits.float().sigmoid()[0].cpu().numpy()
+    finally:
+        model.train(was_training)
+    targets = labels[0].numpy()
+    classes = tuple(model.classes)
+    thresholds = _class_thresholds(classes, threshold)
+    record = dataset.cache.record(item.meta["index"])
+    grid = dataset.output_grid
+
+    figure = Figure(figsize=(max(12.0, 3.2 * len(classes)), 15.5))
+    outer = figure.add_gridspec(2, 1, height_ratios=(4.6, 9.5), hspace=0.1, top=0.94, bottom=0.07)
+    cameras = outer[0].subgridspec(2, 3, wspace=0.04, hspace=0.2)
+    images = {c["name"]: c["path"] for c in record["cameras"]}
+    for row, names in enumerate(CAMERA_LAYOUT):
+        for column, name in enumerate(names):
+            axes = figure.add_subplot(cameras[row, column])
+            if name in images:
+                axes.imshow(_open_rgb(dataset.dataroot / images[name]))
+            axes.set_title(name, fontsize=8)
+            axes.axis("off")
+
+    # A narrow last column holds the probability colour bar, so the class panels stay aligned.
+    panels = outer[1].subgridspec(
+        3, len(classes) + 1, width_ratios=(1.0,) * len(classes) + (0.05,), wspace=0.25, hspace=0.25
+    )
+    for k, name in enumerate(classes):
+        probability_axes = figure.add_subplot(panels[0, k])
+        probability_image = _draw_bev(
+            probability_axes, probabilities[k], grid, cmap="viridis", vmin=0.0, vmax=1.0
+        )
+        probability_axes.set_title(f"{name}\nprediction", fontsize=9)
+        truth_axes = figure.add_subplot(panels[1, k])
+        truth = np.ones((*targets[k].shape, 3))
+        truth[targets[k]] = GROUND_TRUTH_COLOUR
+        _draw_bev(truth_axes, truth, grid)
+        truth_axes.set_title("ground truth", fontsize=9)
+        error_axes = figure.add_subplot(panels[2, k])
+        _draw_bev(error_axes, error_map(probabilities[k], targets[k], thresholds[k]), grid)
+        error_axes.set_title(f"errors @ {thresholds[k]:g}", fontsize=9)
+        if k == 0:
+            for axes in (probability_axes, truth_axes, error_axes):
+                axes.set_ylabel("ego X (m, forward)", fontsize=8)
+        error_axes.set_xlabel("ego Y (m, left is +)", fontsize=8)
+
+    colour_bar = figure.colorbar(probability_image, cax=figure.add_subplot(panels[0, -1]))
+    colour_bar.set_label("probability", fontsize=8)
+    figure.legend(
+        handles=[Patch(facecolor=c, edgecolor="0.5", label=n) for n, c in ERROR_COLOURS.items()]
+        + [Patch(facecolor=GROUND_TRUTH_COLOUR, edgecolor="0.5", label="ground truth")],
+        loc="lower center",
+        ncol=5,
+        fontsize=9,
+    )
+    meta = metas[0]
+    figure.suptitle(
+        f"{model_name}  |  {meta['scene']}  {meta['token']}  split={meta['split']}  "
+        f"condition={meta['condition']}",
+        fontsize=11,
+    )
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_png, dpi=72)
+    return out_png
