@@ -75,14 +75,15 @@ def run_demo(
     runs = {}
     for role, preset in MODELS:
         print(f"-- {role}: {preset}")
-        runs[role] = train_and_evaluate(preset, dataroot, out_dir / "runs" / role, seed, overrides)
+        # Same layout as `bridgeta bench baselines --runs DIR/runs`, which then reuses these runs.
+        runs[role] = train_and_evaluate(preset, dataroot, out_dir / "runs" / f"{preset}-seed{seed}", seed, overrides)
 
     print("\n== 4/4 evaluation on the test towns ==")
     tests = {role: run["test"] for role, run in runs.items()}
     table = format_table(tests)
     print(table)
     (out_dir / "table.txt").write_text(table + "\n")
-    pictures = _prediction_pictures(out_dir, cache)
+    pictures = _prediction_pictures(out_dir, cache, seed)
 
     results = {
         "world": {"dataroot": str(dataroot), "samples_per_split": cache.meta["counts"]},
@@ -97,7 +98,7 @@ def run_demo(
     return results
 
 
-def _prediction_pictures(out_dir: Path, cache: LabelCache) -> list[Path]:
+def _prediction_pictures(out_dir: Path, cache: LabelCache, seed: int) -> list[Path]:
     """Prediction vs ground truth of every model on one day and one night test sample."""
     from bridgeta.engine.viz import render_prediction
 
@@ -108,7 +109,8 @@ def _prediction_pictures(out_dir: Path, cache: LabelCache) -> list[Path]:
         if not matching:
             continue
         token = cache.tokens[matching[len(matching) // 2]]
-        for role, _ in MODELS:
+        for role, preset in MODELS:
             path = out_dir / f"prediction_{role}_{condition}.png"
-            pictures.append(render_prediction(out_dir / "runs" / role, None, None, token, path, split="test"))
+            run = out_dir / "runs" / f"{preset}-seed{seed}"
+            pictures.append(render_prediction(run, None, None, token, path, split="test"))
     return pictures

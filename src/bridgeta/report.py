@@ -169,11 +169,47 @@ def render_data_throughput(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _cell(entry: dict | None) -> str:
+    if not entry or entry.get("mean") is None:
+        return "–"
+    return f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
+
+
+def render_baselines(results: dict) -> str:
+    table = results["table"]
+    names = list(table)
+    first = table[names[0]]
+    header = "| | " + " | ".join(f"`{n}`" for n in names) + " |"
+    lines = [header, "|---|" + "---:|" * len(names)]
+    rows = [("mIoU (iou@max)", lambda r: r["miou"]), ("mIoU @0.5", lambda r: r["miou_at_0.5"])]
+    rows += [(f"IoU {c}", lambda r, c=c: r["iou"][c]) for c in first["iou"]]
+    rows += [(f"mIoU {k}", lambda r, k=k: r["by_condition"][k]) for k in first["by_condition"]]
+    rows += [(f"mIoU {k} m", lambda r, k=k: r["by_range"][k]) for k in first["by_range"]]
+    for title, pick in rows:
+        lines.append(f"| {title} | " + " | ".join(_cell(pick(table[n])) for n in names) + " |")
+    steps = [table[n]["step_time_s"] for n in names]
+    lines.append(
+        "| training step (s, batch 2) | "
+        + " | ".join("–" if s["mean"] is None else f"{s['mean']:.2f}" for s in steps)
+        + " |"
+    )
+    env = results["environment"]
+    seeds = sorted({seed for n in names for seed in table[n]["seeds"]})
+    lines.append("")
+    lines.append(
+        f"IoU in %, mean ± standard deviation over seeds {seeds}, on the test towns. Measured with "
+        f"`bridgeta bench baselines` on {env['date']}, commit `{env['commit']}`, torch {env['torch']}, "
+        f"{env['cpu_threads']} CPU threads."
+    )
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     # section name -> (results file, renderer)
     "model-zoo": ("model_zoo.json", render_model_zoo),
     "bev-pool": ("bev_pool.json", render_bev_pool),
     "data-throughput": ("data_throughput.json", render_data_throughput),
+    "baselines": ("baselines.json", render_baselines),
 }
 
 

@@ -31,12 +31,7 @@ def training_step_rate(dataroot: Path, preset: str, batch_size: int, steps: int)
     """Median seconds of one optimisation step of ``preset`` on real batches (after a warm-up)."""
     config = load_config(preset)
     model = build_model(config).train()
-    modalities = model.modalities
-    image_size = tuple(config.model.camera.image_size) if config.model.camera else (0, 0)
-    dataset = BEVMapDataset(
-        DataConfig(dataroot=str(dataroot)), image_size, model.output_grid, model.classes, train=True,
-        modalities=modalities,
-    )
+    dataset = BEVMapDataset.for_model(DataConfig(dataroot=str(dataroot)), model, "train", train=True)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_bev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batches = iter(loader)

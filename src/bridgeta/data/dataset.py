@@ -166,6 +166,24 @@ class BEVMapDataset(Dataset):
         mean, std = torch.tensor(config.mean).view(3, 1, 1), torch.tensor(config.std).view(3, 1, 1)
         self._scale, self._shift = 1.0 / (255.0 * std), mean / std
 
+    @classmethod
+    def for_model(
+        cls, config: DataConfig, model: Any, split: str, train: bool = False, seed: int = 0
+    ) -> "BEVMapDataset":
+        """The samples ``model`` (a ``BEVModel``) consumes: its image size, output grid, classes and
+        modalities."""
+        camera = model.config.camera
+        return cls(
+            config,
+            tuple(camera.image_size) if camera is not None else (0, 0),
+            model.output_grid,
+            model.classes,
+            train=train,
+            modalities=model.modalities,
+            seed=seed,
+            split=split,
+        )
+
     def __len__(self) -> int:
         return len(self.indices)
 

@@ -171,17 +171,7 @@ def build_eval_loader(
     if distributed and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("distributed=True needs an initialised torch.distributed process group")
     network = unwrap_model(model)
-    camera = config.model.camera
-    dataset = BEVMapDataset(
-        config.data,
-        tuple(camera.image_size) if camera is not None else (0, 0),
-        network.output_grid,
-        network.classes,
-        train=False,
-        modalities=network.modalities,
-        seed=config.train.seed,
-        split=split,
-    )
+    dataset = BEVMapDataset.for_model(config.data, network, split, seed=config.train.seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -190,17 +190,7 @@ class _Trainer:
         self.model = build_model(config).to(ctx.device).train()
         self.forward_model = wrap_model(self.model, ctx)
 
-        camera = config.model.camera
-        self.dataset = BEVMapDataset(
-            config.data,
-            image_size=tuple(camera.image_size) if camera is not None else (0, 0),
-            output_grid=self.model.output_grid,
-            classes=self.model.classes,
-            train=True,
-            modalities=self.model.modalities,
-            seed=cfg.seed,
-            split="train",
-        )
+        self.dataset = BEVMapDataset.for_model(config.data, self.model, "train", train=True, seed=cfg.seed)
         if len(self.dataset) == 0:
             raise ValueError(f"split 'train' of {config.data.dataroot} has no samples")
         self.sampler = TrainSampler(self.dataset, ctx.world_size, ctx.rank, cfg.seed)

@@ -83,17 +83,7 @@ def _dataset_for(
             raise ValueError(f"the dataset does not load {sorted(missing)}, which the model needs")
         return dataset
     data = data_config_for(config, dataset_or_dataroot)
-    camera = config.model.camera
-    return BEVMapDataset(
-        data,
-        tuple(camera.image_size) if camera is not None else (0, 0),
-        model.output_grid,
-        model.classes,
-        train=False,
-        modalities=model.modalities,
-        seed=config.train.seed,
-        split=split or DEFAULT_SPLIT,
-    )
+    return BEVMapDataset.for_model(data, model, split or DEFAULT_SPLIT, seed=config.train.seed)
 
 
 def _class_thresholds(classes: Sequence[str], threshold: float | Mapping[str, float]) -> list[float]:
