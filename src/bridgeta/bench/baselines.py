@@ -76,12 +76,13 @@ def aggregate(runs: list[dict]) -> dict:
 
 
 def run(dataroot: Path, out: Path, runs_dir: Path, seeds: int, presets: Sequence[str]) -> dict:
+    started = environment()  # the code that trains is the code of the commit at the start
     runs = [
         train_and_evaluate(preset, dataroot, runs_dir / f"{preset}-seed{seed}", seed)
         for seed in range(seeds)
         for preset in presets
     ]
-    result = {"environment": environment(), "dataroot": str(dataroot), "runs": runs, "table": aggregate(runs)}
+    result = {"environment": started, "dataroot": str(dataroot), "runs": runs, "table": aggregate(runs)}
     write_json(out, result)
     return result
 

@@ -50,6 +50,7 @@ def training_step_rate(dataroot: Path, preset: str, batch_size: int, steps: int)
 
 
 def run(out: Path, scenes: int, duration: float, seed: int, batch_size: int, batches: int) -> dict:
+    started = environment()  # the code that runs is the code of the commit at the start
     with tempfile.TemporaryDirectory(prefix="bridgeta-bench-data-") as scratch:
         dataroot = Path(scratch) / "world"
         generation = generate_dataroot(dataroot, scenes, seed, "tiny", duration=duration)
@@ -73,7 +74,7 @@ def run(out: Path, scenes: int, duration: float, seed: int, batch_size: int, bat
                 "training": training_step_rate(dataroot, preset, batch_size, steps=5),
             }
     result = {
-        "environment": environment(),
+        "environment": started,
         "generation": {
             "preset": "tiny",
             "scenes": scenes,
