@@ -131,6 +131,11 @@ class NuScenesWriter:
             self._by_name[(table, name)] = self._add(table, make)
         return self._by_name[(table, name)]
 
+    def _sensor_filename(self, channel: str, timestamp: int, is_key_frame: bool, extension: str) -> str:
+        """nuScenes layout: keyframes under samples/, other sweeps under sweeps/."""
+        folder = "samples" if is_key_frame else "sweeps"
+        return f"{folder}/{channel}/{self.namespace}__{channel}__{int(timestamp)}.{extension}"
+
     def _new_file(self, filename: str) -> Path:
         """Path of a sensor file to create; an existing file is never overwritten.
 
@@ -253,8 +258,7 @@ class NuScenesWriter:
         """Write ``image`` (uint8 H x W x 3) as JPEG under samples/ (keyframe) or sweeps/."""
         from PIL import Image
 
-        folder = "samples" if is_key_frame else "sweeps"
-        filename = f"{folder}/{channel}/{self.namespace}__{channel}__{int(timestamp)}.jpg"
+        filename = self._sensor_filename(channel, timestamp, is_key_frame, "jpg")
         path = self._new_file(filename)
         Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path, quality=quality)
         height, width = image.shape[:2]
@@ -284,8 +288,7 @@ class NuScenesWriter:
         points = np.asarray(points, dtype=np.float32)
         if points.ndim != 2 or points.shape[1] != 5:
             raise ValueError(f"{channel} points must be (N, 5), got {points.shape}")
-        folder = "samples" if is_key_frame else "sweeps"
-        filename = f"{folder}/{channel}/{self.namespace}__{channel}__{int(timestamp)}.pcd.bin"
+        filename = self._sensor_filename(channel, timestamp, is_key_frame, "pcd.bin")
         path = self._new_file(filename)
         points.tofile(path)
         return self._sample_data(
