@@ -181,6 +181,45 @@ class TrainConfig:
 
 
 @dataclass
+class LevelWeights:
+    """lambda_1..3: weights of the feature, decoded and logit distillation levels."""
+
+    fld: float = 1.0
+    dld: float = 1.0
+    lld: float = 1.0
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation of ``model`` (the student) from a frozen teacher.
+
+    method: a name in ``bridgeta.distill.DISTILLERS`` (bridgeta, direct, feature_kd, logit_kd).
+    teacher: the teacher's model file (self-describing safetensors); required to train.
+    Levels (BridgeTA, METHOD.md §1): FLD (fused/camera BEV), DLD (decoded BEV), LLD (logits;
+    ``lld_aux`` adds the CrossKD-style KL through the teacher's and TA's heads). ``weights`` are
+    lambda_1..3 of L = L_seg + l1 L_FLD + l2 L_DLD + l3 L_LLD.
+    epsilon: "optimal" uses eps* = sqrt(L_t2ta / L_ta2s) per batch and level, detached and
+    clamped to ``epsilon_range``; "fixed" uses ``epsilon_fixed`` (the paper's Figure 5 ablation).
+    """
+
+    method: str = "bridgeta"
+    teacher: str | None = None
+    levels: tuple[Literal["fld", "dld", "lld"], ...] = ("fld", "dld", "lld")
+    weights: LevelWeights = field(default_factory=LevelWeights)
+    lld_aux: bool = True
+    temperature: float = 1.0
+    epsilon: Literal["optimal", "fixed"] = "optimal"
+    epsilon_fixed: float = 1.0
+    epsilon_range: tuple[float, float] = (0.01, 100.0)
+    # TA losses send gradients into the student's camera BEV ("adapts its own camera features").
+    ta_grad_to_student: bool = True
+    # Weight of the TA's own segmentation loss (it is trained jointly with the student).
+    ta_seg_weight: float = 1.0
+    # Optional relational term (pairwise BEV-cell affinity), our reading of the paper's intro.
+    relational_weight: float = 0.0
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig
     name: str = "unnamed"
@@ -188,6 +227,8 @@ class ExperimentConfig:
     # Where the data is; presets leave it out (set it with --dataroot or data.dataroot=...).
     data: DataConfig | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Present when this experiment distils ``model`` from a teacher.
+    distill: DistillConfig | None = None
 
 
 # --------------------------------------------------------------------------------------------
