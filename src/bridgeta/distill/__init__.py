@@ -1,0 +1,58 @@
+"""Knowledge distillation of a camera-only BEV student from a LiDAR-camera teacher.
+
+Methods register themselves in :data:`DISTILLERS` by name; :func:`build_distiller` picks one from
+``config.distill.method``.
+"""
+
+from __future__ import annotations
+
+from bridgeta.config import ExperimentConfig
+from bridgeta.distill.base import (
+    DISTILLERS,
+    DistillOutput,
+    Distiller,
+    affinity_loss,
+    bernoulli_kl,
+    cell_mse,
+    register,
+)
+from bridgeta.distill.bridgeta import BridgeTADistiller, TeacherAssistant
+from bridgeta.distill.direct import DirectDistiller
+from bridgeta.distill.feature_kd import FeatureKDDistiller
+from bridgeta.distill.logit_kd import LogitKDDistiller
+from bridgeta.distill.young import dual_path_loss, optimal_epsilon
+from bridgeta.models.bev_model import BEVModel
+
+__all__ = [
+    "DISTILLERS",
+    "BridgeTADistiller",
+    "DirectDistiller",
+    "DistillOutput",
+    "Distiller",
+    "FeatureKDDistiller",
+    "LogitKDDistiller",
+    "TeacherAssistant",
+    "affinity_loss",
+    "bernoulli_kl",
+    "build_distiller",
+    "cell_mse",
+    "dual_path_loss",
+    "optimal_epsilon",
+    "register",
+]
+
+
+def build_distiller(
+    config: ExperimentConfig, student: BEVModel, teacher: BEVModel | None
+) -> Distiller:
+    """The distiller named by ``config.distill.method``, wrapping ``student`` and ``teacher``."""
+    if config.distill is None:
+        raise ValueError("the experiment has no 'distill' section")
+    method = config.distill.method
+    if method not in DISTILLERS:
+        raise ValueError(
+            f"unknown distillation method '{method}' (known: {', '.join(sorted(DISTILLERS))})"
+        )
+    if teacher is None:
+        raise ValueError(f"distillation method '{method}' needs a teacher model")
+    return DISTILLERS[method](student, teacher, config.distill)

@@ -1,0 +1,159 @@
+"""Distiller base class, method registry and the distances shared by every method.
+
+A distiller owns the student (the model that is deployed), an optional frozen teacher and any
+training-only modules (e.g. BridgeTA's teacher assistant). It computes the student's own
+segmentation loss and delegates the distillation terms to :meth:`Distiller.distill`, so methods
+with a different structure (MonoTAKD's residual branch, TinyBEV's region weighting) fit the same
+interface. The student module is never modified: distillation adds no inference cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bridgeta.config import DistillConfig
+from bridgeta.losses import map_segmentation_loss
+from bridgeta.models.bev_model import BEVModel
+from bridgeta.models.types import BEVInputs, BEVOutputs
+
+DISTILLERS: dict[str, type[Distiller]] = {}
+
+
+def register(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
+    """Class decorator: make a distiller buildable by ``distill.method: <name>``."""
+
+    def decorate(cls: type[Distiller]) -> type[Distiller]:
+        if name in DISTILLERS:
+            raise ValueError(f"distiller '{name}' is already registered ({DISTILLERS[name].__name__})")
+        DISTILLERS[name] = cls
+        cls.method = name
+        return cls
+
+    return decorate
+
+
+def cell_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """METHOD.md Eq. 8: squared L2 distance of each cell's channel vector, averaged over cells.
+
+    ``(B, C, H, W)`` inputs; the mean runs over batch and the H x W cells, the sum over channels,
+    so the value does not depend on the map's resolution but does on its channel count (as in the
+    paper's ``||R_ij||^2``). Computed in float32 so mixed precision does not change the loss.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare maps of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    return (a.float() - b.float()).pow(2).sum(dim=1).mean()
+
+
+def bernoulli_kl(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """``KL(Bern(sigmoid(t/T)) || Bern(sigmoid(s/T)))`` per cell and class, averaged, times T^2.
+
+    Map classes are multi-label (independent sigmoids), so a softmax KL over classes would be
+    wrong; each (cell, class) is its own Bernoulli. Log-probabilities come from ``logsigmoid`` so
+    saturated logits stay finite; the T^2 factor keeps the gradient scale independent of T
+    (Hinton et al.), and is 1 at the default temperature.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    t = teacher_logits.float() / temperature
+    s = student_logits.float() / temperature
+    log_p, log_not_p = F.logsigmoid(t), F.logsigmoid(-t)
+    log_q, log_not_q = F.logsigmoid(s), F.logsigmoid(-s)
+    kl = log_p.exp() * (log_p - log_q) + log_not_p.exp() * (log_not_p - log_not_q)
+    return kl.mean() * temperature**2
+
+
+def affinity_loss(student: torch.Tensor, teacher: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """MSE between the cosine-similarity matrices of BEV cells of two maps (relational KD).
+
+    Both maps are average-pooled to ``size x size`` first: the matrix is quadratic in the number of
+    cells. Channel counts may differ, since only cell-to-cell similarities are compared.
+    """
+
+    def affinity(x: torch.Tensor) -> torch.Tensor:
+        cells = F.adaptive_avg_pool2d(x.float(), size).flatten(2)  # (B, C, N)
+        cells = F.normalize(cells, dim=1)
+        return cells.transpose(1, 2) @ cells  # (B, N, N)
+
+    return F.mse_loss(affinity(student), affinity(teacher))
+
+
+@dataclass
+class DistillOutput:
+    """One distillation step: the student's outputs, named loss terms and scalar diagnostics.
+
+    ``losses`` holds already-weighted terms; the training loss is their sum (:attr:`total`).
+    ``logs`` holds unweighted diagnostics (per-level epsilon*, L_ta2s, L_t2ta, ||R^S - R^T||).
+    """
+
+    student: BEVOutputs
+    losses: dict[str, torch.Tensor]
+    logs: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> torch.Tensor:
+        return torch.stack([value.float() for value in self.losses.values()]).sum()
+
+
+class Distiller(nn.Module):
+    """Student + frozen teacher + training-only modules; subclasses implement :meth:`distill`.
+
+    The teacher's parameters never require gradients and it stays in eval mode whatever
+    ``train()`` is called with, so its BatchNorm statistics cannot drift during distillation.
+    """
+
+    method: str = ""
+
+    def __init__(self, student: BEVModel, teacher: BEVModel | None, config: DistillConfig) -> None:
+        super().__init__()
+        self.student = student
+        self.config = config
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def learnable_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the student and of training-only modules; never the teacher's."""
+        for module in self.children():
+            if module is not self.teacher:
+                yield from module.parameters()
+
+    def segmentation_losses(
+        self, logits: torch.Tensor, labels: torch.Tensor, prefix: str, weight: float = 1.0
+    ) -> dict[str, torch.Tensor]:
+        """Per-class focal terms renamed ``<prefix>/<class>`` and scaled by ``weight``."""
+        terms = map_segmentation_loss(logits, labels, self.student.classes)
+        return {f"{prefix}/{key.split('/', 1)[1]}": weight * value for key, value in terms.items()}
+
+    def teacher_forward(self, inputs: BEVInputs) -> BEVOutputs:
+        """The teacher's outputs without an autograd graph (its weights are frozen anyway)."""
+        if self.teacher is None:
+            raise RuntimeError(f"distiller '{self.method}' needs a teacher")
+        with torch.no_grad():
+            return self.teacher(inputs)
+
+    def forward(self, inputs: BEVInputs, labels: torch.Tensor) -> DistillOutput:
+        student = self.student(inputs)
+        losses = self.segmentation_losses(student.logits, labels, "seg")
+        logs: dict[str, float] = {}
+        losses.update(self.distill(inputs, labels, student, logs))
+        return DistillOutput(student=student, losses=losses, logs=logs)
+
+    def distill(
+        self, inputs: BEVInputs, labels: torch.Tensor, student: BEVOutputs, logs: dict[str, float]
+    ) -> dict[str, torch.Tensor]:
+        """The method's weighted loss terms; may add diagnostics to ``logs``."""
+        raise NotImplementedError

@@ -1,0 +1,144 @@
+"""BridgeTA: a teacher assistant that fuses teacher LiDAR BEV with student camera BEV (METHOD.md §1).
+
+The TA has no backbone: ``ConvFuser([F_lid^T, F_cam^S]) -> F_fus^TA``, then a decoder and head
+with the student's architecture (fresh, independently initialised) -> ``F_dec^TA``, ``L^TA``. At
+each enabled level the student is distilled through the TA with :func:`dual_path_loss`; the TA is
+trained jointly (its own segmentation loss plus the teacher->TA terms) and dropped after training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from bridgeta.config import DistillConfig
+from bridgeta.distill.base import Distiller, affinity_loss, bernoulli_kl, register
+from bridgeta.distill.young import dual_path_loss
+from bridgeta.models.bev_model import BEVModel
+from bridgeta.models.decoder import BEVDecoder
+from bridgeta.models.fuser import ConvFuser
+from bridgeta.models.head import MapSegmentationHead
+from bridgeta.models.types import BEVInputs, BEVOutputs
+
+
+@dataclass
+class AssistantOutputs:
+    fused_bev: torch.Tensor
+    decoded_bev: torch.Tensor
+    logits: torch.Tensor
+
+
+class TeacherAssistant(nn.Module):
+    """Fuser + decoder + head; the decoder and head copy the student's architecture, not weights."""
+
+    def __init__(self, student: BEVModel, lidar_channels: int) -> None:
+        super().__init__()
+        assert student.camera_encoder is not None
+        camera_channels = student.camera_encoder.out_channels
+        decoder = student.config.decoder
+        # F_fus^TA is compared with F_cam^S, so it has the student's camera channel count.
+        self.fuser = ConvFuser([lidar_channels, camera_channels], camera_channels)
+        self.decoder = BEVDecoder(
+            camera_channels,
+            list(decoder.blocks),
+            in_indices=decoder.in_indices,
+            out_channels=decoder.out_channels,
+            scale_factor=decoder.scale_factor,
+        )
+        self.head = MapSegmentationHead(
+            decoder.out_channels, student.feature_grid, student.output_grid, len(student.classes)
+        )
+
+    def forward(self, lidar_bev: torch.Tensor, camera_bev: torch.Tensor) -> AssistantOutputs:  # type: ignore[override]
+        fused = self.fuser([lidar_bev, camera_bev])
+        decoded = self.decoder(fused)
+        return AssistantOutputs(fused, decoded, self.head(decoded))
+
+
+def check_alignment(student: BEVModel, teacher: BEVModel) -> None:
+    """BridgeTA uses no adapters: teacher and student levels must have equal shapes."""
+    if student.camera_encoder is None or student.lidar_encoder is not None:
+        raise ValueError("the BridgeTA student must be camera-only")
+    if teacher.lidar_encoder is None or teacher.fuser is None:
+        raise ValueError("the BridgeTA teacher must be a LiDAR-camera fusion model")
+    camera_channels = student.camera_encoder.out_channels
+    if teacher.fuser.out_channels != camera_channels:
+        raise ValueError(
+            f"teacher fuser gives {teacher.fuser.out_channels} channels, the student's camera BEV "
+            f"{camera_channels}: they must match (no adapters)"
+        )
+    if teacher.feature_grid.shape != student.feature_grid.shape:
+        raise ValueError(
+            f"teacher BEV grid {teacher.feature_grid.shape} != student's {student.feature_grid.shape}"
+        )
+    if teacher.config.decoder != student.config.decoder or teacher.classes != student.classes:
+        raise ValueError("teacher and student must share the decoder configuration and classes")
+    if teacher.output_grid.shape != student.output_grid.shape:
+        raise ValueError("teacher and student heads must predict on the same output grid")
+
+
+@register("bridgeta")
+class BridgeTADistiller(Distiller):
+    """FLD / DLD / LLD dual-path distillation through a LiDAR-camera teacher assistant."""
+
+    def __init__(self, student: BEVModel, teacher: BEVModel | None, config: DistillConfig) -> None:
+        if teacher is None:
+            raise ValueError("bridgeta needs a teacher")
+        check_alignment(student, teacher)
+        super().__init__(student, teacher, config)
+        assert teacher.lidar_encoder is not None
+        self.assistant = TeacherAssistant(student, teacher.lidar_encoder.out_channels)
+
+    def assistant_forward(self, student: BEVOutputs, teacher: BEVOutputs) -> AssistantOutputs:
+        """TA outputs; the student's camera BEV is detached unless ``ta_grad_to_student``."""
+        assert student.camera_bev is not None and teacher.lidar_bev is not None
+        camera = student.camera_bev if self.config.ta_grad_to_student else student.camera_bev.detach()
+        return self.assistant(teacher.lidar_bev.detach(), camera)
+
+    def crosskd_aux(self, student: BEVOutputs, teacher: BEVOutputs, ta: AssistantOutputs) -> torch.Tensor:
+        """``KL(L^T || teacher.head(F_dec^S)) + KL(L^TA || ta.head(F_dec^S))``.
+
+        Both heads act as fixed probes: the teacher's is frozen; the TA's runs with detached
+        weights and throw-away BatchNorm buffers, so this term trains only the student (as in
+        CrossKD) and the TA's target is detached for the same reason.
+        """
+        assert self.teacher is not None
+        temperature = self.config.temperature
+        through_teacher = self.teacher.head(student.decoded_bev)
+        head = self.assistant.head
+        state = {name: p.detach() for name, p in head.named_parameters()}
+        state.update({name: b.clone() for name, b in head.named_buffers()})
+        through_ta = functional_call(head, state, (student.decoded_bev,))
+        return bernoulli_kl(teacher.logits, through_teacher, temperature) + bernoulli_kl(
+            ta.logits.detach(), through_ta, temperature
+        )
+
+    def distill(
+        self, inputs: BEVInputs, labels: torch.Tensor, student: BEVOutputs, logs: dict[str, float]
+    ) -> dict[str, torch.Tensor]:
+        config = self.config
+        teacher = self.teacher_forward(inputs)
+        ta = self.assistant_forward(student, teacher)
+        losses = self.segmentation_losses(ta.logits, labels, "ta_seg", config.ta_seg_weight)
+        epsilon = "optimal" if config.epsilon == "optimal" else config.epsilon_fixed
+        assert student.camera_bev is not None
+        triples = {
+            "fld": (student.camera_bev, ta.fused_bev, teacher.fused_bev, config.weights.fld),
+            "dld": (student.decoded_bev, ta.decoded_bev, teacher.decoded_bev, config.weights.dld),
+            "lld": (student.logits, ta.logits, teacher.logits, config.weights.lld),
+        }
+        for level in config.levels:
+            s, a, t, weight = triples[level]
+            loss, terms = dual_path_loss(s, a, t, epsilon, config.epsilon_range)
+            losses[f"kd/{level}"] = weight * loss
+            logs.update({f"{level}/{name}": float(value) for name, value in terms.items()})
+        if "lld" in config.levels and config.lld_aux:
+            losses["kd/lld_aux"] = config.weights.lld * self.crosskd_aux(student, teacher, ta)
+        if config.relational_weight > 0:
+            losses["kd/relational"] = config.relational_weight * affinity_loss(
+                student.decoded_bev, teacher.decoded_bev
+            )
+        return losses

@@ -1,0 +1,34 @@
+"""``w/o TA`` ablation (Table 4): direct teacher->student distance at the same levels as BridgeTA.
+
+Uses the same Eq. 8 distance and level weights as :mod:`bridgeta.distill.bridgeta`, so the only
+difference from BridgeTA is the missing assistant.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bridgeta.distill.base import Distiller, cell_mse, register
+from bridgeta.models.types import BEVInputs, BEVOutputs
+
+
+@register("direct")
+class DirectDistiller(Distiller):
+    def distill(
+        self, inputs: BEVInputs, labels: torch.Tensor, student: BEVOutputs, logs: dict[str, float]
+    ) -> dict[str, torch.Tensor]:
+        teacher = self.teacher_forward(inputs)
+        weights = self.config.weights
+        assert student.camera_bev is not None
+        pairs = {
+            "fld": (student.camera_bev, teacher.fused_bev, weights.fld),
+            "dld": (student.decoded_bev, teacher.decoded_bev, weights.dld),
+            "lld": (student.logits, teacher.logits, weights.lld),
+        }
+        losses = {}
+        for level in self.config.levels:
+            s, t, weight = pairs[level]
+            loss = cell_mse(s, t)
+            losses[f"kd/{level}"] = weight * loss
+            logs[f"{level}/gap_l2"] = float(loss.detach().sqrt())
+        return losses

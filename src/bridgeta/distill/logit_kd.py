@@ -1,0 +1,20 @@
+"""Logit KD baseline: per-cell, per-class Bernoulli KL from teacher to student logits."""
+
+from __future__ import annotations
+
+import torch
+
+from bridgeta.distill.base import Distiller, bernoulli_kl, register
+from bridgeta.models.types import BEVInputs, BEVOutputs
+
+
+@register("logit_kd")
+class LogitKDDistiller(Distiller):
+    """``lambda_3 * KL(sigmoid(L^T / T) || sigmoid(L^S / T)) * T^2`` (multi-label, so Bernoulli)."""
+
+    def distill(
+        self, inputs: BEVInputs, labels: torch.Tensor, student: BEVOutputs, logs: dict[str, float]
+    ) -> dict[str, torch.Tensor]:
+        teacher = self.teacher_forward(inputs)
+        loss = bernoulli_kl(teacher.logits, student.logits, self.config.temperature)
+        return {"kd/logit": self.config.weights.lld * loss}
