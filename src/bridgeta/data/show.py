@@ -61,7 +61,7 @@ def _from_cache(cache: LabelCache, index_or_token: int | str) -> _Content:
     index = cache.index_of(index_or_token) if isinstance(index_or_token, str) else int(index_or_token)
     record = cache.record(index)
     images = {
-        c["name"]: np.asarray(_open_rgb(cache.dataroot / c["path"])) for c in record["cameras"]
+        c["name"]: np.asarray(open_rgb(cache.dataroot / c["path"])) for c in record["cameras"]
     }
     points = load_points(cache.dataroot, record, max_sweeps=0, max_sweep_lag=0.0)
     return _Content(record, images, points, cache.labels(index), cache.label_grid, cache.classes)
@@ -85,9 +85,23 @@ def _from_dataset(dataset: BEVMapDataset, index_or_token: int | str) -> _Content
     return _Content(record, images, points, sample.labels.numpy(), dataset.output_grid, dataset.classes)
 
 
-def _open_rgb(path: Path) -> Image.Image:
+def open_rgb(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+def sample_title(meta: dict, prefix: str = "") -> str:
+    """The picture title naming the sample: scene, token, split and condition."""
+    return f"{prefix}{meta['scene']}  {meta['token']}  split={meta['split']}  condition={meta['condition']}"
+
+
+def save_figure(figure: Figure, title: str, out_png: str | Path) -> Path:
+    """Title the figure and write it as PNG, creating the folder; returns the path."""
+    figure.suptitle(title, fontsize=11)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_png, dpi=72)
+    return out_png
 
 
 def render_sample_picture(
@@ -152,11 +166,4 @@ def render_sample_picture(
         axes.set_xlabel("ego Y (m, left is +)")
         axes.set_ylabel("ego X (m, forward)")
         axes.plot([0], [0], marker="^", color="black", markersize=8)
-    figure.suptitle(
-        f"{record['scene']}  {record['token']}  split={record['split']}  condition={record['condition']}",
-        fontsize=11,
-    )
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png, dpi=72)
-    return out_png
+    return save_figure(figure, sample_title(record), out_png)

@@ -18,7 +18,7 @@ from matplotlib.patches import Patch
 
 from bridgeta.config import ExperimentConfig
 from bridgeta.data.dataset import BEVMapDataset, collate_bev
-from bridgeta.data.show import CAMERA_LAYOUT, _open_rgb
+from bridgeta.data.show import CAMERA_LAYOUT, open_rgb, sample_title, save_figure
 from bridgeta.engine.evaluate import DEFAULT_SPLIT, data_config_for, resolve_model_file, unwrap_model
 from bridgeta.engine.model_file import load_model_file
 from bridgeta.geometry import BEVGrid
@@ -163,7 +163,7 @@ def render_prediction(
         for column, name in enumerate(names):
             axes = figure.add_subplot(cameras[row, column])
             if name in images:
-                axes.imshow(_open_rgb(dataset.dataroot / images[name]))
+                axes.imshow(open_rgb(dataset.dataroot / images[name]))
             axes.set_title(name, fontsize=8)
             axes.axis("off")
 
@@ -199,13 +199,4 @@ def render_prediction(
         ncol=5,
         fontsize=9,
     )
-    meta = metas[0]
-    figure.suptitle(
-        f"{model_name}  |  {meta['scene']}  {meta['token']}  split={meta['split']}  "
-        f"condition={meta['condition']}",
-        fontsize=11,
-    )
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png, dpi=72)
-    return out_png
+    return save_figure(figure, sample_title(metas[0], prefix=f"{model_name}  |  "), out_png)
