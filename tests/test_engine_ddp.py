@@ -21,7 +21,7 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_engine_train import engine_dataroot, read_metrics, small_config, torch_threads
+from engine_helpers import read_metrics, small_config, torch_threads
 
 from bridgeta.engine.distributed import (
     DistributedContext,
@@ -37,8 +37,8 @@ from bridgeta.engine.trainer import train
 
 
 @pytest.fixture(scope="module")
-def dataroot(tmp_path_factory):
-    return engine_dataroot(tmp_path_factory)
+def dataroot(engine_world):
+    return engine_world
 
 
 def test_single_process_context_and_helpers(monkeypatch):
@@ -77,7 +77,7 @@ def test_two_processes_equal_one_process_with_accumulation(dataroot, tmp_path):
             import torch
             torch.set_num_threads(1)
             sys.path.insert(0, {os.path.dirname(__file__)!r})
-            from test_engine_train import small_config
+            from engine_helpers import small_config
             from bridgeta.engine.distributed import cleanup, init_distributed
             from bridgeta.engine.trainer import train
             # One process group for both runs: train() reuses a group it did not create.

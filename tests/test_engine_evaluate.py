@@ -2,7 +2,6 @@
 
 import json
 import os
-from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +11,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bridgeta.config import load_config
+from engine_helpers import tiny_config
+
 from bridgeta.engine.evaluate import (
     ShardSampler,
     build_eval_loader,
@@ -242,36 +242,18 @@ def test_shard_sampler_covers_every_index_once():
 # --------------------------------------------------------------------------------------------
 
 
-_SYNTH_ROOTS: list = []
-
-
-def synth_dataroot(tmp_path_factory):
-    """A prepared 3-scene synthetic dataroot (one per split, 2 samples each), made once a session.
-
-    Shared with test_engine_viz.py through this module's state: generating it is the slow part.
-    """
-    pytest.importorskip("nuscenes")
-    if _SYNTH_ROOTS:
-        return _SYNTH_ROOTS[0]
-    from test_synth_generate import SMALL
-
-    from bridgeta.data.prepare import prepare_dataroot
-    from bridgeta.data.synth.generate import generate_dataroot
-
-    root = tmp_path_factory.mktemp("synth_eval")
-    generate_dataroot(root, scenes=3, seed=5, preset=replace(SMALL, lidar_sweeps=0), workers=1)
-    prepare_dataroot(root, "v1.0-trainval", progress=False)
-    _SYNTH_ROOTS.append(root)
-    return root
-
-
 @pytest.fixture(scope="module")
-def dataroot(tmp_path_factory):
-    return synth_dataroot(tmp_path_factory)
+def dataroot(engine_world):
+    return engine_world
 
 
-def tiny_config(*overrides):
-    return load_config("tiny-l", ["train.num_workers=0", "train.batch_size=2", *overrides])
+def split_size(dataroot, split: str) -> int:
+    """Samples of ``split`` in the prepared cache: evaluation must count every one, once."""
+    from bridgeta.data.cache import LabelCache, default_cache_dir
+
+    count = len(LabelCache(default_cache_dir(dataroot, "v1.0-trainval")).indices(split))
+    assert count > 0
+    return count
 
 
 def test_evaluate_checkpoint_with_overridden_dataroot(dataroot, tmp_path):
@@ -285,9 +267,9 @@ def test_evaluate_checkpoint_with_overridden_dataroot(dataroot, tmp_path):
     (checkpoint_dir.parent / "latest").write_text("step-000010\n")
     for where in (tmp_path / "run", checkpoint_dir, checkpoint_dir / "model.safetensors"):
         result = evaluate_checkpoint(where, dataroot=dataroot, device="cpu")
-        assert result["samples"] == 2 and result["split"] == "test"
+        assert result["samples"] == split_size(dataroot, "test") and result["split"] == "test"
         assert set(result["iou"]) == set(config.model.head.classes)
-        assert sum(entry["samples"] for entry in result["by_condition"].values()) == 2
+        assert sum(entry["samples"] for entry in result["by_condition"].values()) == result["samples"]
         assert set(result["by_range"]) == {"0-20", "20-35", "35-50"}
         assert 0.0 <= result["miou"] <= 1.0
     assert evaluate_checkpoint(checkpoint_dir, dataroot=dataroot, split="val")["split"] == "val"
@@ -323,7 +305,7 @@ def test_evaluate_checkpoint_model_uses_the_config(dataroot):
     config = tiny_config(f"data.dataroot={dataroot}")
     model = build_model(config).train()
     result = evaluate_checkpoint_model(model, config, "val")
-    assert result["samples"] == 2 and result["split"] == "val" and model.training
+    assert result["samples"] == split_size(dataroot, "val") and result["split"] == "val" and model.training
     with pytest.raises(ValueError, match="no data section"):
         build_eval_loader(tiny_config(), model, "val", 1, 0, distributed=False)
     with pytest.raises(RuntimeError, match="process group"):

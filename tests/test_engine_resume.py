@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_engine_train import SMALL_TINY_L, engine_dataroot, read_metrics, small_config, torch_threads
+from engine_helpers import SMALL_TINY_L, read_metrics, small_config, torch_threads
 
 from bridgeta.config import load_config
 from bridgeta.engine.checkpoint import (
@@ -30,8 +30,8 @@ from bridgeta.models.types import BEVInputs, LidarInputs
 
 
 @pytest.fixture(scope="module")
-def dataroot(tmp_path_factory):
-    return engine_dataroot(tmp_path_factory)
+def dataroot(engine_world):
+    return engine_world
 
 
 def _training_state(seed: int):
@@ -142,7 +142,7 @@ def test_sigkilled_run_resumes_to_identical_weights(dataroot, tmp_path):
         import torch
         torch.set_num_threads(1)
         from bridgeta.engine import trainer
-        from test_engine_train import small_config
+        from engine_helpers import small_config
         loss = trainer.map_segmentation_loss
         def slow(*args, **kwargs):
             time.sleep(0.1)

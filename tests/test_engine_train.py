@@ -1,22 +1,20 @@
 """``bridgeta.engine.trainer.train`` on a tiny synthetic world: outputs, schedule, overfit, NaN stop.
 
-The world (4 training samples) and the narrow ``tiny-l`` variant defined here are shared with
-``test_engine_resume.py`` and ``test_engine_ddp.py``; :func:`engine_dataroot` builds the world
-once per test session.
+The world (4 training samples) is the session fixture ``engine_world`` (conftest.py); the narrow
+``tiny-l`` variant and the other helpers live in ``engine_helpers.py``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from engine_helpers import SMALL_TINY_L, read_metrics, small_config
 
 from bridgeta.config import load_config, to_dict
 from bridgeta.engine import trainer as trainer_module
@@ -27,73 +25,9 @@ from bridgeta.engine.precision import autocast_dtype
 from bridgeta.engine.trainer import parameter_groups, train
 from bridgeta.models.bev_model import BEVModel, build_model
 
-# A narrow LiDAR-only model on a coarse grid: a training step takes a few tens of milliseconds.
-SMALL_TINY_L = [
-    "model.lidar.pillar_channels=8",
-    "model.lidar.channels=[16]",
-    "model.lidar.out_channels=16",
-    "model.decoder.blocks=[[1,16,2],[1,16,1]]",
-    "model.decoder.out_channels=16",
-    "model.grid.x=[-51.2,51.2,1.6]",
-    "model.grid.y=[-51.2,51.2,1.6]",
-    "model.head.output_grid.x=[-50.0,50.0,2.0]",
-    "model.head.output_grid.y=[-50.0,50.0,2.0]",
-    "train.num_workers=0",
-    "train.log_every=1",
-]
-
-
-def engine_dataroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A prepared synthetic world with 4 training samples, built once per session.
-
-    Kept under the session's base temporary directory, so every engine test module reuses the
-    first module's world instead of generating its own.
-    """
-    pytest.importorskip("trimesh")
-    pytest.importorskip("nuscenes")
-    from bridgeta.data.prepare import prepare_dataroot
-    from bridgeta.data.synth.generate import SynthPreset, generate_dataroot
-    from bridgeta.data.synth.world import TownSettings
-
-    root = tmp_path_factory.getbasetemp() / "engine-world"
-    ready = root / "READY"
-    if not ready.exists():
-        preset = SynthPreset(
-            town=replace(TownSettings.tiny(), scene_duration=2.0),  # 4 keyframes per scene
-            image_size=(36, 64),
-            scenes_per_town=1,
-            lidar_sweeps=1,
-            ground_resolution=0.2,
-        )
-        generate_dataroot(root, scenes=3, seed=5, preset=preset, workers=1)
-        prepare_dataroot(root, "v1.0-trainval", progress=False)
-        ready.touch()
-    return root
-
-
-def small_config(dataroot: Path, *overrides: str):
-    """The narrow ``tiny-l`` on ``dataroot`` plus ``overrides``."""
-    return load_config("tiny-l", [*SMALL_TINY_L, f"data.dataroot={dataroot}", *overrides])
-
-
-def read_metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@contextmanager
-def torch_threads(count: int):
-    """Fix the intra-op thread count (runs compared bit for bit must use the same one)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
-def dataroot(tmp_path_factory):
-    return engine_dataroot(tmp_path_factory)
+def dataroot(engine_world):
+    return engine_world
 
 
 # ----------------------------------------------------------------------------------------------

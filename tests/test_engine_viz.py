@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_engine_evaluate import synth_dataroot, tiny_config
+from engine_helpers import tiny_config
 
 from bridgeta.data.dataset import BEVMapDataset, DataConfig
 from bridgeta.engine.model_file import save_model_file
@@ -14,8 +14,8 @@ from bridgeta.models.bev_model import build_model
 
 
 @pytest.fixture(scope="module")
-def dataroot(tmp_path_factory):
-    return synth_dataroot(tmp_path_factory)
+def dataroot(engine_world):
+    return engine_world
 
 
 def test_error_map_colours_a_hand_case():
