@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data_prepare import (
+from data_fixture import (
     EGO_T_LIDAR,
     KNOWN_INTENSITY,
     KNOWN_LIDAR_POINT,
