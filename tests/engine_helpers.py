@@ -26,9 +26,73 @@ SMALL_TINY_L = [
 ]
 
 
+# A narrow camera-only student (``tiny-c``) on the same coarse grid, and a matching fusion teacher
+# (``tiny-lc``): 6 x 32x88 images, a 16-channel camera BEV. Distillation tests pair the two.
+# (bev_pool returns contiguous NCHW since torch 2.13's oneDNN was found to crash in the weight
+# gradient of a stride-2 1x1 conv over channels-last inputs with fewer than 16 channels;
+# test_bev_pool.py keeps that fixed.)
+SMALL_TINY_C = [
+    "model.camera.image_size=[32,88]",
+    "model.camera.neck.out_channels=16",
+    "model.camera.vtransform.out_channels=16",
+    "model.decoder.blocks=[[1,16,2],[1,16,1]]",
+    "model.decoder.out_channels=16",
+    "model.grid.x=[-51.2,51.2,1.6]",
+    "model.grid.y=[-51.2,51.2,1.6]",
+    "model.head.output_grid.x=[-50.0,50.0,2.0]",
+    "model.head.output_grid.y=[-50.0,50.0,2.0]",
+    "train.num_workers=0",
+    "train.log_every=1",
+    "train.batch_size=2",
+]
+
+# The teacher's fuser must give the student's camera BEV channel count (BridgeTA has no adapters).
+SMALL_TINY_LC = [
+    *SMALL_TINY_C,
+    "model.lidar.pillar_channels=8",
+    "model.lidar.channels=[16]",
+    "model.lidar.out_channels=16",
+    "model.fuser.out_channels=16",
+]
+
+
 def small_config(dataroot: Path, *overrides: str):
     """The narrow ``tiny-l`` on ``dataroot`` plus ``overrides``."""
     return load_config("tiny-l", [*SMALL_TINY_L, f"data.dataroot={dataroot}", *overrides])
+
+
+def small_student_config(dataroot: Path, *overrides: str):
+    """The narrow ``tiny-c`` (camera-only student) on ``dataroot`` plus ``overrides``."""
+    return load_config("tiny-c", [*SMALL_TINY_C, f"data.dataroot={dataroot}", *overrides])
+
+
+def small_teacher_config(dataroot: Path, *overrides: str):
+    """The narrow ``tiny-lc`` (fusion teacher of :func:`small_student_config`) on ``dataroot``."""
+    return load_config("tiny-lc", [*SMALL_TINY_LC, f"data.dataroot={dataroot}", *overrides])
+
+
+def write_teacher(path: Path, dataroot: Path, seed: int = 0, *overrides: str) -> Path:
+    """An untrained, seeded narrow ``tiny-lc`` teacher saved as a model file at ``path``."""
+    from bridgeta.engine.model_file import save_model_file
+    from bridgeta.models.bev_model import build_model
+
+    config = small_teacher_config(dataroot, *overrides)
+    torch.manual_seed(seed)
+    return save_model_file(path, build_model(config), config)
+
+
+def distill_config(dataroot: Path, teacher: Path, *overrides: str, recipe: str = "distill/tiny-c-bridgeta"):
+    """A distillation recipe on the narrow student/teacher pair, with small level weights."""
+    return load_config(
+        recipe,
+        [
+            *SMALL_TINY_C,
+            f"data.dataroot={dataroot}",
+            f"distill.teacher={teacher}",
+            "distill.weights={fld: 0.01, dld: 0.01, lld: 0.01}",
+            *overrides,
+        ],
+    )
 
 
 def read_metrics(out_dir: Path) -> list[dict]:

@@ -129,3 +129,18 @@ def test_feature_count_must_match_the_plan():
         bev_pool(torch.zeros(5, 2), plan)
     with pytest.raises(ValueError, match="integer"):
         compute_pool_plan(torch.zeros(4, 3), torch.zeros(4), GRID, 1)
+
+
+def test_single_z_bin_output_is_plain_nchw_and_a_narrow_strided_conv_backpropagates():
+    """Regression: a channels-last (B, 8, X, Y) BEV crashed oneDNN's stride-2 1x1 conv backward."""
+    grid = BEVGrid((-4.0, 4.0, 0.5), (-4.0, 4.0, 0.5), (-1.0, 1.0, 2.0))
+    generator = torch.Generator().manual_seed(0)
+    cells = torch.randint(0, 16, (500, 3), generator=generator)
+    cells[:, 2] = 0
+    plan = compute_pool_plan(cells, torch.zeros(500, dtype=torch.long), grid, batch_size=1)
+    features = torch.randn(500, 8, generator=generator).requires_grad_(True)
+    bev = bev_pool(features, plan)
+    assert bev.shape == (1, 8, 16, 16) and bev.is_contiguous()
+    conv = torch.nn.Conv2d(8, 16, 1, stride=2, bias=False)
+    conv(bev).sum().backward()
+    assert features.grad is not None and conv.weight.grad.abs().sum() > 0

@@ -131,3 +131,50 @@ def test_two_processes_equal_one_process_with_accumulation(dataroot, tmp_path):
     rng = load_file(str(checkpoint / "rng.safetensors"))
     assert set(rng) == {"rank0.torch_cpu", "rank1.torch_cpu"}
     assert not torch.equal(rng["rank0.torch_cpu"], rng["rank1.torch_cpu"])
+
+
+def test_two_process_distillation_equals_one_process_with_accumulation(dataroot, tmp_path):
+    """BridgeTA under DDP: the distiller (student + assistant, frozen teacher) is the DDP module;
+    eps* is per micro-batch in both runs, so 2 x batch 1 matches accumulation 2."""
+    from engine_helpers import distill_config, write_teacher
+
+    teacher = write_teacher(tmp_path / "teacher.safetensors", dataroot)
+    common = [
+        "train.epochs=1", "train.batch_size=1", "train.deterministic=true", "train.seed=3",
+        "train.optimizer.lr=0.003", "train.optimizer.warmup_steps=1",
+        "data.augment.image=false", "data.augment.bev=false",
+    ]
+    script = tmp_path / "distill_ddp.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            import torch
+            torch.set_num_threads(1)
+            sys.path.insert(0, {os.path.dirname(__file__)!r})
+            from engine_helpers import distill_config
+            from bridgeta.engine.trainer import train
+            train(distill_config({str(dataroot)!r}, {str(teacher)!r}, *{common!r}), {str(tmp_path / "ddp")!r})
+            """
+        )
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    with torch_threads(1):
+        train(distill_config(dataroot, teacher, *common, "train.grad_accumulation=2"), tmp_path / "single")
+
+    ddp_rows, single_rows = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "single")
+    assert len(ddp_rows) == len(single_rows) == 2  # 4 samples / 2 per step
+    for key in ("loss", "kd/fld", "kd/dld", "kd/lld", "grad_norm"):
+        assert [r[key] for r in ddp_rows] == pytest.approx([r[key] for r in single_rows], rel=1e-5), key
+    ddp = load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    reference = load_file(str(tmp_path / "single" / "model.safetensors"))
+    assert ddp.keys() == reference.keys() and not any(k.startswith("teacher.") for k in ddp)
+    trained = [k for k in ddp if k.startswith(("student.", "assistant.")) and "running_" not in k and "num_batches" not in k]
+    assert any(k.startswith("assistant.") for k in trained)
+    for name in trained:
+        torch.testing.assert_close(ddp[name], reference[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

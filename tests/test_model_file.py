@@ -13,13 +13,15 @@ def test_round_trip_rebuilds_the_model_from_the_file_alone(tmp_path):
     model = build_model(config)
     with torch.no_grad():
         next(model.parameters()).add_(1.0)  # weights differ from a fresh build
-    path = save_model_file(tmp_path / "m.safetensors", model, config, kind="teacher")
+    path = save_model_file(tmp_path / "m.safetensors", model, config)
     assert not (tmp_path / "m.safetensors.tmp").exists()
     loaded, loaded_config = load_model_file(path)
     assert loaded_config == config and loaded_config.train.optimizer.lr == 0.001
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    assert read_model_file(path)[2] == "teacher"
+    assert read_model_file(path)[2] == "model"  # a BEVModel's file; distillers write "distiller"
+    with pytest.raises(ValueError, match="unknown model file kind 'teacher'"):
+        save_model_file(tmp_path / "t.safetensors", model, config, kind="teacher")
 
 
 def test_errors_name_the_file(tmp_path):

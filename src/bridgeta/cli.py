@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from bridgeta.config import ConfigError
@@ -40,10 +41,13 @@ def _command_info(args: argparse.Namespace) -> int:
 
 
 def _command_presets(args: argparse.Namespace) -> int:
-    from bridgeta.config import list_presets, load_config
+    from bridgeta.config import list_distill_presets, list_presets, load_config
 
     for name in list_presets():
         print(f"{name:<18} {load_config(name).description}")
+    print("\ndistillation recipes (bridgeta distill --config NAME --teacher RUN):")
+    for name in list_distill_presets():
+        print(f"{name:<26} {load_config(name).description}")
     return 0
 
 
@@ -56,6 +60,22 @@ def _command_bench(args: argparse.Namespace) -> int:
         from bridgeta.bench.baselines import main as baselines_main
 
         return baselines_main(args.bench_args)
+    if args.bench_command == "accuracy":
+        from bridgeta.bench.accuracy import main as accuracy_main
+
+        return accuracy_main(args.bench_args)
+    if args.bench_command == "cost":
+        from bridgeta.bench.cost import main as cost_main
+
+        return cost_main(args.bench_args)
+    if args.bench_command == "distill-sweep":
+        from bridgeta.bench.distill_sweep import main as sweep_main
+
+        return sweep_main(args.bench_args)
+    if args.bench_command == "train-cost":
+        from bridgeta.bench.train_cost import main as train_cost_main
+
+        return train_cost_main(args.bench_args)
     if args.bench_command == "data":
         from bridgeta.bench.data import main as data_main
 
@@ -99,6 +119,48 @@ def _command_train(args: argparse.Namespace) -> int:
     summary = train(_training_config(args), Path(args.out), resume=args.resume, evaluate_fn=evaluate_checkpoint_model)
     if os.environ.get("RANK", "0") == "0":  # one summary under torchrun, not one per process
         print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _command_distill(args: argparse.Namespace) -> int:
+    from bridgeta.engine.evaluate import evaluate_checkpoint_model
+    from bridgeta.engine.trainer import train
+
+    config = _training_config(args)
+    # Checked before --teacher is applied: as an override, distill.teacher would create a
+    # default distill section on a plain preset and the run would silently distil with it.
+    if config.distill is None:
+        raise ValueError(
+            f"config '{args.config}' has no 'distill' section: use a distillation recipe "
+            "(bridgeta presets lists them, e.g. distill/tiny-c-bridgeta) or add one"
+        )
+    if args.teacher:
+        config = replace(config, distill=replace(config.distill, teacher=args.teacher))
+    summary = train(config, Path(args.out), resume=args.resume, evaluate_fn=evaluate_checkpoint_model)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _command_export(args: argparse.Namespace) -> int:
+    from bridgeta.engine.evaluate import resolve_model_file
+    from bridgeta.engine.model_file import export_student
+
+    source = resolve_model_file(args.checkpoint)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists: pass --force to replace it")
+    path, model = export_student(source, out)
+    count = sum(p.numel() for p in model.parameters())
+    print(f"wrote {path}: the student of {source} alone, {count / 1e6:.2f} M parameters")
+    return 0
+
+
+def _command_plot_gap(args: argparse.Namespace) -> int:
+    from bridgeta.engine.gap_plot import plot_gap
+
+    path = plot_gap(args.runs, args.out, args.labels)
+    print(f"wrote {path}")
     return 0
 
 
@@ -154,7 +216,10 @@ def _command_data(args: argparse.Namespace) -> int:
 def _command_demo(args: argparse.Namespace) -> int:
     from bridgeta.demo import run_demo
 
-    run_demo(Path(args.out), scenes=args.scenes, duration=args.duration, seed=args.seed, epochs=args.epochs)
+    run_demo(
+        Path(args.out), scenes=args.scenes, duration=args.duration, seed=args.seed,
+        epochs=args.epochs, teacher_epochs=args.teacher_epochs,
+    )
     return 0
 
 
@@ -175,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     presets.set_defaults(handler=_command_presets)
 
     bench = commands.add_parser("bench", help="benchmarks (long measurements, not tests)")
-    bench.add_argument("bench_command", choices=["bev-pool", "loader", "data", "baselines"])
+    bench.add_argument("bench_command", choices=["accuracy", "bev-pool", "loader", "data", "baselines", "cost", "distill-sweep", "train-cost"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     bench.set_defaults(handler=_command_bench)
 
@@ -185,6 +250,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataroot", default=None, help="sets data.dataroot")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     train.set_defaults(handler=_command_train)
+
+    distill = commands.add_parser(
+        "distill", help="distil a student from a frozen teacher (one process, or many under torchrun)"
+    )
+    _add_config_arguments(distill)
+    distill.add_argument("--teacher", default=None, help="teacher model file or run dir (sets distill.teacher)")
+    distill.add_argument("--out", required=True, help="run directory")
+    distill.add_argument("--dataroot", default=None, help="sets data.dataroot")
+    distill.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    distill.set_defaults(handler=_command_distill)
+
+    export = commands.add_parser(
+        "export", help="the deployable student alone (no teacher or assistant weights) as a model file"
+    )
+    export.add_argument("--checkpoint", required=True, help="model.safetensors, a run dir or a checkpoint dir")
+    export.add_argument("--out", required=True, help="output .safetensors")
+    export.add_argument("--force", action="store_true", help="replace an existing output file")
+    export.set_defaults(handler=_command_export)
+
+    plot_gap = commands.add_parser("plot-gap", help="||R^S - R^T|| per level over training, several runs, PNG")
+    plot_gap.add_argument("runs", nargs="+", help="distillation run directories")
+    plot_gap.add_argument("--out", required=True, help="output PNG")
+    plot_gap.add_argument("--labels", nargs="+", default=None, help="legend labels, one per run")
+    plot_gap.set_defaults(handler=_command_plot_gap)
 
     evaluate = commands.add_parser("eval", help="evaluate a model file / run / checkpoint")
     evaluate.add_argument("--checkpoint", required=True, help="model.safetensors, a run dir or a checkpoint dir")
@@ -237,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scenes", type=int, default=10, help="scenes of the synthetic world")
     demo.add_argument("--duration", type=float, default=20.0, help="seconds per scene")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--epochs", type=int, default=None, help="override the presets' epochs")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs of each student (default: the cpu benchmark's, 2)")
+    demo.add_argument("--teacher-epochs", type=int, default=None, help="epochs of the teacher (default: 3)")
     demo.set_defaults(handler=_command_demo)
     return parser
 

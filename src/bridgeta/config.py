@@ -335,7 +335,13 @@ def to_dict(config: Any) -> Any:
 
 
 def list_presets() -> list[str]:
+    """Model presets (one architecture and training recipe each)."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def list_distill_presets() -> list[str]:
+    """Distillation recipes, named ``distill/<name>``: a student preset plus a ``distill`` section."""
+    return sorted(f"distill/{p.stem}" for p in (PRESET_DIR / "distill").glob("*.yaml"))
 
 
 def _resolve_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:

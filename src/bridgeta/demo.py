@@ -1,104 +1,151 @@
 """The main job on the embedded default: ``bridgeta demo``.
 
 Generates a small synthetic world in nuScenes format (train, validation and test in different
-towns), prepares its labels, trains the tiny LiDAR-camera fusion teacher and the tiny camera-only
-baseline with their preset recipes, evaluates both on the test towns, and writes a table,
-``results.json`` and pictures. Distillation joins it in its own issue.
+towns), prepares its labels, trains the tiny LiDAR-camera fusion teacher, then three camera-only
+students on one schedule: the baseline (no teacher), the paper's "w/o TA" direct distillation
+and BridgeTA. Every model is evaluated on the test towns; the demo writes a table,
+``results.json``, the representation-gap figure and pictures. Finished runs are reused, so an
+interrupted demo continues where it stopped.
+
+World and schedule are those of ``bridgeta bench accuracy --preset cpu`` (the demo is its seed 0
+for the baseline, direct and BridgeTA, so ``--work`` pointing at the demo reuses these runs),
+shorter than the presets' own recipes so that the whole job fits in about 20 minutes on 2 CPU
+cores.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from bridgeta.bench.baselines import train_and_evaluate
-from bridgeta.config import list_presets, load_config
+from bridgeta.bench.accuracy import PRESETS
+from bridgeta.bench.distill import Protocol, run_name, train_method
 from bridgeta.data.cache import LabelCache
 from bridgeta.data.prepare import prepare_dataroot
 from bridgeta.data.show import render_sample_picture
 from bridgeta.data.synth.generate import VERSION, generate_dataroot
-from bridgeta.models.bev_model import build_model
+from bridgeta.engine.model_file import export_student
 from bridgeta.models.cost import measure_model_cost
 
-MODELS = (("teacher", "tiny-lc"), ("camera-only", "tiny-c"))
+# Methods of `bridgeta bench accuracy`, in the table's order; the teacher comes last.
+STUDENTS = ("baseline", "direct", "bridgeta")
+# The cpu accuracy benchmark's world and schedule: the demo is its seed 0 for these methods.
+CPU = PRESETS["cpu"]
 
 
 def format_table(results: dict[str, dict]) -> str:
     names = list(results)
     classes = list(next(iter(results.values()))["iou"])
-    lines = [f"{'IoU (test towns)':<18}" + "".join(f"{n:>14}" for n in names)]
+    lines = [f"{'IoU (test towns)':<18}" + "".join(f"{n:>12}" for n in names)]
     for name in classes:
-        lines.append(f"{name:<18}" + "".join(f"{results[m]['iou'][name]:>14.3f}" for m in names))
-    lines.append(f"{'mIoU':<18}" + "".join(f"{results[m]['miou']:>14.3f}" for m in names))
+        lines.append(f"{name:<18}" + "".join(f"{results[m]['iou'][name]:>12.3f}" for m in names))
+    lines.append(f"{'mIoU':<18}" + "".join(f"{results[m]['miou']:>12.3f}" for m in names))
     for condition in ("day", "night", "rain"):
         cells = []
         for m in names:
             value = results[m]["by_condition"][condition]["miou"]
-            cells.append(f"{value:>14.3f}" if value is not None else f"{'-':>14}")
+            cells.append(f"{value:>12.3f}" if value is not None else f"{'-':>12}")
         lines.append(f"{'mIoU ' + condition:<18}" + "".join(cells))
     for band in results[names[0]]["by_range"]:
-        cells = [f"{results[m]['by_range'][band]['miou']:>14.3f}" for m in names]
+        cells = [f"{results[m]['by_range'][band]['miou']:>12.3f}" for m in names]
         lines.append(f"{'mIoU ' + band + ' m':<18}" + "".join(cells))
     return "\n".join(lines)
 
 
 def run_demo(
-    out_dir: Path, scenes: int = 10, duration: float = 20.0, seed: int = 0, epochs: int | None = None
+    out_dir: Path,
+    scenes: int = CPU.scenes,
+    duration: float = CPU.duration,
+    seed: int = 0,
+    epochs: int | None = None,
+    teacher_epochs: int | None = None,
 ) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     dataroot = out_dir / "world"
-    print(f"== 1/4 synthetic world: {scenes} scenes of {duration:.0f} s, train/val/test in different towns ==")
+    runs_dir = out_dir / "runs"
+    print(f"== 1/5 synthetic world: {scenes} scenes of {duration:.0f} s, train/val/test in different towns ==")
     if (dataroot / VERSION).exists():
         print(f"reusing {dataroot}")
     else:
-        world = generate_dataroot(dataroot, scenes, seed=seed, preset="tiny", duration=duration)
+        world = generate_dataroot(dataroot, scenes, seed=seed, preset=CPU.world, duration=duration)
         print(f"{world.samples} samples, {world.sweeps} LiDAR sweeps, {world.annotations} boxes, "
               f"{world.seconds:.0f} s ({world.samples_per_second:.1f} samples/s)")
     cache = LabelCache(prepare_dataroot(dataroot, VERSION, progress=False))
     sample_picture = render_sample_picture(cache, len(cache) // 2, out_dir / "sample.png")
     print(f"samples per split {cache.meta['counts']}; one sample drawn in {sample_picture}")
 
-    print("\n== 2/4 model zoo: parameters and MACs at each preset's input size ==")
-    costs = {}
-    for name in tqdm(list_presets(), desc="measuring presets", unit="preset"):
-        cost = measure_model_cost(build_model(load_config(name)))
-        costs[name] = {"params": cost.params, "macs": cost.macs, "input": cost.input_description}
-    print(f"{'preset':<18}{'params (M)':>12}{'GMACs':>10}  input")
-    for name, cost in costs.items():
-        print(f"{name:<18}{cost['params'] / 1e6:>12.2f}{cost['macs'] / 1e9:>10.2f}  {cost['input']}")
+    protocol = replace(
+        CPU.protocol,
+        epochs=epochs or CPU.protocol.epochs,
+        teacher_epochs=teacher_epochs or CPU.protocol.teacher_epochs,
+    )
+    print(f"\n== 2/5 teacher: {protocol.teacher} (LiDAR + camera), {protocol.teacher_epochs} epochs "
+          "on the train towns ==")
+    runs = {"teacher": train_method("teacher", dataroot, runs_dir, seed, protocol)}
+    print(f"\n== 3/5 camera-only {protocol.student} students, {protocol.epochs} epochs each: "
+          "baseline, direct (w/o TA), BridgeTA ==")
+    for method in STUDENTS:
+        print(f"-- {method}")
+        runs[method] = train_method(method, dataroot, runs_dir, seed, protocol)
 
-    print("\n== 3/4 training on the train towns (preset recipes) ==")
-    overrides = [f"train.epochs={epochs}"] if epochs else []
-    runs = {}
-    for role, preset in MODELS:
-        print(f"-- {role}: {preset}")
-        # Same layout as `bridgeta bench baselines --runs DIR/runs`, which then reuses these runs.
-        runs[role] = train_and_evaluate(preset, dataroot, out_dir / "runs" / f"{preset}-seed{seed}", seed, overrides)
+    print("\n== 4/5 deployed cost: the exported students are the baseline network ==")
+    costs = _deployed_costs(out_dir, runs_dir, seed, protocol)
+    print(f"{'model':<10}{'params (M)':>12}{'GMACs':>10}  tensors")
+    for role, cost in costs.items():
+        print(f"{role:<10}{cost['params'] / 1e6:>12.3f}{cost['macs'] / 1e9:>10.3f}  {cost['tensors']}")
 
-    print("\n== 4/4 evaluation on the test towns ==")
-    tests = {role: run["test"] for role, run in runs.items()}
+    print("\n== 5/5 evaluation on the test towns ==")
+    order = [*STUDENTS, "teacher"]
+    tests = {role: runs[role]["test"] for role in order}
     table = format_table(tests)
     print(table)
     (out_dir / "table.txt").write_text(table + "\n")
-    pictures = _prediction_pictures(out_dir, cache, seed)
+    pictures = _prediction_pictures(out_dir, runs_dir, cache, seed, protocol)
+    gap = _gap_figure(out_dir, runs_dir, seed, protocol)
 
     results = {
         "world": {"dataroot": str(dataroot), "samples_per_split": cache.meta["counts"]},
-        "models": {role: {"preset": preset, **runs[role]} for role, preset in MODELS},
-        "presets": costs,
+        "schedule": {"teacher_epochs": protocol.teacher_epochs, "student_epochs": protocol.epochs},
+        "models": {role: runs[role] for role in order},
+        "deployed_cost": costs,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'table.txt'}, {sample_picture}, "
+    print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'table.txt'}, {gap}, {sample_picture}, "
           + ", ".join(str(p) for p in pictures))
     return results
 
 
-def _prediction_pictures(out_dir: Path, cache: LabelCache, seed: int) -> list[Path]:
+def _deployed_costs(out_dir: Path, runs_dir: Path, seed: int, protocol: Protocol) -> dict[str, dict]:
+    """Export each student (as ``bridgeta export`` does) and measure what is deployed."""
+    costs = {}
+    for role in (*STUDENTS, "teacher"):
+        run = runs_dir / run_name(role, seed, protocol)
+        path, model = export_student(run, out_dir / "deploy" / f"{role}.safetensors")
+        cost = measure_model_cost(model)
+        costs[role] = {"file": str(path), "params": cost.params, "macs": cost.macs,
+                       "tensors": len(model.state_dict())}
+    return costs
+
+
+def _gap_figure(out_dir: Path, runs_dir: Path, seed: int, protocol: Protocol) -> Path:
+    from bridgeta.engine.gap_plot import plot_gap
+
+    distilled = [role for role in STUDENTS if role != "baseline"]
+    return plot_gap(
+        [runs_dir / run_name(role, seed, protocol) for role in distilled],
+        out_dir / "representation_gap.png",
+        labels=distilled,
+    )
+
+
+def _prediction_pictures(
+    out_dir: Path, runs_dir: Path, cache: LabelCache, seed: int, protocol: Protocol
+) -> list[Path]:
     """Prediction vs ground truth of every model on one day and one night test sample."""
     from bridgeta.engine.viz import render_prediction
 
@@ -109,8 +156,8 @@ def _prediction_pictures(out_dir: Path, cache: LabelCache, seed: int) -> list[Pa
         if not matching:
             continue
         token = cache.tokens[matching[len(matching) // 2]]
-        for role, preset in MODELS:
+        for role in (*STUDENTS, "teacher"):
             path = out_dir / f"prediction_{role}_{condition}.png"
-            run = out_dir / "runs" / f"{preset}-seed{seed}"
+            run = runs_dir / run_name(role, seed, protocol)
             pictures.append(render_prediction(run, None, None, token, path, split="test"))
     return pictures

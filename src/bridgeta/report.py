@@ -204,12 +204,117 @@ def render_baselines(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _measured(results: dict, command: str) -> str:
+    env = results["environment"]
+    return (
+        f"Measured with `{command}` on {env['date']}, commit `{env['commit']}`, torch {env['torch']}, "
+        f"{env['device']}, {env['cpu_threads']} CPU threads."
+    )
+
+
+def render_distill(results: dict, methods: tuple[str, ...] = ("baseline", "direct", "bridgeta", "teacher")) -> str:
+    """Teacher, baseline, direct and BridgeTA side by side (methods as columns) from an
+    accuracy benchmark's results."""
+    table = results["table"]
+    names = [n for n in methods if n in table]
+    first = table[names[0]]
+    lines = ["| | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---:|" * len(names)]
+    rows = [("**mIoU** (iou@max)", lambda r: r["miou"]), ("mIoU @0.5", lambda r: r["miou_at_0.5"])]
+    rows += [(f"mIoU {k}", lambda r, k=k: r["by_condition"][k]) for k in first["by_condition"]]
+    rows += [(f"mIoU {k} m", lambda r, k=k: r["by_range"][k]) for k in first["by_range"]]
+    rows += [(f"IoU {c}", lambda r, c=c: r["iou"][c]) for c in first["iou"]]
+    for title, pick in rows:
+        lines.append(f"| {title} | " + " | ".join(_cell(pick(table[n])) for n in names) + " |")
+    if "gap_closed" in first:
+        cells = []
+        for n in names:
+            entry = table[n]["gap_closed"]
+            cells.append("–" if entry["mean"] is None else f"{entry['mean']:+.2f} ± {entry['std']:.2f}")
+        lines.append("| gap closed (student − baseline) / (teacher − baseline) | " + " | ".join(cells) + " |")
+    seeds = sorted({seed for n in names for seed in table[n]["seeds"]})
+    protocol = results.get("protocol", {})
+    schedule = (f"teacher {protocol.get('teacher_epochs')} epochs, students {protocol.get('epochs')} epochs"
+                if protocol.get("epochs") else "the presets' recipes")
+    lines += ["", f"IoU in %, mean ± standard deviation over seeds {seeds}, test towns, {schedule}. "
+              + _measured(results, "bridgeta bench accuracy --preset cpu")]
+    return "\n".join(lines)
+
+
+def render_accuracy(results: dict) -> str:
+    """Every method as a row (``bridgeta bench accuracy``)."""
+    from bridgeta.bench.accuracy import format_markdown
+
+    table = results["table"]
+    seeds = sorted({seed for row in table.values() for seed in row["seeds"]})
+    preset = results.get("preset", {}).get("name", "?")
+    return (format_markdown(results) + "\n\n" + f"IoU in %, mean ± standard deviation over seeds {seeds}, "
+            f"test towns. " + _measured(results, f"bridgeta bench accuracy --preset {preset}"))
+
+
+def render_cost(results: dict) -> str:
+    """Deployed cost per architecture and variant (``bridgeta bench cost``)."""
+    lines = ["| model | deployed by | device | precision | compile | params (M) | GMACs | latency (ms) | peak memory (MiB) |",
+             "|---|---|---|---|---|---:|---:|---:|---:|"]
+    methods = ", ".join(results["methods"])
+    for c in results["inference"]:
+        deployed = methods if c["role"] == "student" else "none (training only)"
+        lines.append(
+            f"| `{c['preset']}` | {deployed} | {c['device']} | {c['precision']} | {'on' if c['compile'] else 'off'} | "
+            f"{c['params'] / 1e6:.2f} | {c['macs'] / 1e9:.2f} | {c['latency_ms']:.1f} | "
+            f"{c['peak_memory_bytes'] / 2**20:.0f} |"
+        )
+    first = results["inference"][0]
+    lines += ["", f"Batch 1, median of {first['repeats']} forward passes after warm-up, "
+              f"{first['threads']} CPU threads on CPU. " + _measured(results, "bridgeta bench cost")]
+    return "\n".join(lines)
+
+
+def render_distill_sweep(results: dict) -> str:
+    """The validation-town sweep of lambda and the eps* clamp (``bridgeta bench distill-sweep``)."""
+    lines = ["| stage | λ1 = λ2 = λ3 | ε* clamp | val mIoU | val mIoU night |", "|---|---:|---|---:|---:|"]
+    for point in results["points"]:
+        night = point["val_miou_night"]
+        low, high = point["epsilon_range"]
+        lines.append(
+            f"| {point['stage']} | {point['lambda']:g} | [{low:g}, {high:g}] | {100 * point['val_miou']:.1f} | "
+            + ("–" if night is None else f"{100 * night:.1f}") + " |"
+        )
+    chosen = results["chosen"]
+    lines += ["", f"Chosen: λ1 = λ2 = λ3 = {chosen['lambda']:g}, ε* clamped to "
+              f"[{chosen['epsilon_range'][0]:g}, {chosen['epsilon_range'][1]:g}] (validation towns only; "
+              f"{results['epochs']} epochs per point, seed {results['seed']}). "
+              + _measured(results, "bridgeta bench distill-sweep")]
+    return "\n".join(lines)
+
+
+def render_train_cost(results: dict) -> str:
+    """Training step time and peak memory per method (``bridgeta bench train-cost``)."""
+    lines = ["| method | step time (s) | × baseline | peak memory (MiB) | × baseline |", "|---|---:|---:|---:|---:|"]
+    for method, row in results["methods"].items():
+        lines.append(
+            f"| `{method}` | {row['step_time_s']:.3f} | {row['step_time_ratio']:.2f} | "
+            f"{row['peak_memory_bytes'] / 2**20:.0f} | {row['memory_ratio']:.2f} |"
+        )
+    device = next(iter(results["methods"].values()))["device"]
+    memory = ("peak RSS of the training process above its RSS before training" if device == "cpu"
+              else "torch.cuda.max_memory_allocated")
+    lines += ["", f"Median over {results['steps']} optimiser steps each (loader waits included), memory = "
+              f"{memory}; one invocation, so the ratios compare like with like. "
+              + _measured(results, "bridgeta bench train-cost")]
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     # section name -> (results file, renderer)
     "model-zoo": ("model_zoo.json", render_model_zoo),
     "bev-pool": ("bev_pool.json", render_bev_pool),
     "data-throughput": ("data_throughput.json", render_data_throughput),
     "baselines": ("baselines.json", render_baselines),
+    "distill": ("accuracy-cpu/results.json", render_distill),
+    "accuracy-cpu": ("accuracy-cpu/results.json", render_accuracy),
+    "cost": ("cost.json", render_cost),
+    "distill-sweep": ("distill_sweep.json", render_distill_sweep),
+    "train-cost": ("train_cost.json", render_train_cost),
 }
 
 

@@ -15,28 +15,54 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from bridgeta.config import load_config
+import yaml
+
+from bridgeta.config import load_config, parse_config, to_dict
 from bridgeta.report import environment, write_json
 
 BASELINE_PRESETS = ("tiny-lc", "tiny-c", "tiny-l")
 
 
 def train_and_evaluate(
-    preset: str, dataroot: str | Path, run_dir: Path, seed: int, overrides: Sequence[str] = ()
+    preset: str,
+    dataroot: str | Path,
+    run_dir: Path,
+    seed: int,
+    overrides: Sequence[str] = (),
+    split: str = "test",
 ) -> dict:
-    """Train ``preset`` (unless already done) and evaluate it on the test split; returns both."""
+    """Train ``preset`` (unless already done) and evaluate it on ``split``; returns both.
+
+    ``preset`` may be a distillation recipe (its teacher set in ``overrides``); the result is
+    stored as ``run_dir/eval_<split>.json`` with the result under the key ``split``.
+    """
     from bridgeta.engine.evaluate import evaluate_checkpoint
     from bridgeta.engine.trainer import train
 
-    result_path = run_dir / "eval_test.json"
+    config = load_config(preset, [f"data.dataroot={dataroot}", f"train.seed={seed}", *overrides])
+    _check_same_run(run_dir, config)
+    result_path = run_dir / f"eval_{split}.json"
     if result_path.is_file() and (run_dir / "model.safetensors").is_file():
         return json.loads(result_path.read_text())
-    config = load_config(preset, [f"data.dataroot={dataroot}", f"train.seed={seed}", *overrides])
     summary = train(config, run_dir, resume=(run_dir / "checkpoints" / "latest").is_file())
-    evaluation = evaluate_checkpoint(run_dir / "model.safetensors", split="test")
-    result = {"preset": preset, "seed": seed, "train": _jsonable(summary), "test": evaluation}
+    evaluation = evaluate_checkpoint(run_dir / "model.safetensors", split=split)
+    result = {"preset": preset, "seed": seed, "overrides": list(overrides), "train": _jsonable(summary), split: evaluation}
     write_json(result_path, result)
     return result
+
+
+def _check_same_run(run_dir: Path, config) -> None:
+    """Refuse to reuse or resume a run directory that was trained with another config."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    # Parsed, so keys a run of an older version did not write compare at their defaults.
+    stored = to_dict(parse_config(yaml.safe_load(saved.read_text()), str(saved)))
+    if stored != to_dict(config):
+        raise ValueError(
+            f"{run_dir} holds a run with a different config (see its config.yaml): delete it or "
+            "choose another output directory"
+        )
 
 
 def _jsonable(value):

@@ -168,10 +168,16 @@ class BEVMapDataset(Dataset):
 
     @classmethod
     def for_model(
-        cls, config: DataConfig, model: Any, split: str, train: bool = False, seed: int = 0
+        cls,
+        config: DataConfig,
+        model: Any,
+        split: str,
+        train: bool = False,
+        seed: int = 0,
+        modalities: Sequence[str] | None = None,
     ) -> "BEVMapDataset":
         """The samples ``model`` (a ``BEVModel``) consumes: its image size, output grid, classes and
-        modalities."""
+        modalities (``modalities`` widens them, e.g. to LiDAR for a distillation teacher)."""
         camera = model.config.camera
         return cls(
             config,
@@ -179,7 +185,7 @@ class BEVMapDataset(Dataset):
             model.output_grid,
             model.classes,
             train=train,
-            modalities=model.modalities,
+            modalities=tuple(modalities) if modalities is not None else model.modalities,
             seed=seed,
             split=split,
         )

@@ -35,11 +35,24 @@ __all__ = [
     "affinity_loss",
     "bernoulli_kl",
     "build_distiller",
+    "check_same_inputs",
     "cell_mse",
     "dual_path_loss",
     "optimal_epsilon",
     "register",
 ]
+
+
+def check_same_inputs(student: BEVModel, teacher: BEVModel) -> None:
+    """Teacher and student see the same batch, so their camera inputs must agree."""
+    s_cam, t_cam = student.config.camera, teacher.config.camera
+    if s_cam is None or t_cam is None:
+        return  # a LiDAR-only teacher reads points, which any batch with LiDAR carries
+    if tuple(s_cam.image_size) != tuple(t_cam.image_size) or s_cam.num_cameras != t_cam.num_cameras:
+        raise ValueError(
+            f"teacher takes {t_cam.num_cameras} x {tuple(t_cam.image_size)} images, the student "
+            f"{s_cam.num_cameras} x {tuple(s_cam.image_size)}: they must read the same batch"
+        )
 
 
 def build_distiller(
@@ -55,4 +68,5 @@ def build_distiller(
         )
     if teacher is None:
         raise ValueError(f"distillation method '{method}' needs a teacher model")
+    check_same_inputs(student, teacher)
     return DISTILLERS[method](student, teacher, config.distill)

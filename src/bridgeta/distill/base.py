@@ -125,6 +125,34 @@ class Distiller(nn.Module):
             self.teacher.eval()
         return self
 
+    # The teacher is an input of the run (``distill.teacher``), not part of what it trains: state
+    # dicts, hence checkpoints and model files, hold the student and training-only modules only.
+    TEACHER_PREFIX = "teacher."
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "") + self.TEACHER_PREFIX
+        for key in [key for key in state if key.startswith(prefix)]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        """Load the student and training-only modules; teacher keys are refused, not loaded."""
+        teacher_keys = [key for key in state_dict if key.startswith(self.TEACHER_PREFIX)]
+        if teacher_keys:
+            raise ValueError(
+                f"a distiller state must not hold teacher weights (found {teacher_keys[:3]}...): "
+                "the teacher comes from distill.teacher"
+            )
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [key for key in result.missing_keys if not key.startswith(self.TEACHER_PREFIX)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"distiller '{self.method}' state does not fit: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+        return type(result)(missing, result.unexpected_keys)
+
     def learnable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the student and of training-only modules; never the teacher's."""
         for module in self.children():

@@ -180,7 +180,7 @@ def save_checkpoint(
     temporary = root / f"{_TEMPORARY_PREFIX}{name}"
     temporary.mkdir()
 
-    save_model_file(temporary / "model.safetensors", model, config, kind="model")
+    save_model_file(temporary / "model.safetensors", model, config)
 
     optimizer_state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}

@@ -3,6 +3,15 @@
 A model file is enough to rebuild the model with no other file (``load_model_file``), and loading
 never unpickles anything: safetensors holds only tensors, the config is YAML text parsed with
 ``yaml.safe_load`` and validated like any config file.
+
+Two kinds of file:
+
+* ``model``: a ``BEVModel``'s state dict, the deployable network (baselines, teachers, exports).
+* ``distiller``: what a distillation run trains, i.e. the student under ``student.`` plus the
+  training-only modules (BridgeTA's ``assistant.``); never the teacher, which the run reads
+  from ``distill.teacher``. :func:`load_model_file` returns its student, so ``eval`` and ``viz``
+  accept distillation runs as they are; :func:`export_student` writes the student alone as a
+  ``model`` file.
 """
 
 from __future__ import annotations
@@ -14,15 +23,31 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from torch import nn
+
 from bridgeta.config import ExperimentConfig, parse_config, to_dict, validate
+from bridgeta.distill.base import Distiller
 from bridgeta.models.bev_model import BEVModel, build_model
 
 CONFIG_KEY = "bridgeta_config"
 KIND_KEY = "bridgeta_kind"
 
 
-def save_model_file(path: str | Path, model: BEVModel, config: ExperimentConfig, kind: str = "model") -> Path:
-    """Write ``model``'s state dict and ``config`` atomically (temporary file, then rename)."""
+MODEL_KIND = "model"
+DISTILLER_KIND = "distiller"
+STUDENT_PREFIX = "student."
+
+
+def save_model_file(path: str | Path, model: nn.Module, config: ExperimentConfig, kind: str | None = None) -> Path:
+    """Write ``model``'s state dict and ``config`` atomically (temporary file, then rename).
+
+    ``kind`` defaults to ``distiller`` for a :class:`~bridgeta.distill.Distiller` (whose state
+    dict leaves the teacher out) and ``model`` otherwise.
+    """
+    if kind is None:
+        kind = DISTILLER_KIND if isinstance(model, Distiller) else MODEL_KIND
+    if kind not in (MODEL_KIND, DISTILLER_KIND):
+        raise ValueError(f"unknown model file kind '{kind}'")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared storage; contiguous clones are cheap next to the disk write.
@@ -51,12 +76,26 @@ def read_model_file(path: str | Path) -> tuple[ExperimentConfig, dict[str, torch
         raise ValueError(f"{path}: no '{CONFIG_KEY}' metadata: not a bridgeta model file")
     config = parse_config(yaml.safe_load(metadata[CONFIG_KEY]), f"{path} (embedded config)")
     validate(config, str(path))
-    return config, state, metadata.get(KIND_KEY, "model")
+    kind = metadata.get(KIND_KEY, MODEL_KIND)
+    if kind not in (MODEL_KIND, DISTILLER_KIND):
+        raise ValueError(f"{path}: unknown model file kind '{kind}'")
+    return config, state, kind
+
+
+def student_state(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """The deployable network's weights: the state itself, or a distiller's ``student.*`` part."""
+    if kind == MODEL_KIND:
+        return state
+    return {key[len(STUDENT_PREFIX):]: value for key, value in state.items() if key.startswith(STUDENT_PREFIX)}
 
 
 def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[BEVModel, ExperimentConfig]:
-    """Rebuild the model a file describes and load its weights (strict: every key must match)."""
-    config, state, _ = read_model_file(path)
+    """Rebuild the model a file describes and load its weights (strict: every key must match).
+
+    For a ``distiller`` file this is the student: the network the run deploys.
+    """
+    config, state, kind = read_model_file(path)
+    state = student_state(state, kind)
     model = build_model(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -65,3 +104,18 @@ def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
         )
     return model.to(map_location), config
+
+
+def export_student(source: str | Path, out: str | Path) -> tuple[Path, BEVModel]:
+    """Write the deployable network of ``source`` (any model file) as a ``model`` file.
+
+    A distiller file loses its ``student.`` prefix and every training-only tensor (teacher
+    assistant); the result has exactly the keys and shapes of the baseline model its config
+    describes, which is checked by a strict load before anything is written.
+    """
+    model, config = load_model_file(source)
+    expected = build_model(config).state_dict()
+    exported = model.state_dict()
+    if list(exported) != list(expected) or any(exported[k].shape != expected[k].shape for k in expected):
+        raise AssertionError(f"{source}: exported keys do not match the baseline architecture")
+    return save_model_file(out, model, config, kind=MODEL_KIND), model

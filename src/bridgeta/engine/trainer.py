@@ -6,6 +6,15 @@ the model, the training set and its loader, AdamW and the warm-up + cosine sched
 micro-batches (forward under autocast, focal loss, backward), check the loss, unscale, clip,
 step; log, checkpoint, evaluate on schedule; finally write ``model.safetensors``.
 
+**Distillation** (a config with a ``distill`` section, ``bridgeta distill``): the teacher is read
+from ``distill.teacher`` and frozen, the registered distiller wraps it with the student, and the
+trainer optimises the distiller's learnable parameters (student plus training-only modules such
+as BridgeTA's assistant) on the sum of its named loss terms. Batches carry every modality the
+teacher and the student read. Checkpoints and the final file are ``distiller`` model files
+(student + assistant, never the teacher); the distiller's diagnostics (per level eps*, the two
+path losses, ||R^S - R^T||) are averaged over each log window like the loss terms. Evaluation
+runs on the student alone.
+
 Design points:
 
 * **Data order** comes from a :class:`~torch.utils.data.DistributedSampler` in every run (with
@@ -73,9 +82,10 @@ from bridgeta.engine.distributed import (
     wrap_model,
 )
 from bridgeta.engine.logging import MetricsLogger, progress_bar
-from bridgeta.engine.model_file import save_model_file
+from bridgeta.engine.model_file import load_model_file, save_model_file
 from bridgeta.engine.schedule import WarmupCosineSchedule
 from bridgeta.losses import map_segmentation_loss
+from bridgeta.distill import Distiller, build_distiller
 from bridgeta.models.bev_model import BEVModel, build_model
 from bridgeta.models.types import BEVInputs
 
@@ -102,6 +112,23 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
     return [group for group in groups if group["params"]]
+
+
+def load_teacher(config: ExperimentConfig) -> BEVModel:
+    """The frozen teacher ``distill.teacher`` names: a model file, or a run / checkpoint directory."""
+    from bridgeta.engine.evaluate import resolve_model_file  # evaluate imports this module's deps
+
+    assert config.distill is not None
+    source = config.distill.teacher
+    if not source:
+        raise ValueError(
+            "distill.teacher is not set: pass --teacher with the teacher's run directory or model file"
+        )
+    try:
+        teacher, _ = load_model_file(resolve_model_file(source))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"distill.teacher: {exc}") from None
+    return teacher
 
 
 class TrainSampler(DistributedSampler):
@@ -187,10 +214,21 @@ class _Trainer:
             raise ValueError("train.batch_size, train.grad_accumulation and train.log_every must be >= 1")
         # Per-rank streams; DDP copies rank 0's initial weights to every rank anyway.
         _seed_everything(cfg.seed + ctx.rank)
+        # ``model`` is what is evaluated and deployed; ``module`` is what is optimised and saved:
+        # the model itself, or a distiller holding it with a frozen teacher.
         self.model = build_model(config).to(ctx.device).train()
-        self.forward_model = wrap_model(self.model, ctx)
+        self.distiller: Distiller | None = None
+        modalities = self.model.modalities
+        if config.distill is not None:
+            teacher = load_teacher(config)
+            self.distiller = build_distiller(config, self.model, teacher).to(ctx.device).train()
+            modalities = tuple(dict.fromkeys(modalities + teacher.modalities))
+        self.module: nn.Module = self.distiller if self.distiller is not None else self.model
+        self.forward_model = wrap_model(self.module, ctx)
 
-        self.dataset = BEVMapDataset.for_model(config.data, self.model, "train", train=True, seed=cfg.seed)
+        self.dataset = BEVMapDataset.for_model(
+            config.data, self.model, "train", train=True, seed=cfg.seed, modalities=modalities
+        )
         if len(self.dataset) == 0:
             raise ValueError(f"split 'train' of {config.data.dataroot} has no samples")
         self.sampler = TrainSampler(self.dataset, ctx.world_size, ctx.rank, cfg.seed)
@@ -215,7 +253,7 @@ class _Trainer:
 
         settings = cfg.optimizer
         self.optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, settings.weight_decay), lr=settings.lr, betas=settings.betas
+            parameter_groups(self.module, settings.weight_decay), lr=settings.lr, betas=settings.betas
         )
         self.scheduler = WarmupCosineSchedule(
             self.optimizer, settings.warmup_steps, self.total_steps, settings.min_lr_ratio
@@ -241,7 +279,7 @@ class _Trainer:
 
     def _resume(self, checkpoint: Path) -> None:
         state = load_checkpoint(
-            checkpoint, self.model, self.optimizer, self.scheduler, self.scaler,
+            checkpoint, self.module, self.optimizer, self.scheduler, self.scaler,
             rank=self.ctx.rank, device=self.ctx.device,
         )
         if state.config_hash != config_hash(self.config) and self.ctx.is_main:
@@ -272,8 +310,13 @@ class _Trainer:
         no_sync = self.forward_model.no_sync if self.ctx.distributed and not sync else nullcontext
         with no_sync():
             with torch.autocast(self.ctx.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                outputs = self.forward_model(inputs)
-                terms = map_segmentation_loss(outputs.logits, labels, self.model.classes)
+                if self.distiller is not None:
+                    result = self.forward_model(inputs, labels)
+                    terms = result.losses
+                    self._window.add_diagnostics(result.logs, 1.0 / group_size)
+                else:
+                    outputs = self.forward_model(inputs)
+                    terms = map_segmentation_loss(outputs.logits, labels, self.model.classes)
             if not self.term_names:
                 self.term_names = list(terms)
             values = torch.stack([terms[name].float() for name in self.term_names])
@@ -302,7 +345,7 @@ class _Trainer:
         grad_norm = None
         if clip is not None:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -365,7 +408,7 @@ class _Trainer:
         rng = gather_rng_states(self.ctx)  # a collective: every rank takes part
         if self.ctx.is_main:
             save_checkpoint(
-                self.out_dir, self.step, epoch, self.model, self.config, self.optimizer,
+                self.out_dir, self.step, epoch, self.module, self.config, self.optimizer,
                 self.scheduler, self.scaler, rng,
                 {
                     "batch": batch,
@@ -380,7 +423,7 @@ class _Trainer:
         """Call ``evaluate_fn`` on every rank (it may shard and all-reduce); rank 0 logs it."""
         split = self.config.train.eval_split
         results = self.evaluate_fn(self.model, self.config, split)
-        self.model.train()
+        self.module.train()
         self.last_eval, self.last_eval_step = results, self.step
         # After the loop has moved past a finished epoch (batch 0), label it with that epoch.
         epoch = self.epoch - 1 if self.batch == 0 and self.epoch > 0 else self.epoch
@@ -424,8 +467,9 @@ class _Trainer:
         if self.last_saved_step != self.step:
             self._save()
         if self.ctx.is_main:
-            save_model_file(self.out_dir / MODEL_FILE, self.model, self.config, kind="model")
+            save_model_file(self.out_dir / MODEL_FILE, self.module, self.config)
         return {
+            "method": self.distiller.method if self.distiller is not None else None,
             "steps": self.step,
             "epochs": self.step / self.steps_per_epoch,
             "final_loss": self.last_loss,
@@ -451,6 +495,14 @@ class _Window:
         self.grad_norms = 0
         self.samples = 0
         self.seconds = 0.0
+        self.diagnostics: dict[str, float] = {}
+        self.diagnostic_weight = 0.0
+
+    def add_diagnostics(self, values: dict[str, float], weight: float) -> None:
+        """A micro-batch's distiller diagnostics, weighted like its loss (1 / micro-batches)."""
+        for key, value in values.items():
+            self.diagnostics[key] = self.diagnostics.get(key, 0.0) + weight * value
+        self.diagnostic_weight += weight
 
     def add(self, terms: torch.Tensor, grad_norm: torch.Tensor | None, samples: int, seconds: float) -> None:
         self.steps += 1
@@ -468,6 +520,8 @@ class _Window:
             row["grad_norm"] = self.grad_norm / self.grad_norms
         row["samples_per_s"] = self.samples / self.seconds if self.seconds else 0.0
         row["step_time_s"] = self.seconds / self.steps
+        if self.diagnostic_weight:
+            row.update({key: value / self.diagnostic_weight for key, value in self.diagnostics.items()})
         return row
 
 
@@ -486,6 +540,10 @@ def train(
     ``evaluate_fn(model, config, split) -> {"miou": ..., ...}`` runs every ``train.eval_every``
     epochs and at the end, on every process with the bare (unwrapped) model; the trainer puts the
     model back in training mode afterwards.
+
+    With a ``distill`` section the student ``config.model`` is distilled from
+    ``distill.teacher`` (see the module docstring); ``model.safetensors`` is then a ``distiller``
+    file (``bridgeta export`` extracts the student).
 
     Loader workers come from ``train.num_workers`` (``data.num_workers`` is not used here).
     Writes ``config.yaml``, ``metrics.jsonl``, ``tb/``, ``checkpoints/`` and ``model.safetensors``

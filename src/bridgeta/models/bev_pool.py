@@ -139,7 +139,11 @@ def _cells_to_bev(cell_features: torch.Tensor, plan: BEVPoolPlan) -> torch.Tenso
     channels = cell_features.shape[1]
     size_x, size_y = plan.shape
     bev = cell_features.view(plan.batch_size, plan.num_z, size_x, size_y, channels)
-    return bev.permute(0, 1, 4, 2, 3).reshape(plan.batch_size, plan.num_z * channels, size_x, size_y)
+    bev = bev.permute(0, 1, 4, 2, 3).reshape(plan.batch_size, plan.num_z * channels, size_x, size_y)
+    # With one z bin the reshape is a view with channels-last strides. Make it plain NCHW: on
+    # torch 2.13 CPU, oneDNN's weight gradient of a 1x1 stride-2 conv segfaults on channels-last
+    # inputs with fewer than 16 channels (a narrow camera BEV feeding the decoder).
+    return bev.contiguous()
 
 
 def bev_pool(features: torch.Tensor, plan: BEVPoolPlan) -> torch.Tensor:

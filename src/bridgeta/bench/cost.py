@@ -1,0 +1,177 @@
+"""``bridgeta bench cost``: the paper's Table 3 analog, what each method deploys and what it trains.
+
+Inference: every distillation method deploys the baseline network itself (``bridgeta export``
+checks the keys and shapes), so the student's parameters, MACs, latency and peak memory are
+measured once per architecture and listed for every method, next to the teacher that is *not*
+deployed. Latency is the median of ``--repeats`` forward passes after ``--warmup`` passes, batch
+1, at the preset's input size (6 cameras, a 340k-point LiDAR sweep stack for LiDAR models),
+under ``torch.inference_mode``. Each measurement runs in a fresh process so that peak memory is
+its own: on CPU the peak resident set above the resident set before the first forward, on CUDA
+``torch.cuda.max_memory_allocated``. On CUDA the variants are fp32 and bf16 autocast, each with
+``torch.compile`` off and on; on CPU fp32 eager (CPU autocast is slower for these convolutions).
+
+Training: with ``--dataroot`` and ``--teacher``, ``bench train-cost`` adds the step time and
+peak memory of baseline, direct and BridgeTA training as ratios to the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bridgeta.bench.train_cost import _resident_bytes
+from bridgeta.report import environment, write_json
+
+# (student, teacher) architectures; the first is what the CPU protocol trains, the second the paper's.
+PAIRS = {"tiny": ("tiny-c", "tiny-lc"), "bevfusion": ("bevfusion-c", "bevfusion-lc")}
+METHODS = ("baseline", "direct", "feature_kd", "logit_kd", "bridgeta")
+
+
+def measure_latency(preset: str, device: str, precision: str, compile_model: bool, warmup: int, repeats: int) -> dict:
+    """One (preset, device, precision, compile) cell, measured in this process."""
+    import torch
+
+    from bridgeta.config import load_config
+    from bridgeta.models.bev_model import build_model
+    from bridgeta.models.cost import REFERENCE_POINTS_PER_SAMPLE, measure_model_cost
+    from bridgeta.rig import reference_inputs
+
+    config = load_config(preset)
+    model = build_model(config).eval()
+    cost = measure_model_cost(model)
+    torch.manual_seed(0)
+    camera = config.model.camera
+    inputs = reference_inputs(
+        1,
+        tuple(camera.image_size) if camera is not None else None,
+        num_cameras=camera.num_cameras if camera is not None else 1,
+        with_lidar=config.model.lidar is not None,
+        points_per_sample=REFERENCE_POINTS_PER_SAMPLE,
+    )
+    target = torch.device(device)
+    model, inputs = model.to(target), inputs.to(target)
+    forward = torch.compile(model) if compile_model else model
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+
+    def run_once() -> None:
+        with torch.inference_mode(), torch.autocast(target.type, dtype=dtype, enabled=dtype is not None):
+            forward(inputs)
+        if target.type == "cuda":
+            torch.cuda.synchronize()
+
+    before = _resident_bytes()
+    if target.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        run_once()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run_once()
+        times.append(time.perf_counter() - started)
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if target.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    )
+    return {
+        "preset": preset,
+        "device": torch.cuda.get_device_name() if target.type == "cuda" else "cpu",
+        "precision": precision,
+        "compile": compile_model,
+        "params": cost.params,
+        "macs": cost.macs,
+        "latency_ms": 1000 * statistics.median(times),
+        "latency_ms_min": 1000 * min(times),
+        "repeats": repeats,
+        "peak_memory_bytes": peak,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def variants(device: str) -> list[tuple[str, bool]]:
+    if device == "cuda":
+        return [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
+    return [("fp32", False)]
+
+
+def run(pairs: Sequence[str], devices: Sequence[str], warmup: int, repeats: int, out: Path,
+        dataroot: Path | None = None, teacher: str | None = None, train_steps: int = 30) -> dict:
+    started = environment()
+    cells = []
+    for pair in pairs:
+        for role, preset in zip(("student", "teacher"), PAIRS[pair]):
+            for device in devices:
+                for precision, compile_model in variants(device):
+                    command = [
+                        sys.executable, "-m", "bridgeta.bench.cost", "--one", preset, "--device", device,
+                        "--precision", precision, "--warmup", str(warmup), "--repeats", str(repeats),
+                    ] + (["--compile"] if compile_model else [])
+                    print(f"-- {preset} ({role}) on {device}, {precision}, compile {compile_model}", flush=True)
+                    done = subprocess.run(command, capture_output=True, text=True)
+                    if done.returncode != 0:
+                        raise RuntimeError(f"{preset} on {device} failed:\n{done.stderr[-3000:]}")
+                    cell = json.loads(done.stdout.strip().splitlines()[-1])
+                    cells.append({"pair": pair, "role": role, **cell})
+    result = {"environment": started, "methods": list(METHODS), "inference": cells}
+    if dataroot is not None and teacher is not None:
+        from bridgeta.bench.train_cost import run as train_cost_run
+
+        result["training"] = train_cost_run(dataroot, teacher, train_steps, out.with_name("train_cost.json"))
+    write_json(out, result)
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'preset':<14}{'role':<9}{'device':<10}{'prec':<6}{'compile':<8}{'params M':>9}"
+             f"{'GMACs':>9}{'ms':>10}{'MiB':>8}"]
+    for c in result["inference"]:
+        device = "cpu" if c["device"] == "cpu" else "cuda"
+        lines.append(
+            f"{c['preset']:<14}{c['role']:<9}{device:<10}{c['precision']:<6}{str(c['compile']):<8}"
+            f"{c['params'] / 1e6:>9.2f}{c['macs'] / 1e9:>9.2f}{c['latency_ms']:>10.1f}"
+            f"{c['peak_memory_bytes'] / 2**20:>8.0f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bridgeta bench cost", description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--dataroot", type=Path, default=None, help="with --teacher: also measure training cost")
+    parser.add_argument("--teacher", default=None)
+    parser.add_argument("--train-steps", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=Path("results/cost.json"))
+    # internal: one measurement in this process, JSON on stdout
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one is not None:
+        row = measure_latency(args.one, args.device, args.precision, args.compile, args.warmup, args.repeats)
+        print(json.dumps(row))
+        return 0
+    if args.devices is None:
+        import torch
+
+        args.devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    result = run(args.pairs, args.devices, args.warmup, args.repeats, args.out,
+                 args.dataroot, args.teacher, args.train_steps)
+    print(format_table(result))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

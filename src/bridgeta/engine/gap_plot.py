@@ -1,0 +1,88 @@
+"""``bridgeta plot-gap``: the representation gap ||R^S - R^T|| per level over training (Figure 5).
+
+Reads the ``<level>/gap_l2`` diagnostics that distillation runs log to ``metrics.jsonl`` (every
+``train.log_every`` steps, averaged over the window) and draws one panel per level with one
+line per run, so a BridgeTA run and its w/o-TA twin can be compared at a glance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from bridgeta.engine.logging import METRICS_FILE
+
+LEVELS = ("fld", "dld", "lld")
+LEVEL_TITLES = {"fld": "FLD: fused / camera BEV", "dld": "DLD: decoded BEV", "lld": "LLD: logits"}
+
+
+def read_gap_curves(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """``{level: [(step, gap), ...]}`` of one run; levels the run did not log are absent."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: not a training run directory")
+    curves: dict[str, list[tuple[int, float]]] = {}
+    with path.open() as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not JSON ({exc})") from None
+            for level in LEVELS:
+                value = row.get(f"{level}/gap_l2")
+                if isinstance(value, (int, float)):
+                    curves.setdefault(level, []).append((int(row["step"]), float(value)))
+    if not curves:
+        raise ValueError(
+            f"{path} has no '<level>/gap_l2' values: only distillation runs (bridgeta distill) log them"
+        )
+    return curves
+
+
+def run_label(run_dir: str | Path) -> str:
+    """``<dir name> (<method>)`` from the run's config, e.g. ``tiny-c-direct-seed0 (direct)``."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    method = None
+    if config_path.is_file():
+        distill = (yaml.safe_load(config_path.read_text()) or {}).get("distill") or {}
+        method = distill.get("method")
+    return f"{run_dir.name} ({method})" if method else run_dir.name
+
+
+def plot_gap(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> Path:
+    """Draw every run's gap curves into one PNG with a panel per level; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not run_dirs:
+        raise ValueError("plot-gap needs at least one run directory")
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    runs = [read_gap_curves(run) for run in run_dirs]
+    names = labels or [run_label(run) for run in run_dirs]
+    levels = [level for level in LEVELS if any(level in curves for curves in runs)]
+    figure, axes = plt.subplots(1, len(levels), figsize=(4.5 * len(levels), 3.6), squeeze=False)
+    for axis, level in zip(axes[0], levels):
+        for curves, name in zip(runs, names):
+            if level in curves:
+                steps, values = zip(*curves[level])
+                axis.plot(steps, values, label=name, linewidth=1.4)
+        axis.set_title(LEVEL_TITLES[level], fontsize=10)
+        axis.set_xlabel("optimiser step")
+        axis.set_ylabel("||R^S - R^T|| (L2 per cell)")
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle("Representation gap between student and teacher during distillation", fontsize=11)
+    figure.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out

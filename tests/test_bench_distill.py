@@ -1,0 +1,209 @@
+"""The distillation benchmarks' bookkeeping: aggregation, gap closed, run reuse, sweep selection."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridgeta.bench import distill as bench_distill
+from bridgeta.bench import distill_sweep
+from bridgeta.bench.baselines import _check_same_run
+from bridgeta.bench.train_cost import format_table
+from bridgeta.config import load_config, to_dict
+
+
+def _result(seed: int, miou: float, night: float) -> dict:
+    return {
+        "seed": seed,
+        "train": {"step_time_s": 0.5},
+        "test": {
+            "miou": miou,
+            "miou_at_0.5": miou / 2,
+            "iou": {"drivable_area": miou + 0.1, "divider": miou - 0.1},
+            "by_condition": {"day": {"miou": miou}, "night": {"miou": night}},
+            "by_range": {"0-20": {"miou": miou}},
+        },
+    }
+
+
+def test_aggregate_means_stds_and_gap_closed():
+    runs = {
+        "teacher": [_result(0, 0.40, 0.40), _result(1, 0.36, 0.30)],
+        "baseline": [_result(0, 0.10, 0.05), _result(1, 0.16, 0.06)],
+        "bridgeta": [_result(0, 0.25, 0.10), _result(1, 0.16, 0.08)],
+    }
+    table = bench_distill.aggregate(runs)
+    assert table["bridgeta"]["miou"]["mean"] == pytest.approx(0.205)
+    assert table["bridgeta"]["miou"]["std"] == pytest.approx(0.0636396, rel=1e-5)  # sample std of 0.25, 0.16
+    assert table["bridgeta"]["by_condition"]["night"]["mean"] == pytest.approx(0.09)
+    assert table["bridgeta"]["iou"]["divider"]["mean"] == pytest.approx(0.105)
+    # seed 0 closes (0.25-0.10)/(0.40-0.10) = 0.5 of the gap, seed 1 (0.16-0.16)/(0.36-0.16) = 0.
+    assert table["bridgeta"]["gap_closed"]["mean"] == pytest.approx(0.25)
+    assert table["baseline"]["gap_closed"]["mean"] == pytest.approx(0.0)
+    assert table["teacher"]["gap_closed"]["mean"] == pytest.approx(1.0)
+
+
+def test_run_names_reuse_the_baselines_layout():
+    assert bench_distill.run_name("teacher", 1) == "tiny-lc-seed1"
+    assert bench_distill.run_name("baseline", 0) == "tiny-c-seed0"
+    assert bench_distill.run_name("bridgeta", 0) == "tiny-c-bridgeta-seed0"
+
+
+def test_every_method_is_the_bridgeta_recipe_with_one_setting_changed(tmp_path):
+    protocol = bench_distill.Protocol(epochs=2, teacher_epochs=3)
+    runs = tmp_path / "runs"
+    configs = {}
+    for method in bench_distill.METHODS:
+        preset, overrides = bench_distill.method_config(method, runs, 1, protocol)
+        configs[method] = load_config(preset, ["data.dataroot=/data", *overrides])
+    assert configs["teacher"].train.epochs == 3 and configs["teacher"].model.lidar is not None
+    assert configs["baseline"].distill is None and configs["baseline"].train.epochs == 2
+    full = configs["bridgeta"].distill
+    assert full.method == "bridgeta" and full.levels == ("fld", "dld", "lld") and full.lld_aux
+    assert full.teacher == str(runs / "tiny-lc-seed1")  # student seed s learns from teacher seed s
+    expected = {
+        "direct": {"method": "direct"},
+        "feature_kd": {"method": "feature_kd"},
+        "logit_kd": {"method": "logit_kd"},
+        "fld": {"levels": ("fld",)},
+        "fld_dld": {"levels": ("fld", "dld")},
+        "fld_dld_lld_base": {"lld_aux": False},
+        "fixed_epsilon": {"epsilon": "fixed"},
+    }
+    for method, changed in expected.items():
+        distill = configs[method].distill
+        differing = {k for k in vars(full) if getattr(distill, k) != getattr(full, k)}
+        assert differing == set(changed), method
+        assert all(getattr(distill, k) == v for k, v in changed.items()), method
+        assert configs[method].model == configs["baseline"].model  # the same student network
+        assert configs[method].train == configs["bridgeta"].train
+        assert configs[method].name == f"tiny-c-{method}"
+
+
+def test_unknown_method_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown methods.*'nope'"):
+        bench_distill.run(tmp_path, tmp_path / "runs", tmp_path / "out.json", 1, ["nope"])
+
+
+def test_a_run_directory_with_another_config_is_not_reused(tmp_path):
+    import yaml
+
+    run_dir = tmp_path / "tiny-c-seed0"
+    run_dir.mkdir()
+    trained = load_config("tiny-c", ["data.dataroot=/data", "train.epochs=2"])
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(trained)))
+    _check_same_run(run_dir, trained)  # the same config is fine
+    with pytest.raises(ValueError, match="tiny-c-seed0 holds a run with a different config"):
+        _check_same_run(run_dir, load_config("tiny-c", ["data.dataroot=/data", "train.epochs=3"]))
+
+
+def test_sweep_picks_the_best_validation_point(tmp_path, monkeypatch):
+    seen = []
+    scores = {(0.001, 0.01): 0.10, (0.01, 0.01): 0.20, (0.1, 0.01): 0.15, (0.01, 0.5): 0.25}
+
+    def fake_train_and_evaluate(recipe, dataroot, run_dir, seed, overrides, split):
+        assert split == "val"  # the sweep never reads the test towns
+        scale = float(overrides[1].split("fld: ")[1].split(",")[0])
+        low = float(overrides[2].split("[")[1].split(",")[0])
+        seen.append((scale, low))
+        miou = scores[(scale, low)]
+        return {"train": {"step_time_s": 1.0},
+                "val": {"miou": miou, "iou": {}, "by_condition": {"night": {"miou": miou}}}}
+
+    monkeypatch.setattr(distill_sweep, "train_and_evaluate", fake_train_and_evaluate)
+    result = distill_sweep.run(
+        tmp_path, "teacher", tmp_path / "runs", tmp_path / "sweep.json", epochs=1, seed=0,
+        scales=(0.001, 0.01, 0.1), clamps=((0.01, 100.0), (0.5, 2.0)),
+    )
+    # Stage 2 runs only the new clamp at the best scale; the stage-1 point is not trained again.
+    assert seen == [(0.001, 0.01), (0.01, 0.01), (0.1, 0.01), (0.01, 0.5)]
+    assert result["chosen"] == {"lambda": 0.01, "epsilon_range": [0.5, 2.0], "val_miou": 0.25}
+    assert (tmp_path / "sweep.json").is_file()
+
+
+def test_train_cost_table_shows_ratios():
+    result = {"methods": {
+        "baseline": {"step_time_s": 0.5, "step_time_ratio": 1.0, "peak_memory_bytes": 2**30, "memory_ratio": 1.0},
+        "bridgeta": {"step_time_s": 1.25, "step_time_ratio": 2.5, "peak_memory_bytes": 3 * 2**29, "memory_ratio": 1.5},
+    }}
+    lines = format_table(result).splitlines()
+    assert lines[2].split() == ["bridgeta", "1.250", "2.50", "1536", "1.50"]
+
+
+ENV = {"date": "2026-11-21 12:00 UTC", "commit": "abc1234", "torch": "2.13.0", "device": "cpu", "cpu_threads": 2}
+
+
+def _accuracy_result() -> dict:
+    runs = {
+        "teacher": [_result(0, 0.40, 0.40), _result(1, 0.36, 0.30)],
+        "baseline": [_result(0, 0.10, 0.05), _result(1, 0.16, 0.06)],
+        "direct": [_result(0, 0.20, 0.07), _result(1, 0.18, 0.07)],
+        "bridgeta": [_result(0, 0.25, 0.10), _result(1, 0.16, 0.08)],
+    }
+    return {"environment": ENV, "protocol": {"epochs": 2, "teacher_epochs": 3}, "preset": {"name": "cpu"},
+            "table": bench_distill.aggregate(runs)}
+
+
+def test_accuracy_markdown_has_a_row_per_method_with_far_range_and_gap_closed():
+    from bridgeta.bench.accuracy import format_markdown
+
+    lines = format_markdown(_accuracy_result()).splitlines()
+    assert lines[0] == ("| method | drivable_area | divider | mIoU | night mIoU | mIoU 0-20 m | gap closed |")
+    rows = {line.split(" | ")[0].strip("| `"): line for line in lines[2:]}
+    assert set(rows) == {"teacher", "baseline", "direct", "bridgeta"}
+    assert "**20.5 ± 6.4**" in rows["bridgeta"] and rows["bridgeta"].endswith("| +0.25 ± 0.35 |")
+    assert "9.0 ± 1.4" in rows["bridgeta"]  # night
+
+
+def test_rendered_sections_name_the_command_and_commit():
+    from bridgeta.report import render_accuracy, render_distill, render_distill_sweep, render_train_cost
+
+    distill = render_distill(_accuracy_result())
+    assert distill.splitlines()[0] == "| | `baseline` | `direct` | `bridgeta` | `teacher` |"
+    assert "teacher 3 epochs, students 2 epochs" in distill and "commit `abc1234`" in distill
+    assert "bench accuracy --preset cpu" in render_accuracy(_accuracy_result())
+    sweep = {"environment": ENV, "epochs": 2, "seed": 0,
+             "points": [{"stage": "scale", "lambda": 0.01, "epsilon_range": [0.01, 100.0],
+                         "val_miou": 0.123, "val_miou_night": None}],
+             "chosen": {"lambda": 0.01, "epsilon_range": [0.01, 100.0], "val_miou": 0.123}}
+    text = render_distill_sweep(sweep)
+    assert "| scale | 0.01 | [0.01, 100] | 12.3 | – |" in text and "λ1 = λ2 = λ3 = 0.01" in text
+    cost = {"environment": ENV, "steps": 30, "methods": {
+        "baseline": {"step_time_s": 0.4, "step_time_ratio": 1.0, "peak_memory_bytes": 2**30,
+                     "memory_ratio": 1.0, "device": "cpu"}}}
+    assert "| `baseline` | 0.400 | 1.00 | 1024 | 1.00 |" in render_train_cost(cost)
+
+
+def test_accuracy_bench_runs_its_preset_protocol_and_the_demo_is_its_seed_zero(tmp_path, monkeypatch):
+    from bridgeta import demo
+    from bridgeta.bench import accuracy
+
+    calls = {}
+
+    def fake_run_methods(dataroot, runs_dir, out, seeds, methods, protocol):
+        calls.update(dataroot=dataroot, runs_dir=runs_dir, seeds=seeds, methods=tuple(methods), protocol=protocol)
+        return {"environment": ENV, "protocol": {}, "table": _accuracy_result()["table"]}
+
+    monkeypatch.setattr(accuracy, "run_methods", fake_run_methods)
+    result = accuracy.run("cpu", 2, tmp_path / "out", tmp_path / "work", dataroot=tmp_path / "world")
+    assert calls["runs_dir"] == tmp_path / "work" / "runs" and calls["seeds"] == 2
+    assert calls["protocol"] == accuracy.PRESETS["cpu"].protocol
+    assert set(calls["methods"]) == set(bench_distill.METHODS) - {"teacher"}  # every method and ablation
+    assert result["preset"]["name"] == "cpu"
+    assert (tmp_path / "out" / "table.md").read_text().startswith("| method |")
+    # The demo trains with the cpu preset's world and schedule, so the benchmark can reuse its runs.
+    assert demo.CPU is accuracy.PRESETS["cpu"] and set(demo.STUDENTS) <= set(calls["methods"])
+
+
+def test_cost_measures_the_deployed_student_like_info_does():
+    from bridgeta.bench.cost import format_table as cost_table
+    from bridgeta.bench.cost import measure_latency
+    from bridgeta.models.bev_model import build_model
+    from bridgeta.models.cost import measure_model_cost
+
+    cell = measure_latency("tiny-c", "cpu", "fp32", False, warmup=1, repeats=2)
+    reference = measure_model_cost(build_model(load_config("tiny-c")))
+    assert (cell["params"], cell["macs"]) == (reference.params, reference.macs)
+    assert cell["latency_ms"] > 0 and cell["latency_ms_min"] <= cell["latency_ms"] and cell["repeats"] == 2
+    row = cost_table({"inference": [{"role": "student", **cell}]}).splitlines()[1].split()
+    assert row[:5] == ["tiny-c", "student", "cpu", "fp32", "False"]
+    assert float(row[5]) == pytest.approx(reference.params / 1e6, abs=0.01)
