@@ -10,11 +10,8 @@ import torch
 
 from bridgeta.config import load_config
 
-# A narrow LiDAR-only model on a coarse grid: a training step takes a few tens of milliseconds.
-SMALL_TINY_L = [
-    "model.lidar.pillar_channels=8",
-    "model.lidar.channels=[16]",
-    "model.lidar.out_channels=16",
+# A coarse grid, a narrow decoder and in-process loading: what every small test model shares.
+_SMALL_COMMON = [
     "model.decoder.blocks=[[1,16,2],[1,16,1]]",
     "model.decoder.out_channels=16",
     "model.grid.x=[-51.2,51.2,1.6]",
@@ -23,6 +20,14 @@ SMALL_TINY_L = [
     "model.head.output_grid.y=[-50.0,50.0,2.0]",
     "train.num_workers=0",
     "train.log_every=1",
+]
+
+# A narrow LiDAR-only model: a training step takes a few tens of milliseconds.
+SMALL_TINY_L = [
+    "model.lidar.pillar_channels=8",
+    "model.lidar.channels=[16]",
+    "model.lidar.out_channels=16",
+    *_SMALL_COMMON,
 ]
 
 
@@ -35,14 +40,7 @@ SMALL_TINY_C = [
     "model.camera.image_size=[32,88]",
     "model.camera.neck.out_channels=16",
     "model.camera.vtransform.out_channels=16",
-    "model.decoder.blocks=[[1,16,2],[1,16,1]]",
-    "model.decoder.out_channels=16",
-    "model.grid.x=[-51.2,51.2,1.6]",
-    "model.grid.y=[-51.2,51.2,1.6]",
-    "model.head.output_grid.x=[-50.0,50.0,2.0]",
-    "model.head.output_grid.y=[-50.0,50.0,2.0]",
-    "train.num_workers=0",
-    "train.log_every=1",
+    *_SMALL_COMMON,
     "train.batch_size=2",
 ]
 

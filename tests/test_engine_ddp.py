@@ -41,6 +41,32 @@ def dataroot(engine_world):
     return engine_world
 
 
+# Same samples, no randomness in the data: what the DDP / accumulation comparisons need.
+DETERMINISTIC = [
+    "train.batch_size=1", "train.deterministic=true", "train.seed=3",
+    "train.optimizer.lr=0.003", "train.optimizer.warmup_steps=1",
+    "data.augment.image=false", "data.augment.bev=false",
+]
+
+
+def run_two_processes(tmp_path, name: str, body: str) -> None:
+    """Run ``body`` (Python, with the test helpers importable) in 2 CPU processes under torchrun."""
+    script = tmp_path / f"{name}.py"
+    header = f"""
+        import sys
+        import torch
+        torch.set_num_threads(1)
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        """
+    script.write_text(textwrap.dedent(header) + textwrap.dedent(body))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 def test_single_process_context_and_helpers(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -63,39 +89,24 @@ def test_single_process_context_and_helpers(monkeypatch):
 
 
 def test_two_processes_equal_one_process_with_accumulation(dataroot, tmp_path):
-    common = [
-        "train.epochs=2", "train.batch_size=1", "train.deterministic=true", "train.seed=3",
-        "train.checkpoint_every=0", "train.optimizer.lr=0.003", "train.optimizer.warmup_steps=1",
-        "data.augment.image=false", "data.augment.bev=false",
-    ]
+    common = ["train.epochs=2", "train.checkpoint_every=0", *DETERMINISTIC]
     ddp_out = tmp_path / "ddp"
-    script = tmp_path / "train_ddp.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import sys
-            import torch
-            torch.set_num_threads(1)
-            sys.path.insert(0, {os.path.dirname(__file__)!r})
-            from engine_helpers import small_config
-            from bridgeta.engine.distributed import cleanup, init_distributed
-            from bridgeta.engine.trainer import train
-            # One process group for both runs: train() reuses a group it did not create.
-            ctx = init_distributed()
-            assert ctx.world_size == 2 and ctx.owns_group
-            for accumulation, out in (1, {str(ddp_out)!r}), (2, {str(ddp_out) + "-acc"!r}):
-                overrides = [*{common!r}, f"train.grad_accumulation={{accumulation}}"]
-                train(small_config({str(dataroot)!r}, *overrides), out)
-            cleanup(ctx)
-            """
-        )
+    run_two_processes(
+        tmp_path,
+        "train_ddp",
+        f"""
+        from engine_helpers import small_config
+        from bridgeta.engine.distributed import cleanup, init_distributed
+        from bridgeta.engine.trainer import train
+        # One process group for both runs: train() reuses a group it did not create.
+        ctx = init_distributed()
+        assert ctx.world_size == 2 and ctx.owns_group
+        for accumulation, out in (1, {str(ddp_out)!r}), (2, {str(ddp_out) + "-acc"!r}):
+            overrides = [*{common!r}, f"train.grad_accumulation={{accumulation}}"]
+            train(small_config({str(dataroot)!r}, *overrides), out)
+        cleanup(ctx)
+        """,
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
-        env=env, capture_output=True, text=True, timeout=180,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
 
     with torch_threads(1):
         single = train(small_config(dataroot, *common, "train.grad_accumulation=2"), tmp_path / "single")
@@ -139,31 +150,16 @@ def test_two_process_distillation_equals_one_process_with_accumulation(dataroot,
     from engine_helpers import distill_config, write_teacher
 
     teacher = write_teacher(tmp_path / "teacher.safetensors", dataroot)
-    common = [
-        "train.epochs=1", "train.batch_size=1", "train.deterministic=true", "train.seed=3",
-        "train.optimizer.lr=0.003", "train.optimizer.warmup_steps=1",
-        "data.augment.image=false", "data.augment.bev=false",
-    ]
-    script = tmp_path / "distill_ddp.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import sys
-            import torch
-            torch.set_num_threads(1)
-            sys.path.insert(0, {os.path.dirname(__file__)!r})
-            from engine_helpers import distill_config
-            from bridgeta.engine.trainer import train
-            train(distill_config({str(dataroot)!r}, {str(teacher)!r}, *{common!r}), {str(tmp_path / "ddp")!r})
-            """
-        )
+    common = ["train.epochs=1", *DETERMINISTIC]
+    run_two_processes(
+        tmp_path,
+        "distill_ddp",
+        f"""
+        from engine_helpers import distill_config
+        from bridgeta.engine.trainer import train
+        train(distill_config({str(dataroot)!r}, {str(teacher)!r}, *{common!r}), {str(tmp_path / "ddp")!r})
+        """,
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
-        env=env, capture_output=True, text=True, timeout=180,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
     with torch_threads(1):
         train(distill_config(dataroot, teacher, *common, "train.grad_accumulation=2"), tmp_path / "single")
 

@@ -25,6 +25,14 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """What ``train`` and ``distill`` share: the config, the run directory, data, resume."""
+    _add_config_arguments(parser)
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--dataroot", default=None, help="sets data.dataroot")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+
+
 def _command_info(args: argparse.Namespace) -> int:
     from bridgeta.config import load_config
     from bridgeta.models.bev_model import build_model
@@ -51,40 +59,25 @@ def _command_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+# ``bridgeta bench NAME ARGS...`` -> ``bridgeta.bench.<module>.main(ARGS)``; each benchmark parses
+# its own arguments and is imported only when run.
+BENCHMARKS = {
+    "accuracy": "accuracy",
+    "baselines": "baselines",
+    "bev-pool": "bev_pool",
+    "cost": "cost",
+    "data": "data",
+    "distill-sweep": "distill_sweep",
+    "loader": "loader",
+    "train-cost": "train_cost",
+}
+
+
 def _command_bench(args: argparse.Namespace) -> int:
-    if args.bench_command == "bev-pool":
-        from bridgeta.bench.bev_pool import main as bev_pool_main
+    import importlib
 
-        return bev_pool_main(args.bench_args)
-    if args.bench_command == "baselines":
-        from bridgeta.bench.baselines import main as baselines_main
-
-        return baselines_main(args.bench_args)
-    if args.bench_command == "accuracy":
-        from bridgeta.bench.accuracy import main as accuracy_main
-
-        return accuracy_main(args.bench_args)
-    if args.bench_command == "cost":
-        from bridgeta.bench.cost import main as cost_main
-
-        return cost_main(args.bench_args)
-    if args.bench_command == "distill-sweep":
-        from bridgeta.bench.distill_sweep import main as sweep_main
-
-        return sweep_main(args.bench_args)
-    if args.bench_command == "train-cost":
-        from bridgeta.bench.train_cost import main as train_cost_main
-
-        return train_cost_main(args.bench_args)
-    if args.bench_command == "data":
-        from bridgeta.bench.data import main as data_main
-
-        return data_main(args.bench_args)
-    if args.bench_command == "loader":
-        from bridgeta.bench.loader import main as loader_main
-
-        return loader_main(args.bench_args)
-    raise AssertionError(args.bench_command)  # argparse restricts the choices
+    module = importlib.import_module(f"bridgeta.bench.{BENCHMARKS[args.bench_command]}")
+    return module.main(args.bench_args)
 
 
 def _command_report(args: argparse.Namespace) -> int:
@@ -240,25 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     presets.set_defaults(handler=_command_presets)
 
     bench = commands.add_parser("bench", help="benchmarks (long measurements, not tests)")
-    bench.add_argument("bench_command", choices=["accuracy", "bev-pool", "loader", "data", "baselines", "cost", "distill-sweep", "train-cost"])
+    bench.add_argument("bench_command", choices=list(BENCHMARKS))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     bench.set_defaults(handler=_command_bench)
 
     train = commands.add_parser("train", help="train a BEV model (one process, or many under torchrun)")
-    _add_config_arguments(train)
-    train.add_argument("--out", required=True, help="run directory")
-    train.add_argument("--dataroot", default=None, help="sets data.dataroot")
-    train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    _add_run_arguments(train)
     train.set_defaults(handler=_command_train)
 
     distill = commands.add_parser(
         "distill", help="distil a student from a frozen teacher (one process, or many under torchrun)"
     )
-    _add_config_arguments(distill)
+    _add_run_arguments(distill)
     distill.add_argument("--teacher", default=None, help="teacher model file or run dir (sets distill.teacher)")
-    distill.add_argument("--out", required=True, help="run directory")
-    distill.add_argument("--dataroot", default=None, help="sets data.dataroot")
-    distill.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     distill.set_defaults(handler=_command_distill)
 
     export = commands.add_parser(

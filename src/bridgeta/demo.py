@@ -121,14 +121,21 @@ def run_demo(
 
 
 def _deployed_costs(out_dir: Path, runs_dir: Path, seed: int, protocol: Protocol) -> dict[str, dict]:
-    """Export each student (as ``bridgeta export`` does) and measure what is deployed."""
-    costs = {}
+    """Export each student (as ``bridgeta export`` does) and measure what is deployed.
+
+    MACs are counted once per architecture: the exports are checked to be the baseline network.
+    """
+    costs: dict[str, dict] = {}
+    measured: dict[str, tuple[int, int]] = {}
     for role in (*STUDENTS, "teacher"):
         run = runs_dir / run_name(role, seed, protocol)
         path, model = export_student(run, out_dir / "deploy" / f"{role}.safetensors")
-        cost = measure_model_cost(model)
-        costs[role] = {"file": str(path), "params": cost.params, "macs": cost.macs,
-                       "tensors": len(model.state_dict())}
+        architecture = repr(model.config)
+        if architecture not in measured:
+            cost = measure_model_cost(model)
+            measured[architecture] = (cost.params, cost.macs)
+        params, macs = measured[architecture]
+        costs[role] = {"file": str(path), "params": params, "macs": macs, "tensors": len(model.state_dict())}
     return costs
 
 
@@ -146,7 +153,8 @@ def _gap_figure(out_dir: Path, runs_dir: Path, seed: int, protocol: Protocol) ->
 def _prediction_pictures(
     out_dir: Path, runs_dir: Path, cache: LabelCache, seed: int, protocol: Protocol
 ) -> list[Path]:
-    """Prediction vs ground truth of every model on one day and one night test sample."""
+    """Prediction vs ground truth of the baseline, BridgeTA and the teacher on one day and one
+    night test sample (``bridgeta viz`` draws any other run)."""
     from bridgeta.engine.viz import render_prediction
 
     test = [i for i in range(len(cache)) if cache.record(i)["split"] == "test"]
@@ -156,7 +164,7 @@ def _prediction_pictures(
         if not matching:
             continue
         token = cache.tokens[matching[len(matching) // 2]]
-        for role in (*STUDENTS, "teacher"):
+        for role in ("baseline", "bridgeta", "teacher"):
             path = out_dir / f"prediction_{role}_{condition}.png"
             run = runs_dir / run_name(role, seed, protocol)
             pictures.append(render_prediction(run, None, None, token, path, split="test"))

@@ -175,18 +175,24 @@ def _cell(entry: dict | None) -> str:
     return f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
 
 
+def _comparison_rows(table: dict, names: list[str], miou_title: str, classes_first: bool) -> list[str]:
+    """A Markdown table with one column per name: mIoU, mIoU@0.5, per class, condition, range."""
+    first = table[names[0]]
+    lines = ["| | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---:|" * len(names)]
+    classes = [(f"IoU {c}", lambda r, c=c: r["iou"][c]) for c in first["iou"]]
+    groups = [(f"mIoU {k}", lambda r, k=k: r["by_condition"][k]) for k in first["by_condition"]]
+    groups += [(f"mIoU {k} m", lambda r, k=k: r["by_range"][k]) for k in first["by_range"]]
+    rows = [(miou_title, lambda r: r["miou"]), ("mIoU @0.5", lambda r: r["miou_at_0.5"])]
+    rows += classes + groups if classes_first else groups + classes
+    for title, pick in rows:
+        lines.append(f"| {title} | " + " | ".join(_cell(pick(table[n])) for n in names) + " |")
+    return lines
+
+
 def render_baselines(results: dict) -> str:
     table = results["table"]
     names = list(table)
-    first = table[names[0]]
-    header = "| | " + " | ".join(f"`{n}`" for n in names) + " |"
-    lines = [header, "|---|" + "---:|" * len(names)]
-    rows = [("mIoU (iou@max)", lambda r: r["miou"]), ("mIoU @0.5", lambda r: r["miou_at_0.5"])]
-    rows += [(f"IoU {c}", lambda r, c=c: r["iou"][c]) for c in first["iou"]]
-    rows += [(f"mIoU {k}", lambda r, k=k: r["by_condition"][k]) for k in first["by_condition"]]
-    rows += [(f"mIoU {k} m", lambda r, k=k: r["by_range"][k]) for k in first["by_range"]]
-    for title, pick in rows:
-        lines.append(f"| {title} | " + " | ".join(_cell(pick(table[n])) for n in names) + " |")
+    lines = _comparison_rows(table, names, "mIoU (iou@max)", classes_first=True)
     steps = [table[n]["step_time_s"] for n in names]
     lines.append(
         "| training step (s, batch 2) | "
@@ -218,13 +224,7 @@ def render_distill(results: dict, methods: tuple[str, ...] = ("baseline", "direc
     table = results["table"]
     names = [n for n in methods if n in table]
     first = table[names[0]]
-    lines = ["| | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---:|" * len(names)]
-    rows = [("**mIoU** (iou@max)", lambda r: r["miou"]), ("mIoU @0.5", lambda r: r["miou_at_0.5"])]
-    rows += [(f"mIoU {k}", lambda r, k=k: r["by_condition"][k]) for k in first["by_condition"]]
-    rows += [(f"mIoU {k} m", lambda r, k=k: r["by_range"][k]) for k in first["by_range"]]
-    rows += [(f"IoU {c}", lambda r, c=c: r["iou"][c]) for c in first["iou"]]
-    for title, pick in rows:
-        lines.append(f"| {title} | " + " | ".join(_cell(pick(table[n])) for n in names) + " |")
+    lines = _comparison_rows(table, names, "**mIoU** (iou@max)", classes_first=False)
     if "gap_closed" in first:
         cells = []
         for n in names:
