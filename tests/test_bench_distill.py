@@ -179,9 +179,9 @@ def test_accuracy_bench_runs_its_preset_protocol_and_the_demo_is_its_seed_zero(t
 
     calls = {}
 
-    def fake_run_methods(dataroot, runs_dir, out, seeds, methods, protocol):
+    def fake_run_methods(dataroot, runs_dir, out, seeds, methods, protocol, metadata):
         calls.update(dataroot=dataroot, runs_dir=runs_dir, seeds=seeds, methods=tuple(methods), protocol=protocol)
-        return {"environment": ENV, "protocol": {}, "table": _accuracy_result()["table"]}
+        return {"environment": ENV, "protocol": {}, "table": _accuracy_result()["table"], **metadata}
 
     monkeypatch.setattr(accuracy, "run_methods", fake_run_methods)
     result = accuracy.run("cpu", 2, tmp_path / "out", tmp_path / "work", dataroot=tmp_path / "world")

@@ -87,14 +87,12 @@ def run(preset_name: str, seeds: int, out: Path, work: Path, dataroot: Path | No
         methods: Sequence[str] | None = None) -> dict:
     preset = PRESETS[preset_name]
     work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     dataroot = dataroot or ensure_world(work, preset)
     result = run_methods(
-        dataroot, work / "runs", out / "results.json", seeds, methods or preset.methods, preset.protocol
+        dataroot, work / "runs", out / "results.json", seeds, methods or preset.methods, preset.protocol,
+        metadata={"preset": {"name": preset_name, **asdict(preset)}},
     )
-    result["preset"] = {"name": preset_name, **asdict(preset)}
-    from bridgeta.report import write_json
-
-    write_json(out / "results.json", result)
     (out / "table.md").write_text(format_markdown(result) + "\n")
     return result
 

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bridgeta.bench.train_cost import _resident_bytes
+from bridgeta.bench.isolated import peak_resident_bytes, resident_bytes, run_isolated
 from bridgeta.report import environment, write_json
 
 # (student, teacher) architectures; the first is what the CPU protocol trains, the second the paper's.
@@ -40,20 +38,12 @@ def measure_latency(preset: str, device: str, precision: str, compile_model: boo
 
     from bridgeta.config import load_config
     from bridgeta.models.bev_model import build_model
-    from bridgeta.models.cost import REFERENCE_POINTS_PER_SAMPLE, measure_model_cost
-    from bridgeta.rig import reference_inputs
+    from bridgeta.models.cost import measure_model_cost, model_reference_inputs
 
     config = load_config(preset)
     model = build_model(config).eval()
     torch.manual_seed(0)
-    camera = config.model.camera
-    inputs = reference_inputs(
-        1,
-        tuple(camera.image_size) if camera is not None else None,
-        num_cameras=camera.num_cameras if camera is not None else 1,
-        with_lidar=config.model.lidar is not None,
-        points_per_sample=REFERENCE_POINTS_PER_SAMPLE,
-    )
+    inputs = model_reference_inputs(config.model)
     target = torch.device(device)
     model, inputs = model.to(target), inputs.to(target)
     forward = torch.compile(model) if compile_model else model
@@ -65,7 +55,7 @@ def measure_latency(preset: str, device: str, precision: str, compile_model: boo
         if target.type == "cuda":
             torch.cuda.synchronize()
 
-    before = _resident_bytes()
+    before = resident_bytes()
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
@@ -78,7 +68,7 @@ def measure_latency(preset: str, device: str, precision: str, compile_model: boo
     peak = (
         torch.cuda.max_memory_allocated()
         if target.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        else peak_resident_bytes() - before
     )
     # Counted after timing: the flop counter's own allocations must not set the process's peak.
     cost = measure_model_cost(model.cpu())
@@ -111,15 +101,12 @@ def run(pairs: Sequence[str], devices: Sequence[str], warmup: int, repeats: int,
         for role, preset in zip(("student", "teacher"), PAIRS[pair]):
             for device in devices:
                 for precision, compile_model in variants(device):
-                    command = [
-                        sys.executable, "-m", "bridgeta.bench.cost", "--one", preset, "--device", device,
-                        "--precision", precision, "--warmup", str(warmup), "--repeats", str(repeats),
+                    arguments = [
+                        "--one", preset, "--device", device, "--precision", precision,
+                        "--warmup", str(warmup), "--repeats", str(repeats),
                     ] + (["--compile"] if compile_model else [])
                     print(f"-- {preset} ({role}) on {device}, {precision}, compile {compile_model}", flush=True)
-                    done = subprocess.run(command, capture_output=True, text=True)
-                    if done.returncode != 0:
-                        raise RuntimeError(f"{preset} on {device} failed:\n{done.stderr[-3000:]}")
-                    cell = json.loads(done.stdout.strip().splitlines()[-1])
+                    cell = run_isolated("bridgeta.bench.cost", arguments, f"{preset} on {device}")
                     cells.append({"pair": pair, "role": role, **cell})
     result = {"environment": started, "methods": list(METHODS), "inference": cells}
     if dataroot is not None and teacher is not None:

@@ -116,7 +116,10 @@ def run(
     seeds: int,
     methods: Sequence[str],
     protocol: Protocol = Protocol(),
+    metadata: dict | None = None,
 ) -> dict:
+    """Train and evaluate ``methods`` (plus teacher and baseline) for ``seeds`` seeds; write and
+    return the results, with ``metadata`` (e.g. the benchmark preset) merged in."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown} (known: {', '.join(METHODS)})")
@@ -132,9 +135,9 @@ def run(
         "dataroot": str(dataroot),
         "protocol": asdict(protocol),
         "epochs": protocol.epochs,
-        "runs": {m: [{k: r[k] for k in ("preset", "seed", "overrides", "test", "train")} for r in results]
-                 for m, results in runs.items()},
+        "runs": runs,
         "table": aggregate(runs),
+        **(metadata or {}),
     }
     write_json(out, result)
     return result

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from bridgeta.bench.isolated import peak_resident_bytes, resident_bytes, run_isolated
 from bridgeta.report import environment, write_json
 
 METHODS = {
@@ -28,17 +27,6 @@ METHODS = {
     "direct": "distill/tiny-c-direct",
     "bridgeta": "distill/tiny-c-bridgeta",
 }
-
-
-def _resident_bytes() -> int:
-    """Current resident set size of this process (Linux /proc; 0 where unavailable)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-    import os
-
-    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def measure_one(preset: str, dataroot: str, teacher: str | None, steps: int, overrides: Sequence[str]) -> dict:
@@ -55,10 +43,10 @@ def measure_one(preset: str, dataroot: str, teacher: str | None, steps: int, ove
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    before = _resident_bytes()
+    before = resident_bytes()
     with tempfile.TemporaryDirectory() as out:
         summary = train(config, Path(out))
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak_rss = peak_resident_bytes()
     return {
         "preset": preset,
         "steps": summary["steps"],
@@ -74,17 +62,11 @@ def run(dataroot: Path, teacher: str, steps: int, out: Path, overrides: Sequence
     started = environment()
     methods = {}
     for method, preset in METHODS.items():
-        command = [
-            sys.executable, "-m", "bridgeta.bench.train_cost", "--one", preset,
-            "--dataroot", str(dataroot), "--teacher", teacher, "--steps", str(steps),
-        ]
+        arguments = ["--one", preset, "--dataroot", str(dataroot), "--teacher", teacher, "--steps", str(steps)]
         for override in overrides:
-            command += ["--set", override]
+            arguments += ["--set", override]
         print(f"-- {method}: {steps} steps of {preset}", flush=True)
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{method} ({preset}) failed:\n{done.stderr[-3000:]}")
-        methods[method] = json.loads(done.stdout.strip().splitlines()[-1])
+        methods[method] = run_isolated("bridgeta.bench.train_cost", arguments, f"{method} ({preset})")
     base = methods["baseline"]
     for row in methods.values():
         row["step_time_ratio"] = row["step_time_s"] / base["step_time_s"]

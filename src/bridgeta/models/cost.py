@@ -14,7 +14,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from bridgeta.config import ModelConfig
 from bridgeta.models.bev_model import BEVModel
+from bridgeta.models.types import BEVInputs
 from bridgeta.rig import reference_inputs
 
 # Points per sample for LiDAR models: 10 sweeps of a 34k-point nuScenes LIDAR_TOP scan.
@@ -66,19 +68,26 @@ def _blocks(model: BEVModel) -> list[tuple[str, nn.Module]]:
     return blocks
 
 
+def model_reference_inputs(config: ModelConfig, batch_size: int = 1) -> BEVInputs:
+    """Random inputs of the size ``config`` consumes: its cameras and image size, and a
+    nuScenes-sized LiDAR sweep stack when it reads LiDAR (what costs are measured on)."""
+    camera = config.camera
+    return reference_inputs(
+        batch_size,
+        tuple(camera.image_size) if camera is not None else None,
+        num_cameras=camera.num_cameras if camera is not None else 1,
+        with_lidar=config.lidar is not None,
+        points_per_sample=REFERENCE_POINTS_PER_SAMPLE,
+    )
+
+
 @torch.no_grad()
 def measure_model_cost(model: BEVModel, batch_size: int = 1) -> ModelCost:
     """Params and MACs of one forward pass at the model's configured input size."""
     config = model.config
     image_size = tuple(config.camera.image_size) if config.camera is not None else None
     num_cameras = config.camera.num_cameras if config.camera is not None else 0
-    inputs = reference_inputs(
-        batch_size,
-        image_size,
-        num_cameras=max(num_cameras, 1),
-        with_lidar=config.lidar is not None,
-        points_per_sample=REFERENCE_POINTS_PER_SAMPLE,
-    )
+    inputs = model_reference_inputs(config, batch_size)
     was_training = model.training
     model.eval()
     try:
