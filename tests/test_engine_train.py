@@ -21,7 +21,7 @@ from bridgeta.engine import trainer as trainer_module
 from bridgeta.engine.checkpoint import latest_checkpoint
 from bridgeta.engine.model_file import load_model_file
 from bridgeta.engine.schedule import WarmupCosineSchedule, lr_factor
-from bridgeta.engine.precision import autocast_dtype
+from bridgeta.precision import autocast_dtype
 from bridgeta.engine.trainer import parameter_groups, train
 from bridgeta.models.bev_model import BEVModel, build_model
 

@@ -81,7 +81,8 @@ def _command_bench(args: argparse.Namespace) -> int:
 
 
 def _command_report(args: argparse.Namespace) -> int:
-    from bridgeta.report import measure_model_zoo, render_docs, write_json
+    from bridgeta.provenance import write_json
+    from bridgeta.report import measure_model_zoo, render_docs
 
     results_dir, docs_dir = Path(args.results), Path(args.docs)
     if args.report_command == "model-zoo":

@@ -84,6 +84,10 @@ class ViewTransformConfig:
     feature_stride: int = 8
     # 1 or 2: BEVFusion's three-conv block that halves the pooled BEV resolution.
     downsample: int = 1
+    # With downsample 1: one conv3x3-BN-ReLU after pooling, so that F_cam is a normalised
+    # feature (as BEVFusion-C's downsample block makes it) and not a raw sum of lifted features;
+    # distillation compares F_cam with BN-ReLU fuser outputs (METHOD.md §1, comparable levels).
+    normalize: bool = False
 
 
 @dataclass
@@ -182,11 +186,16 @@ class TrainConfig:
 
 @dataclass
 class LevelWeights:
-    """lambda_1..3: weights of the feature, decoded and logit distillation levels."""
+    """lambda_1..3 of the feature, decoded and logit levels, and the CrossKD term's own weight.
+
+    The levels differ in size by orders of magnitude (channels x cells), so each has its own
+    weight; ``lld_aux`` weighs the CrossKD-style KL inside L_LLD (its share is logged too).
+    """
 
     fld: float = 1.0
     dld: float = 1.0
     lld: float = 1.0
+    lld_aux: float = 1.0
 
 
 @dataclass
@@ -213,10 +222,21 @@ class DistillConfig:
     epsilon_range: tuple[float, float] = (0.01, 100.0)
     # TA losses send gradients into the student's camera BEV ("adapts its own camera features").
     ta_grad_to_student: bool = True
+    # False (the spec): L_ta2s trains the student only, the TA side is a detached target. True:
+    # the mutual ablation, where L_ta2s also pulls the TA toward the student.
+    ta_mutual: bool = False
+    # The TA's fuser, decoder and head: fresh ("scratch") or copied from the teacher's ("teacher").
+    ta_init: Literal["scratch", "teacher"] = "scratch"
+    # The CrossKD probe through the TA head: "eval" (running BatchNorm statistics, as a fixed
+    # probe) or "train" (the student's batch statistics; the earlier behaviour, an ablation).
+    ta_probe_mode: Literal["eval", "train"] = "eval"
     # Weight of the TA's own segmentation loss (it is trained jointly with the student).
     ta_seg_weight: float = 1.0
     # Optional relational term (pairwise BEV-cell affinity), our reading of the paper's intro.
     relational_weight: float = 0.0
+    # The frozen teacher's forward precision (it runs without autograd): "auto" is bf16 autocast
+    # where the device computes bf16 natively (docs/distill.md gives the measured tolerance).
+    teacher_precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass
@@ -462,6 +482,8 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         vt = model.camera.vtransform
         if vt.downsample not in (1, 2):
             fail(f"model.camera.vtransform.downsample must be 1 or 2, got {vt.downsample}")
+        if vt.normalize and vt.downsample != 1:
+            fail("model.camera.vtransform.normalize is for downsample 1 (downsample 2 already normalises)")
         downsamples.append(vt.downsample)
         height, width = model.camera.image_size
         if height % vt.feature_stride or width % vt.feature_stride:

@@ -8,54 +8,16 @@ rewrites the marked sections of the docs from those files. A marked section is t
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import platform
 import re
-import subprocess
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from bridgeta.config import list_presets, load_config
+from bridgeta.provenance import environment, write_json
 
 # Reported figures for the BridgeTA paper's camera-only baseline (its Table 3).
 PAPER_BASELINE = {"params_m": 31.8, "gflops": 456.6, "latency_ms": 61.6}
-
-
-def environment() -> dict:
-    """Where and when a measurement was taken."""
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        # Code changed since the commit means the numbers belong to no commit: say so.
-        if git("status", "--porcelain", "--untracked-files=no", "--", ":/src"):
-            commit += "-dirty"
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "device": device,
-        "cpu_threads": torch.get_num_threads(),
-    }
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write atomically so an interrupted command never leaves a half-written results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    temporary.replace(path)
 
 
 def measure_model_zoo(presets: list[str] | None = None) -> dict:

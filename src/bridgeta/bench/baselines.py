@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from bridgeta.config import load_config, parse_config, to_dict
-from bridgeta.report import environment, write_json
+from bridgeta.provenance import environment, write_json
 
 BASELINE_PRESETS = ("tiny-lc", "tiny-c", "tiny-l")
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bridgeta.bench.baselines import train_and_evaluate
-from bridgeta.report import environment, write_json
+from bridgeta.provenance import environment, write_json
 
 RECIPE = "distill/tiny-c-bridgeta"
 SCALES = (0.001, 0.003, 0.01, 0.03)

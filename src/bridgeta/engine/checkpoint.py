@@ -43,7 +43,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from bridgeta.config import ExperimentConfig, to_dict
 from bridgeta.engine.distributed import DistributedContext, all_gather_bytes
 from bridgeta.engine.model_file import read_model_file, save_model_file
-from bridgeta.report import write_json
+from bridgeta.provenance import write_json
 
 log = logging.getLogger(__name__)
 

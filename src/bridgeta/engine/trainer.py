@@ -66,7 +66,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bridgeta.config import ExperimentConfig, to_dict
 from bridgeta.data.dataset import BEVMapDataset, collate_bev
-from bridgeta.engine.precision import autocast_dtype
+from bridgeta.precision import autocast_dtype
 from bridgeta.engine.checkpoint import (
     config_hash,
     gather_rng_states,
@@ -272,6 +272,7 @@ class _Trainer:
         self.last_loss = math.nan
         self.step_times: list[float] = []
         self.term_names: list[str] = []
+        self.term_groups: list[str] = []
         self.logger: MetricsLogger | None = None
         self._window = _Window()
 
@@ -319,6 +320,7 @@ class _Trainer:
                     terms = map_segmentation_loss(outputs.logits, labels, self.model.classes)
             if not self.term_names:
                 self.term_names = list(terms)
+                self.term_groups = [loss_group(name, self.model.classes) for name in self.term_names]
             values = torch.stack([terms[name].float() for name in self.term_names])
             # Each micro-batch weighs 1/group_size, so the update is the mean over the group.
             self.scaler.scale(values.sum() / group_size).backward()
@@ -391,7 +393,7 @@ class _Trainer:
     # -- outputs --------------------------------------------------------------------------------
 
     def _log(self, lr: float) -> None:
-        row = self._window.summary(self.term_names)
+        row = self._window.summary(self.term_names, self.term_groups)
         self._window = _Window()
         self.logger.log(self.step, {"epoch": self.epoch, "lr": lr, **row})
         if self.ctx.is_main:
@@ -485,6 +487,12 @@ class _Trainer:
             self.logger.close()
 
 
+def loss_group(name: str, classes: tuple[str, ...]) -> str:
+    """The group a loss term's share is logged under: ``seg/<class>`` -> ``seg``, ``kd/fld`` as is."""
+    prefix, _, last = name.rpartition("/")
+    return prefix if prefix and last in classes else name
+
+
 class _Window:
     """Sums over the optimiser steps since the last log line, averaged when it is written."""
 
@@ -513,9 +521,14 @@ class _Window:
         self.samples += samples
         self.seconds += seconds
 
-    def summary(self, names: list[str]) -> dict[str, float]:
+    def summary(self, names: list[str], groups: list[str]) -> dict[str, float]:
         terms = (self.terms / self.steps).tolist()
-        row = {"loss": sum(terms), **dict(zip(names, terms))}
+        total = sum(terms)
+        row = {"loss": total, **dict(zip(names, terms))}
+        # Each loss group's share of the total, so that no term is silently negligible.
+        for group, value in zip(groups, terms):
+            key = f"share/{group}"
+            row[key] = row.get(key, 0.0) + (value / total if total else 0.0)
         if self.grad_norms:
             row["grad_norm"] = self.grad_norm / self.grad_norms
         row["samples_per_s"] = self.samples / self.seconds if self.seconds else 0.0
