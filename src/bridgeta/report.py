@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from bridgeta.config import list_presets, load_config
+from bridgeta.files import atomic_write_text
 
 # Reported figures for the BridgeTA paper's camera-only baseline (its Table 3).
 PAPER_BASELINE = {"params_m": 31.8, "gflops": 456.6, "latency_ms": 61.6}
@@ -52,10 +53,7 @@ def environment() -> dict:
 
 def write_json(path: Path, payload: dict) -> None:
     """Write atomically so an interrupted command never leaves a half-written results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    temporary.replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def measure_model_zoo(presets: list[str] | None = None) -> dict:
@@ -338,5 +336,5 @@ def render_docs(results_dir: Path, docs_dir: Path) -> list[str]:
             text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text)
             rendered.append(f"{doc.name}:{name}")
         if text != original:
-            doc.write_text(text)
+            atomic_write_text(doc, text)
     return rendered
