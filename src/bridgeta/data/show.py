@@ -18,6 +18,7 @@ from PIL import Image
 from bridgeta.data.augment import apply_bev_aug_points
 from bridgeta.data.cache import LabelCache
 from bridgeta.data.dataset import BEVMapDataset, load_points
+from bridgeta.files import atomic_path
 from bridgeta.geometry import BEVGrid
 
 CAMERA_LAYOUT = (
@@ -86,8 +87,11 @@ def _from_dataset(dataset: BEVMapDataset, index_or_token: int | str) -> _Content
 
 
 def open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:  # missing, truncated or not an image
+        raise ValueError(f"{path}: cannot read the image ({exc})") from None
 
 
 def sample_title(meta: dict, prefix: str = "") -> str:
@@ -99,8 +103,8 @@ def save_figure(figure: Figure, title: str, out_png: str | Path) -> Path:
     """Title the figure and write it as PNG, creating the folder; returns the path."""
     figure.suptitle(title, fontsize=11)
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png, dpi=72)
+    with atomic_path(out_png) as temporary:
+        figure.savefig(temporary, dpi=72, format="png")
     return out_png
 
 
