@@ -167,6 +167,9 @@ def _command_plot_gap(args: argparse.Namespace) -> int:
 def _command_eval(args: argparse.Namespace) -> int:
     from bridgeta.engine.evaluate import evaluate_checkpoint
 
+    if args.batch_size < 1 or args.workers < 0:
+        flag = "--batch-size must be >= 1" if args.batch_size < 1 else "--workers must be >= 0"
+        raise ValueError(f"{flag}, got {args.batch_size if args.batch_size < 1 else args.workers}")
     result = evaluate_checkpoint(
         args.checkpoint, dataroot=args.dataroot, version=args.version, split=args.split,
         batch_size=args.batch_size, num_workers=args.workers,
@@ -184,9 +187,10 @@ def _command_eval(args: argparse.Namespace) -> int:
 
 
 def _command_viz(args: argparse.Namespace) -> int:
+    from bridgeta.data.show import parse_sample
     from bridgeta.engine.viz import render_prediction
 
-    path = render_prediction(args.checkpoint, None, args.dataroot, sample_argument(args.sample), args.out, split=args.split)
+    path = render_prediction(args.checkpoint, None, args.dataroot, parse_sample(args.sample), args.out, split=args.split)
     print(f"wrote {path}")
     return 0
 
@@ -326,17 +330,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--teacher-epochs", type=int, default=None, help="epochs of the teacher (default: 3)")
     demo.set_defaults(handler=_command_demo)
     return parser
-
-
-def sample_argument(text: str) -> int | str:
-    """``--sample``: an index in the split (digits) or a sample token; a negative index is an error."""
-    stripped = text.strip()
-    if stripped.lstrip("+-").isdigit():
-        index = int(stripped)
-        if index < 0:
-            raise ValueError(f"--sample {text}: an index counts from 0 (or pass a sample token)")
-        return index
-    return stripped
 
 
 # Errors a user can cause and fix (bad paths, values, files, a full disk): one line and exit 2.

@@ -79,7 +79,7 @@ def main_labels(argv: Sequence[str]) -> int:
 def main_show(argv: Sequence[str]) -> int:
     from bridgeta.data.cache import LabelCache, default_cache_dir
     from bridgeta.data.prepare import prepare_dataroot
-    from bridgeta.data.show import render_sample_picture
+    from bridgeta.data.show import parse_sample, render_sample_picture
 
     parser = argparse.ArgumentParser(
         prog="bridgeta data show",
@@ -90,11 +90,11 @@ def main_show(argv: Sequence[str]) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output PNG")
     parser.add_argument("--cache", type=Path, default=None, help="cache folder (prepared if missing)")
     args = parser.parse_args(argv)
+    sample = parse_sample(args.sample)  # before a possibly long prepare
     cache_dir = args.cache or default_cache_dir(args.dataroot, args.version)
     if not (cache_dir / "meta.json").is_file():
         print(f"no cache at {cache_dir}: preparing it first")
         prepare_dataroot(args.dataroot, args.version, cache_dir=cache_dir)
-    sample = int(args.sample) if args.sample.isdigit() else args.sample
     path = render_sample_picture(LabelCache(cache_dir), sample, args.out)
     print(f"wrote {path}")
     return 0

@@ -261,17 +261,24 @@ def prepare_dataroot(
     builder = _Records(nusc, max_sweeps)
     records = []
     for scene in tqdm(scenes, desc=f"records {version}", unit="scene", disable=not progress):
-        location = nusc.get("log", scene["log_token"])["location"]
-        token = scene["first_sample_token"]
-        while token:
-            sample = nusc.get("sample", token)
-            records.append(builder.build(sample, scene, scene_split[scene["name"]], location))
-            token = sample["next"]
+        try:
+            location = nusc.get("log", scene["log_token"])["location"]
+            token = scene["first_sample_token"]
+            while token:
+                sample = nusc.get("sample", token)
+                records.append(builder.build(sample, scene, scene_split[scene["name"]], location))
+                token = sample["next"]
+        except KeyError as exc:  # the devkit's "token not in table" is a bare KeyError
+            raise ValueError(
+                f"{dataroot / version}: scene {scene['name']} refers to {exc}, which is not in its table; "
+                f"bridgeta data check --dataroot {dataroot} --version {version} lists every problem"
+            ) from None
 
     nx, ny = label_grid.shape
     temporary = cache_dir.parent / f".{cache_dir.name}.tmp-{os.getpid()}"
     if temporary.exists():
         shutil.rmtree(temporary)
+    new_parent = not cache_dir.parent.exists()  # a failed prepare leaves no empty .bridgeta_cache
     temporary.mkdir(parents=True)
     try:
         shape = (len(records), len(classes), nx, (ny + 7) // 8)
@@ -307,6 +314,8 @@ def prepare_dataroot(
         _replace_directory(temporary, cache_dir)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
+        if new_parent and not any(cache_dir.parent.iterdir()):
+            cache_dir.parent.rmdir()
         raise
     return cache_dir
 

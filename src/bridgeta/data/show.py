@@ -58,8 +58,29 @@ class _Content:
     classes: tuple[str, ...]
 
 
+def parse_sample(text: str) -> int | str:
+    """A ``--sample`` argument: an index (digits) or a sample token; a negative index is an error
+    (it would otherwise be read as a token and reported as unknown)."""
+    stripped = text.strip()
+    if stripped.lstrip("+-").isdigit():
+        index = int(stripped)
+        if index < 0:
+            raise ValueError(f"--sample {text}: an index counts from 0 (or pass a sample token)")
+        return index
+    return stripped
+
+
+def check_index(index: int, size: int, where: str) -> int:
+    if not 0 <= index < size:
+        raise IndexError(f"--sample {index} is out of range: {where} has {size} samples (0..{size - 1})")
+    return index
+
+
 def _from_cache(cache: LabelCache, index_or_token: int | str) -> _Content:
-    index = cache.index_of(index_or_token) if isinstance(index_or_token, str) else int(index_or_token)
+    if isinstance(index_or_token, str):
+        index = cache.index_of(index_or_token)
+    else:
+        index = check_index(int(index_or_token), len(cache), f"the cache {cache.cache_dir}")
     record = cache.record(index)
     images = {
         c["name"]: np.asarray(open_rgb(cache.dataroot / c["path"])) for c in record["cameras"]
@@ -69,7 +90,10 @@ def _from_cache(cache: LabelCache, index_or_token: int | str) -> _Content:
 
 
 def _from_dataset(dataset: BEVMapDataset, index_or_token: int | str) -> _Content:
-    index = dataset.index_of(index_or_token) if isinstance(index_or_token, str) else int(index_or_token)
+    if isinstance(index_or_token, str):
+        index = dataset.index_of(index_or_token)
+    else:
+        index = check_index(int(index_or_token), len(dataset), f"split '{dataset.split}'")
     sample = dataset[index]
     record = dataset.cache.record(sample.meta["index"])
     images = {}

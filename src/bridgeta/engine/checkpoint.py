@@ -189,8 +189,10 @@ def save_checkpoint(
     temporary.mkdir()
     try:
         _write_checkpoint(temporary, step, epoch, model, config, optimizer, scheduler, scaler, rng_state, data_state)
-    except BaseException:  # a full disk, a kill: no half checkpoint stays behind
+    except BaseException as exc:  # a full disk, an interrupt: no half checkpoint stays behind
         shutil.rmtree(temporary, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise OSError(exc.errno, f"writing checkpoint {root / name}: {exc.strerror or exc}") from exc
         raise
 
     final = root / name

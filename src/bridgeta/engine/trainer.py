@@ -459,10 +459,10 @@ class _Trainer:
         missing = self.dataset.missing_files()
         if missing:
             token, path = missing[0]
+            more = f", and {len(missing) - 1} more files of split '{self.dataset.split}'" if len(missing) > 1 else ""
             raise FileNotFoundError(
-                f"{path} (sample {token}) is missing, and {len(missing) - 1} more files of split "
-                f"'{self.dataset.split}': check the dataroot with bridgeta data check --dataroot "
-                f"{self.config.data.dataroot} --version {self.config.data.version}"
+                f"{path} (sample {token}) is missing{more}: check the dataroot with bridgeta data check "
+                f"--dataroot {self.config.data.dataroot} --version {self.config.data.version}"
             )
         if self.ctx.is_main:
             one = checkpoint_bytes(self.module, self.optimizer)
