@@ -11,7 +11,6 @@ import argparse
 import math
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import shapely

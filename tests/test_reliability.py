@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from data_fixture import VERSION, build_dataroot
-from engine_helpers import SMALL_TINY_C, SMALL_TINY_L, SMALL_TINY_LC
+from engine_helpers import SMALL_TINY_C, SMALL_TINY_L
 
 from bridgeta.cli import main
 

@@ -485,22 +485,22 @@ class _Trainer:
         started = time.perf_counter()
         if resume and force:
             raise ValueError("--resume continues a run and --force replaces it: pass one of them")
-        checkpoint = latest_checkpoint(self.out_dir)
-        replaced: list[Path] = []
+        checkpoint, replaced = None, []
         if resume:
+            checkpoint = latest_checkpoint(self.out_dir)
             if checkpoint is None:
                 raise FileNotFoundError(
                     f"--resume: {self.out_dir} holds no checkpoint to resume ({CHECKPOINT_DIR}/latest): "
                     "drop --resume to start a new run there"
                 )
         else:
-            hint = "resume it with --resume" if checkpoint is not None else ""
+            hint = "resume it with --resume" if (self.out_dir / CHECKPOINT_DIR).is_dir() else ""
             replaced = check_outputs(self.out_dir, RUN_OUTPUTS, force, hint)
         self._preflight()
         # Everything is read and checked before the first file is written, so a failed resume
         # leaves the run as it was. Restoring the RNG states must follow everything that draws
         # from them (model init); the first-batch check reads files but draws from no global RNG.
-        if checkpoint is not None and resume:
+        if checkpoint is not None:
             self._resume(checkpoint)
         self._check_first_batch()
         barrier(self.ctx)  # every rank has checked the outputs before rank 0 changes them
