@@ -12,6 +12,7 @@ accepted (``bridgeta info --config bevfusion-c``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -505,3 +506,48 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         fail(f"model.head.classes: unknown class '{unknown[0]}' (known: {', '.join(MAP_CLASSES)})")
     if not grid.contains(output):
         fail("model.head.output_grid must lie inside model.grid")
+    for key, message in _range_errors(config):
+        fail(f"{key} {message}")
+
+
+def _range_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
+    """``(dotted key, what is wrong)`` for every numeric setting outside its range.
+
+    Checked here, where the key is known, rather than left to PyTorch (whose messages name no key)
+    or to the loop (a negative interval silently checkpoints every step).
+    """
+    train, opt = config.train, config.train.optimizer
+    checks: list[tuple[str, Any, bool, str]] = [  # key, value, valid, what it must be
+        ("train.epochs", train.epochs, train.epochs >= 1, ">= 1"),
+        ("train.batch_size", train.batch_size, train.batch_size >= 1, ">= 1"),
+        ("train.grad_accumulation", train.grad_accumulation, train.grad_accumulation >= 1, ">= 1"),
+        ("train.num_workers", train.num_workers, train.num_workers >= 0, ">= 0"),
+        ("train.log_every", train.log_every, train.log_every >= 1, ">= 1"),
+        ("train.eval_every", train.eval_every, train.eval_every >= 0, ">= 0 (0: only at the end)"),
+        ("train.checkpoint_every", train.checkpoint_every, train.checkpoint_every >= 0,
+         ">= 0 (0: at the end of each epoch)"),
+        ("train.max_steps", train.max_steps, train.max_steps is None or train.max_steps >= 1, ">= 1 or null"),
+        ("train.seed", train.seed, train.seed >= 0, ">= 0"),
+        ("train.eval_split", train.eval_split, bool(train.eval_split.strip()), "a split name"),
+        ("train.optimizer.lr", opt.lr, math.isfinite(opt.lr) and opt.lr > 0, "> 0"),
+        ("train.optimizer.weight_decay", opt.weight_decay, math.isfinite(opt.weight_decay) and opt.weight_decay >= 0,
+         ">= 0"),
+        ("train.optimizer.betas", opt.betas, all(0 <= b < 1 for b in opt.betas), "two values in [0, 1)"),
+        ("train.optimizer.warmup_steps", opt.warmup_steps, opt.warmup_steps >= 0, ">= 0"),
+        ("train.optimizer.min_lr_ratio", opt.min_lr_ratio, 0 <= opt.min_lr_ratio <= 1, "in [0, 1]"),
+        ("train.optimizer.grad_clip", opt.grad_clip, opt.grad_clip is None or opt.grad_clip > 0, "> 0 or null"),
+    ]
+    if config.distill is not None:
+        d = config.distill
+        low, high = d.epsilon_range
+        checks += [
+            ("distill.temperature", d.temperature, d.temperature > 0, "> 0"),
+            ("distill.epsilon_fixed", d.epsilon_fixed, d.epsilon_fixed > 0, "> 0"),
+            ("distill.epsilon_range", d.epsilon_range, 0 < low <= high, "(low, high) with 0 < low <= high"),
+            ("distill.ta_seg_weight", d.ta_seg_weight, d.ta_seg_weight >= 0, ">= 0"),
+            ("distill.relational_weight", d.relational_weight, d.relational_weight >= 0, ">= 0"),
+        ] + [
+            (f"distill.weights.{name}", getattr(d.weights, name), getattr(d.weights, name) >= 0, ">= 0")
+            for name in ("fld", "dld", "lld")
+        ]
+    return [(key, f"must be {what}, got {value!r}") for key, value, valid, what in checks if not valid]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from bridgeta.files import atomic_write_text
+
 
 def environment() -> dict:
     """Where and when a measurement was taken."""
@@ -43,7 +45,4 @@ def environment() -> dict:
 
 def write_json(path: Path, payload: dict) -> None:
     """Write atomically so an interrupted command never leaves a half-written results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    temporary.replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")

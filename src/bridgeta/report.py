@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from bridgeta.config import list_presets, load_config
+from bridgeta.files import atomic_write_text
 from bridgeta.provenance import environment, write_json
 
 # Reported figures for the BridgeTA paper's camera-only baseline (its Table 3).
@@ -300,5 +301,5 @@ def render_docs(results_dir: Path, docs_dir: Path) -> list[str]:
             text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text)
             rendered.append(f"{doc.name}:{name}")
         if text != original:
-            doc.write_text(text)
+            atomic_write_text(doc, text)
     return rendered
