@@ -71,6 +71,7 @@ BENCHMARKS = {
     "data": "data",
     "distill-sweep": "distill_sweep",
     "loader": "loader",
+    "precision": "precision",
     "train-cost": "train_cost",
 }
 

@@ -171,8 +171,11 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 2  # per process
     grad_accumulation: int = 1
-    # "auto": bf16 autocast on a CUDA device that supports it, fp32 elsewhere.
+    # "auto": bf16 autocast on a CUDA device that supports it or a CPU with native bf16
+    # (AVX512-BF16 / AMX), fp32 elsewhere (bridgeta.precision).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # "auto": channels-last on a CPU that trains in bf16 (faster oneDNN kernels), else contiguous.
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     seed: int = 0
     # Deterministic algorithms and seeded workers: bit-exact resume on CPU.
     deterministic: bool = False

@@ -52,7 +52,7 @@ METHODS: dict[str, tuple[str, ...] | None] = {
     "ta_no_grad_to_student": ("distill.ta_grad_to_student=false",),
     "ta_mutual": ("distill.ta_mutual=true",),
     "ta_from_teacher": ("distill.ta_init=teacher",),
-    "epsilon_wide": ("distill.epsilon_range=[0.01, 100.0]",),
+    "epsilon_narrow": ("distill.epsilon_range=[0.5, 2.0]",),
 }
 DEFAULT_METHODS = ("baseline", "direct", "bridgeta")
 

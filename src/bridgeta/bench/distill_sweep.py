@@ -34,7 +34,8 @@ def _point_name(scale: float, clamp: tuple[float, float]) -> str:
 def _overrides(teacher: str, scale: float, clamp: tuple[float, float], epochs: int) -> list[str]:
     return [
         f"distill.teacher={teacher}",
-        f"distill.weights={{fld: {scale}, dld: {scale}, lld: {scale}}}",
+        # The CrossKD term had the LLD weight when this sweep was designed: keep that meaning.
+        f"distill.weights={{fld: {scale}, dld: {scale}, lld: {scale}, lld_aux: {scale}}}",
         f"distill.epsilon_range=[{clamp[0]}, {clamp[1]}]",
         f"train.epochs={epochs}",
     ]

@@ -66,7 +66,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bridgeta.config import ExperimentConfig, to_dict, validate
 from bridgeta.data.dataset import BEVMapDataset, collate_bev
-from bridgeta.precision import autocast_dtype
+from bridgeta.precision import autocast_dtype, use_channels_last
 from bridgeta.engine.checkpoint import (
     CHECKPOINT_DIR,
     KEEP_CHECKPOINTS,
@@ -242,6 +242,10 @@ class _Trainer:
                 raise ValueError(f"distill.teacher {config.distill.teacher}: {exc}") from None
             modalities = tuple(dict.fromkeys(modalities + teacher.modalities))
         self.module: nn.Module = self.distiller if self.distiller is not None else self.model
+        if use_channels_last(cfg.memory_format, cfg.precision, ctx.device):
+            # Parameters only: inputs are converted by the first convolution that reads them, and
+            # model files and checkpoints store contiguous copies, so they do not depend on it.
+            self.module.to(memory_format=torch.channels_last)
         self.forward_model = wrap_model(self.module, ctx)
 
         self.dataset = BEVMapDataset.for_model(
