@@ -267,6 +267,24 @@ def render_train_cost(results: dict) -> str:
     return "\n".join(lines)
 
 
+def render_precision(results: dict) -> str:
+    """fp32 against the default precision on the validation towns (``bridgeta bench precision``)."""
+    lines = ["| precision | settings | val mIoU (%) | step time (s) |", "|---|---|---:|---:|"]
+    for name, settings in results["variants"].items():
+        miou, step = results["val_miou"][name], results["step_time_s"][name]
+        lines.append(
+            f"| `{name}` | {', '.join(f'`{s}`' for s in settings) or 'defaults'} | "
+            f"{100 * miou['mean']:.1f} ± {100 * (miou['std'] or 0):.1f} | {step['mean']:.3f} |"
+        )
+    delta = results["paired_delta_val_miou"]
+    seeds = ", ".join(str(r["seed"]) for r in results["runs"]["default"])
+    lines += ["", f"`{results['preset']}`, {results['epochs']} epochs, seeds [{seeds}], mean ± std over seeds; "
+              f"paired difference (default − fp32) {100 * delta['mean']:+.1f} ± {100 * (delta['std'] or 0):.1f} "
+              f"mIoU against a seed standard deviation of {100 * results['seed_std_val_miou']:.1f}. "
+              + _measured(results, "bridgeta bench precision")]
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     # section name -> (results file, renderer)
     "model-zoo": ("model_zoo.json", render_model_zoo),
@@ -278,6 +296,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "cost": ("cost.json", render_cost),
     "distill-sweep": ("distill_sweep.json", render_distill_sweep),
     "train-cost": ("train_cost.json", render_train_cost),
+    "precision": ("precision.json", render_precision),
 }
 
 
