@@ -382,3 +382,18 @@ def test_tiny_camera_bev_is_normalised_like_the_fused_bev(configs):
     assert out.camera_bev.min() >= 0  # ReLU output, like the fuser's
     channel_std = out.camera_bev.transpose(0, 1).flatten(1).std(dim=1)
     assert channel_std.mean() < 2  # BN-scaled, not a raw sum over depth bins
+
+
+def test_teacher_precision_returns_float32_maps_close_to_fp32(configs):
+    exact = _distiller(configs, teacher_precision="fp32")
+    low = _distiller(configs, teacher_precision="bf16")
+    low.teacher.load_state_dict(exact.teacher.state_dict())
+    inputs, _ = _batch(configs)
+    reference, approximate = exact.teacher_forward(inputs), low.teacher_forward(inputs)
+    for name in ("camera_bev", "lidar_bev", "fused_bev", "decoded_bev", "logits"):
+        value = getattr(approximate, name)
+        assert value.dtype == torch.float32, name
+        assert not value.requires_grad
+    # bf16 keeps 8 bits of mantissa: the probabilities move by far less than a threshold step.
+    difference = (approximate.logits.sigmoid() - reference.logits.sigmoid()).abs()
+    assert 0 < difference.max() < 0.05 and difference.mean() < 5e-3

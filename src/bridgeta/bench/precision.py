@@ -15,6 +15,7 @@ import argparse
 import statistics
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from bridgeta.bench.baselines import _mean_std, train_and_evaluate
@@ -26,7 +27,47 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def run(dataroot: Path, runs_dir: Path, out: Path, seeds: int, epochs: int, preset: str = "tiny-c") -> dict:
+def teacher_agreement(teacher: str, dataroot: Path, split: str = "val") -> dict:
+    """The frozen teacher in fp32 and in bf16 autocast (``distill.teacher_precision: auto``).
+
+    Its maps are the distillation targets, so the question is how far bf16 moves them: the mIoU
+    of each precision on ``split``, and the mean and maximum |sigmoid(L_bf16) - sigmoid(L_fp32)|
+    over every cell and class of the split.
+    """
+    import torch
+
+    from bridgeta.engine.evaluate import build_eval_loader, data_config_for, evaluate_checkpoint, resolve_model_file
+    from bridgeta.engine.model_file import load_model_file
+
+    path = resolve_model_file(teacher)
+    scores = {p: evaluate_checkpoint(path, dataroot, split=split, precision=p) for p in ("fp32", "bf16")}
+    model, config = load_model_file(path)
+    model.eval()
+    config = replace(config, data=data_config_for(config, dataroot, None))
+    loader = build_eval_loader(config, model, split, 2, 0, False)
+    total, count, largest = 0.0, 0, 0.0
+    with torch.no_grad():
+        for inputs, _, _ in loader:
+            reference = model(inputs).logits.sigmoid()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = model(inputs).logits.float().sigmoid()
+            difference = (low - reference).abs()
+            total, count = total + float(difference.sum()), count + difference.numel()
+            largest = max(largest, float(difference.max()))
+    return {
+        "teacher": str(path),
+        "split": split,
+        "miou": {p: scores[p]["miou"] for p in scores},
+        "iou": {p: scores[p]["iou"] for p in scores},
+        "mean_abs_probability_difference": total / count,
+        "max_abs_probability_difference": largest,
+    }
+
+
+def run(
+    dataroot: Path, runs_dir: Path, out: Path, seeds: int, epochs: int, preset: str = "tiny-c",
+    teacher: str | None = None,
+) -> dict:
     started = environment()
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     for seed in range(seeds):
@@ -52,6 +93,7 @@ def run(dataroot: Path, runs_dir: Path, out: Path, seeds: int, epochs: int, pres
         "step_time_s": {name: _mean_std([r["step_time_s"] for r in rows]) for name, rows in runs.items()},
         "paired_delta_val_miou": _mean_std(deltas),
         "seed_std_val_miou": max(seed_spread) if seed_spread else None,
+        "teacher": teacher_agreement(teacher, dataroot) if teacher else None,
     }
     write_json(out, result)
     return result
@@ -64,15 +106,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2, help="the cpu accuracy protocol's student schedule")
     parser.add_argument("--preset", default="tiny-c")
+    parser.add_argument("--teacher", default=None, help="also compare a frozen teacher in fp32 and bf16")
     parser.add_argument("--out", type=Path, default=Path("results/precision.json"))
     args = parser.parse_args(argv)
-    result = run(args.dataroot, args.runs, args.out, args.seeds, args.epochs, args.preset)
+    result = run(args.dataroot, args.runs, args.out, args.seeds, args.epochs, args.preset, args.teacher)
     for name, row in result["val_miou"].items():
         step = result["step_time_s"][name]["mean"]
         print(f"{name:<8} val mIoU {100 * row['mean']:.2f} ± {100 * (row['std'] or 0):.2f}   step {step:.3f} s")
     delta = result["paired_delta_val_miou"]
     print(f"paired delta (default - fp32): {100 * delta['mean']:+.2f} ± {100 * (delta['std'] or 0):.2f} mIoU; "
           f"seed std {100 * (result['seed_std_val_miou'] or 0):.2f}")
+    if result["teacher"]:
+        t = result["teacher"]
+        print(f"teacher val mIoU fp32 {100 * t['miou']['fp32']:.2f}, bf16 {100 * t['miou']['bf16']:.2f}; "
+              f"|p_bf16 - p_fp32| mean {t['mean_abs_probability_difference']:.2e}, "
+              f"max {t['max_abs_probability_difference']:.2e}")
     print(f"wrote {args.out}")
     return 0
 

@@ -337,14 +337,16 @@ def evaluate_checkpoint(
     batch_size: int = 2,
     num_workers: int = 0,
     device: str | torch.device | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """``bridgeta eval``: load a model file and evaluate it on a split (default ``test``).
 
     ``checkpoint`` is a model file, or a checkpoint / run directory holding one (see
     :func:`resolve_model_file`). Data settings come from the config embedded in the model file;
     ``dataroot``, ``version`` and ``split`` override them. The split defaults to ``test`` rather
-    than the embedded ``data.split``, which is the split the model was trained on. Runs in fp32:
-    reported numbers should not depend on the GPU's mixed-precision support.
+    than the embedded ``data.split``, which is the split the model was trained on. Runs in fp32
+    unless ``precision`` says otherwise: reported numbers should not depend on the machine's
+    mixed-precision support (``bench precision`` evaluates a frozen teacher in bf16 on purpose).
     """
     path = resolve_model_file(checkpoint)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -358,4 +360,4 @@ def evaluate_checkpoint(
     loader = build_eval_loader(config, model, split or DEFAULT_SPLIT, batch_size, num_workers, distributed)
     if len(loader.dataset) == 0:
         raise ValueError(f"split '{split or DEFAULT_SPLIT}' of {data.dataroot} has no samples")
-    return evaluate(model, loader, device, model.classes, precision="fp32")
+    return evaluate(model, loader, device, model.classes, precision=precision)
