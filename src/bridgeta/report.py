@@ -282,6 +282,13 @@ def render_precision(results: dict) -> str:
               f"paired difference (default − fp32) {100 * delta['mean']:+.1f} ± {100 * (delta['std'] or 0):.1f} "
               f"mIoU against a seed standard deviation of {100 * results['seed_std_val_miou']:.1f}. "
               + _measured(results, "bridgeta bench precision")]
+    teacher = results.get("teacher")
+    if teacher:
+        lines += ["", f"Frozen teacher (`distill.teacher_precision`), {teacher['split']} towns: mIoU "
+                  f"{100 * teacher['miou']['fp32']:.2f} in fp32, {100 * teacher['miou']['bf16']:.2f} in bf16 "
+                  f"autocast; |sigmoid(L_bf16) − sigmoid(L_fp32)| over every cell and class: mean "
+                  f"{teacher['mean_abs_probability_difference']:.1e}, max "
+                  f"{teacher['max_abs_probability_difference']:.1e}."]
     return "\n".join(lines)
 
 
