@@ -119,26 +119,26 @@ def export_onnx(source: str | Path, out: str | Path, batch_size: int = 1, verify
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(out.name + ".tmp")
-    with warnings.catch_warnings(), torch.no_grad():
-        # The tracer warns about every Python shape check it meets (ours and the model's): all
-        # shapes are fixed in the exported graph, so those checks are constant there by design.
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        # torch >= 2.9 calls the TorchScript exporter "legacy"; it is our choice (module docstring).
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
-        # torch < 2.5 has no ``dynamo`` argument and always uses the TorchScript exporter.
-        choice = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-        torch.onnx.export(
-            wrapper,
-            tuple(arrays[name] for name in INPUT_NAMES),
-            str(temporary),
-            **choice,
-            opset_version=ONNX_OPSET,
-            input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
-            do_constant_folding=True,
-        )
     try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # The tracer warns about every Python shape check it meets (ours and the model's): all
+            # shapes are fixed in the exported graph, so those checks are constant there by design.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            # torch >= 2.9 calls the TorchScript exporter "legacy"; it is our choice (module docstring).
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
+            # torch < 2.5 has no ``dynamo`` argument and always uses the TorchScript exporter.
+            choice = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+            torch.onnx.export(
+                wrapper,
+                tuple(arrays[name] for name in INPUT_NAMES),
+                str(temporary),
+                **choice,
+                opset_version=ONNX_OPSET,
+                input_names=list(INPUT_NAMES),
+                output_names=list(OUTPUT_NAMES),
+                do_constant_folding=True,
+            )
         graph = onnx.load(str(temporary))
         onnx.helper.set_model_props(graph, onnx_metadata(model, config, batch_size))
         onnx.checker.check_model(graph, full_check=True)
