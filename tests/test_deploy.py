@@ -8,6 +8,7 @@ on a distilled run, is in test_engine_distill.py.
 from __future__ import annotations
 
 import math
+import warnings
 
 import onnx
 import pytest
@@ -22,7 +23,7 @@ from bridgeta.engine.deploy import ONNX_OPSET, OnnxStudent, export_onnx, referen
 from bridgeta.engine.model_file import save_model_file
 from bridgeta.geometry import make_transform, rotation_z
 from bridgeta.models.bev_model import build_model
-from bridgeta.models.bev_pool import compute_pool_plan
+from bridgeta.models.bev_pool import bev_pool, compute_pool_plan
 from bridgeta.models.deploy import INPUT_NAMES, DeployedStudent, input_specs
 from bridgeta.models.lss import frustum_to_ego
 
@@ -103,8 +104,8 @@ def test_graph_is_standard_onnx_with_metadata(exported):
     graph = onnx.load(str(result.path))
     assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= ONNX_OPSET >= 17
     assert {o.domain for o in graph.opset_import} <= {"", "ai.onnx"}  # no custom operators
-    scatters = [n for n in graph.graph.node if n.op_type == "ScatterElements"]
-    assert len(scatters) == 1  # bev_pool
+    scatters = [n for n in graph.graph.node if n.op_type.startswith("Scatter")]
+    assert [n.op_type for n in scatters] == ["ScatterND"]  # bev_pool, by rows (not ScatterElements)
     assert {a.name: a.s for a in scatters[0].attribute}["reduction"] == b"add"
     assert [i.name for i in graph.graph.input] == list(INPUT_NAMES)
     assert [o.name for o in graph.graph.output] == ["logits"]
@@ -188,3 +189,42 @@ def test_docs_inference_script_runs_without_bridgeta(tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines] == list(config.model.head.classes)
+
+
+class _Pool(torch.nn.Module):
+    def __init__(self, grid, batch_size):
+        super().__init__()
+        self.grid, self.batch_size = grid, batch_size
+
+    def forward(self, points, features):
+        batch = self.batch_size
+        index = torch.arange(batch).view(batch, 1)
+        plan = compute_pool_plan(self.grid.point_to_cell(points), index, self.grid, batch)
+        return bev_pool(features, plan)
+
+
+def test_exported_bev_pool_sums_duplicates_and_masks_out_of_grid_points(tmp_path):
+    """bev_pool's ONNX form (ScatterND, add) against PyTorch's: many points per cell, many outside."""
+    import onnxruntime
+
+    from bridgeta.geometry import BEVGrid
+
+    grid = BEVGrid((-4.0, 4.0, 1.0), (-3.0, 3.0, 1.0), (-1.0, 1.0, 1.0))
+    generator = torch.Generator().manual_seed(0)
+    points = (torch.rand(2, 3000, 3, generator=generator) * 2 - 1) * torch.tensor([6.0, 5.0, 1.5])
+    features = torch.randn(6000, 5, generator=generator)
+    module = _Pool(grid, 2)
+    path = tmp_path / "pool.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = module(points, features)
+        torch.onnx.export(module, (points, features), str(path), dynamo=False, opset_version=ONNX_OPSET)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    kept_elsewhere = (points * 0.5, features)  # other geometry: another set of kept points
+    for arrays in ((points, features), kept_elsewhere):
+        with torch.no_grad():
+            reference = module(*arrays)
+        actual = session.run(None, dict(zip(names, (a.numpy() for a in arrays))))[0]
+        assert (torch.from_numpy(actual) - reference).abs().max().item() < 1e-5
+    assert expected.shape == (2, 2 * 5, 8, 6)
