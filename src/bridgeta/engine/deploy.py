@@ -7,10 +7,11 @@ graph for these models and the same parity, but the latter needs ``onnxscript`` 
 about six times longer (7 s against 1 s for ``tiny-c``), which the parity test pays on every CI
 run; every torch >= 2.4 that users may install has the TorchScript exporter.
 
-Nothing in the graph is custom: ``bev_pool`` is one ``ScatterElements`` with ``reduction="add"``
-(opset >= 16) into a buffer with one discard row past the grid, to which the frustum points a rig
-sends outside the grid are routed, so the number of kept points is decided by the inputs at run
-time; the camera matrices are inverted in closed form (:func:`~bridgeta.geometry.invert_3x3`).
+Nothing in the graph is custom: ``bev_pool`` is one ``ScatterND`` with ``reduction="add"``
+(opset >= 16) of feature rows into a buffer with one discard row past the grid, to which the
+frustum points a rig sends outside the grid are routed, so the number of kept points is decided by
+the inputs at run time; the camera matrices are inverted in closed form
+(:func:`~bridgeta.geometry.invert_3x3`).
 
 The file carries its own description in ONNX ``metadata_props`` (``bridgeta_*`` keys, JSON
 values): classes, grids, image size, camera count, the input and output specs, the bridgeta
