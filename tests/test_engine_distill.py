@@ -239,6 +239,9 @@ def test_onnx_export_of_a_distilled_run_has_the_same_miou(bridgeta_run, tmp_path
     before = exported.read_bytes()
     assert cli.main(["export", "--format", "onnx", "--checkpoint", str(out), "--out", str(exported)]) == 2
     assert "--force" in capsys.readouterr().err and exported.read_bytes() == before
+    plain = tmp_path / "student.safetensors"
+    assert cli.main(["export", "--checkpoint", str(out), "--out", str(plain), "--batch-size", "2"]) == 2
+    assert "--format onnx" in capsys.readouterr().err and not plain.exists()
 
 
 def test_export_of_a_missing_checkpoint_exits_2(tmp_path, capsys):

@@ -145,10 +145,13 @@ def _command_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         from bridgeta.engine.deploy import ONNX_OPSET, export_onnx
 
-        exported = export_onnx(source, out, batch_size=args.batch_size)
+        batch_size = 1 if args.batch_size is None else args.batch_size
+        exported = export_onnx(source, out, batch_size=batch_size)
         path, model = exported.path, exported.model
-        detail = (f", ONNX opset {ONNX_OPSET}, batch {args.batch_size}; onnxruntime vs PyTorch "
+        detail = (f", ONNX opset {ONNX_OPSET}, batch {batch_size}; onnxruntime vs PyTorch "
                   f"max |logit difference| {exported.parity_max_abs:.2e}")
+    elif args.batch_size is not None:
+        raise ValueError("--batch-size is for --format onnx (a model file has no fixed batch size)")
     else:
         from bridgeta.engine.model_file import export_student
 
@@ -268,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="safetensors: a bridgeta model file; onnx: a graph from images and camera geometry to "
         "map logits for onnxruntime and other runtimes (docs/deploy.md; needs the deploy extra)",
     )
-    export.add_argument("--batch-size", type=int, default=1, help="onnx: the graph's fixed batch size")
+    export.add_argument("--batch-size", type=int, default=None, help="onnx: the graph's fixed batch size (1)")
     export.add_argument("--force", action="store_true", help="replace an existing output file")
     export.set_defaults(handler=_command_export)
 
