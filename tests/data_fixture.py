@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from shapely.geometry import LineString, box
+from shapely.geometry import LineString, Polygon, box
 
 from bridgeta.data.map_expansion import write_map_expansion
 from bridgeta.data.nuscenes_writer import NuScenesWriter
@@ -42,6 +42,45 @@ MAP_LAYERS = MapLayers(
 )
 
 
+# Geometry as real maps have it, which our synthetic writer never produces: polygons of one layer
+# that overlap or share an edge, a polygon with a hole that holds an island (another record of the
+# layer) and is partly covered by a third, and a ring touching itself at a vertex (invalid). Each
+# shape is (exterior, holes) with every vertex on a 0.5 m cell centre of an ego at (500, 500), so a
+# plain point-in-polygon rasterisation predicts every cell (tests/test_data_labels.py).
+_COURTYARD = (485.25, 500.25, 499.75, 512.75), [(488.25, 503.25, 496.75, 509.75)]
+REAL_MAP_SHAPES = {
+    "drivable_area": [
+        ((505.25, 490.25, 515.75, 497.75), []),  # overlaps the next one
+        ((510.25, 494.25, 520.75, 500.75), []),
+        ((520.75, 490.25, 525.25, 500.75), []),  # shares the edge x = 520.75 with the previous one
+        _COURTYARD,
+        ((490.25, 505.25, 494.75, 507.75), []),  # an island inside the courtyard's hole
+        ((495.25, 504.25, 498.75, 506.25), []),  # covers part of the hole and of its border
+    ],
+    "walkway": [
+        ((480.25, 480.25, 490.75, 484.75), []),
+        ((486.25, 482.25, 494.75, 488.75), []),  # overlaps the previous one
+    ],
+}
+# One ring through (504.25, 489.25) twice: two squares touching at a corner, an invalid polygon
+# that the devkit drops from every layer but drivable_area.
+SELF_TOUCHING_RING = Polygon([
+    (500.25, 485.25), (504.25, 485.25), (504.25, 489.25), (508.25, 489.25),
+    (508.25, 493.25), (504.25, 493.25), (504.25, 489.25), (500.25, 489.25),
+])
+SELF_TOUCHING_SQUARES = [((500.25, 485.25, 504.25, 489.25), []), ((504.25, 489.25, 508.25, 493.25), [])]
+
+
+def _shape(exterior, holes) -> Polygon:
+    return Polygon(box(*exterior).exterior.coords, [box(*h).exterior.coords for h in holes])
+
+
+REAL_MAP_LAYERS = MapLayers(
+    drivable_area=[_shape(*s) for s in REAL_MAP_SHAPES["drivable_area"]],
+    walkway=[_shape(*s) for s in REAL_MAP_SHAPES["walkway"]] + [SELF_TOUCHING_RING],
+)
+
+
 def ego_pose(scene_index: int, t: float) -> np.ndarray:
     """global_T_ego of the fixture's ego at ``t`` s into scene ``scene_index``: driving and turning."""
     yaw = SCENES[scene_index][2] + 0.05 * t
@@ -67,11 +106,13 @@ def microseconds(scene_index: int, t: float) -> int:
     return int(round((100.0 * scene_index + t) * 1e6))
 
 
-def build_dataroot(root, scenes=SCENES, splits_file=True, keyframes_per_scene=2) -> Fixture:
+def build_dataroot(
+    root, scenes=SCENES, splits_file=True, keyframes_per_scene=2, map_layers=MAP_LAYERS
+) -> Fixture:
     """A tiny nuScenes dataroot: 2 keyframes per scene, a non-keyframe sweep before each."""
     rng = np.random.default_rng(0)
     writer = NuScenesWriter(root, VERSION)
-    write_map_expansion(root, LOCATION, MAP_LAYERS, (0.0, 0.0, 1000.0, 1000.0))
+    write_map_expansion(root, LOCATION, map_layers, (0.0, 0.0, 1000.0, 1000.0))
     lidar = writer.calibrated_sensor("LIDAR_TOP", "lidar", EGO_T_LIDAR)
     cameras = [
         (c, writer.calibrated_sensor(c.name, "camera", c.ego_T_camera().numpy(), camera_intrinsics(c)))

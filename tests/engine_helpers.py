@@ -87,7 +87,7 @@ def distill_config(dataroot: Path, teacher: Path, *overrides: str, recipe: str =
             *SMALL_TINY_C,
             f"data.dataroot={dataroot}",
             f"distill.teacher={teacher}",
-            "distill.weights={fld: 0.01, dld: 0.01, lld: 0.01}",
+            "distill.weights={fld: 0.01, dld: 0.01, lld: 0.01, lld_aux: 0.01}",
             *overrides,
         ],
     )

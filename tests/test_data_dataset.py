@@ -28,6 +28,7 @@ from bridgeta.data.dataset import (
     AugmentConfig,
     BEVMapDataset,
     DataConfig,
+    DataFileError,
     collate_bev,
     load_image,
 )
@@ -200,7 +201,7 @@ def test_camera_only_dataset_never_reads_lidar(dataroot, tmp_path):
     camera = BEVMapDataset(config, IMAGE_SIZE, TINY_GRID, train=True, modalities=("camera",))
     inputs, labels, _ = collate_bev([camera[0], camera[1]])
     assert inputs.lidar is None and inputs.camera.images.shape[0] == 2
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataFileError, match=r"sample \w+: .*LIDAR_TOP.*pcd\.bin: LiDAR file is missing"):
         BEVMapDataset(config, IMAGE_SIZE, TINY_GRID, modalities=("lidar",))[0]
     lidar_only = BEVMapDataset(config_for(dataroot.root), IMAGE_SIZE, TINY_GRID, modalities=("lidar",))
     assert collate_bev([lidar_only[0]])[0].camera is None

@@ -135,3 +135,68 @@ def test_class_order_and_selection(tmp_path):
     assert np.array_equal(subset, labels[[5, 2]])
     with pytest.raises(ValueError, match="unknown map class 'road'"):
         rasterise_map_labels(nusc_map, global_T_ego, GRID, classes=("road",))
+
+
+def reference_labels(shapes, centres: np.ndarray) -> np.ndarray:
+    """Plain rasterisation: a cell is set when its centre is inside the closed exterior of a shape
+    and outside the closed holes of that same shape (the devkit fills boundaries and clears holes
+    with their boundary)."""
+    out = np.zeros(centres.shape[:2], dtype=bool)
+    for exterior, holes in shapes:
+        x0, y0, x1, y1 = exterior
+        inside = (centres[..., 0] >= x0 - 1e-6) & (centres[..., 0] <= x1 + 1e-6)
+        inside &= (centres[..., 1] >= y0 - 1e-6) & (centres[..., 1] <= y1 + 1e-6)
+        for hx0, hy0, hx1, hy1 in holes:
+            inside &= ~(
+                (centres[..., 0] >= hx0 - 1e-6) & (centres[..., 0] <= hx1 + 1e-6)
+                & (centres[..., 1] >= hy0 - 1e-6) & (centres[..., 1] <= hy1 + 1e-6)
+            )
+        out |= inside
+    return out
+
+
+@pytest.mark.parametrize("yaw_deg", [0.0, 90.0])
+def test_overlapping_touching_holed_and_invalid_polygons_match_a_plain_rasterisation(tmp_path, yaw_deg):
+    from data_fixture import REAL_MAP_LAYERS, REAL_MAP_SHAPES, SELF_TOUCHING_RING, SELF_TOUCHING_SQUARES
+
+    assert not SELF_TOUCHING_RING.is_valid  # the case the devkit drops
+    nusc_map = load(tmp_path, REAL_MAP_LAYERS)
+    global_T_ego = pose(500.0, 500.0, yaw_deg)
+    labels = rasterise_map_labels(nusc_map, global_T_ego, GRID)  # raised TopologyException before
+    centres = cell_centres_global(global_T_ego, GRID)
+    expected = {
+        "drivable_area": reference_labels(REAL_MAP_SHAPES["drivable_area"], centres),
+        "walkway": reference_labels(REAL_MAP_SHAPES["walkway"] + SELF_TOUCHING_SQUARES, centres),
+    }
+    for name, cells in expected.items():
+        got = labels[MAP_CLASSES.index(name)]
+        wrong = np.argwhere(got != cells)
+        assert cells.sum() > 200 and not len(wrong), (name, len(wrong), wrong[:5].tolist())
+    # The island in the courtyard's hole and the square across the hole's border are labelled;
+    # the rest of the hole is not.
+    drivable = labels[MAP_CLASSES.index("drivable_area")]
+    def cell(x, y):
+        return tuple(np.argwhere((np.abs(centres[..., 0] - x) < 0.01) & (np.abs(centres[..., 1] - y) < 0.01))[0])
+    assert drivable[cell(492.25, 506.25)] and drivable[cell(496.25, 505.25)]
+    assert not drivable[cell(489.25, 504.25)]
+    walkway = labels[MAP_CLASSES.index("walkway")]
+    assert walkway[cell(502.25, 487.25)] and walkway[cell(506.25, 491.25)]  # both halves of the ring
+
+
+def test_data_labels_command_on_a_real_style_map(tmp_path):
+    from data_fixture import REAL_MAP_LAYERS, VERSION, build_dataroot
+
+    from bridgeta.cli import main
+    from bridgeta.data.devkit import load_nuscenes
+
+    root = tmp_path / "root"
+    build_dataroot(root, scenes=SCENES_ONE, keyframes_per_scene=1, map_layers=REAL_MAP_LAYERS)
+    token = load_nuscenes(root, VERSION).sample[0]["token"]
+    out = tmp_path / "labels.npy"
+    assert main(["data", "labels", "--dataroot", str(root), "--version", VERSION, "--sample", token,
+                 "--out", str(out)]) == 0
+    labels = np.load(out)
+    assert labels.shape == (6, 200, 200) and labels[MAP_CLASSES.index("drivable_area")].sum() > 500
+
+
+SCENES_ONE = (("scene-a", "Day", 0.0, "train"),)

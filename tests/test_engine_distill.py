@@ -97,6 +97,13 @@ def test_bridgeta_run_logs_every_term_and_saves_student_and_assistant(bridgeta_r
         for level in LEVELS:
             assert low - 1e-6 <= row[f"{level}/epsilon"] <= high + 1e-6
             assert row[f"{level}/gap_l2"] > 0 and row[f"{level}/ta2s"] >= 0 and row[f"{level}/t2ta"] >= 0
+        # Every loss group's share of the total is logged, and the shares add up to one.
+        shares = {k: v for k, v in row.items() if k.startswith("share/")}
+        assert set(shares) == {"share/seg", "share/ta_seg", "share/kd/fld", "share/kd/dld",
+                               "share/kd/lld", "share/kd/lld_aux"}
+        assert sum(shares.values()) == pytest.approx(1.0, rel=1e-6)
+        seg = sum(row[f"seg/{c}"] for c in classes)
+        assert shares["share/seg"] == pytest.approx(seg / row["loss"], rel=1e-6)
         # No other training term sneaks in (e.g. the teacher's own loss, focal/ of a bare model).
         assert not [k for k in row if k.startswith(("focal/", "kd/relational"))]
 

@@ -21,7 +21,7 @@ from bridgeta.engine import trainer as trainer_module
 from bridgeta.engine.checkpoint import latest_checkpoint
 from bridgeta.engine.model_file import load_model_file
 from bridgeta.engine.schedule import WarmupCosineSchedule, lr_factor
-from bridgeta.engine.precision import autocast_dtype
+from bridgeta.precision import autocast_dtype, cpu_has_native_bf16, use_channels_last
 from bridgeta.engine.trainer import parameter_groups, train
 from bridgeta.models.bev_model import BEVModel, build_model
 
@@ -77,10 +77,18 @@ def test_no_weight_decay_on_biases_and_norms():
 
 def test_precision_resolution():
     cpu = torch.device("cpu")
-    assert autocast_dtype("auto", cpu) is None  # fp32 off CUDA
+    # bf16 only where the CPU computes it natively; emulated bf16 is slower than fp32.
+    assert autocast_dtype("auto", cpu) is (torch.bfloat16 if cpu_has_native_bf16() else None)
     assert autocast_dtype("fp32", cpu) is None
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
     assert autocast_dtype("fp16", cpu) is torch.float16
+    # Channels-last follows bf16 on the CPU; explicit settings win; contiguous elsewhere.
+    assert use_channels_last("auto", "bf16", cpu) and not use_channels_last("auto", "fp32", cpu)
+    assert use_channels_last("auto", "auto", cpu) == cpu_has_native_bf16()
+    assert use_channels_last("channels_last", "fp32", cpu) and not use_channels_last("contiguous", "bf16", cpu)
+    assert not use_channels_last("auto", "bf16", torch.device("cuda"))
+    with pytest.raises(ValueError, match="memory_format"):
+        use_channels_last("nhwc", "fp32", cpu)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from bridgeta.report import environment, render_docs, write_json
+from bridgeta.provenance import environment, write_json
+from bridgeta.report import render_docs
 
 BEV_POOL = {
     "environment": {"date": "2026-01-01 00:00 UTC", "commit": "abc1234", "torch": "2.13.0"},

@@ -95,7 +95,7 @@ def test_generation_is_deterministic_and_refuses_to_overwrite(tmp_path):
     lidar = sorted((tmp_path / "a" / "samples" / "LIDAR_TOP").iterdir())[0]
     assert lidar.read_bytes() == (tmp_path / "b" / "samples" / "LIDAR_TOP" / lidar.name).read_bytes()
     assert first.samples == 1
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(FileExistsError, match="already holds v1.0-trainval"):
         generate_dataroot(tmp_path / "a", scenes=1, seed=5, preset=one_scene, workers=1)
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +32,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run directory")
     parser.add_argument("--dataroot", default=None, help="sets data.dataroot")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    parser.add_argument("--force", action="store_true", help="replace what a previous run left in --out")
 
 
 def _command_info(args: argparse.Namespace) -> int:
@@ -69,6 +71,7 @@ BENCHMARKS = {
     "data": "data",
     "distill-sweep": "distill_sweep",
     "loader": "loader",
+    "precision": "precision",
     "train-cost": "train_cost",
 }
 
@@ -81,7 +84,8 @@ def _command_bench(args: argparse.Namespace) -> int:
 
 
 def _command_report(args: argparse.Namespace) -> int:
-    from bridgeta.report import measure_model_zoo, render_docs, write_json
+    from bridgeta.provenance import write_json
+    from bridgeta.report import measure_model_zoo, render_docs
 
     results_dir, docs_dir = Path(args.results), Path(args.docs)
     if args.report_command == "model-zoo":
@@ -109,7 +113,10 @@ def _command_train(args: argparse.Namespace) -> int:
     from bridgeta.engine.evaluate import evaluate_checkpoint_model
     from bridgeta.engine.trainer import train
 
-    summary = train(_training_config(args), Path(args.out), resume=args.resume, evaluate_fn=evaluate_checkpoint_model)
+    summary = train(
+        _training_config(args), Path(args.out), resume=args.resume, evaluate_fn=evaluate_checkpoint_model,
+        force=args.force,
+    )
     if os.environ.get("RANK", "0") == "0":  # one summary under torchrun, not one per process
         print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -129,7 +136,7 @@ def _command_distill(args: argparse.Namespace) -> int:
         )
     if args.teacher:
         config = replace(config, distill=replace(config.distill, teacher=args.teacher))
-    summary = train(config, Path(args.out), resume=args.resume, evaluate_fn=evaluate_checkpoint_model)
+    summary = train(config, Path(args.out), resume=args.resume, evaluate_fn=evaluate_checkpoint_model, force=args.force)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -137,11 +144,16 @@ def _command_distill(args: argparse.Namespace) -> int:
 
 def _command_export(args: argparse.Namespace) -> int:
     from bridgeta.engine.evaluate import resolve_model_file
+    from bridgeta.files import check_outputs
 
-    source = resolve_model_file(args.checkpoint)
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists: pass --force to replace it")
+    if out.is_dir():  # checked first: replacing a folder by a file is never what was meant
+        suffix = "onnx" if args.format == "onnx" else "safetensors"
+        raise IsADirectoryError(f"--out {out} is a directory: give the output file, e.g. {out / ('student.' + suffix)}")
+    check_outputs(out.parent, [out.name], args.force)
+    if args.format != "onnx" and args.batch_size is not None:
+        raise ValueError("--batch-size is for --format onnx (a model file has no fixed batch size)")
+    source = resolve_model_file(args.checkpoint)
     if args.format == "onnx":
         from bridgeta.engine.deploy import ONNX_OPSET, export_onnx
 
@@ -150,8 +162,6 @@ def _command_export(args: argparse.Namespace) -> int:
         path, model = exported.path, exported.model
         detail = (f", ONNX opset {ONNX_OPSET}, batch {batch_size}; onnxruntime vs PyTorch "
                   f"max |logit difference| {exported.parity_max_abs:.2e}")
-    elif args.batch_size is not None:
-        raise ValueError("--batch-size is for --format onnx (a model file has no fixed batch size)")
     else:
         from bridgeta.engine.model_file import export_student
 
@@ -173,6 +183,9 @@ def _command_plot_gap(args: argparse.Namespace) -> int:
 def _command_eval(args: argparse.Namespace) -> int:
     from bridgeta.engine.evaluate import evaluate_checkpoint
 
+    if args.batch_size < 1 or args.workers < 0:
+        flag = "--batch-size must be >= 1" if args.batch_size < 1 else "--workers must be >= 0"
+        raise ValueError(f"{flag}, got {args.batch_size if args.batch_size < 1 else args.workers}")
     result = evaluate_checkpoint(
         args.checkpoint, dataroot=args.dataroot, version=args.version, split=args.split,
         batch_size=args.batch_size, num_workers=args.workers,
@@ -190,10 +203,10 @@ def _command_eval(args: argparse.Namespace) -> int:
 
 
 def _command_viz(args: argparse.Namespace) -> int:
+    from bridgeta.data.show import parse_sample
     from bridgeta.engine.viz import render_prediction
 
-    sample = int(args.sample) if args.sample.isdigit() else args.sample
-    path = render_prediction(args.checkpoint, None, args.dataroot, sample, args.out, split=args.split)
+    path = render_prediction(args.checkpoint, None, args.dataroot, parse_sample(args.sample), args.out, split=args.split)
     print(f"wrote {path}")
     return 0
 
@@ -202,7 +215,8 @@ def _command_synth(args: argparse.Namespace) -> int:
     from bridgeta.data.synth.generate import generate_dataroot
 
     report = generate_dataroot(
-        args.out, args.scenes, args.seed, args.preset, workers=args.workers, duration=args.duration
+        args.out, args.scenes, args.seed, args.preset, workers=args.workers, duration=args.duration,
+        force=args.force,
     )
     print(
         f"wrote {report.dataroot}: {report.samples} samples, {report.sweeps} LiDAR sweeps, "
@@ -235,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cross-modal knowledge distillation for BEV map segmentation (pure PyTorch).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     commands = parser.add_subparsers(dest="command", required=True)
 
     info = commands.add_parser("info", help="parameters and MACs of a model config")
@@ -308,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--preset", default="tiny", help="world size and sensor resolution: tiny, default")
     synth.add_argument("--workers", type=int, default=None, help="rendering processes (default: cores)")
     synth.add_argument("--duration", type=float, default=None, help="scene length in s (default 20)")
+    synth.add_argument("--force", action="store_true", help="replace a world already in --out")
     synth.set_defaults(handler=_command_synth)
 
     data = commands.add_parser("data", help="nuScenes-format dataroots: check, prepare, labels, show")
@@ -338,6 +354,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors a user can cause and fix (bad paths, values, files, a full disk): one line and exit 2.
+# Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (ValueError, OSError, KeyError, IndexError, ImportError)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line.
+
+    An error raised in a DataLoader worker arrives re-raised with the worker's traceback in its
+    message; its last line is the original message.
+    """
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("Caught ") and len(lines) > 1:
+        last = lines[-1]  # "package.module.SomeError: message"
+        return re.sub(r"^[A-Za-z_][\w.]*: ", "", last, count=1)
+    return " ".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -345,17 +382,23 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    debug = args.debug or os.environ.get("BRIDGETA_DEBUG") == "1"
     try:
         return args.handler(args)
     except ConfigError as exc:
-        print(f"bridgeta: config error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"bridgeta: config error: {one_line(exc)}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # a non-finite loss stopped training; the last good checkpoint is kept
-        print(f"bridgeta: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"bridgeta: {one_line(exc)}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        # Bad input (a path, a token, an argument value): one clear line, no traceback.
-        print(f"bridgeta: {exc}", file=sys.stderr)
+    except EXPECTED_ERRORS as exc:
+        if debug:
+            raise
+        print(f"bridgeta: {one_line(exc)} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -12,6 +12,7 @@ accepted (``bridgeta info --config bevfusion-c``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -84,6 +85,10 @@ class ViewTransformConfig:
     feature_stride: int = 8
     # 1 or 2: BEVFusion's three-conv block that halves the pooled BEV resolution.
     downsample: int = 1
+    # With downsample 1: one conv3x3-BN-ReLU after pooling, so that F_cam is a normalised
+    # feature (as BEVFusion-C's downsample block makes it) and not a raw sum of lifted features;
+    # distillation compares F_cam with BN-ReLU fuser outputs (METHOD.md §1, comparable levels).
+    normalize: bool = False
 
 
 @dataclass
@@ -166,8 +171,11 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 2  # per process
     grad_accumulation: int = 1
-    # "auto": bf16 autocast on a CUDA device that supports it, fp32 elsewhere.
+    # "auto": bf16 autocast on a CUDA device that supports it or a CPU with native bf16
+    # (AVX512-BF16 / AMX), fp32 elsewhere (bridgeta.precision).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # "auto": channels-last on a CPU that trains in bf16 (faster oneDNN kernels), else contiguous.
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     seed: int = 0
     # Deterministic algorithms and seeded workers: bit-exact resume on CPU.
     deterministic: bool = False
@@ -182,11 +190,16 @@ class TrainConfig:
 
 @dataclass
 class LevelWeights:
-    """lambda_1..3: weights of the feature, decoded and logit distillation levels."""
+    """lambda_1..3 of the feature, decoded and logit levels, and the CrossKD term's own weight.
+
+    The levels differ in size by orders of magnitude (channels x cells), so each has its own
+    weight; ``lld_aux`` weighs the CrossKD-style KL inside L_LLD (its share is logged too).
+    """
 
     fld: float = 1.0
     dld: float = 1.0
     lld: float = 1.0
+    lld_aux: float = 1.0
 
 
 @dataclass
@@ -213,10 +226,21 @@ class DistillConfig:
     epsilon_range: tuple[float, float] = (0.01, 100.0)
     # TA losses send gradients into the student's camera BEV ("adapts its own camera features").
     ta_grad_to_student: bool = True
+    # False (the spec): L_ta2s trains the student only, the TA side is a detached target. True:
+    # the mutual ablation, where L_ta2s also pulls the TA toward the student.
+    ta_mutual: bool = False
+    # The TA's fuser, decoder and head: fresh ("scratch") or copied from the teacher's ("teacher").
+    ta_init: Literal["scratch", "teacher"] = "scratch"
+    # The CrossKD probe through the TA head: "eval" (running BatchNorm statistics, as a fixed
+    # probe) or "train" (the student's batch statistics; the earlier behaviour, an ablation).
+    ta_probe_mode: Literal["eval", "train"] = "eval"
     # Weight of the TA's own segmentation loss (it is trained jointly with the student).
     ta_seg_weight: float = 1.0
     # Optional relational term (pairwise BEV-cell affinity), our reading of the paper's intro.
     relational_weight: float = 0.0
+    # The frozen teacher's forward precision (it runs without autograd): "auto" is bf16 autocast
+    # where the device computes bf16 natively (docs/distill.md gives the measured tolerance).
+    teacher_precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass
@@ -462,6 +486,8 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         vt = model.camera.vtransform
         if vt.downsample not in (1, 2):
             fail(f"model.camera.vtransform.downsample must be 1 or 2, got {vt.downsample}")
+        if vt.normalize and vt.downsample != 1:
+            fail("model.camera.vtransform.normalize is for downsample 1 (downsample 2 already normalises)")
         downsamples.append(vt.downsample)
         height, width = model.camera.image_size
         if height % vt.feature_stride or width % vt.feature_stride:
@@ -483,3 +509,48 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         fail(f"model.head.classes: unknown class '{unknown[0]}' (known: {', '.join(MAP_CLASSES)})")
     if not grid.contains(output):
         fail("model.head.output_grid must lie inside model.grid")
+    for key, message in _range_errors(config):
+        fail(f"{key} {message}")
+
+
+def _range_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
+    """``(dotted key, what is wrong)`` for every numeric setting outside its range.
+
+    Checked here, where the key is known, rather than left to PyTorch (whose messages name no key)
+    or to the loop (a negative interval silently checkpoints every step).
+    """
+    train, opt = config.train, config.train.optimizer
+    checks: list[tuple[str, Any, bool, str]] = [  # key, value, valid, what it must be
+        ("train.epochs", train.epochs, train.epochs >= 1, ">= 1"),
+        ("train.batch_size", train.batch_size, train.batch_size >= 1, ">= 1"),
+        ("train.grad_accumulation", train.grad_accumulation, train.grad_accumulation >= 1, ">= 1"),
+        ("train.num_workers", train.num_workers, train.num_workers >= 0, ">= 0"),
+        ("train.log_every", train.log_every, train.log_every >= 1, ">= 1"),
+        ("train.eval_every", train.eval_every, train.eval_every >= 0, ">= 0 (0: only at the end)"),
+        ("train.checkpoint_every", train.checkpoint_every, train.checkpoint_every >= 0,
+         ">= 0 (0: at the end of each epoch)"),
+        ("train.max_steps", train.max_steps, train.max_steps is None or train.max_steps >= 1, ">= 1 or null"),
+        ("train.seed", train.seed, train.seed >= 0, ">= 0"),
+        ("train.eval_split", train.eval_split, bool(train.eval_split.strip()), "a split name"),
+        ("train.optimizer.lr", opt.lr, math.isfinite(opt.lr) and opt.lr > 0, "> 0"),
+        ("train.optimizer.weight_decay", opt.weight_decay, math.isfinite(opt.weight_decay) and opt.weight_decay >= 0,
+         ">= 0"),
+        ("train.optimizer.betas", opt.betas, all(0 <= b < 1 for b in opt.betas), "two values in [0, 1)"),
+        ("train.optimizer.warmup_steps", opt.warmup_steps, opt.warmup_steps >= 0, ">= 0"),
+        ("train.optimizer.min_lr_ratio", opt.min_lr_ratio, 0 <= opt.min_lr_ratio <= 1, "in [0, 1]"),
+        ("train.optimizer.grad_clip", opt.grad_clip, opt.grad_clip is None or opt.grad_clip > 0, "> 0 or null"),
+    ]
+    if config.distill is not None:
+        d = config.distill
+        low, high = d.epsilon_range
+        checks += [
+            ("distill.temperature", d.temperature, d.temperature > 0, "> 0"),
+            ("distill.epsilon_fixed", d.epsilon_fixed, d.epsilon_fixed > 0, "> 0"),
+            ("distill.epsilon_range", d.epsilon_range, 0 < low <= high, "(low, high) with 0 < low <= high"),
+            ("distill.ta_seg_weight", d.ta_seg_weight, d.ta_seg_weight >= 0, ">= 0"),
+            ("distill.relational_weight", d.relational_weight, d.relational_weight >= 0, ">= 0"),
+        ] + [
+            (f"distill.weights.{name}", getattr(d.weights, name), getattr(d.weights, name) >= 0, ">= 0")
+            for name in ("fld", "dld", "lld")
+        ]
+    return [(key, f"must be {what}, got {value!r}") for key, value, valid, what in checks if not valid]

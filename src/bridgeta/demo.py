@@ -70,7 +70,8 @@ def run_demo(
     if (dataroot / VERSION).exists():
         print(f"reusing {dataroot}")
     else:
-        world = generate_dataroot(dataroot, scenes, seed=seed, preset=CPU.world, duration=duration)
+        # No complete world: whatever a killed generation left in the demo's own folder is replaced.
+        world = generate_dataroot(dataroot, scenes, seed=seed, preset=CPU.world, duration=duration, force=True)
         print(f"{world.samples} samples, {world.sweeps} LiDAR sweeps, {world.annotations} boxes, "
               f"{world.seconds:.0f} s ({world.samples_per_second:.1f} samples/s)")
     cache = LabelCache(prepare_dataroot(dataroot, VERSION, progress=False))

@@ -8,54 +8,17 @@ rewrites the marked sections of the docs from those files. A marked section is t
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import platform
 import re
-import subprocess
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from bridgeta.config import list_presets, load_config
+from bridgeta.files import atomic_write_text
+from bridgeta.provenance import environment, write_json
 
 # Reported figures for the BridgeTA paper's camera-only baseline (its Table 3).
 PAPER_BASELINE = {"params_m": 31.8, "gflops": 456.6, "latency_ms": 61.6}
-
-
-def environment() -> dict:
-    """Where and when a measurement was taken."""
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        # Code changed since the commit means the numbers belong to no commit: say so.
-        if git("status", "--porcelain", "--untracked-files=no", "--", ":/src"):
-            commit += "-dirty"
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "device": device,
-        "cpu_threads": torch.get_num_threads(),
-    }
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write atomically so an interrupted command never leaves a half-written results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    temporary.replace(path)
 
 
 def measure_model_zoo(presets: list[str] | None = None) -> dict:
@@ -331,6 +294,24 @@ def render_train_cost(results: dict) -> str:
     return "\n".join(lines)
 
 
+def render_precision(results: dict) -> str:
+    """fp32 against the default precision on the validation towns (``bridgeta bench precision``)."""
+    lines = ["| precision | settings | val mIoU (%) | step time (s) |", "|---|---|---:|---:|"]
+    for name, settings in results["variants"].items():
+        miou, step = results["val_miou"][name], results["step_time_s"][name]
+        lines.append(
+            f"| `{name}` | {', '.join(f'`{s}`' for s in settings) or 'defaults'} | "
+            f"{100 * miou['mean']:.1f} ± {100 * (miou['std'] or 0):.1f} | {step['mean']:.3f} |"
+        )
+    delta = results["paired_delta_val_miou"]
+    seeds = ", ".join(str(r["seed"]) for r in results["runs"]["default"])
+    lines += ["", f"`{results['preset']}`, {results['epochs']} epochs, seeds [{seeds}], mean ± std over seeds; "
+              f"paired difference (default − fp32) {100 * delta['mean']:+.1f} ± {100 * (delta['std'] or 0):.1f} "
+              f"mIoU against a seed standard deviation of {100 * results['seed_std_val_miou']:.1f}. "
+              + _measured(results, "bridgeta bench precision")]
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     # section name -> (results file, renderer)
     "model-zoo": ("model_zoo.json", render_model_zoo),
@@ -343,6 +324,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "deployed-cost": ("cost.json", render_deployed_cost),
     "distill-sweep": ("distill_sweep.json", render_distill_sweep),
     "train-cost": ("train_cost.json", render_train_cost),
+    "precision": ("precision.json", render_precision),
 }
 
 
@@ -366,5 +348,5 @@ def render_docs(results_dir: Path, docs_dir: Path) -> list[str]:
             text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text)
             rendered.append(f"{doc.name}:{name}")
         if text != original:
-            doc.write_text(text)
+            atomic_write_text(doc, text)
     return rendered

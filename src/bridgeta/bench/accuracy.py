@@ -56,8 +56,8 @@ def ensure_world(work: Path, preset: AccuracyPreset, seed: int = 0) -> Path:
     from bridgeta.data.synth.generate import VERSION, generate_dataroot
 
     dataroot = work / "world"
-    if not (dataroot / VERSION).exists():
-        generate_dataroot(dataroot, preset.scenes, seed=seed, preset=preset.world, duration=preset.duration)
+    if not (dataroot / VERSION).exists():  # no complete world: what a killed generation left is replaced
+        generate_dataroot(dataroot, preset.scenes, seed=seed, preset=preset.world, duration=preset.duration, force=True)
     prepare_dataroot(dataroot, VERSION, progress=False)
     return dataroot
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from bridgeta.config import load_config, parse_config, to_dict
-from bridgeta.report import environment, write_json
+from bridgeta.provenance import environment, write_json
 
 BASELINE_PRESETS = ("tiny-lc", "tiny-c", "tiny-l")
 
@@ -44,7 +44,10 @@ def train_and_evaluate(
     result_path = run_dir / f"eval_{split}.json"
     if result_path.is_file() and (run_dir / "model.safetensors").is_file():
         return json.loads(result_path.read_text())
-    summary = train(config, run_dir, resume=(run_dir / "checkpoints" / "latest").is_file())
+    # The run directory holds this config (checked above): continue it, or restart one that was
+    # stopped before its first checkpoint.
+    resume = (run_dir / "checkpoints" / "latest").is_file()
+    summary = train(config, run_dir, resume=resume, force=not resume)
     evaluation = evaluate_checkpoint(run_dir / "model.safetensors", split=split)
     result = {"preset": preset, "seed": seed, "overrides": list(overrides), "train": _jsonable(summary), split: evaluation}
     write_json(result_path, result)

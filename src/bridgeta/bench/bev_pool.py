@@ -29,7 +29,7 @@ from bridgeta.models.bev_pool import (
     compute_pool_plan,
 )
 from bridgeta.models.lss import create_frustum, frustum_to_ego
-from bridgeta.report import environment, write_json
+from bridgeta.provenance import environment, write_json
 from bridgeta.rig import reference_camera_inputs
 
 def bevfusion_c_setting() -> tuple[BEVGrid, tuple[int, int], int, tuple[float, float, float]]:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bridgeta.bench.isolated import peak_resident_bytes, resident_bytes, run_isolated
-from bridgeta.report import environment, write_json
+from bridgeta.provenance import environment, write_json
 
 # (student, teacher) architectures; the first is what the CPU protocol trains, the second the paper's.
 PAIRS = {"tiny": ("tiny-c", "tiny-lc"), "bevfusion": ("bevfusion-c", "bevfusion-lc")}

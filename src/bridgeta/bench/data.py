@@ -24,7 +24,7 @@ from bridgeta.data.prepare import prepare_dataroot
 from bridgeta.data.synth.generate import generate_dataroot
 from bridgeta.losses import map_segmentation_loss
 from bridgeta.models.bev_model import build_model
-from bridgeta.report import environment, write_json
+from bridgeta.provenance import environment, write_json
 
 
 def training_step_rate(dataroot: Path, preset: str, batch_size: int, steps: int) -> dict:

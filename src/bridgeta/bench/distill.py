@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bridgeta.bench.baselines import _mean_std, train_and_evaluate
-from bridgeta.report import environment, write_json
+from bridgeta.provenance import environment, write_json
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,12 @@ METHODS: dict[str, tuple[str, ...] | None] = {
     "fld_dld": ("distill.levels=[fld, dld]",),
     "fld_dld_lld_base": ("distill.levels=[fld, dld, lld]", "distill.lld_aux=false"),
     "fixed_epsilon": ("distill.epsilon=fixed", "distill.epsilon_fixed=1.0"),
+    # The corrections' ablations (docs/distill.md): what the TA alone does, and each switch.
+    "ta_seg_only": ("distill.levels=[]",),
+    "ta_no_grad_to_student": ("distill.ta_grad_to_student=false",),
+    "ta_mutual": ("distill.ta_mutual=true",),
+    "ta_from_teacher": ("distill.ta_init=teacher",),
+    "epsilon_narrow": ("distill.epsilon_range=[0.5, 2.0]",),
 }
 DEFAULT_METHODS = ("baseline", "direct", "bridgeta")
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bridgeta.bench.baselines import train_and_evaluate
-from bridgeta.report import environment, write_json
+from bridgeta.provenance import environment, write_json
 
 RECIPE = "distill/tiny-c-bridgeta"
 SCALES = (0.001, 0.003, 0.01, 0.03)
@@ -34,7 +34,8 @@ def _point_name(scale: float, clamp: tuple[float, float]) -> str:
 def _overrides(teacher: str, scale: float, clamp: tuple[float, float], epochs: int) -> list[str]:
     return [
         f"distill.teacher={teacher}",
-        f"distill.weights={{fld: {scale}, dld: {scale}, lld: {scale}}}",
+        # The CrossKD term had the LLD weight when this sweep was designed: keep that meaning.
+        f"distill.weights={{fld: {scale}, dld: {scale}, lld: {scale}, lld_aux: {scale}}}",
         f"distill.epsilon_range=[{clamp[0]}, {clamp[1]}]",
         f"train.epochs={epochs}",
     ]

@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pathlib import Path
 
     from bridgeta.config import load_config
-    from bridgeta.report import environment, write_json
+    from bridgeta.provenance import environment, write_json
 
     parser = argparse.ArgumentParser(
         prog="bridgeta bench loader", description="Training-loader throughput (samples/s) for a model preset."

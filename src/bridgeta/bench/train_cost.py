@@ -1,6 +1,7 @@
 """``bridgeta bench train-cost``: what distillation costs at training time, relative to the baseline.
 
-Each method (the camera-only baseline, ``direct`` = w/o TA, ``bridgeta``) trains the same student
+Each method (the camera-only baseline, ``direct`` = w/o TA, ``bridgeta``, and the baseline and
+BridgeTA in plain fp32, against the default precision) trains the same student
 for ``--steps`` optimiser steps with the real trainer, in a fresh process of its own so that peak
 memory is its own: on CPU the process's peak resident set (``ru_maxrss``) minus its resident set
 just before training (interpreter, torch, nothing of the run), on CUDA
@@ -20,12 +21,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bridgeta.bench.isolated import peak_resident_bytes, resident_bytes, run_isolated
-from bridgeta.report import environment, write_json
+from bridgeta.provenance import environment, write_json
 
-METHODS = {
-    "baseline": "tiny-c",
-    "direct": "distill/tiny-c-direct",
-    "bridgeta": "distill/tiny-c-bridgeta",
+# name -> (preset, overrides). ``*_fp32`` rows are the same runs in plain fp32 (the trainer's CPU
+# default before bf16 autocast), so the precision speed-up is a ratio measured in the same run.
+METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "baseline": ("tiny-c", ()),
+    "baseline_fp32": ("tiny-c", ("train.precision=fp32",)),
+    "direct": ("distill/tiny-c-direct", ()),
+    "bridgeta": ("distill/tiny-c-bridgeta", ()),
+    "bridgeta_fp32": ("distill/tiny-c-bridgeta", ("train.precision=fp32", "distill.teacher_precision=fp32")),
 }
 
 
@@ -61,9 +66,9 @@ def measure_one(preset: str, dataroot: str, teacher: str | None, steps: int, ove
 def run(dataroot: Path, teacher: str, steps: int, out: Path, overrides: Sequence[str] = ()) -> dict:
     started = environment()
     methods = {}
-    for method, preset in METHODS.items():
+    for method, (preset, own) in METHODS.items():
         arguments = ["--one", preset, "--dataroot", str(dataroot), "--teacher", teacher, "--steps", str(steps)]
-        for override in overrides:
+        for override in (*own, *overrides):
             arguments += ["--set", override]
         print(f"-- {method}: {steps} steps of {preset}", flush=True)
         methods[method] = run_isolated("bridgeta.bench.train_cost", arguments, f"{method} ({preset})")

@@ -51,6 +51,13 @@ def grid_from_dict(data: dict[str, Sequence[float]]) -> BEVGrid:
     return BEVGrid(tuple(data["x"]), tuple(data["y"]), tuple(data["z"]))
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise CacheError(f"{path}: not valid JSON ({exc}); rebuild it with bridgeta data prepare --force") from None
+
+
 class _PackedRecords:
     """Sample records as one uint8 buffer of JSON blobs plus offsets.
 
@@ -87,17 +94,17 @@ class LabelCache:
         if not self.cache_dir.is_dir():
             raise CacheError(
                 f"no prepared cache at {self.cache_dir}: prepare the dataroot first "
-                "(bridgeta.data.prepare.prepare_dataroot)"
+                "(bridgeta data prepare --dataroot DATAROOT --version VERSION)"
             )
         for path in (meta_path, samples_path, labels_path):
             if not path.is_file():
-                raise CacheError(f"cache is incomplete: {path} is missing (prepare again with overwrite)")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+                raise CacheError(f"cache is incomplete: {path} is missing (rebuild it with bridgeta data prepare --force)")
+        self.meta: dict[str, Any] = _read_json(meta_path)
         if self.meta.get("format") != CACHE_FORMAT:
             raise CacheError(
                 f"{meta_path}: cache format {self.meta.get('format')} is not {CACHE_FORMAT}; prepare again"
             )
-        records = json.loads(samples_path.read_text())
+        records = _read_json(samples_path)
         self.classes: tuple[str, ...] = tuple(self.meta["classes"])
         self.label_grid = grid_from_dict(self.meta["label_grid"])
         self.tokens: list[str] = [r["token"] for r in records]
@@ -108,7 +115,10 @@ class LabelCache:
         self._labels: np.ndarray | None = None
         nx, ny = self.label_grid.shape
         expected = (len(records), len(self.classes), nx, (ny + 7) // 8)
-        shape = tuple(np.load(labels_path, mmap_mode="r").shape)
+        try:
+            shape = tuple(np.load(labels_path, mmap_mode="r").shape)
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"{labels_path}: not a readable .npy file ({exc}); rebuild it with bridgeta data prepare --force") from None
         if shape != expected:
             raise CacheError(
                 f"{labels_path}: shape {shape} does not match samples.json and meta.json "

@@ -9,6 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
+from bridgeta.files import atomic_path
+
 
 def _dataroot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataroot", required=True, type=Path, help="nuScenes-format dataroot")
@@ -28,14 +30,14 @@ def main_prepare(argv: Sequence[str]) -> int:
     parser.add_argument("--cache", type=Path, default=None, help="cache folder (default DATAROOT/.bridgeta_cache/VERSION)")
     parser.add_argument("--max-sweeps", type=int, default=10, help="previous LiDAR sweeps to index per sample")
     parser.add_argument("--workers", type=int, default=0, help="processes rasterising labels")
-    parser.add_argument("--overwrite", action="store_true", help="rebuild an existing cache")
+    parser.add_argument("--force", "--overwrite", dest="force", action="store_true", help="rebuild an existing cache")
     args = parser.parse_args(argv)
     cache_dir = prepare_dataroot(
         args.dataroot,
         args.version,
         cache_dir=args.cache,
         max_sweeps=args.max_sweeps,
-        overwrite=args.overwrite,
+        overwrite=args.force,
         workers=args.workers,
     )
     meta = LabelCache(cache_dir).meta
@@ -68,8 +70,8 @@ def main_labels(argv: Sequence[str]) -> int:
     global_T_ego = pose_matrix(nusc.get("ego_pose", lidar["ego_pose_token"]))
     location = nusc.get("log", nusc.get("scene", sample["scene_token"])["log_token"])["location"]
     labels = rasterise_map_labels(load_map(args.dataroot, location), global_T_ego, DEFAULT_LABEL_GRID)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.out, labels.astype(np.uint8))
+    with atomic_path(args.out) as temporary, temporary.open("wb") as handle:
+        np.save(handle, labels.astype(np.uint8))
     print(f"wrote {args.out}: {labels.shape} (C, X, Y), cells per class {labels.sum(axis=(1, 2)).tolist()}")
     return 0
 
@@ -77,7 +79,7 @@ def main_labels(argv: Sequence[str]) -> int:
 def main_show(argv: Sequence[str]) -> int:
     from bridgeta.data.cache import LabelCache, default_cache_dir
     from bridgeta.data.prepare import prepare_dataroot
-    from bridgeta.data.show import render_sample_picture
+    from bridgeta.data.show import parse_sample, render_sample_picture
 
     parser = argparse.ArgumentParser(
         prog="bridgeta data show",
@@ -88,11 +90,11 @@ def main_show(argv: Sequence[str]) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output PNG")
     parser.add_argument("--cache", type=Path, default=None, help="cache folder (prepared if missing)")
     args = parser.parse_args(argv)
+    sample = parse_sample(args.sample)  # before a possibly long prepare
     cache_dir = args.cache or default_cache_dir(args.dataroot, args.version)
     if not (cache_dir / "meta.json").is_file():
         print(f"no cache at {cache_dir}: preparing it first")
         prepare_dataroot(args.dataroot, args.version, cache_dir=cache_dir)
-    sample = int(args.sample) if args.sample.isdigit() else args.sample
     path = render_sample_picture(LabelCache(cache_dir), sample, args.out)
     print(f"wrote {path}")
     return 0

@@ -12,6 +12,7 @@ same ``bev_aug`` for the same sample.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,14 +39,49 @@ from bridgeta.data.config import DataConfig
 from bridgeta.geometry import BEVGrid
 from bridgeta.models.types import BEVInputs, CameraInputs, LidarInputs
 
-__all__ = ["AugmentConfig", "BEVMapDataset", "BEVSample", "DataConfig", "collate_bev", "load_points"]
+__all__ = ["AugmentConfig", "BEVMapDataset", "BEVSample", "DataConfig", "DataFileError", "collate_bev", "load_points"]
+
+log = logging.getLogger(__name__)
 
 MODALITIES = ("camera", "lidar")
 # Sweep points this close (m, |x| and |y| in the sweep's sensor frame) to the sensor are the ego
 # vehicle itself; BEVFusion's LoadPointsFromMultiSweeps drops them the same way.
 SWEEP_SELF_RADIUS = 1.0
+POINT_BYTES = 5 * 4  # nuScenes .pcd.bin: float32 x, y, z, intensity, ring
 
 
+class DataFileError(ValueError):
+    """A sensor file is missing, truncated or undecodable; the message names it (and the sample)."""
+
+
+_warned_non_finite: set[str] = set()  # one warning per file and process, not one per epoch
+
+
+def read_pcd_bin(path: Path) -> np.ndarray:
+    """``(P, 5)`` float32 points of a ``.pcd.bin``; non-finite points are dropped with a warning.
+
+    Dropped, not refused: a NaN or infinite return carries no position, the other points of the
+    sweep are valid, and one bad return should not stop a run that has trained for hours. Kept,
+    it would turn the pillar features and then the loss into NaN far from the file that caused it.
+    """
+    try:
+        data = np.fromfile(path, dtype=np.float32)
+    except FileNotFoundError:
+        raise DataFileError(f"{path}: LiDAR file is missing") from None
+    except OSError as exc:
+        raise DataFileError(f"{path}: cannot read the LiDAR file ({exc})") from None
+    if data.size % 5:
+        raise DataFileError(
+            f"{path}: {data.size * 4} bytes is not a whole number of {POINT_BYTES}-byte points (truncated?)"
+        )
+    points = data.reshape(-1, 5)
+    finite = np.isfinite(points[:, :4]).all(axis=1)
+    if not finite.all():
+        if str(path) not in _warned_non_finite:
+            _warned_non_finite.add(str(path))
+            log.warning("%s: dropped %d of %d points with NaN/Inf values", path, int((~finite).sum()), len(points))
+        points = points[finite]
+    return points
 
 
 @dataclass
@@ -78,7 +114,7 @@ def load_points(dataroot: Path, record: dict, max_sweeps: int, max_sweep_lag: fl
     nuScenes ``.pcd.bin``: float32 ``(x, y, z, intensity, ring)`` in the sensor frame.
     """
     def read(path: str, transform: Sequence[Sequence[float]], lag: float, drop_self: bool) -> np.ndarray:
-        raw = np.fromfile(dataroot / path, dtype=np.float32).reshape(-1, 5)
+        raw = read_pcd_bin(dataroot / path)
         if drop_self:
             raw = raw[~((np.abs(raw[:, 0]) < SWEEP_SELF_RADIUS) & (np.abs(raw[:, 1]) < SWEEP_SELF_RADIUS))]
         matrix = np.asarray(transform, dtype=np.float64)
@@ -107,12 +143,19 @@ def load_image(
     """
     height, width = original_size
     scale = image_aug_scale(matrix)
-    with Image.open(path) as source:
-        if source.size != (width, height):
-            actual = f"{source.size[1]}x{source.size[0]}"
-            raise ValueError(f"{path}: image is {actual}, the cache says {height}x{width}")
-        source.draft("RGB", (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
-        image = source.convert("RGB")
+    try:
+        with Image.open(path) as source:
+            if source.size != (width, height):
+                actual = f"{source.size[1]}x{source.size[0]}"
+                raise DataFileError(f"{path}: image is {actual}, the cache says {height}x{width}")
+            source.draft("RGB", (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
+            image = source.convert("RGB")  # decodes: a truncated JPEG fails here
+    except FileNotFoundError:
+        raise DataFileError(f"{path}: image file is missing") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for truncated or foreign files
+        if isinstance(exc, DataFileError):
+            raise
+        raise DataFileError(f"{path}: cannot decode the image ({exc})") from None
     decoded_w, decoded_h = image.size
     matrix = matrix @ np.diag([width / decoded_w, height / decoded_h, 1.0])
     return apply_image_aug(image, matrix, final_size)
@@ -210,9 +253,29 @@ class BEVMapDataset(Dataset):
         """Keyed by the cache index, so a sample's augmentation ignores split and load_interval."""
         return np.random.default_rng([self.seed, self.epoch, cache_index, stream])
 
+    def missing_files(self) -> list[tuple[str, Path]]:
+        """``(sample token, path)`` of every sensor file this dataset would read that does not exist."""
+        missing = []
+        for cache_index in self.indices:
+            record = self.cache.record(int(cache_index))
+            paths = []
+            if "camera" in self.modalities:
+                paths += [camera["path"] for camera in record["cameras"]]
+            if "lidar" in self.modalities:
+                sweeps = [s for s in record["sweeps"][: self.config.max_sweeps] if s["time_lag"] <= self.config.max_sweep_lag]
+                paths += [record["lidar"]["path"], *(s["path"] for s in sweeps)]
+            missing += [(record["token"], self.dataroot / p) for p in paths if not (self.dataroot / p).is_file()]
+        return missing
+
     def __getitem__(self, index: int) -> BEVSample:
         cache_index = int(self.indices[index])
         record = self.cache.record(cache_index)
+        try:
+            return self._load(cache_index, record)
+        except DataFileError as exc:  # the file is named; add the sample it belongs to
+            raise DataFileError(f"sample {record['token']}: {exc}") from None
+
+    def _load(self, cache_index: int, record: dict) -> BEVSample:
         bev_aug = sample_bev_aug(self._rng(cache_index, 0), self.config.augment, self.train)
         labels = self.cache.labels(cache_index)[self.class_indices]
         labels = resample_labels(labels, self.cache.label_grid, self.output_grid, bev_aug)

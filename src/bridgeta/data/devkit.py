@@ -7,6 +7,7 @@ imports ``nuscenes`` at module import time.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -25,12 +26,39 @@ def require_devkit() -> ModuleType:
     return nuscenes
 
 
+def _broken_table(tables: Path) -> str | None:
+    """The first table of ``tables`` that is not readable JSON, as "file: reason", or None."""
+    for path in sorted(tables.glob("*.json")):
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            return f"{path}: not valid JSON ({exc})"
+    return None
+
+
 def load_nuscenes(dataroot: str | Path, version: str) -> Any:
-    """``nuscenes.NuScenes`` for ``version`` in ``dataroot``, without its console chatter."""
+    """``nuscenes.NuScenes`` for ``version`` in ``dataroot``, without its console chatter.
+
+    The devkit's own errors on a broken dataroot are bare (a JSON error with no file name, an
+    assertion, a KeyError of a token); they become a ValueError naming the table, or at least the
+    table folder, and the command that checks it.
+    """
     require_devkit()
     from nuscenes.nuscenes import NuScenes
 
-    return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
+    tables = Path(dataroot) / version
+    if not tables.is_dir():
+        raise FileNotFoundError(f"no nuScenes tables for {version}: {tables} is missing (--version?)")
+    try:
+        return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
+    except Exception as exc:  # noqa: BLE001 - the devkit raises anything from assert to KeyError
+        broken = _broken_table(tables)
+        check = f"bridgeta data check --dataroot {dataroot} --version {version}"
+        if broken is not None:
+            raise ValueError(f"{broken}; {check} lists every problem") from None
+        raise ValueError(
+            f"the devkit cannot load the tables in {tables} ({type(exc).__name__}: {exc}); {check} lists every problem"
+        ) from None
 
 
 def load_map(dataroot: str | Path, location: str) -> Any:
@@ -52,7 +80,10 @@ def load_map(dataroot: str | Path, location: str) -> Any:
         raise FileNotFoundError(f"map expansion of location '{location}' not found: {path}")
     if location not in map_api.locations:
         map_api.locations.append(location)
-    return map_api.NuScenesMap(dataroot=str(dataroot), map_name=location)
+    try:
+        return map_api.NuScenesMap(dataroot=str(dataroot), map_name=location)
+    except Exception as exc:  # noqa: BLE001 - a JSON error, a KeyError of a missing table or token
+        raise ValueError(f"{path}: not a readable map expansion ({type(exc).__name__}: {exc})") from None
 
 
 def scene_splits(version: str) -> dict[str, list[str]]:

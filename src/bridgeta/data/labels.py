@@ -27,11 +27,29 @@ source and by ``tests/test_data_labels.py``):
   1.5 m at the default 0.5 m grid; it scales with the label grid's cell size).
 
 ``NuScenesMap.get_map_mask`` is ``get_map_geom`` followed by ``map_geom_to_mask``, preceded by a
-table of the four real cities' map sizes that rejects any other location; we call the two halves
-directly so synthetic towns work too, and adjust two things the devkit does not handle under
-shapely 2: a clip can return a MultiLineString (the devkit iterates it, which shapely 2 forbids) or
-a polygon/line GeometryCollection. Multi-part results are split into parts, and the canvas is one
-cell wider than the patch on every side (then cropped) so the devkit's second clip never cuts.
+table of the four real cities' map sizes that rejects any other location; we call the second half
+directly (and the first for line layers) so synthetic towns work too. The canvas is one cell wider
+than the patch on every side (then cropped) so the devkit's second clip never cuts.
+
+Polygon layers do not go through ``get_map_geom``, because real maps break it in three ways:
+
+* a layer's polygons overlap or touch (two ``drivable_area`` records over one junction); merged
+  into one ``MultiPolygon`` they are invalid and GEOS raises ``TopologyException`` on the clip;
+* some rings are slightly invalid (a ring touching itself at a vertex); the devkit silently drops
+  invalid polygons of every layer but ``drivable_area``, and clips ``drivable_area`` ones anyway,
+  which can raise;
+* ``mask_for_polygons`` fills all exteriors of a geometry and then clears all holes, so a hole of
+  one polygon erases any other polygon drawn into the same mask (an island inside a courtyard).
+
+So each polygon is repaired once per map with ``shapely.make_valid`` (kept in a per-map STRtree,
+which also avoids clipping every record of a city for every sample), clipped and moved into the
+patch frame exactly as the devkit does, and drawn **one part at a time**: parts without holes
+share a mask (filling is a union), each part with holes gets its own, and the masks are OR-ed. A
+cell is then set when its centre is in any polygon of the layer and not in a hole of that same
+polygon. Unioning the parts first (``shapely.union_all``) is faster but not the same labels: the
+union's new vertices at edge crossings are rounded to cells like any vertex, which moves boundary
+cells (measured in ``docs/data.md`` with ``scripts/label_geometry_speed.py``); each polygon keeps
+its own vertices here, as the devkit draws them.
 """
 
 from __future__ import annotations
@@ -41,6 +59,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import shapely
+from shapely import affinity
 from shapely.geometry import LineString, MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
@@ -70,13 +90,59 @@ def _parts(geometry: BaseGeometry) -> list[BaseGeometry]:
     return [geometry]
 
 
-def _clean(layer: str, geometries: list[BaseGeometry]) -> list[BaseGeometry]:
-    """The devkit's clipped geometries in the shapes its rasteriser accepts under shapely 2."""
-    parts = [part for geometry in geometries for part in _parts(geometry)]
-    if layer in LINE_LAYERS:
-        return [part for part in parts if isinstance(part, LineString)]
-    polygons = [part for part in parts if isinstance(part, Polygon)]
-    return [MultiPolygon(polygons)] if polygons else []
+def _lines(geometries: list[BaseGeometry]) -> list[BaseGeometry]:
+    """The devkit's clipped line geometries as single LineStrings (shapely 2 cannot iterate multi-parts)."""
+    return [part for geometry in geometries for part in _parts(geometry) if isinstance(part, LineString)]
+
+
+class _LayerIndex:
+    """The repaired polygons of one polygon layer and an STRtree over them (built once per map)."""
+
+    def __init__(self, nusc_map: Any, layer: str) -> None:
+        polygons = []
+        for record in getattr(nusc_map, layer):
+            tokens = record["polygon_tokens"] if layer == "drivable_area" else [record["polygon_token"]]
+            for token in tokens:
+                polygon = nusc_map.extract_polygon(token)
+                if not polygon.is_valid:  # e.g. a self-touching ring: keep its area, not drop it
+                    polygon = shapely.make_valid(polygon)
+                polygons += [p for p in _parts(polygon) if isinstance(p, Polygon)]
+        self.polygons = polygons
+        self.tree = shapely.STRtree(polygons)
+
+
+def _layer_index(nusc_map: Any, layer: str) -> _LayerIndex:
+    cache = nusc_map.__dict__.setdefault("_bridgeta_layer_index", {})
+    if layer not in cache:
+        cache[layer] = _LayerIndex(nusc_map, layer)
+    return cache[layer]
+
+
+def layer_polygons(nusc_map: Any, layer: str, box: tuple[float, ...], angle: float) -> list[Polygon]:
+    """Valid single polygons of ``layer`` clipped to the patch, in the patch frame (as ``get_map_geom``)."""
+    index = _layer_index(nusc_map, layer)
+    patch = nusc_map.explorer.get_patch_coord(box, angle)
+    x, y = box[0], box[1]
+    parts: list[Polygon] = []
+    for i in index.tree.query(patch, predicate="intersects"):
+        clipped = index.polygons[int(i)].intersection(patch)
+        if clipped.is_empty:
+            continue
+        clipped = affinity.rotate(clipped, -angle, origin=(x, y), use_radians=False)
+        clipped = affinity.affine_transform(clipped, [1.0, 0.0, 0.0, 1.0, -x, -y])
+        parts += [p for p in _parts(clipped) if isinstance(p, Polygon)]
+    return parts
+
+
+def polygon_draw_groups(parts: list[Polygon]) -> list[list[BaseGeometry]]:
+    """Parts grouped so that drawing each group into its own mask and OR-ing them is exact.
+
+    ``mask_for_polygons`` clears holes after filling every exterior of its input, so a part with
+    holes must be alone in its mask; parts without holes can share one (filling is a union).
+    """
+    plain = [MultiPolygon([p]) for p in parts if not p.interiors]
+    groups = [plain] if plain else []
+    return groups + [[MultiPolygon([p])] for p in parts if p.interiors]
 
 
 def _patch(global_T_ego: np.ndarray, grid: BEVGrid, shift: bool) -> tuple[tuple[float, ...], float]:
@@ -104,15 +170,26 @@ def _rasterise_layers(
         return {}
     explorer = nusc_map.explorer
     box, angle = _patch(global_T_ego, grid, shift)
-    geometry = explorer.get_map_geom(box, angle, list(layers))
-    geometry = [(name, _clean(name, shapes)) for name, shapes in geometry]
+    entries: list[tuple[str, list[BaseGeometry]]] = []  # (layer, geometries), one mask each
+    owners: list[str] = []
+    for layer in layers:
+        if layer in LINE_LAYERS:
+            groups = [_lines(shapes) for _, shapes in explorer.get_map_geom(box, angle, [layer])]
+        else:
+            groups = polygon_draw_groups(layer_polygons(nusc_map, layer, box, angle))
+        for group in groups or [[]]:
+            entries.append((layer, group))
+            owners.append(layer)
     nx, ny = grid.shape
     height = box[2] + 2 * _MARGIN * grid.y[2]
     width = box[3] + 2 * _MARGIN * grid.x[2]
     canvas = (ny + 2 * _MARGIN, nx + 2 * _MARGIN)
-    masks = explorer.map_geom_to_mask(geometry, (0.0, 0.0, height, width), canvas)
-    inner = masks[:, _MARGIN:-_MARGIN, _MARGIN:-_MARGIN]
-    return {name: inner[k].T.astype(bool) for k, (name, _) in enumerate(geometry)}
+    masks = explorer.map_geom_to_mask(entries, (0.0, 0.0, height, width), canvas)
+    inner = masks[:, _MARGIN:-_MARGIN, _MARGIN:-_MARGIN].astype(bool)
+    out = {layer: np.zeros(grid.shape, dtype=bool) for layer in layers}
+    for k, layer in enumerate(owners):
+        out[layer] |= inner[k].T
+    return out
 
 
 def rasterise_map_labels(

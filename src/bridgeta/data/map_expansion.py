@@ -34,6 +34,7 @@ import shapely
 from shapely.geometry import LineString, Polygon
 
 from bridgeta.data.synth.world_types import MapLayers
+from bridgeta.files import atomic_write_text
 
 MAP_VERSION = "1.3"
 LANE_DIVIDER_SEGMENT_TYPE = "DOUBLE_DASHED_WHITE"  # nuScenes' type of ordinary dashed lane lines
@@ -222,6 +223,5 @@ def map_expansion_json(layers: MapLayers, bounds: Bounds, location: str = "synth
 def write_map_expansion(dataroot: str | Path, location: str, layers: MapLayers, bounds: Bounds) -> Path:
     """Write ``DATAROOT/maps/expansion/<location>.json`` and return its path."""
     path = Path(dataroot) / "maps" / "expansion" / f"{location}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(map_expansion_json(layers, bounds, location), separators=(",", ":")))
+    atomic_write_text(path, json.dumps(map_expansion_json(layers, bounds, location), separators=(",", ":")))
     return path

@@ -22,6 +22,8 @@ from typing import Iterable
 
 import numpy as np
 
+from bridgeta.files import atomic_write_text
+
 TABLES = (
     "category",
     "attribute",
@@ -385,7 +387,5 @@ class NuScenesWriter:
         folder = self.dataroot / self.version
         folder.mkdir(parents=True, exist_ok=True)
         for name in TABLES:
-            temporary = folder / f"{name}.json.tmp"
-            temporary.write_text(json.dumps(tables[name], indent=0))
-            temporary.replace(folder / f"{name}.json")
+            atomic_write_text(folder / f"{name}.json", json.dumps(tables[name], indent=0))
         return folder

@@ -57,7 +57,12 @@ def load_scene_splits(dataroot: Path, version: str) -> tuple[dict[str, str], str
     """``scene name -> split`` and where it came from (``bridgeta_splits.json`` or the devkit)."""
     path = dataroot / SPLITS_FILE
     if path.is_file():
-        splits, source = json.loads(path.read_text()), str(path)
+        try:
+            splits, source = json.loads(path.read_text()), str(path)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
+            raise ValueError(f"{path}: expected {{split: [scene names]}}")
     else:
         splits, source = scene_splits(version), f"the devkit's official splits for {version}"
     scene_split: dict[str, str] = {}
@@ -199,14 +204,14 @@ def _existing_cache(cache_dir: Path, settings: dict, overwrite: bool) -> bool:
         return False
     complete = all((cache_dir / name).is_file() for name in ("meta.json", "samples.json", "labels.npy"))
     if not complete:
-        raise FileExistsError(f"{cache_dir} exists but is not a complete cache; prepare with overwrite=True")
+        raise FileExistsError(f"{cache_dir} exists but is not a complete cache: rebuild it with bridgeta data prepare --force")
     existing = _settings(json.loads(meta_path.read_text()))
     if existing != settings:
         changed = [key for key in SETTING_KEYS if existing[key] != settings[key]]
         raise FileExistsError(
             f"{meta_path} was prepared with different settings ({', '.join(changed)}: "
             f"{[existing[k] for k in changed]} vs {[settings[k] for k in changed]}); "
-            "prepare with overwrite=True or another cache_dir"
+            "rebuild it with bridgeta data prepare --force, or pass another --cache"
         )
     return True
 
@@ -233,7 +238,7 @@ def prepare_dataroot(
         raise ValueError(f"max_sweeps must be >= 0, got {max_sweeps}")
     dataroot = Path(dataroot).expanduser().resolve()
     if not (dataroot / version).is_dir():
-        raise FileNotFoundError(f"no nuScenes tables for {version}: {dataroot / version} is missing")
+        raise FileNotFoundError(f"no nuScenes tables for {version}: {dataroot / version} is missing (--version?)")
     cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir(dataroot, version)
     classes = tuple(classes)
     settings = {
@@ -256,17 +261,24 @@ def prepare_dataroot(
     builder = _Records(nusc, max_sweeps)
     records = []
     for scene in tqdm(scenes, desc=f"records {version}", unit="scene", disable=not progress):
-        location = nusc.get("log", scene["log_token"])["location"]
-        token = scene["first_sample_token"]
-        while token:
-            sample = nusc.get("sample", token)
-            records.append(builder.build(sample, scene, scene_split[scene["name"]], location))
-            token = sample["next"]
+        try:
+            location = nusc.get("log", scene["log_token"])["location"]
+            token = scene["first_sample_token"]
+            while token:
+                sample = nusc.get("sample", token)
+                records.append(builder.build(sample, scene, scene_split[scene["name"]], location))
+                token = sample["next"]
+        except KeyError as exc:  # the devkit's "token not in table" is a bare KeyError
+            raise ValueError(
+                f"{dataroot / version}: scene {scene['name']} refers to {exc}, which is not in its table; "
+                f"bridgeta data check --dataroot {dataroot} --version {version} lists every problem"
+            ) from None
 
     nx, ny = label_grid.shape
     temporary = cache_dir.parent / f".{cache_dir.name}.tmp-{os.getpid()}"
     if temporary.exists():
         shutil.rmtree(temporary)
+    new_parent = not cache_dir.parent.exists()  # a failed prepare leaves no empty .bridgeta_cache
     temporary.mkdir(parents=True)
     try:
         shape = (len(records), len(classes), nx, (ny + 7) // 8)
@@ -302,6 +314,8 @@ def prepare_dataroot(
         _replace_directory(temporary, cache_dir)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
+        if new_parent and not any(cache_dir.parent.iterdir()):
+            cache_dir.parent.rmdir()
         raise
     return cache_dir
 

@@ -18,6 +18,7 @@ from PIL import Image
 from bridgeta.data.augment import apply_bev_aug_points
 from bridgeta.data.cache import LabelCache
 from bridgeta.data.dataset import BEVMapDataset, load_points
+from bridgeta.files import atomic_path
 from bridgeta.geometry import BEVGrid
 
 CAMERA_LAYOUT = (
@@ -57,8 +58,29 @@ class _Content:
     classes: tuple[str, ...]
 
 
+def parse_sample(text: str) -> int | str:
+    """A ``--sample`` argument: an index (digits) or a sample token; a negative index is an error
+    (it would otherwise be read as a token and reported as unknown)."""
+    stripped = text.strip()
+    if stripped.lstrip("+-").isdigit():
+        index = int(stripped)
+        if index < 0:
+            raise ValueError(f"--sample {text}: an index counts from 0 (or pass a sample token)")
+        return index
+    return stripped
+
+
+def check_index(index: int, size: int, where: str) -> int:
+    if not 0 <= index < size:
+        raise IndexError(f"--sample {index} is out of range: {where} has {size} samples (0..{size - 1})")
+    return index
+
+
 def _from_cache(cache: LabelCache, index_or_token: int | str) -> _Content:
-    index = cache.index_of(index_or_token) if isinstance(index_or_token, str) else int(index_or_token)
+    if isinstance(index_or_token, str):
+        index = cache.index_of(index_or_token)
+    else:
+        index = check_index(int(index_or_token), len(cache), f"the cache {cache.cache_dir}")
     record = cache.record(index)
     images = {
         c["name"]: np.asarray(open_rgb(cache.dataroot / c["path"])) for c in record["cameras"]
@@ -68,7 +90,10 @@ def _from_cache(cache: LabelCache, index_or_token: int | str) -> _Content:
 
 
 def _from_dataset(dataset: BEVMapDataset, index_or_token: int | str) -> _Content:
-    index = dataset.index_of(index_or_token) if isinstance(index_or_token, str) else int(index_or_token)
+    if isinstance(index_or_token, str):
+        index = dataset.index_of(index_or_token)
+    else:
+        index = check_index(int(index_or_token), len(dataset), f"split '{dataset.split}'")
     sample = dataset[index]
     record = dataset.cache.record(sample.meta["index"])
     images = {}
@@ -86,8 +111,11 @@ def _from_dataset(dataset: BEVMapDataset, index_or_token: int | str) -> _Content
 
 
 def open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:  # missing, truncated or not an image
+        raise ValueError(f"{path}: cannot read the image ({exc})") from None
 
 
 def sample_title(meta: dict, prefix: str = "") -> str:
@@ -99,8 +127,8 @@ def save_figure(figure: Figure, title: str, out_png: str | Path) -> Path:
     """Title the figure and write it as PNG, creating the folder; returns the path."""
     figure.suptitle(title, fontsize=11)
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png, dpi=72)
+    with atomic_path(out_png) as temporary:
+        figure.savefig(temporary, dpi=72, format="png")
     return out_png
 
 

@@ -10,7 +10,7 @@ interface. The student module is never modified: distillation adds no inference 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from bridgeta.config import DistillConfig
 from bridgeta.losses import map_segmentation_loss
 from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.types import BEVInputs, BEVOutputs
+from bridgeta.precision import autocast_dtype
 
 DISTILLERS: dict[str, type[Distiller]] = {}
 
@@ -167,11 +168,26 @@ class Distiller(nn.Module):
         return {f"{prefix}/{key.split('/', 1)[1]}": weight * value for key, value in terms.items()}
 
     def teacher_forward(self, inputs: BEVInputs) -> BEVOutputs:
-        """The teacher's outputs without an autograd graph (its weights are frozen anyway)."""
+        """The teacher's outputs without an autograd graph (its weights are frozen anyway).
+
+        Runs under ``distill.teacher_precision`` whatever the training precision is, and returns
+        float32 maps, so the losses and the modules that read them see one dtype.
+        """
         if self.teacher is None:
             raise RuntimeError(f"distiller '{self.method}' needs a teacher")
-        with torch.no_grad():
-            return self.teacher(inputs)
+        device = next(self.teacher.parameters()).device
+        dtype = autocast_dtype(self.config.teacher_precision, device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = self.teacher(inputs)
+        if dtype is None:
+            return outputs
+        return BEVOutputs(
+            **{
+                f.name: value.float() if isinstance(value, torch.Tensor) else value
+                for f in fields(outputs)
+                for value in (getattr(outputs, f.name),)
+            }
+        )
 
     def forward(self, inputs: BEVInputs, labels: torch.Tensor) -> DistillOutput:
         student = self.student(inputs)

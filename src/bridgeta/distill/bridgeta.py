@@ -1,9 +1,11 @@
 """BridgeTA: a teacher assistant that fuses teacher LiDAR BEV with student camera BEV (METHOD.md §1).
 
 The TA has no backbone: ``ConvFuser([F_lid^T, F_cam^S]) -> F_fus^TA``, then a decoder and head
-with the student's architecture (fresh, independently initialised) -> ``F_dec^TA``, ``L^TA``. At
-each enabled level the student is distilled through the TA with :func:`dual_path_loss`; the TA is
-trained jointly (its own segmentation loss plus the teacher->TA terms) and dropped after training.
+with the student's architecture -> ``F_dec^TA``, ``L^TA``; fresh (``distill.ta_init: scratch``)
+or copied from the teacher's fuser, decoder and head (``teacher``). At each enabled level the
+student is distilled through the TA with :func:`dual_path_loss`; the TA is trained jointly (its
+own segmentation loss plus the teacher->TA terms, never pulled toward the student unless
+``distill.ta_mutual``) and dropped after training.
 """
 
 from __future__ import annotations
@@ -57,6 +59,23 @@ class TeacherAssistant(nn.Module):
         decoded = self.decoder(fused)
         return AssistantOutputs(fused, decoded, self.head(decoded))
 
+    @torch.no_grad()
+    def copy_from_teacher(self, teacher: BEVModel) -> None:
+        """Start from the teacher's fuser, decoder and head (``distill.ta_init: teacher``).
+
+        The teacher's fuser reads ``[camera, lidar]`` and the TA's ``[lidar, camera]``, so the
+        fuser's input channels are reordered: fed the teacher's own camera and LiDAR BEV, the TA
+        then computes exactly the teacher's fused, decoded and logit maps.
+        """
+        assert teacher.fuser is not None and teacher.camera_encoder is not None
+        camera_channels = teacher.camera_encoder.out_channels
+        state = {key: value.clone() for key, value in teacher.fuser.state_dict().items()}
+        weight = state["0.weight"]
+        state["0.weight"] = torch.cat([weight[:, camera_channels:], weight[:, :camera_channels]], dim=1)
+        self.fuser.load_state_dict(state)
+        self.decoder.load_state_dict(teacher.decoder.state_dict())
+        self.head.load_state_dict(teacher.head.state_dict())
+
 
 def check_alignment(student: BEVModel, teacher: BEVModel) -> None:
     """BridgeTA uses no adapters: teacher and student levels must have equal shapes."""
@@ -91,6 +110,8 @@ class BridgeTADistiller(Distiller):
         super().__init__(student, teacher, config)
         assert teacher.lidar_encoder is not None
         self.assistant = TeacherAssistant(student, teacher.lidar_encoder.out_channels)
+        if config.ta_init == "teacher":
+            self.assistant.copy_from_teacher(teacher)
 
     def assistant_forward(self, student: BEVOutputs, teacher: BEVOutputs) -> AssistantOutputs:
         """TA outputs; the student's camera BEV is detached unless ``ta_grad_to_student``."""
@@ -101,9 +122,12 @@ class BridgeTADistiller(Distiller):
     def crosskd_aux(self, student: BEVOutputs, teacher: BEVOutputs, ta: AssistantOutputs) -> torch.Tensor:
         """``KL(L^T || teacher.head(F_dec^S)) + KL(L^TA || ta.head(F_dec^S))``.
 
-        Both heads act as fixed probes: the teacher's is frozen; the TA's runs with detached
-        weights and throw-away BatchNorm buffers, so this term trains only the student (as in
-        CrossKD) and the TA's target is detached for the same reason.
+        Both heads act as fixed probes, so this term trains only the student (as in CrossKD): the
+        teacher's head is frozen and in eval mode; the TA's runs with detached weights and, by
+        default (``distill.ta_probe_mode: eval``), in eval mode too, on its running BatchNorm
+        statistics instead of the student's batch statistics. In ``train`` mode (an ablation) it
+        normalises with the batch's statistics and throw-away copies of the buffers. The TA's
+        target is detached for the same reason.
         """
         assert self.teacher is not None
         temperature = self.config.temperature
@@ -111,7 +135,12 @@ class BridgeTADistiller(Distiller):
         head = self.assistant.head
         state = {name: p.detach() for name, p in head.named_parameters()}
         state.update({name: b.clone() for name, b in head.named_buffers()})
-        through_ta = functional_call(head, state, (student.decoded_bev,))
+        was_training = head.training
+        head.train(self.config.ta_probe_mode == "train" and was_training)
+        try:
+            through_ta = functional_call(head, state, (student.decoded_bev,))
+        finally:
+            head.train(was_training)
         return bernoulli_kl(teacher.logits, through_teacher, temperature) + bernoulli_kl(
             ta.logits.detach(), through_ta, temperature
         )
@@ -132,11 +161,11 @@ class BridgeTADistiller(Distiller):
         }
         for level in config.levels:
             s, a, t, weight = triples[level]
-            loss, terms = dual_path_loss(s, a, t, epsilon, config.epsilon_range)
+            loss, terms = dual_path_loss(s, a, t, epsilon, config.epsilon_range, mutual=config.ta_mutual)
             losses[f"kd/{level}"] = weight * loss
             logs.update({f"{level}/{name}": float(value) for name, value in terms.items()})
         if "lld" in config.levels and config.lld_aux:
-            losses["kd/lld_aux"] = config.weights.lld * self.crosskd_aux(student, teacher, ta)
+            losses["kd/lld_aux"] = config.weights.lld_aux * self.crosskd_aux(student, teacher, ta)
         if config.relational_weight > 0:
             losses["kd/relational"] = config.relational_weight * affinity_loss(
                 student.decoded_bev, teacher.decoded_bev

@@ -34,15 +34,21 @@ def dual_path_loss(
     teacher: torch.Tensor,
     epsilon: str | float = "optimal",
     epsilon_range: tuple[float, float] = (0.01, 100.0),
+    mutual: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(1 + eps) L_ta2s + (1 + 1/eps) L_t2ta`` for one level, and its diagnostics.
+
+    Gradient routing (METHOD.md §1): ``L_t2ta`` trains the assistant toward the teacher (the
+    teacher side is detached); ``L_ta2s`` trains the student toward the assistant, whose side is
+    a detached target, so the student never pulls the assistant toward itself. ``mutual=True``
+    lets ``L_ta2s`` move the assistant too (an ablation, not the method).
 
     ``epsilon`` is ``"optimal"`` (eps*, per call) or a fixed positive float (Figure 5's ablation;
     not clamped). The terms dict holds detached ``ta2s``, ``t2ta``, ``epsilon`` and ``gap_l2`` =
     ``sqrt(cell_mse(S, T))``, the student-teacher distance the paper tracks in Figure 5.
     """
-    ta2s = cell_mse(student, assistant)
-    t2ta = cell_mse(assistant, teacher)
+    ta2s = cell_mse(student, assistant if mutual else assistant.detach())
+    t2ta = cell_mse(assistant, teacher.detach())
     if epsilon == "optimal":
         eps = optimal_epsilon(ta2s, t2ta, epsilon_range)
     elif isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and epsilon > 0:

@@ -43,7 +43,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from bridgeta.config import ExperimentConfig, to_dict
 from bridgeta.engine.distributed import DistributedContext, all_gather_bytes
 from bridgeta.engine.model_file import read_model_file, save_model_file
-from bridgeta.report import write_json
+from bridgeta.files import atomic_write_text
+from bridgeta.provenance import write_json
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +138,17 @@ def _fsync_tree(directory: Path) -> None:
         os.close(descriptor)
 
 
-def _replace_text(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
+def checkpoint_bytes(model: nn.Module, optimizer: Optimizer) -> int:
+    """About what one checkpoint of ``model`` takes on disk: its state plus the optimiser's tensors.
+
+    Adam-type optimisers hold two tensors the size of each trainable parameter; they exist only
+    after the first step, so they are counted from the parameters, not from the optimiser state.
+    """
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(
+        p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"]
+    )
+    return state + 2 * trainable + (1 << 20)  # RNG states, JSON
 
 
 def _prune(root: Path, keep: int, latest: str) -> None:
@@ -179,7 +187,35 @@ def save_checkpoint(
         shutil.rmtree(stale)
     temporary = root / f"{_TEMPORARY_PREFIX}{name}"
     temporary.mkdir()
+    try:
+        _write_checkpoint(temporary, step, epoch, model, config, optimizer, scheduler, scaler, rng_state, data_state)
+    except BaseException as exc:  # a full disk, an interrupt: no half checkpoint stays behind
+        shutil.rmtree(temporary, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise OSError(exc.errno, f"writing checkpoint {root / name}: {exc.strerror or exc}") from exc
+        raise
 
+    final = root / name
+    if final.exists():  # the same step saved again by a resumed run: replace it
+        shutil.rmtree(final)
+    temporary.rename(final)
+    atomic_write_text(root / LATEST_FILE, name + "\n")
+    _prune(root, keep, name)
+    return final
+
+
+def _write_checkpoint(
+    temporary: Path,
+    step: int,
+    epoch: int,
+    model: nn.Module,
+    config: ExperimentConfig,
+    optimizer: Optimizer,
+    scheduler: LRScheduler,
+    scaler: torch.amp.GradScaler,
+    rng_state: list[dict[str, Any]],
+    data_state: dict[str, Any],
+) -> None:
     save_model_file(temporary / "model.safetensors", model, config)
 
     optimizer_state = optimizer.state_dict()
@@ -216,14 +252,6 @@ def save_checkpoint(
         },
     )
     _fsync_tree(temporary)
-
-    final = root / name
-    if final.exists():  # the same step saved again by a resumed run: replace it
-        shutil.rmtree(final)
-    temporary.rename(final)
-    _replace_text(root / LATEST_FILE, name + "\n")
-    _prune(root, keep, name)
-    return final
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,15 +311,58 @@ def load_checkpoint(
     them between here and the next training step.
     """
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
-    if state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {state.get('format')} is not {FORMAT_VERSION}")
+    try:
+        return _load_checkpoint(path, model, optimizer, scheduler, scaler, rank, device, restore_rng)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"checkpoint {path} is incomplete: {exc}") from None
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
+        # A truncated or foreign file, or weights of another model: name the checkpoint.
+        raise ValueError(f"checkpoint {path} cannot be resumed: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def _load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: Optimizer | None,
+    scheduler: LRScheduler | None,
+    scaler: torch.amp.GradScaler | None,
+    rank: int,
+    device: torch.device,
+    restore_rng: bool,
+) -> CheckpointState:
+    state_path = path / "state.json"
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{state_path} is missing")
+    try:
+        state = json.loads(state_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{state_path}: not valid JSON ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise ValueError(f"{state_path}: checkpoint format {found} is not {FORMAT_VERSION}")
     _, weights, _ = read_model_file(path / "model.safetensors")
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ValueError(f"{path / 'model.safetensors'} holds another model's weights ({_first_line(exc)})") from None
 
     if optimizer is not None:
         per_param: dict[int, dict[str, Any]] = {}
-        for key, tensor in load_file(str(path / "optimizer.safetensors")).items():
+        for key, tensor in _safetensors(path / "optimizer.safetensors").items():
             _, index, name = key.split(".", 2)
             per_param.setdefault(int(index), {})[name] = tensor
         for index, values in state["optimizer"]["scalar_state"].items():
@@ -309,7 +380,7 @@ def load_checkpoint(
     ranks = len(state["rng"])
     if restore_rng:
         if rank < ranks:
-            tensors = load_file(str(path / "rng.safetensors"))
+            tensors = _safetensors(path / "rng.safetensors")
             restore_rng_state(
                 {
                     **state["rng"][rank],

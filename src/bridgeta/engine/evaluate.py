@@ -27,7 +27,7 @@ from bridgeta.config import ExperimentConfig
 from bridgeta.data.conditions import CONDITIONS
 from bridgeta.data.config import DataConfig
 from bridgeta.data.dataset import BEVMapDataset, collate_bev
-from bridgeta.engine.precision import autocast_context
+from bridgeta.precision import autocast_context
 from bridgeta.engine.checkpoint import latest_checkpoint
 from bridgeta.engine.model_file import load_model_file
 from bridgeta.geometry import BEVGrid

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from bridgeta.engine.logging import METRICS_FILE
+from bridgeta.files import atomic_path
 
 LEVELS = ("fld", "dld", "lld")
 LEVEL_TITLES = {"fld": "FLD: fused / camera BEV", "dld": "DLD: decoded BEV", "lld": "LLD: logits"}
@@ -82,7 +83,7 @@ def plot_gap(run_dirs: list[str | Path], out: str | Path, labels: list[str] | No
     figure.suptitle("Representation gap between student and teacher during distillation", fontsize=11)
     figure.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=120)
+    with atomic_path(out) as temporary:
+        figure.savefig(temporary, dpi=120, format=out.suffix.lstrip(".") or "png")
     plt.close(figure)
     return out

@@ -18,6 +18,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from bridgeta.files import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
 
@@ -82,9 +84,7 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _row_step(line) <= resume_step]
-            temporary = self.path.with_name(self.path.name + ".tmp")
-            temporary.write_text("".join(line + "\n" for line in kept))
-            temporary.replace(self.path)
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self._file = self.path.open("a")
         # TensorBoard pulls in a lot; import it only in the process that writes.
         from torch.utils.tensorboard import SummaryWriter

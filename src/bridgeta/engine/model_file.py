@@ -27,6 +27,7 @@ from torch import nn
 
 from bridgeta.config import ExperimentConfig, parse_config, to_dict, validate
 from bridgeta.distill.base import Distiller
+from bridgeta.files import atomic_path
 from bridgeta.models.bev_model import BEVModel, build_model
 
 CONFIG_KEY = "bridgeta_config"
@@ -49,13 +50,11 @@ def save_model_file(path: str | Path, model: nn.Module, config: ExperimentConfig
     if kind not in (MODEL_KIND, DISTILLER_KIND):
         raise ValueError(f"unknown model file kind '{kind}'")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared storage; contiguous clones are cheap next to the disk write.
     state = {name: tensor.detach().contiguous().clone() for name, tensor in model.state_dict().items()}
     metadata = {CONFIG_KEY: yaml.safe_dump(to_dict(config), sort_keys=False), KIND_KEY: kind}
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(state, str(temporary), metadata=metadata)
-    temporary.replace(path)
+    with atomic_path(path) as temporary:  # no .tmp left when the write fails (full disk, a folder)
+        save_file(state, str(temporary), metadata=metadata)
     return path
 
 

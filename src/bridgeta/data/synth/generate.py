@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bridgeta.data.map_expansion import write_map_expansion
+from bridgeta.files import atomic_write_text, check_outputs, existing_outputs, remove_paths
 from bridgeta.data.nuscenes_writer import NuScenesWriter
 from bridgeta.data.synth.world import TownSettings, generate_town
 from bridgeta.data.synth.world_types import Box, Town
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 VERSION = "v1.0-trainval"
 SPLITS = ("train", "val", "test")
 KEYFRAME_INTERVAL = 0.5  # seconds (2 Hz, as nuScenes)
+# What a world consists of in its dataroot (the label cache of an older world would be stale).
+WORLD_OUTPUTS = (VERSION, "samples", "sweeps", "maps", "bridgeta_splits.json", ".bridgeta_cache")
 # nuScenes LIDAR_TOP mounting: 0.94 m ahead of the rear axle, 1.84 m up, x to the right.
 EGO_T_LIDAR = np.array(
     [[0.0, 1.0, 0.0, 0.94], [-1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.84], [0.0, 0.0, 0.0, 1.0]]
@@ -201,7 +204,14 @@ def generate_dataroot(
     preset: str | SynthPreset = "tiny",
     workers: int | None = None,
     duration: float | None = None,
+    force: bool = False,
 ) -> GenerationReport:
+    """Write a synthetic world into ``out``.
+
+    Arguments are checked before anything is written. ``out`` may exist but must not hold a
+    world (``WORLD_OUTPUTS``) unless ``force``, which deletes it first. A generation that fails
+    removes what it wrote, so the next try starts clean.
+    """
     presets = synth_presets()
     if isinstance(preset, SynthPreset):
         settings = preset
@@ -210,11 +220,30 @@ def generate_dataroot(
     else:
         raise ValueError(f"unknown synth preset '{preset}' (presets: {', '.join(presets)})")
     if duration is not None:
+        if not (math.isfinite(duration) and duration >= KEYFRAME_INTERVAL):
+            raise ValueError(
+                f"--duration {duration:g}: a scene needs at least one keyframe, i.e. >= {KEYFRAME_INTERVAL} s"
+            )
         settings = replace(settings, town=replace(settings.town, scene_duration=duration))
+    if isinstance(scenes, bool) or not isinstance(scenes, int) or scenes < 1:
+        raise ValueError(f"--scenes must be >= 1, got {scenes!r}")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
     out = Path(out)
-    if (out / VERSION).exists():
-        raise FileExistsError(f"{out / VERSION} already exists; choose a new --out (nothing was changed)")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file: the dataroot is a directory")
+    remove_paths(check_outputs(out, WORLD_OUTPUTS, force))
     workers = workers or max(1, min(os.cpu_count() or 1, 4))
+    try:
+        return _generate(out, scenes, seed, settings, workers)
+    except BaseException:
+        remove_paths(existing_outputs(out, WORLD_OUTPUTS))  # none of them existed before
+        raise
+
+
+def _generate(out: Path, scenes: int, seed: int, settings: SynthPreset, workers: int) -> GenerationReport:
     start = time.perf_counter()
 
     writer = NuScenesWriter(out, VERSION, namespace=f"synth-{seed}")
@@ -236,7 +265,7 @@ def generate_dataroot(
             count -= in_town
             town_index += 1
 
-    (out / "bridgeta_splits.json").write_text(json.dumps(report.scenes, indent=2))
+    atomic_write_text(out / "bridgeta_splits.json", json.dumps(report.scenes, indent=2))
     writer.finalize()
     report.seconds = time.perf_counter() - start
     return report
