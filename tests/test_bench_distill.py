@@ -207,3 +207,33 @@ def test_cost_measures_the_deployed_student_like_info_does():
     row = cost_table({"inference": [{"role": "student", **cell}]}).splitlines()[1].split()
     assert row[:5] == ["tiny-c", "student", "cpu", "fp32", "False"]
     assert float(row[5]) == pytest.approx(reference.params / 1e6, abs=0.01)
+
+
+def test_cost_deployed_rows_time_each_runtime_and_record_onnx_parity(tmp_path, monkeypatch):
+    """The deployed student under PyTorch and onnxruntime (torch.compile is left to the benchmark:
+    compiling takes minutes on CI's CPU), and the rows a run assembles: ratios and parity."""
+    from bridgeta.bench import cost
+
+    exported = cost.export_deployed("tiny-c", tmp_path / "tiny-c.onnx")
+    assert exported["parity_max_abs"] < 1e-4
+    for runtime in ("pytorch", "onnxruntime"):
+        row = cost.measure_deployed("tiny-c", runtime, exported["onnx"], warmup=0, repeats=1)
+        assert row["runtime"] == runtime and row["latency_ms"] > 0 and row["repeats"] == 1
+
+    def fake_isolated(module, arguments, what):
+        assert module == "bridgeta.bench.cost"
+        if arguments[0] == "--export":
+            return {"preset": arguments[1], "onnx": arguments[3], "parity_max_abs": 3e-8}
+        runtime = arguments[arguments.index("--runtime") + 1]
+        latency = {"pytorch": 100.0, "pytorch-compile": 80.0, "onnxruntime": 50.0}[runtime]
+        return {"preset": arguments[1], "runtime": runtime, "latency_ms": latency, "peak_memory_bytes": 2**20,
+                "repeats": 1, "threads": 1}
+
+    monkeypatch.setattr(cost, "run_isolated", fake_isolated)
+    rows = cost.run_deployed(["tiny"], cost.RUNTIMES, warmup=0, repeats=1)
+    assert [(r["runtime"], r["latency_ratio"]) for r in rows] == [
+        ("pytorch", 1.0), ("pytorch-compile", 0.8), ("onnxruntime", 0.5)
+    ]
+    assert [r.get("parity_max_abs") for r in rows] == [None, None, 3e-8]
+    table = cost.format_table({"inference": [], "deployed": rows})
+    assert "onnxruntime" in table and "3.0e-08" in table

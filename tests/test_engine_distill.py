@@ -210,6 +210,47 @@ def test_export_writes_the_bare_student(bridgeta_run, dataroot, tmp_path, capsys
     assert read_model_file(exported)[2] == "model"
 
 
+def test_onnx_export_of_a_distilled_run_has_the_same_miou(bridgeta_run, tmp_path, capsys):
+    """``export --format onnx`` on a BridgeTA run: the student alone, and onnxruntime gives the
+    same logits (max abs < 1e-4) and the same mIoU as PyTorch on the world's validation town."""
+    from bridgeta.engine.deploy import OnnxStudent
+    from bridgeta.engine.evaluate import build_eval_loader, evaluate
+    from bridgeta.engine.model_file import load_model_file
+
+    config, out, _ = bridgeta_run
+    exported = tmp_path / "student.onnx"
+    with torch_threads(1):
+        assert cli.main(["export", "--format", "onnx", "--checkpoint", str(out), "--out", str(exported)]) == 0
+    printed = capsys.readouterr().out
+    assert str(exported) in printed and "opset 17" in printed
+    session = OnnxStudent(exported, threads=1)
+    assert session.metadata["image_size"] == list(config.model.camera.image_size)
+
+    student, student_config = load_model_file(out)
+    loader = build_eval_loader(student_config, student, "val", batch_size=1, num_workers=0, distributed=False)
+    largest = 0.0
+    with torch.no_grad(), torch_threads(1):
+        for inputs, _, _ in loader:
+            expected = student.eval()(inputs).logits
+            largest = max(largest, (session(inputs).logits - expected).abs().max().item())
+        from_torch = evaluate(student, loader, "cpu", student.classes)
+        from_onnx = evaluate(session, loader, "cpu", session.classes)
+    assert largest < 1e-4
+    assert from_onnx["samples"] == from_torch["samples"] > 0
+    # The same up to the few cells whose probability lies within ~1e-7 of one of the metric's
+    # thresholds: such a cell can land on either side, moving an IoU by 1 / (cells in its union).
+    assert from_onnx["miou"] == pytest.approx(from_torch["miou"], abs=1e-4)
+    assert from_onnx["iou"] == pytest.approx(from_torch["iou"], abs=1e-4)
+
+    # Like the safetensors export, an existing file is kept unless --force.
+    before = exported.read_bytes()
+    assert cli.main(["export", "--format", "onnx", "--checkpoint", str(out), "--out", str(exported)]) == 2
+    assert "--force" in capsys.readouterr().err and exported.read_bytes() == before
+    plain = tmp_path / "student.safetensors"
+    assert cli.main(["export", "--checkpoint", str(out), "--out", str(plain), "--batch-size", "2"]) == 2
+    assert "--format onnx" in capsys.readouterr().err and not plain.exists()
+
+
 def test_export_of_a_missing_checkpoint_exits_2(tmp_path, capsys):
     assert cli.main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x.st")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from bridgeta.geometry import BEVGrid, make_transform, rotation_z, transform_points
+from bridgeta.geometry import BEVGrid, invert_3x3, make_transform, rotation_z, transform_points
 
 
 def test_grid_shape_and_centres():
@@ -46,3 +46,17 @@ def test_transform_composition_convention():
     assert torch.allclose(point_ego, torch.tensor([[10.94, 0.0, 1.84]]), atol=1e-5)
     lidar_T_ego = torch.linalg.inv(ego_T_lidar)
     assert torch.allclose(transform_points(lidar_T_ego, point_ego), point_lidar, atol=1e-5)
+
+
+def test_closed_form_3x3_inverse_matches_linalg_inv():
+    """The camera matrices are inverted in closed form (ONNX has no inverse): same as LU."""
+    from bridgeta.rig import reference_camera_inputs
+
+    camera = reference_camera_inputs(1, (256, 704))
+    generator = torch.Generator().manual_seed(0)
+    general = torch.randn(4, 5, 3, 3, generator=generator, dtype=torch.float64) + 3 * torch.eye(3, dtype=torch.float64)
+    for matrices, rtol in ((general, 1e-12), (camera.intrinsics, 1e-6), (camera.image_aug, 1e-6)):
+        expected = torch.linalg.inv(matrices)
+        assert torch.allclose(invert_3x3(matrices), expected, rtol=rtol, atol=rtol * expected.abs().max())
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3, 3\)"):
+        invert_3x3(torch.eye(4))

@@ -58,3 +58,19 @@ def test_committed_docs_match_committed_results(tmp_path):
         assert (tmp_path / "docs" / page.name).read_text() == page.read_text(), (
             f"{page.name}: run `bridgeta report render`"
         )
+
+
+def test_deployed_cost_renders_rows_or_says_it_was_not_measured():
+    from bridgeta.report import render_deployed_cost
+
+    environment = {"date": "2026-01-01 00:00 UTC", "commit": "abc1234", "torch": "2.13.0", "device": "cpu",
+                   "cpu_threads": 2}
+    assert "Not measured yet" in render_deployed_cost({"environment": environment, "inference": []})
+    rows = [
+        {"preset": "tiny-c", "runtime": "pytorch", "latency_ms": 80.0, "latency_ratio": 1.0,
+         "peak_memory_bytes": 50 * 2**20, "repeats": 5, "threads": 2},
+        {"preset": "tiny-c", "runtime": "onnxruntime", "latency_ms": 40.0, "latency_ratio": 0.5,
+         "peak_memory_bytes": 60 * 2**20, "repeats": 5, "threads": 2, "parity_max_abs": 7.5e-9},
+    ]
+    text = render_deployed_cost({"environment": environment, "deployed": rows})
+    assert "| `tiny-c` | onnxruntime | 40.0 | 0.50 | 60 | 7.5e-09 |" in text and "commit `abc1234`" in text

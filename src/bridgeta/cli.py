@@ -144,17 +144,31 @@ def _command_distill(args: argparse.Namespace) -> int:
 
 def _command_export(args: argparse.Namespace) -> int:
     from bridgeta.engine.evaluate import resolve_model_file
-    from bridgeta.engine.model_file import export_student
     from bridgeta.files import check_outputs
 
     out = Path(args.out)
     if out.is_dir():  # checked first: replacing a folder by a file is never what was meant
-        raise IsADirectoryError(f"--out {out} is a directory: give the output file, e.g. {out / 'student.safetensors'}")
+        suffix = "onnx" if args.format == "onnx" else "safetensors"
+        raise IsADirectoryError(f"--out {out} is a directory: give the output file, e.g. {out / ('student.' + suffix)}")
     check_outputs(out.parent, [out.name], args.force)
+    if args.format != "onnx" and args.batch_size is not None:
+        raise ValueError("--batch-size is for --format onnx (a model file has no fixed batch size)")
     source = resolve_model_file(args.checkpoint)
-    path, model = export_student(source, out)
+    if args.format == "onnx":
+        from bridgeta.engine.deploy import ONNX_OPSET, export_onnx
+
+        batch_size = 1 if args.batch_size is None else args.batch_size
+        exported = export_onnx(source, out, batch_size=batch_size)
+        path, model = exported.path, exported.model
+        detail = (f", ONNX opset {ONNX_OPSET}, batch {batch_size}; onnxruntime vs PyTorch "
+                  f"max |logit difference| {exported.parity_max_abs:.2e}")
+    else:
+        from bridgeta.engine.model_file import export_student
+
+        path, model = export_student(source, out)
+        detail = ""
     count = sum(p.numel() for p in model.parameters())
-    print(f"wrote {path}: the student of {source} alone, {count / 1e6:.2f} M parameters")
+    print(f"wrote {path}: the student of {source} alone, {count / 1e6:.2f} M parameters{detail}")
     return 0
 
 
@@ -266,7 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="the deployable student alone (no teacher or assistant weights) as a model file"
     )
     export.add_argument("--checkpoint", required=True, help="model.safetensors, a run dir or a checkpoint dir")
-    export.add_argument("--out", required=True, help="output .safetensors")
+    export.add_argument("--out", required=True, help="output .safetensors or .onnx")
+    export.add_argument(
+        "--format", choices=["safetensors", "onnx"], default="safetensors",
+        help="safetensors: a bridgeta model file; onnx: a graph from images and camera geometry to "
+        "map logits for onnxruntime and other runtimes (docs/deploy.md; needs the deploy extra)",
+    )
+    export.add_argument("--batch-size", type=int, default=None, help="onnx: the graph's fixed batch size (1)")
     export.add_argument("--force", action="store_true", help="replace an existing output file")
     export.set_defaults(handler=_command_export)
 

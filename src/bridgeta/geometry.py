@@ -142,3 +142,29 @@ def transform_points(a_T_b: torch.Tensor, points_b: torch.Tensor) -> torch.Tenso
     rotation = a_T_b[..., :3, :3]
     translation = a_T_b[..., :3, 3]
     return points_b @ rotation.transpose(-1, -2) + translation.unsqueeze(-2)
+
+
+def invert_3x3(matrices: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``(..., 3, 3)`` matrices in closed form (adjugate over determinant).
+
+    Used instead of ``torch.linalg.inv`` for the camera matrices because ONNX has no inverse op:
+    with one formula made of products and sums, the PyTorch model and its exported graph place
+    every frustum point in the same cell. Intrinsics and image-augmentation matrices are small and
+    well conditioned, so the closed form is as accurate as an LU solve here. No singularity check
+    (a singular matrix gives inf/nan, like a degenerate camera would anyway).
+    """
+    if matrices.shape[-2:] != (3, 3):
+        raise ValueError(f"invert_3x3 expects (..., 3, 3) matrices, got {tuple(matrices.shape)}")
+    (a, b, c), (d, e, f), (g, h, i) = (row.unbind(-1) for row in matrices.unbind(-2))
+    # Cofactors of the first column give the determinant; the adjugate is the cofactor transpose.
+    co_a, co_d, co_g = e * i - f * h, c * h - b * i, b * f - c * e
+    adjugate = torch.stack(
+        [
+            torch.stack([co_a, co_d, co_g], dim=-1),
+            torch.stack([f * g - d * i, a * i - c * g, c * d - a * f], dim=-1),
+            torch.stack([d * h - e * g, b * g - a * h, a * e - b * d], dim=-1),
+        ],
+        dim=-2,
+    )
+    determinant = a * co_a + d * co_d + g * co_g
+    return adjugate / determinant[..., None, None]

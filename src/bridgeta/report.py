@@ -232,6 +232,33 @@ def render_cost(results: dict) -> str:
     return "\n".join(lines)
 
 
+DEPLOYED_COST_COMMAND = "bridgeta bench cost --pairs tiny bevfusion --repeats 5"
+
+
+def render_deployed_cost(results: dict) -> str:
+    """The student as deployed under PyTorch eager, ``torch.compile`` and onnxruntime (``bench cost``)."""
+    rows = results.get("deployed")
+    if not rows:
+        # Results measured before the deployed rows existed: say so rather than show stale numbers.
+        return (f"Not measured yet: the committed `results/cost.json` has no deployed rows. Run "
+                f"`{DEPLOYED_COST_COMMAND}` on a quiet CPU, then `bridgeta report render`.")
+    lines = ["| model | runtime | latency (ms) | × PyTorch eager | peak memory (MiB) | parity max abs |",
+             "|---|---|---:|---:|---:|---:|"]
+    for row in rows:
+        ratio, parity = row.get("latency_ratio"), row.get("parity_max_abs")
+        lines.append(
+            f"| `{row['preset']}` | {row['runtime']} | {row['latency_ms']:.1f} | "
+            f"{'–' if ratio is None else f'{ratio:.2f}'} | {row['peak_memory_bytes'] / 2**20:.0f} | "
+            f"{'–' if parity is None else f'{parity:.1e}'} |"
+        )
+    first = rows[0]
+    lines += ["", f"CPU, fp32, batch 1 on the reference nuScenes rig, median of {first['repeats']} forward "
+              f"passes after warm-up, {first['threads']} threads; each runtime in its own process, ratios "
+              f"from one run. Parity: largest absolute logit difference, onnxruntime vs PyTorch. "
+              + _measured(results, DEPLOYED_COST_COMMAND)]
+    return "\n".join(lines)
+
+
 def render_distill_sweep(results: dict) -> str:
     """The validation-town sweep of lambda and the eps* clamp (``bridgeta bench distill-sweep``)."""
     lines = ["| stage | λ1 = λ2 = λ3 | ε* clamp | val mIoU | val mIoU night |", "|---|---:|---|---:|---:|"]
@@ -301,6 +328,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "distill": ("accuracy-cpu/results.json", render_distill),
     "accuracy-cpu": ("accuracy-cpu/results.json", render_accuracy),
     "cost": ("cost.json", render_cost),
+    "deployed-cost": ("cost.json", render_deployed_cost),
     "distill-sweep": ("distill_sweep.json", render_distill_sweep),
     "train-cost": ("train_cost.json", render_train_cost),
     "precision": ("precision.json", render_precision),

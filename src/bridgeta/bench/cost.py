@@ -10,6 +10,14 @@ its own: on CPU the peak resident set above the resident set before the first fo
 ``torch.cuda.max_memory_allocated``. On CUDA the variants are fp32 and bf16 autocast, each with
 ``torch.compile`` off and on; on CPU fp32 eager (CPU autocast is slower for these convolutions).
 
+Deployed runtimes: the student of each pair as deployed (:class:`DeployedStudent`, images and
+camera geometry in, logits out, batch 1, the reference rig) under PyTorch eager, PyTorch with
+``torch.compile`` and onnxruntime (CPU, the file ``bridgeta export --format onnx`` writes), each in
+a fresh process with the same thread count, reported as ratios to PyTorch eager measured in the
+same run. The ONNX file is exported in a process of its own first (tracing must not set the
+onnxruntime process's peak memory), which also records its parity: the largest absolute logit
+difference between onnxruntime and PyTorch on the timed inputs (``parity_max_abs``).
+
 Training: with ``--dataroot`` and ``--teacher``, ``bench train-cost`` adds the step time and
 peak memory of baseline, direct and BridgeTA training as ratios to the baseline.
 """
@@ -20,8 +28,9 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bridgeta.bench.isolated import peak_resident_bytes, resident_bytes, run_isolated
@@ -30,6 +39,19 @@ from bridgeta.provenance import environment, write_json
 # (student, teacher) architectures; the first is what the CPU protocol trains, the second the paper's.
 PAIRS = {"tiny": ("tiny-c", "tiny-lc"), "bevfusion": ("bevfusion-c", "bevfusion-lc")}
 METHODS = ("baseline", "direct", "feature_kd", "logit_kd", "bridgeta")
+RUNTIMES = ("pytorch", "pytorch-compile", "onnxruntime")
+
+
+def _time(run_once: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run_once()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run_once()
+        times.append(time.perf_counter() - started)
+    return times
 
 
 def measure_latency(preset: str, device: str, precision: str, compile_model: bool, warmup: int, repeats: int) -> dict:
@@ -58,13 +80,7 @@ def measure_latency(preset: str, device: str, precision: str, compile_model: boo
     before = resident_bytes()
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(warmup):
-        run_once()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run_once()
-        times.append(time.perf_counter() - started)
+    times = _time(run_once, warmup, repeats)
     peak = (
         torch.cuda.max_memory_allocated()
         if target.type == "cuda"
@@ -87,6 +103,109 @@ def measure_latency(preset: str, device: str, precision: str, compile_model: boo
     }
 
 
+def _deployed_student(preset: str):
+    """The seeded student of ``preset`` as deployed, and its reference-rig inputs by name."""
+    import torch
+
+    from bridgeta.config import load_config
+    from bridgeta.engine.deploy import reference_arrays
+    from bridgeta.models.bev_model import build_model
+    from bridgeta.models.deploy import DeployedStudent
+
+    config = load_config(preset)
+    torch.manual_seed(0)
+    wrapper = DeployedStudent(build_model(config).eval()).eval()
+    return config, wrapper, reference_arrays(wrapper.specs)
+
+
+def export_deployed(preset: str, out: Path) -> dict:
+    """Write the deployed ONNX file of ``preset``'s seeded student; its onnxruntime parity."""
+    from bridgeta.engine.deploy import export_onnx
+    from bridgeta.engine.model_file import save_model_file
+
+    config, wrapper, _ = _deployed_student(preset)
+    source = save_model_file(out.with_suffix(".safetensors"), wrapper.model, config)
+    exported = export_onnx(source, out)  # verified on the same reference arrays the timing uses
+    return {"preset": preset, "onnx": str(out), "parity_max_abs": exported.parity_max_abs}
+
+
+def measure_deployed(preset: str, runtime: str, onnx_file: str | None, warmup: int, repeats: int) -> dict:
+    """One deployed runtime of ``preset``'s student on the CPU, measured in this process.
+
+    Peak memory is the peak resident set above the one after loading (weights and inputs in
+    place), as for the PyTorch rows of :func:`measure_latency`; the onnxruntime process never
+    builds the PyTorch model, so its peak is onnxruntime's own.
+    """
+    import torch
+
+    from bridgeta.engine.deploy import OnnxStudent, reference_arrays
+    from bridgeta.models.deploy import INPUT_NAMES
+
+    if runtime == "onnxruntime":
+        if onnx_file is None:
+            raise ValueError("the onnxruntime runtime needs --onnx FILE (written by export_deployed)")
+        session = OnnxStudent(onnx_file, threads=torch.get_num_threads())
+        arrays = {name: value.numpy() for name, value in reference_arrays(session.specs).items()}
+
+        def run_once() -> None:
+            session.run(arrays)
+    else:
+        _, wrapper, arrays = _deployed_student(preset)
+        forward = torch.compile(wrapper) if runtime == "pytorch-compile" else wrapper
+        inputs = tuple(arrays[name] for name in INPUT_NAMES)
+
+        def run_once() -> None:
+            with torch.inference_mode():
+                forward(*inputs)
+
+    before = resident_bytes()
+    times = _time(run_once, warmup, repeats)
+    return {
+        "preset": preset,
+        "runtime": runtime,
+        "device": "cpu",
+        "precision": "fp32",
+        "latency_ms": 1000 * statistics.median(times),
+        "latency_ms_min": 1000 * min(times),
+        "repeats": repeats,
+        "peak_memory_bytes": peak_resident_bytes() - before,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_deployed(pairs: Sequence[str], runtimes: Sequence[str], warmup: int, repeats: int) -> list[dict]:
+    """Every runtime of every pair's student, each in its own process; latency ratios to eager."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bridgeta-cost-") as work:
+        for pair in pairs:
+            preset = PAIRS[pair][0]
+            parity = {}
+            arguments = ["--warmup", str(warmup), "--repeats", str(repeats)]
+            if "onnxruntime" in runtimes:
+                onnx_file = str(Path(work) / f"{preset}.onnx")
+                print(f"-- {preset}: ONNX export and parity", flush=True)
+                parity = run_isolated("bridgeta.bench.cost", ["--export", preset, "--onnx", onnx_file],
+                                      f"ONNX export of {preset}")
+                arguments += ["--onnx", onnx_file]
+            measured = {}
+            for runtime in runtimes:
+                print(f"-- {preset} deployed with {runtime} on cpu", flush=True)
+                measured[runtime] = run_isolated(
+                    "bridgeta.bench.cost", ["--deployed", preset, "--runtime", runtime, *arguments],
+                    f"{preset} with {runtime}",
+                )
+            eager = measured.get("pytorch")
+            for runtime, row in measured.items():
+                row = {"pair": pair, **row}
+                if eager is not None:
+                    row["latency_ratio"] = row["latency_ms"] / eager["latency_ms"]
+                    row["memory_ratio"] = row["peak_memory_bytes"] / max(eager["peak_memory_bytes"], 1)
+                if runtime == "onnxruntime":
+                    row["parity_max_abs"] = parity["parity_max_abs"]
+                rows.append(row)
+    return rows
+
+
 def variants(device: str) -> list[tuple[str, bool]]:
     if device == "cuda":
         return [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
@@ -94,7 +213,8 @@ def variants(device: str) -> list[tuple[str, bool]]:
 
 
 def run(pairs: Sequence[str], devices: Sequence[str], warmup: int, repeats: int, out: Path,
-        dataroot: Path | None = None, teacher: str | None = None, train_steps: int = 30) -> dict:
+        dataroot: Path | None = None, teacher: str | None = None, train_steps: int = 30,
+        runtimes: Sequence[str] = RUNTIMES) -> dict:
     started = environment()
     cells = []
     for pair in pairs:
@@ -109,6 +229,8 @@ def run(pairs: Sequence[str], devices: Sequence[str], warmup: int, repeats: int,
                     cell = run_isolated("bridgeta.bench.cost", arguments, f"{preset} on {device}")
                     cells.append({"pair": pair, "role": role, **cell})
     result = {"environment": started, "methods": list(METHODS), "inference": cells}
+    if runtimes:
+        result["deployed"] = run_deployed(pairs, runtimes, warmup, repeats)
     if dataroot is not None and teacher is not None:
         from bridgeta.bench.train_cost import run as train_cost_run
 
@@ -127,6 +249,16 @@ def format_table(result: dict) -> str:
             f"{c['params'] / 1e6:>9.2f}{c['macs'] / 1e9:>9.2f}{c['latency_ms']:>10.1f}"
             f"{c['peak_memory_bytes'] / 2**20:>8.0f}"
         )
+    if result.get("deployed"):
+        lines += ["", f"{'preset':<14}{'runtime':<17}{'ms':>10}{'x eager':>9}{'MiB':>8}{'parity':>10}"]
+        for row in result["deployed"]:
+            ratio = row.get("latency_ratio")
+            parity = row.get("parity_max_abs")
+            lines.append(
+                f"{row['preset']:<14}{row['runtime']:<17}{row['latency_ms']:>10.1f}"
+                f"{'' if ratio is None else f'{ratio:.2f}':>9}{row['peak_memory_bytes'] / 2**20:>8.0f}"
+                f"{'' if parity is None else f'{parity:.1e}':>10}"
+            )
     return "\n".join(lines)
 
 
@@ -140,8 +272,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--teacher", default=None)
     parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("results/cost.json"))
+    parser.add_argument("--runtimes", nargs="*", default=list(RUNTIMES), choices=list(RUNTIMES),
+                        help="deployed-student runtimes on the CPU (none: skip the deployed rows)")
     # internal: one measurement in this process, JSON on stdout
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--deployed", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--export", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--runtime", default="pytorch", choices=list(RUNTIMES), help=argparse.SUPPRESS)
+    parser.add_argument("--onnx", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
@@ -150,12 +288,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = measure_latency(args.one, args.device, args.precision, args.compile, args.warmup, args.repeats)
         print(json.dumps(row))
         return 0
+    if args.export is not None:
+        print(json.dumps(export_deployed(args.export, Path(args.onnx))))
+        return 0
+    if args.deployed is not None:
+        print(json.dumps(measure_deployed(args.deployed, args.runtime, args.onnx, args.warmup, args.repeats)))
+        return 0
     if args.devices is None:
         import torch
 
         args.devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     result = run(args.pairs, args.devices, args.warmup, args.repeats, args.out,
-                 args.dataroot, args.teacher, args.train_steps)
+                 args.dataroot, args.teacher, args.train_steps, args.runtimes)
     print(format_table(result))
     print(f"wrote {args.out}")
     return 0

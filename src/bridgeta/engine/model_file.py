@@ -105,16 +105,22 @@ def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
     return model.to(map_location), config
 
 
-def export_student(source: str | Path, out: str | Path) -> tuple[Path, BEVModel]:
-    """Write the deployable network of ``source`` (any model file) as a ``model`` file.
+def load_deployable(source: str | Path) -> tuple[BEVModel, ExperimentConfig]:
+    """The deployable network of ``source`` (any model file), in eval mode.
 
     A distiller file loses its ``student.`` prefix and every training-only tensor (teacher
     assistant); the result has exactly the keys and shapes of the baseline model its config
-    describes, which is checked by a strict load before anything is written.
+    describes, which is checked here, before any export writes a file.
     """
     model, config = load_model_file(source)
     expected = build_model(config).state_dict()
     exported = model.state_dict()
     if list(exported) != list(expected) or any(exported[k].shape != expected[k].shape for k in expected):
         raise AssertionError(f"{source}: exported keys do not match the baseline architecture")
+    return model.eval(), config
+
+
+def export_student(source: str | Path, out: str | Path) -> tuple[Path, BEVModel]:
+    """Write the deployable network of ``source`` (:func:`load_deployable`) as a ``model`` file."""
+    model, config = load_deployable(source)
     return save_model_file(out, model, config, kind=MODEL_KIND), model

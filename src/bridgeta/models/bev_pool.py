@@ -16,7 +16,8 @@ split in two:
   index, PyTorch's CPU kernel radix-sorts the ranks into CSR form and reduces each cell's run in
   parallel, i.e. it *is* a sorted-rank segment sum, with the gather of the features fused in; its
   autograd backward is a plain row gather (exact, parallel, zero for the discard row). On CUDA
-  the same call is an atomic add per element.
+  the same call is an atomic add per element. Exported to ONNX, it is one ``ScatterND`` with
+  ``reduction="add"`` over the ranks (:class:`_ScatterRowsForONNX`).
 
 Why this variant: forward+backward at ``bevfusion-c`` size on 2 CPU threads (``bridgeta bench
 bev-pool`` and the same harness for the others) took ~0.25 s with ``scatter_add_`` or ``index_add_``
@@ -146,17 +147,52 @@ def _cells_to_bev(cell_features: torch.Tensor, plan: BEVPoolPlan) -> torch.Tenso
     return bev.contiguous()
 
 
+def _scatter_rows(features: torch.Tensor, point_rank: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``(num_rows, C)`` sums of the feature rows ``(P, C)`` at rows ``point_rank`` ``(P,)``."""
+    index = point_rank.unsqueeze(1).expand(-1, features.shape[1])
+    return features.new_zeros(num_rows, features.shape[1]).scatter_add_(0, index, features)
+
+
+class _ScatterRowsForONNX(torch.autograd.Function):
+    """:func:`_scatter_rows` in PyTorch; one ONNX ``ScatterND(reduction="add")`` when exported.
+
+    The TorchScript exporter would write ``scatter_add_`` as ``ScatterElements`` over the
+    row-expanded index, materialising a ``(P, C)`` int64 index: at ``bevfusion-c`` size (2 M points,
+    80 channels) 1.3 GB, and onnxruntime's element-wise kernel took ~4x PyTorch's whole forward.
+    ``ScatterND`` adds whole rows at ``(P, 1)`` indices (24x faster than ``ScatterElements`` in
+    onnxruntime on 500k x 80 rows, 16x less memory). Used only while exporting (no backward).
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, point_rank: torch.Tensor, num_rows: int, channels: int) -> torch.Tensor:
+        return _scatter_rows(features, point_rank, num_rows)
+
+    @staticmethod
+    def symbolic(g, features, point_rank, num_rows: int, channels: int):  # pragma: no cover - exporter
+        shape = g.op("Constant", value_t=torch.tensor([num_rows, channels], dtype=torch.int64))
+        zeros = g.op("CastLike", g.op("ConstantOfShape", shape), features)
+        rows = g.op("Unsqueeze", point_rank, g.op("Constant", value_t=torch.tensor([1], dtype=torch.int64)))
+        return g.op("ScatterND", zeros, rows, features, reduction_s="add")
+
+
 def bev_pool(features: torch.Tensor, plan: BEVPoolPlan) -> torch.Tensor:
     """Sum point features ``(P, C)`` into BEV cells: ``(B, Z*C, X, Y)``, channel ``z * C + c``.
 
     Differentiable w.r.t. ``features`` (dropped points get zero gradient). Accumulates in the
-    dtype of ``features``.
+    dtype of ``features``. Exported to ONNX (opset >= 16) as one ``ScatterND`` with add reduction,
+    the same sums; out-of-grid points go to the discard row there too, so which points are kept is
+    decided by the graph's inputs at run time.
     """
     _check_features(features, plan)
-    channels = features.shape[1]
-    index = plan.point_rank.unsqueeze(1).expand(-1, channels)
     # One row past the grid receives the dropped points, so they need no gather/mask pass.
-    cells = features.new_zeros(plan.num_cells + 1, channels).scatter_add_(0, index, features)
+    if torch.onnx.is_in_onnx_export():
+        # While tracing, sizes taken from shapes are traced values (and the traced graph does not
+        # always know the feature width); the buffer's shape is a constant of the exported graph
+        # (all its shapes are fixed), so pass it as plain ints.
+        num_rows, channels = int(plan.num_cells) + 1, int(features.shape[1])
+        cells = _ScatterRowsForONNX.apply(features, plan.point_rank, num_rows, channels)
+    else:
+        cells = _scatter_rows(features, plan.point_rank, plan.num_cells + 1)
     return _cells_to_bev(cells[:-1], plan)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bridgeta.geometry import BEVGrid
+from bridgeta.geometry import BEVGrid, invert_3x3
 from bridgeta.models.bev_pool import bev_pool, compute_pool_plan
 from bridgeta.models.layers import conv_bn_relu
 from bridgeta.models.types import CameraInputs
@@ -74,6 +74,8 @@ def frustum_to_ego(
     by ``bev_aug`` (``(B, 4, 4)``). All linear steps are folded into one 3x3 "pixel to ray" matrix
     per camera, valid because an affine ``image_aug`` keeps the homogeneous coordinate at 1. Runs in
     float32 with autocast off: half-precision geometry would misplace far points by whole cells.
+    The inverses are closed-form (:func:`~bridgeta.geometry.invert_3x3`) so that the same maths
+    exports to ONNX.
     """
     with torch.autocast(device_type=frustum.device.type, enabled=False):
         frustum = frustum.float()
@@ -82,8 +84,8 @@ def frustum_to_ego(
             ego_T_camera = bev_aug.float()[:, None] @ ego_T_camera
         pixel_to_ray = (
             ego_T_camera[..., :3, :3]
-            @ torch.linalg.inv(intrinsics.float())
-            @ torch.linalg.inv(image_aug.float())
+            @ invert_3x3(intrinsics.float())
+            @ invert_3x3(image_aug.float())
         )
         batch, cams = pixel_to_ray.shape[:2]
         points = frustum.reshape(-1, 3)

@@ -257,8 +257,10 @@ class SwinStage(nn.Module):
         """``(B, H, W, C)`` -> (stage output ``(B, H, W, C)``, next stage input or ``None``)."""
         _, height, width, _ = x.shape
         window = self.window_size
-        padded_height = -(-height // window) * window
-        padded_width = -(-width // window) * window
+        # Ceiling division on non-negative operands only: traced for ONNX, ``//`` becomes an
+        # integer Div, which truncates, so ``-(-h // w)`` would round the padded grid down.
+        padded_height = (height + window - 1) // window * window
+        padded_width = (width + window - 1) // window * window
         attn_mask = shifted_window_attention_mask(
             padded_height, padded_width, window, self.shift_size, x.device
         ).to(x.dtype)

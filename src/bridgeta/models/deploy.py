@@ -1,0 +1,130 @@
+"""The deployed student as a function of plain tensors: what ``bridgeta export --format onnx`` traces.
+
+A deployed camera model receives the images and the rig's geometry as arrays, not our
+dataclasses, so :class:`DeployedStudent` wraps a camera-only :class:`BEVModel` with the signature
+
+    (images, intrinsics, ego_T_camera, image_aug) -> logits
+
+in the layouts of docs/conventions.md. The geometry is an input, not a constant of the graph: one
+exported file serves any rig with the trained camera count and image size, and the frustum points
+that a given rig sends outside the BEV grid are masked inside the graph (``bev_pool`` routes them
+to a discard row), so nothing about the point count is decided at export time.
+
+:func:`input_specs` is the one description of the inputs (names, shapes, dtypes) that the wrapper,
+the exporter, the onnxruntime runner and docs/deploy.md share; :func:`check_inputs` turns a wrong
+shape into an error naming the input and the shape it should have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from bridgeta.models.bev_model import BEVModel
+from bridgeta.models.types import BEVInputs, CameraInputs
+
+INPUT_NAMES = ("images", "intrinsics", "ego_T_camera", "image_aug")
+OUTPUT_NAMES = ("logits",)
+DTYPE = "float32"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of the deployed graph: its name, fixed shape, dtype and meaning."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    description: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "description": self.description}
+
+
+def _require_camera_only(model: BEVModel) -> None:
+    if model.camera_encoder is None or model.lidar_encoder is not None:
+        raise ValueError(
+            f"only camera-only models deploy with camera inputs; this one reads {', '.join(model.modalities)}"
+        )
+
+
+def input_specs(model: BEVModel, batch_size: int = 1) -> tuple[TensorSpec, ...]:
+    """The deployed inputs of ``model`` at ``batch_size`` (shapes are fixed: the trained rig size)."""
+    _require_camera_only(model)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    cams = model.camera_encoder.num_cameras
+    height, width = model.camera_encoder.image_size
+    return (
+        TensorSpec("images", (batch_size, cams, 3, height, width), DTYPE,
+                   "normalised images after image augmentation, cameras in rig order"),
+        TensorSpec("intrinsics", (batch_size, cams, 3, 3), DTYPE,
+                   "pinhole intrinsics of the original (un-augmented) images"),
+        TensorSpec("ego_T_camera", (batch_size, cams, 4, 4), DTYPE, "camera frame -> ego frame"),
+        TensorSpec("image_aug", (batch_size, cams, 3, 3), DTYPE,
+                   "original pixels -> network-input pixels (resize, crop); identity if none"),
+    )
+
+
+def output_specs(model: BEVModel, batch_size: int = 1) -> tuple[TensorSpec, ...]:
+    """The deployed outputs: the map logits on the output grid (the only head these models have)."""
+    size_x, size_y = model.output_grid.shape
+    return (
+        TensorSpec("logits", (batch_size, len(model.classes), size_x, size_y), DTYPE,
+                   "map logits (B, K, X, Y) on the output grid; sigmoid for per-class probabilities"),
+    )
+
+
+def _dtype_name(dtype: Any) -> str:
+    """``torch.float32`` and ``numpy.dtype('float32')`` both as ``"float32"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def check_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the input and its expected shape/dtype if ``inputs`` do not fit.
+
+    ``inputs`` maps names to anything with ``.shape`` and ``.dtype`` (torch tensors, numpy arrays).
+    """
+    expected = {spec.name for spec in specs}
+    missing, unknown = sorted(expected - set(inputs)), sorted(set(inputs) - expected)
+    if missing or unknown:
+        raise ValueError(
+            f"deployed model inputs are {[s.name for s in specs]}; missing {missing}, unexpected {unknown}"
+        )
+    for spec in specs:
+        value = inputs[spec.name]
+        shape = tuple(int(v) for v in value.shape)
+        if shape != spec.shape:
+            raise ValueError(
+                f"input '{spec.name}' must have shape {spec.shape} ({spec.description}), got {shape}"
+            )
+        if _dtype_name(value.dtype) != spec.dtype:
+            raise ValueError(f"input '{spec.name}' must be {spec.dtype}, got {_dtype_name(value.dtype)}")
+
+
+class DeployedStudent(nn.Module):
+    """``(images, intrinsics, ego_T_camera, image_aug) -> logits`` of a camera-only ``BEVModel``.
+
+    Shapes are checked against :func:`input_specs` on every call, so a wrong rig fails here (and
+    at export, which calls this) with the input's name rather than deep inside a matmul.
+    """
+
+    def __init__(self, model: BEVModel, batch_size: int = 1) -> None:
+        super().__init__()
+        self.specs = input_specs(model, batch_size)
+        self.model = model
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        intrinsics: torch.Tensor,
+        ego_T_camera: torch.Tensor,
+        image_aug: torch.Tensor,
+    ) -> torch.Tensor:
+        check_inputs(self.specs, dict(zip(INPUT_NAMES, (images, intrinsics, ego_T_camera, image_aug))))
+        camera = CameraInputs(images, intrinsics, ego_T_camera, image_aug)
+        return self.model(BEVInputs(batch_size=images.shape[0], camera=camera)).logits
