@@ -312,8 +312,8 @@ def test_ta2s_trains_the_student_only_unless_mutual(configs, mutual):
 
 
 def test_ta_from_teacher_computes_the_teachers_maps(configs):
-    distiller = _distiller(configs, ta_init="teacher")
-    scratch = _distiller(configs, ta_init="scratch")
+    distiller = _distiller(configs, ta_init="teacher", teacher_precision="fp32")
+    scratch = _distiller(configs, ta_init="scratch", teacher_precision="fp32")
     inputs, _ = _batch(configs)
     distiller.eval(), scratch.eval()
     teacher = distiller.teacher_forward(inputs)
