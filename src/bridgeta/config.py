@@ -550,7 +550,7 @@ def _range_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
             ("distill.ta_seg_weight", d.ta_seg_weight, d.ta_seg_weight >= 0, ">= 0"),
             ("distill.relational_weight", d.relational_weight, d.relational_weight >= 0, ">= 0"),
         ] + [
-            (f"distill.weights.{name}", getattr(d.weights, name), getattr(d.weights, name) >= 0, ">= 0")
-            for name in ("fld", "dld", "lld")
+            (f"distill.weights.{f.name}", getattr(d.weights, f.name), getattr(d.weights, f.name) >= 0, ">= 0")
+            for f in dataclasses.fields(d.weights)
         ]
     return [(key, f"must be {what}, got {value!r}") for key, value, valid, what in checks if not valid]

@@ -8,7 +8,8 @@ deployed. Latency is the median of ``--repeats`` forward passes after ``--warmup
 under ``torch.inference_mode``. Each measurement runs in a fresh process so that peak memory is
 its own: on CPU the peak resident set above the resident set before the first forward, on CUDA
 ``torch.cuda.max_memory_allocated``. On CUDA the variants are fp32 and bf16 autocast, each with
-``torch.compile`` off and on; on CPU fp32 eager (CPU autocast is slower for these convolutions).
+``torch.compile`` off and on; on CPU fp32 eager, and bf16 autocast eager where the CPU computes
+bf16 natively (AVX512-BF16 or AMX; emulated bf16 is slower than fp32).
 
 Deployed runtimes: the student of each pair as deployed (:class:`DeployedStudent`, images and
 camera geometry in, logits out, batch 1, the reference rig) under PyTorch eager, PyTorch with
@@ -209,7 +210,10 @@ def run_deployed(pairs: Sequence[str], runtimes: Sequence[str], warmup: int, rep
 def variants(device: str) -> list[tuple[str, bool]]:
     if device == "cuda":
         return [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
-    return [("fp32", False)]
+    from bridgeta.precision import cpu_has_native_bf16
+
+    # bf16 only where the CPU computes it natively (emulated bf16 is slower than fp32).
+    return [("fp32", False), ("bf16", False)] if cpu_has_native_bf16() else [("fp32", False)]
 
 
 def run(pairs: Sequence[str], devices: Sequence[str], warmup: int, repeats: int, out: Path,
