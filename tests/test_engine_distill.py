@@ -399,3 +399,23 @@ def test_distiller_state_dict_leaves_the_teacher_out(dataroot, teacher):
         fresh.load_state_dict({**state, "assistant.extra": torch.zeros(1)})
     result = fresh.load_state_dict(partial, strict=False)
     assert result.missing_keys == [assistant_key] and not result.unexpected_keys
+
+
+def test_training_diagnostics_average_the_last_quarter_and_range_epsilon(bridgeta_run):
+    from bridgeta.engine.logging import read_metrics as read_run_metrics
+    from bridgeta.engine.logging import training_diagnostics
+
+    rows = [{"step": 0, "eval": {"miou": 0.1}}]  # evaluation rows are skipped
+    rows += [{"step": s, "loss": 1.0, "share/seg": s / 8, "share/kd/fld": 1 - s / 8, "fld/epsilon": e}
+             for s, e in zip(range(1, 9), (3.0, 0.5, 1.0, 2.0, 1.5, 0.7, 0.9, 1.1))]
+    summary = training_diagnostics(rows)
+    assert summary["rows"] == 8
+    assert summary["shares"] == pytest.approx({"seg": 7.5 / 8, "kd/fld": 0.5 / 8})  # steps 7 and 8
+    assert summary["epsilon"] == {"fld": {"min": 0.5, "median": 1.1, "max": 3.0}}
+
+    config, out, _ = bridgeta_run
+    summary = training_diagnostics(read_run_metrics(out))
+    assert sum(summary["shares"].values()) == pytest.approx(1.0, rel=1e-6)
+    low, high = config.distill.epsilon_range
+    assert set(summary["epsilon"]) == set(LEVELS)
+    assert all(low - 1e-6 <= e["min"] <= e["median"] <= e["max"] <= high + 1e-6 for e in summary["epsilon"].values())

@@ -27,6 +27,7 @@ from bridgeta.data.cache import LabelCache
 from bridgeta.data.prepare import prepare_dataroot
 from bridgeta.data.show import render_sample_picture
 from bridgeta.data.synth.generate import VERSION, generate_dataroot
+from bridgeta.engine.logging import read_metrics, training_diagnostics
 from bridgeta.engine.model_file import export_student
 from bridgeta.models.cost import measure_model_cost
 
@@ -106,12 +107,25 @@ def run_demo(
     (out_dir / "table.txt").write_text(table + "\n")
     pictures = _prediction_pictures(out_dir, runs_dir, cache, seed, protocol)
     gap = _gap_figure(out_dir, runs_dir, seed, protocol)
+    diagnostics = {
+        role: training_diagnostics(read_metrics(runs_dir / run_name(role, seed, protocol)))
+        for role in STUDENTS
+        if role != "baseline"
+    }
+    for role, summary in diagnostics.items():
+        shares = ", ".join(f"{name} {100 * value:.0f}%" for name, value in summary["shares"].items())
+        epsilon = ", ".join(
+            f"{level} {e['min']:.2f}-{e['max']:.2f}" for level, e in summary["epsilon"].items()
+        )
+        print(f"{role}: loss shares (last quarter) {shares}" + (f"; eps* {epsilon}" if epsilon else ""))
 
     results = {
         "world": {"dataroot": str(dataroot), "samples_per_split": cache.meta["counts"]},
         "schedule": {"teacher_epochs": protocol.teacher_epochs, "student_epochs": protocol.epochs},
         "models": {role: runs[role] for role in order},
         "deployed_cost": costs,
+        # Per distillation run: loss shares over the last quarter of training, eps* range per level.
+        "diagnostics": diagnostics,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }

@@ -7,12 +7,11 @@ line per run, so a BridgeTA run and its w/o-TA twin can be compared at a glance.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
 
-from bridgeta.engine.logging import METRICS_FILE
+from bridgeta.engine.logging import METRICS_FILE, read_metrics
 from bridgeta.files import atomic_path
 
 LEVELS = ("fld", "dld", "lld")
@@ -21,25 +20,16 @@ LEVEL_TITLES = {"fld": "FLD: fused / camera BEV", "dld": "DLD: decoded BEV", "ll
 
 def read_gap_curves(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """``{level: [(step, gap), ...]}`` of one run; levels the run did not log are absent."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: not a training run directory")
     curves: dict[str, list[tuple[int, float]]] = {}
-    with path.open() as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON ({exc})") from None
-            for level in LEVELS:
-                value = row.get(f"{level}/gap_l2")
-                if isinstance(value, (int, float)):
-                    curves.setdefault(level, []).append((int(row["step"]), float(value)))
+    for row in read_metrics(run_dir):
+        for level in LEVELS:
+            value = row.get(f"{level}/gap_l2")
+            if isinstance(value, (int, float)):
+                curves.setdefault(level, []).append((int(row["step"]), float(value)))
     if not curves:
         raise ValueError(
-            f"{path} has no '<level>/gap_l2' values: only distillation runs (bridgeta distill) log them"
+            f"{Path(run_dir) / METRICS_FILE} has no '<level>/gap_l2' values: only distillation runs "
+            "(bridgeta distill) log them"
         )
     return curves
 

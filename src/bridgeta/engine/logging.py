@@ -123,3 +123,42 @@ def progress_bar(total: int, initial: int, enabled: bool, desc: str = "train") -
     return tqdm(
         total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True
     )
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl``, in order; errors name the file and line."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: not a training run directory")
+    rows = []
+    with path.open() as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not JSON ({exc})") from None
+    return rows
+
+
+def training_diagnostics(rows: list[dict[str, Any]], levels: tuple[str, ...] = ("fld", "dld", "lld")) -> dict[str, Any]:
+    """What a distillation run's log says about its loss balance and its eps*.
+
+    ``shares``: each loss group's share of the total (``share/*``), averaged over the last quarter
+    of the training log rows (the regime the run ends in, not its start-up); ``epsilon``: per
+    level, min / median / max of the logged eps* over the whole run. Rows without training terms
+    (evaluation rows) are skipped; levels the run did not log are absent.
+    """
+    training = [row for row in rows if "loss" in row]
+    if not training:
+        return {"shares": {}, "epsilon": {}, "rows": 0}
+    tail = training[-max(1, len(training) // 4):]
+    keys = sorted({key for row in tail for key in row if key.startswith("share/")})
+    shares = {key.removeprefix("share/"): sum(row.get(key, 0.0) for row in tail) / len(tail) for key in keys}
+    epsilon = {}
+    for level in levels:
+        values = sorted(row[f"{level}/epsilon"] for row in training if f"{level}/epsilon" in row)
+        if values:
+            epsilon[level] = {"min": values[0], "median": values[len(values) // 2], "max": values[-1]}
+    return {"shares": shares, "epsilon": epsilon, "rows": len(training)}
