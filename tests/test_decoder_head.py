@@ -77,3 +77,35 @@ def test_fuser_concatenates_in_order_and_checks_channels():
     assert torch.allclose(fuser([camera, lidar]), expected)
     with pytest.raises(ValueError, match="input 1 has 2 channels, expected 3"):
         fuser([camera, camera])
+
+
+@pytest.mark.parametrize("grids", ["feature_to_label", "label_to_label", "tiny"])
+def test_grid_transform_equals_grid_sample_in_value_and_gradient(grids):
+    """The separable form against BEVFusion's grid_sample (bilinear, zeros, align_corners=False)."""
+    from bridgeta.geometry import BEVGrid
+
+    source, target = {
+        "feature_to_label": (FEATURE_GRID, LABEL_GRID),
+        "label_to_label": (LABEL_GRID, LABEL_GRID),
+        # Output cells past the input's edge: zero padding on one side.
+        "tiny": (BEVGrid((-51.2, 51.2, 0.8), (-51.2, 51.2, 0.8)), BEVGrid((-52.0, 50.0, 1.0), (-50.0, 51.5, 0.5))),
+    }[grids]
+    transform = BEVGridTransform(source, target)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *source.shape, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    def normalised(axis):
+        low, high, _ = getattr(source, axis)
+        return (target.cell_centers(axis, dtype=torch.float64) - low) / (high - low) * 2 - 1
+
+    gx, gy = torch.meshgrid(normalised("x"), normalised("y"), indexing="ij")
+    grid = torch.stack([gy, gx], dim=-1)[None].expand(2, -1, -1, -1)
+    reference = torch.nn.functional.grid_sample(x, grid, mode="bilinear", align_corners=False)
+    transform = transform.double()
+    actual = transform(x)
+    assert actual.shape == reference.shape == (2, 3, *target.shape)
+    assert torch.allclose(actual, reference, atol=1e-10)
+    weights = torch.randn(reference.shape, generator=generator, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((actual * weights).sum(), x)
+    (grad_reference,) = torch.autograd.grad((reference * weights).sum(), x)
+    assert torch.allclose(grad, grad_reference, atol=1e-10)
