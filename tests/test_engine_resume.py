@@ -175,3 +175,41 @@ def test_sigkilled_run_resumes_to_identical_weights(dataroot, tmp_path):
     rows, reference_rows = read_metrics(interrupted), read_metrics(tmp_path / "reference")
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert [r["loss"] for r in rows] == [r["loss"] for r in reference_rows]
+
+
+def test_resumed_fused_adamw_on_a_channels_last_model_continues_exactly(tmp_path):
+    """Checkpoints store contiguous moments; a channels-last model's fused AdamW must get them back
+    in its parameters' layout, or its kernel pairs the wrong elements (found as a resume bug)."""
+
+    def state(seed):
+        torch.manual_seed(seed)
+        config = load_config("tiny-l", SMALL_TINY_L)
+        model = build_model(config).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.AdamW(parameter_groups(model, 0.01), lr=1e-2, fused=True)
+        schedule = WarmupCosineSchedule(optimizer, 1, 10, 0.01)
+        return config, model, optimizer, schedule, torch.amp.GradScaler("cpu", enabled=False)
+
+    points = torch.rand(500, 5) * torch.tensor([80.0, 80.0, 4.0, 1.0, 0.0]) - torch.tensor([40.0, 40.0, 2.0, 0, 0])
+    inputs = BEVInputs(batch_size=1, lidar=LidarInputs(points, torch.zeros(500, dtype=torch.long)))
+
+    def step(model, optimizer, schedule):
+        model(inputs).logits.square().mean().backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+
+    config, model, optimizer, schedule, scaler = state(0)
+    step(model, optimizer, schedule)
+    data = {"batch": 1, "batches_per_epoch": 4, "batch_size": 1, "world_size": 1}
+    save_checkpoint(tmp_path, 1, 0, model, config, optimizer, schedule, scaler, [capture_rng_state(torch.device("cpu"))], data)
+    step(model, optimizer, schedule)
+
+    _, fresh, fresh_optimizer, fresh_schedule, fresh_scaler = state(1)
+    load_checkpoint(latest_checkpoint(tmp_path), fresh, fresh_optimizer, fresh_schedule, fresh_scaler)
+    for parameter in fresh.parameters():
+        for value in fresh_optimizer.state[parameter].values():
+            if value.shape == parameter.shape:
+                assert value.stride() == parameter.stride()
+    step(fresh, fresh_optimizer, fresh_schedule)
+    for (name, ours), theirs in zip(fresh.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(ours, theirs), name

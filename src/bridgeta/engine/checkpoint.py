@@ -334,6 +334,21 @@ def _safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
 
 
+def _match_parameter_layouts(optimizer: Optimizer) -> None:
+    """Give every per-parameter state tensor its parameter's memory layout.
+
+    Checkpoints store contiguous tensors, but a channels-last model's parameters are not
+    contiguous. Element-wise updates do not care; a fused optimiser kernel that walks the raw
+    memory of a parameter and its moments together does, and would pair the wrong elements.
+    """
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
 def _load_checkpoint(
     path: Path,
     model: nn.Module,
@@ -369,6 +384,7 @@ def _load_checkpoint(
             per_param.setdefault(int(index), {}).update(values)
         groups = _restore_param_groups(state["optimizer"]["param_groups"], optimizer.param_groups)
         optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+        _match_parameter_layouts(optimizer)
     if scheduler is not None:  # after the optimiser: it sets the groups' learning rates
         scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and scaler.is_enabled():
