@@ -37,3 +37,26 @@ def test_errors_name_the_file(tmp_path):
     save_file({"w": torch.zeros(1)}, str(plain))
     with pytest.raises(ValueError, match="not a bridgeta model file"):
         load_model_file(plain)
+
+
+def test_a_model_started_from_a_pretrained_backbone_rebuilds_without_that_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from bridgeta.engine.model_file import export_student
+
+    donor = build_model(load_config("tiny-c")).camera_encoder.backbone
+    with torch.no_grad():
+        donor.conv1.weight.add_(1.0)
+    backbone = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, str(backbone))
+    config = load_config("tiny-c", [f"model.camera.backbone.pretrained={backbone}"])
+    model = build_model(config)
+    assert torch.equal(model.camera_encoder.backbone.conv1.weight, donor.conv1.weight)
+    with torch.no_grad():
+        model.camera_encoder.backbone.conv1.weight.mul_(2.0)  # trained on: the file's weights win
+    path = save_model_file(tmp_path / "m.safetensors", model, config)
+    backbone.unlink()  # the run moved on; its model file must not depend on the start point
+    loaded, loaded_config = load_model_file(path)
+    assert loaded_config.model.camera.backbone.pretrained == str(backbone)  # kept, as a record
+    assert torch.equal(loaded.camera_encoder.backbone.conv1.weight, model.camera_encoder.backbone.conv1.weight)
+    export_student(path, tmp_path / "student.safetensors")

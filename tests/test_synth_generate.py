@@ -94,6 +94,11 @@ def test_generation_is_deterministic_and_refuses_to_overwrite(tmp_path):
         assert a == b, table
     lidar = sorted((tmp_path / "a" / "samples" / "LIDAR_TOP").iterdir())[0]
     assert lidar.read_bytes() == (tmp_path / "b" / "samples" / "LIDAR_TOP" / lidar.name).read_bytes()
+    # Camera labels too: every label file and the index, byte for byte.
+    labels = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "camera_labels").rglob("*") if p.is_file())
+    assert len(labels) == 2 * 6 + 1
+    for relative in labels:
+        assert (tmp_path / "a" / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes(), relative
     assert first.samples == 1
     with pytest.raises(FileExistsError, match="already holds v1.0-trainval"):
         generate_dataroot(tmp_path / "a", scenes=1, seed=5, preset=one_scene, workers=1)

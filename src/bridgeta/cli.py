@@ -142,6 +142,21 @@ def _command_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_pretrain_backbone(args: argparse.Namespace) -> int:
+    from bridgeta.engine.pretrain import pretrain_backbone
+
+    overrides = list(args.overrides)
+    # The flags are overrides like any other, so the config section and --set stay one source.
+    if args.epochs is not None:
+        overrides.append(f"pretrain.epochs={args.epochs}")
+    if args.max_steps is not None:
+        overrides.append(f"pretrain.max_steps={args.max_steps}")
+    args.overrides = overrides
+    summary = pretrain_backbone(_training_config(args), Path(args.out), force=args.force)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def _command_export(args: argparse.Namespace) -> int:
     from bridgeta.engine.evaluate import resolve_model_file
     from bridgeta.files import check_outputs
@@ -275,6 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(distill)
     distill.add_argument("--teacher", default=None, help="teacher model file or run dir (sets distill.teacher)")
     distill.set_defaults(handler=_command_distill)
+
+    pretrain = commands.add_parser(
+        "pretrain-backbone",
+        help="train a config's image backbone on the per-pixel camera labels of the train split "
+        "(docs/engine.md); any camera model then starts from OUT/backbone.safetensors",
+    )
+    _add_config_arguments(pretrain)
+    pretrain.add_argument("--dataroot", default=None, help="sets data.dataroot (a prepared dataroot with camera labels)")
+    pretrain.add_argument("--out", required=True, help="output directory")
+    pretrain.add_argument("--epochs", type=int, default=None, help="sets pretrain.epochs")
+    pretrain.add_argument("--max-steps", type=int, default=None, help="sets pretrain.max_steps")
+    pretrain.add_argument("--force", action="store_true", help="replace what a previous run left in --out")
+    pretrain.set_defaults(handler=_command_pretrain_backbone)
 
     export = commands.add_parser(
         "export", help="the deployable student alone (no teacher or assistant weights) as a model file"

@@ -189,6 +189,36 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainOptimizerConfig(OptimizerConfig):
+    """The BEV optimiser's settings with the pretraining's defaults (its own class, so that
+    overriding one key, e.g. ``pretrain.optimizer.warmup_steps``, keeps these for the others)."""
+
+    lr: float = 1e-3
+    warmup_steps: int = 20
+
+
+@dataclass
+class PretrainConfig:
+    """``bridgeta pretrain-backbone``: the camera backbone trained per pixel on the camera labels.
+
+    A light head on the backbone's feature maps predicts the class of every pixel (cross-entropy)
+    and, with ``depth``, its log-depth (L1 on the pixels that have a depth, weighted by
+    ``depth_weight``). Only the train split is trained on; the summary is measured on
+    ``train.eval_split``. Precision, seed and loader workers come from ``train``. ``batch_size``
+    counts images (a BEV sample holds six).
+    """
+
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 16
+    head_channels: int = 64
+    depth: bool = True
+    depth_weight: float = 1.0
+    log_every: int = 10
+    optimizer: PretrainOptimizerConfig = field(default_factory=PretrainOptimizerConfig)
+
+
+@dataclass
 class LevelWeights:
     """lambda_1..3 of the feature, decoded and logit levels, and the CrossKD term's own weight.
 
@@ -253,6 +283,8 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # Present when this experiment distils ``model`` from a teacher.
     distill: DistillConfig | None = None
+    # Settings of ``bridgeta pretrain-backbone`` (defaults when absent); training ignores them.
+    pretrain: PretrainConfig | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,6 +545,18 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         fail(f"{key} {message}")
 
 
+def _optimizer_checks(key: str, opt: OptimizerConfig) -> list[tuple[str, Any, bool, str]]:
+    return [
+        (f"{key}.lr", opt.lr, math.isfinite(opt.lr) and opt.lr > 0, "> 0"),
+        (f"{key}.weight_decay", opt.weight_decay, math.isfinite(opt.weight_decay) and opt.weight_decay >= 0,
+         ">= 0"),
+        (f"{key}.betas", opt.betas, all(0 <= b < 1 for b in opt.betas), "two values in [0, 1)"),
+        (f"{key}.warmup_steps", opt.warmup_steps, opt.warmup_steps >= 0, ">= 0"),
+        (f"{key}.min_lr_ratio", opt.min_lr_ratio, 0 <= opt.min_lr_ratio <= 1, "in [0, 1]"),
+        (f"{key}.grad_clip", opt.grad_clip, opt.grad_clip is None or opt.grad_clip > 0, "> 0 or null"),
+    ]
+
+
 def _range_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
     """``(dotted key, what is wrong)`` for every numeric setting outside its range.
 
@@ -532,14 +576,17 @@ def _range_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
         ("train.max_steps", train.max_steps, train.max_steps is None or train.max_steps >= 1, ">= 1 or null"),
         ("train.seed", train.seed, train.seed >= 0, ">= 0"),
         ("train.eval_split", train.eval_split, bool(train.eval_split.strip()), "a split name"),
-        ("train.optimizer.lr", opt.lr, math.isfinite(opt.lr) and opt.lr > 0, "> 0"),
-        ("train.optimizer.weight_decay", opt.weight_decay, math.isfinite(opt.weight_decay) and opt.weight_decay >= 0,
-         ">= 0"),
-        ("train.optimizer.betas", opt.betas, all(0 <= b < 1 for b in opt.betas), "two values in [0, 1)"),
-        ("train.optimizer.warmup_steps", opt.warmup_steps, opt.warmup_steps >= 0, ">= 0"),
-        ("train.optimizer.min_lr_ratio", opt.min_lr_ratio, 0 <= opt.min_lr_ratio <= 1, "in [0, 1]"),
-        ("train.optimizer.grad_clip", opt.grad_clip, opt.grad_clip is None or opt.grad_clip > 0, "> 0 or null"),
-    ]
+    ] + _optimizer_checks("train.optimizer", opt)
+    if config.pretrain is not None:
+        p, popt = config.pretrain, config.pretrain.optimizer
+        checks += [
+            ("pretrain.epochs", p.epochs, p.epochs >= 1, ">= 1"),
+            ("pretrain.max_steps", p.max_steps, p.max_steps is None or p.max_steps >= 1, ">= 1 or null"),
+            ("pretrain.batch_size", p.batch_size, p.batch_size >= 1, ">= 1"),
+            ("pretrain.head_channels", p.head_channels, p.head_channels >= 1, ">= 1"),
+            ("pretrain.depth_weight", p.depth_weight, math.isfinite(p.depth_weight) and p.depth_weight >= 0, ">= 0"),
+            ("pretrain.log_every", p.log_every, p.log_every >= 1, ">= 1"),
+        ] + _optimizer_checks("pretrain.optimizer", popt)
     if config.distill is not None:
         d = config.distill
         low, high = d.epsilon_range

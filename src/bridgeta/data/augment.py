@@ -116,6 +116,22 @@ def apply_image_aug(image: Image.Image, matrix: np.ndarray, final_size: tuple[in
     )
 
 
+def apply_image_aug_nearest(
+    labels: Image.Image, matrix: np.ndarray, final_size: tuple[int, int], fill: float
+) -> Image.Image:
+    """A per-pixel label map (class ids, depth) seen through ``matrix``, like :func:`apply_image_aug`.
+
+    Nearest-neighbour, never interpolated: a blend of two class ids is a third class, and a blend
+    of a near and a far depth is a depth nothing has. ``fill`` marks pixels outside the source
+    (the ignore index, or 0 = no depth).
+    """
+    inverse = _invert_affine(np.asarray(matrix, dtype=np.float64))
+    final_h, final_w = final_size
+    return labels.transform(
+        (final_w, final_h), Image.AFFINE, tuple(inverse[:2].ravel()), resample=Image.NEAREST, fillcolor=fill
+    )
+
+
 def sample_bev_aug(rng: np.random.Generator, config: AugmentConfig, train: bool) -> np.ndarray:
     """4x4 ``augmented_ego_T_ego``: flip @ translate @ scale @ rotate (BEVFusion's order).
 

@@ -108,6 +108,7 @@ class NuScenesWriter:
         self._counters: dict[str, int] = defaultdict(int)
         self._by_name: dict[tuple[str, str], str] = {}
         self._sample_data_channel: dict[str, str] = {}
+        self._sample_data_filename: dict[str, str] = {}
         self._calibrated_channel: dict[str, str] = {}
         self._sample_scene: dict[str, str] = {}
         self.visibility_tokens = {
@@ -244,7 +245,12 @@ class NuScenesWriter:
             },
         )
         self._sample_data_channel[token] = channel
+        self._sample_data_filename[token] = filename
         return token
+
+    def filename(self, sample_data_token: str) -> str:
+        """The file (relative to the dataroot) of a ``sample_data`` record written here."""
+        return self._sample_data_filename[sample_data_token]
 
     def camera_image(
         self,

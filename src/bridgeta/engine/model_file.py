@@ -16,6 +16,7 @@ Two kinds of file:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -81,6 +82,20 @@ def read_model_file(path: str | Path) -> tuple[ExperimentConfig, dict[str, torch
     return config, state, kind
 
 
+def without_pretrained(config: ExperimentConfig) -> ExperimentConfig:
+    """``config`` with no ``model.camera.backbone.pretrained`` file, for rebuilding a saved model.
+
+    A model file's weights replace the pretrained ones anyway, and the file must rebuild the model
+    alone: the pretrained checkpoint it started from may be gone. The embedded config keeps the
+    path, as a record of where the backbone started.
+    """
+    camera = config.model.camera
+    if camera is None or not camera.backbone.pretrained:
+        return config
+    backbone = replace(camera.backbone, pretrained=None)
+    return replace(config, model=replace(config.model, camera=replace(camera, backbone=backbone)))
+
+
 def student_state(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
     """The deployable network's weights: the state itself, or a distiller's ``student.*`` part."""
     if kind == MODEL_KIND:
@@ -95,7 +110,7 @@ def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
     """
     config, state, kind = read_model_file(path)
     state = student_state(state, kind)
-    model = build_model(config)
+    model = build_model(without_pretrained(config))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -113,7 +128,7 @@ def load_deployable(source: str | Path) -> tuple[BEVModel, ExperimentConfig]:
     describes, which is checked here, before any export writes a file.
     """
     model, config = load_model_file(source)
-    expected = build_model(config).state_dict()
+    expected = build_model(without_pretrained(config)).state_dict()
     exported = model.state_dict()
     if list(exported) != list(expected) or any(exported[k].shape != expected[k].shape for k in expected):
         raise AssertionError(f"{source}: exported keys do not match the baseline architecture")

@@ -7,8 +7,10 @@ go into one version (``v1.0-trainval``: every split needs its labels) and
 
 Per scene: keyframes at 2 Hz (as nuScenes) with six cameras and LIDAR_TOP, plus
 ``lidar_sweeps`` intermediate LiDAR sweeps between keyframes (non-keyframe ``sample_data`` under
-``sweeps/``), 3D box annotations of every vehicle and pedestrian within ``annotation_range``.
-Rendering is spread over worker processes; records are written by the parent.
+``sweeps/``), 3D box annotations of every vehicle and pedestrian within ``annotation_range``,
+and per-pixel labels (class and depth) of every keyframe camera image under ``camera_labels/``
+(``bridgeta.data.camera_labels``). Rendering is spread over worker processes; records are
+written by the parent.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from bridgeta.data.camera_labels import LABELS_FOLDER, CameraLabelWriter
 from bridgeta.data.map_expansion import write_map_expansion
 from bridgeta.files import atomic_write_text, check_outputs, existing_outputs, remove_paths
 from bridgeta.data.nuscenes_writer import NuScenesWriter
@@ -38,7 +41,7 @@ VERSION = "v1.0-trainval"
 SPLITS = ("train", "val", "test")
 KEYFRAME_INTERVAL = 0.5  # seconds (2 Hz, as nuScenes)
 # What a world consists of in its dataroot (the label cache of an older world would be stale).
-WORLD_OUTPUTS = (VERSION, "samples", "sweeps", "maps", "bridgeta_splits.json", ".bridgeta_cache")
+WORLD_OUTPUTS = (VERSION, "samples", "sweeps", "maps", LABELS_FOLDER, "bridgeta_splits.json", ".bridgeta_cache")
 # nuScenes LIDAR_TOP mounting: 0.94 m ahead of the rear axle, 1.84 m up, x to the right.
 EGO_T_LIDAR = np.array(
     [[0.0, 1.0, 0.0, 0.94], [-1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.84], [0.0, 0.0, 0.0, 1.0]]
@@ -158,17 +161,24 @@ _WORKER: dict = {}
 
 
 def _init_worker(town: Town, image_size: tuple[int, int], ground_resolution: float) -> None:
+    from bridgeta.data.synth.pixel_labels import GroundSemantics
     from bridgeta.data.synth.scene_mesh import GroundRaster, StaticScene
 
     _WORKER["town"] = town
     _WORKER["static"] = StaticScene.build(town)
     _WORKER["raster"] = GroundRaster.build(town, resolution=ground_resolution)
+    _WORKER["semantics"] = GroundSemantics(town, _WORKER["raster"])
     _WORKER["rig"] = camera_rig(image_size)
     _WORKER["image_size"] = image_size
 
 
 def _render(job: tuple[int, float, bool, int]) -> dict:
-    """Render one time step of scene ``scene_index``: cameras (keyframes only) and LiDAR."""
+    """Render one time step of scene ``scene_index``: cameras (keyframes only) and LiDAR.
+
+    Keyframe cameras come with their per-pixel labels, PNG-encoded here so that the encoding
+    runs in the worker processes, not in the parent that writes every file.
+    """
+    from bridgeta.data.camera_labels import depth_png, semantic_png
     from bridgeta.data.synth.sensors import render_sample
 
     scene_index, time_s, with_cameras, seed = job
@@ -188,7 +198,14 @@ def _render(job: tuple[int, float, bool, int]) -> dict:
         scene.condition,
         np.random.default_rng(seed),
         threads=1,  # one process per core already
+        semantics=_WORKER["semantics"] if with_cameras else None,
     )
+    if with_cameras:
+        result["labels"] = {
+            name: (semantic_png(result["semantic"][name]), depth_png(result["depth"][name]))
+            for name in result["images"]
+        }
+        del result["semantic"], result["depth"]
     result["pose"] = pose
     result["boxes"] = boxes
     return result
@@ -247,6 +264,7 @@ def _generate(out: Path, scenes: int, seed: int, settings: SynthPreset, workers:
     start = time.perf_counter()
 
     writer = NuScenesWriter(out, VERSION, namespace=f"synth-{seed}")
+    labels = CameraLabelWriter(out)
     report = GenerationReport(dataroot=str(out), scenes={split: [] for split in SPLITS})
     rng = np.random.default_rng(seed)
     for split, count in allocate_scenes(scenes, settings.split_fractions).items():
@@ -258,7 +276,7 @@ def _generate(out: Path, scenes: int, seed: int, settings: SynthPreset, workers:
             town_settings = replace(settings.town, num_scenes=in_town)
             town = generate_town(location, int(rng.integers(2**31)), town_settings)
             town.scenes = [replace(scene, condition=conditions.pop()) for scene in town.scenes]
-            _write_town(writer, out, town, settings, int(rng.integers(2**31)), workers, report,
+            _write_town(writer, labels, out, town, settings, int(rng.integers(2**31)), workers, report,
                         first_scene=sum(len(names) for names in report.scenes.values()))
             report.scenes[split] += [scene.name for scene in town.scenes]
             report.towns.append(location)
@@ -267,12 +285,14 @@ def _generate(out: Path, scenes: int, seed: int, settings: SynthPreset, workers:
 
     atomic_write_text(out / "bridgeta_splits.json", json.dumps(report.scenes, indent=2))
     writer.finalize()
+    labels.finalize()
     report.seconds = time.perf_counter() - start
     return report
 
 
 def _write_town(
     writer: NuScenesWriter,
+    labels: CameraLabelWriter,
     out: Path,
     town: Town,
     settings: SynthPreset,
@@ -336,7 +356,8 @@ def _write_town(
             pose = writer.ego_pose(timestamp, global_T_ego)
             writer.lidar_sweep(sample, calibration["LIDAR_TOP"], pose, timestamp, "LIDAR_TOP", result["lidar"])
             for name, image in result["images"].items():
-                writer.camera_image(sample, calibration[name], pose, timestamp, name, image)
+                token = writer.camera_image(sample, calibration[name], pose, timestamp, name, image)
+                labels.add(writer.filename(token), *result["labels"][name])
             points_global = _lidar_to_global(result["lidar"], global_T_ego)
             report.annotations += _annotate(writer, town, scene_index, sample, result, points_global,
                                             settings.annotation_range, instances)

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from bridgeta.data.synth.scene_mesh import GROUND, GroundRaster, SceneMesh, StaticScene, scene_at
+from bridgeta.data.synth.pixel_labels import GroundSemantics, pixel_labels
+from bridgeta.data.synth.scene_mesh import GROUND, GroundRaster, RayHits, SceneMesh, StaticScene, scene_at
 from bridgeta.data.synth.world_types import MATERIAL_ID, MATERIALS, Box, Condition
 
 
@@ -353,15 +354,15 @@ def _headlight_irradiance(
 def _shade(
     scene: SceneMesh,
     ground: GroundRaster,
-    origins: np.ndarray,
     directions: np.ndarray,
+    hits: RayHits,
     pixel_angle: float,
     lighting: Lighting,
     lights: Sequence[SpotLight],
 ) -> np.ndarray:
-    """Linear radiance ``(N, 3)`` arriving along each ray (one primary ray per pixel)."""
+    """Linear radiance ``(N, 3)`` arriving along each ray (one primary ray per pixel, first
+    ``hits`` already cast)."""
     radiance = _sky(directions, lighting)
-    hits = scene.cast(origins, directions)
     if not len(hits.ray):
         return radiance
     view, points, distance = directions[hits.ray], hits.location, hits.distance
@@ -462,6 +463,48 @@ def camera_rays(
     return origins, directions
 
 
+@dataclass
+class CameraFrame:
+    """One camera's rendering: the image and, when asked for, what each pixel sees.
+
+    ``semantic``: ``(H, W)`` uint8 indices into ``camera_labels.CAMERA_CLASSES``; ``depth``:
+    ``(H, W)`` float32 metres along the camera's z axis (0 where the ray hits nothing).
+    """
+
+    image: np.ndarray
+    semantic: np.ndarray | None = None
+    depth: np.ndarray | None = None
+
+
+def render_camera_frame(
+    scene: SceneMesh,
+    ground: GroundRaster,
+    intrinsics: np.ndarray,
+    global_T_camera: np.ndarray,
+    size: tuple[int, int],
+    condition: Condition,
+    rng: np.random.Generator,
+    ego_lights: Sequence[SpotLight] = (),
+    semantics: GroundSemantics | None = None,
+) -> CameraFrame:
+    """The image of :func:`render_camera`, plus per-pixel labels when ``semantics`` is given.
+
+    Labels come from the same primary rays as the image (no extra ray cast) and do not depend on
+    the condition or on ``rng``: night and rain change what the camera records, not what is there.
+    """
+    lighting = lighting_for(condition)
+    origins, directions = camera_rays(intrinsics, global_T_camera, size)
+    intrinsics = np.asarray(intrinsics, dtype=np.float64)
+    pixel_angle = 1.0 / math.sqrt(intrinsics[0, 0] * intrinsics[1, 1])
+    hits = scene.cast(origins, directions)
+    radiance = _shade(scene, ground, directions, hits, pixel_angle, lighting, ego_lights)
+    frame = CameraFrame(_develop(radiance.reshape(size[0], size[1], 3), lighting, rng))
+    if semantics is not None:
+        optical_axis = np.asarray(global_T_camera, dtype=np.float64)[:3, 2]
+        frame.semantic, frame.depth = pixel_labels(scene, semantics, hits, directions, optical_axis, size)
+    return frame
+
+
 def render_camera(
     scene: SceneMesh,
     ground: GroundRaster,
@@ -477,12 +520,9 @@ def render_camera(
     ``ego_lights`` (see :func:`headlights`) matter at night; ``rng`` draws the sensor noise and
     rain streaks only, so the scene itself renders identically for every seed.
     """
-    lighting = lighting_for(condition)
-    origins, directions = camera_rays(intrinsics, global_T_camera, size)
-    intrinsics = np.asarray(intrinsics, dtype=np.float64)
-    pixel_angle = 1.0 / math.sqrt(intrinsics[0, 0] * intrinsics[1, 1])
-    radiance = _shade(scene, ground, origins, directions, pixel_angle, lighting, ego_lights)
-    return _develop(radiance.reshape(size[0], size[1], 3), lighting, rng)
+    return render_camera_frame(
+        scene, ground, intrinsics, global_T_camera, size, condition, rng, ego_lights
+    ).image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -581,6 +621,7 @@ def render_sample(
     condition: Condition,
     rng: np.random.Generator,
     threads: int = 2,
+    semantics: GroundSemantics | None = None,
 ) -> dict:
     """Everything the sensors record at one instant: ``{"images": {name: uint8}, "lidar": (N, 5)}``.
 
@@ -590,7 +631,8 @@ def render_sample(
     ``global_T_ego`` places the sensors (normally the same pose). The LiDAR gets its own random
     stream, so its points depend neither on the cameras (nor their count) nor on the lighting.
     Cameras render on ``threads`` threads (Embree and most numpy work release the GIL); pass 1
-    when the caller already runs one process per core.
+    when the caller already runs one process per core. With ``semantics`` the result also has
+    ``"semantic"`` and ``"depth"``: ``{name: (H, W)}`` per-pixel labels (:class:`CameraFrame`).
     """
     lighting_for(condition)
     scene = scene_at(static, agents_boxes)
@@ -598,16 +640,22 @@ def render_sample(
     lidar_stream, *camera_streams = rng.spawn(len(cameras) + 1)
     global_T_ego = np.asarray(global_T_ego, dtype=np.float64)
 
-    def render(index: int) -> np.ndarray:
+    def render(index: int) -> CameraFrame:
         _, intrinsics, ego_T_camera = cameras[index]
         global_T_camera = global_T_ego @ np.asarray(ego_T_camera, dtype=np.float64)
         stream = camera_streams[index]
-        return render_camera(
-            scene, town_raster, intrinsics, global_T_camera, image_size, condition, stream, lights
+        return render_camera_frame(
+            scene, town_raster, intrinsics, global_T_camera, image_size, condition, stream, lights,
+            semantics,
         )
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        images = list(pool.map(render, range(len(cameras))))
+        frames = list(pool.map(render, range(len(cameras))))
     global_T_lidar = global_T_ego @ np.asarray(ego_T_lidar, dtype=np.float64)
     lidar = scan_lidar(scene, town_raster, global_T_lidar, lidar_stream, condition)
-    return {"images": {name: image for (name, _, _), image in zip(cameras, images)}, "lidar": lidar}
+    names = [name for name, _, _ in cameras]
+    result = {"images": {name: frame.image for name, frame in zip(names, frames)}, "lidar": lidar}
+    if semantics is not None:
+        result["semantic"] = {name: frame.semantic for name, frame in zip(names, frames)}
+        result["depth"] = {name: frame.depth for name, frame in zip(names, frames)}
+    return result
