@@ -20,9 +20,9 @@ def cpu_has_native_bf16() -> bool:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``precision`` on ``device``; None = plain fp32.
 
-    ``auto`` is bf16 on a CUDA device that supports it and on a CPU with native bf16 (measured on
-    AVX512-BF16: a training step of ``tiny-c`` 1.65x faster, validation mIoU unchanged within
-    seed noise; docs/engine.md), fp32 elsewhere (emulated bf16 is slower than fp32).
+    ``auto`` is bf16 on a CUDA device that supports it and on a CPU with native bf16 (measured
+    faster there, with validation mIoU unchanged within seed noise: ``bridgeta bench precision``,
+    docs/engine.md), fp32 elsewhere (emulated bf16 is slower than fp32).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -38,9 +38,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def use_channels_last(memory_format: str, precision: str, device: torch.device) -> bool:
     """Whether ``train.memory_format`` puts the model in channels-last.
 
-    ``auto``: on a CPU training in bf16, where oneDNN's bf16 convolutions are fastest on NHWC (a
-    further 1.1-1.15x on top of bf16 in our measurements); in fp32 or on CUDA the gain was not
-    measured, so the layout stays contiguous there.
+    ``auto``: on a CPU training in bf16, where oneDNN's bf16 convolutions are fastest on NHWC; in
+    fp32 or on CUDA the gain was not measured, so the layout stays contiguous there.
     """
     if memory_format not in MEMORY_FORMATS:
         raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
@@ -50,5 +49,7 @@ def use_channels_last(memory_format: str, precision: str, device: torch.device) 
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Run the block in exactly ``precision``, also inside an enclosing autocast region (fp32
+    switches an outer bf16 autocast off, e.g. for a frozen teacher inside a bf16 training step)."""
     dtype = autocast_dtype(precision, device)
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

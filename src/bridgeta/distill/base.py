@@ -10,7 +10,7 @@ interface. The student module is never modified: distillation adds no inference 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from bridgeta.config import DistillConfig
 from bridgeta.losses import map_segmentation_loss
 from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.types import BEVInputs, BEVOutputs
-from bridgeta.precision import autocast_dtype
+from bridgeta.precision import autocast_context
 
 DISTILLERS: dict[str, type[Distiller]] = {}
 
@@ -176,18 +176,10 @@ class Distiller(nn.Module):
         if self.teacher is None:
             raise RuntimeError(f"distiller '{self.method}' needs a teacher")
         device = next(self.teacher.parameters()).device
-        dtype = autocast_dtype(self.config.teacher_precision, device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.no_grad(), autocast_context(device, self.config.teacher_precision):
             outputs = self.teacher(inputs)
-        if dtype is None:
-            return outputs
-        return BEVOutputs(
-            **{
-                f.name: value.float() if isinstance(value, torch.Tensor) else value
-                for f in fields(outputs)
-                for value in (getattr(outputs, f.name),)
-            }
-        )
+        maps = {f.name: getattr(outputs, f.name) for f in fields(outputs)}
+        return replace(outputs, **{name: m.float() for name, m in maps.items() if isinstance(m, torch.Tensor)})
 
     def forward(self, inputs: BEVInputs, labels: torch.Tensor) -> DistillOutput:
         student = self.student(inputs)
