@@ -184,14 +184,14 @@ def test_accuracy_bench_runs_its_preset_protocol_and_the_demo_is_its_seed_zero(t
         return {"environment": ENV, "protocol": {}, "table": _accuracy_result()["table"], **metadata}
 
     monkeypatch.setattr(accuracy, "run_methods", fake_run_methods)
-    result = accuracy.run("cpu", 2, tmp_path / "out", tmp_path / "work", dataroot=tmp_path / "world")
+    result = accuracy.run("demo", 2, tmp_path / "out", tmp_path / "work", dataroot=tmp_path / "world")
     assert calls["runs_dir"] == tmp_path / "work" / "runs" and calls["seeds"] == 2
-    assert calls["protocol"] == accuracy.PRESETS["cpu"].protocol
+    assert calls["protocol"] == accuracy.PRESETS["demo"].protocol
     assert set(calls["methods"]) == set(bench_distill.METHODS) - {"teacher"}  # every method and ablation
-    assert result["preset"]["name"] == "cpu"
+    assert result["preset"]["name"] == "demo"
     assert (tmp_path / "out" / "table.md").read_text().startswith("| method |")
-    # The demo trains with the cpu preset's world and schedule, so the benchmark can reuse its runs.
-    assert demo.CPU is accuracy.PRESETS["cpu"] and set(demo.STUDENTS) <= set(calls["methods"])
+    # The demo trains with the demo preset's world and schedule, so the benchmark can reuse its runs.
+    assert demo.CPU is accuracy.PRESETS["demo"] and set(demo.STUDENTS) <= set(calls["methods"])
 
 
 def test_cost_measures_the_deployed_student_like_info_does():

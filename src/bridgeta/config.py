@@ -182,6 +182,9 @@ class TrainConfig:
     num_workers: int = 2
     log_every: int = 10  # optimiser steps between log lines
     eval_every: int = 1  # epochs between validation runs; 0 = only at the end
+    # Optimiser steps between validation runs, in addition to ``eval_every`` (0: none), so that
+    # a short schedule still draws a validation curve.
+    eval_every_steps: int = 0
     checkpoint_every: int = 0  # optimiser steps between checkpoints; 0 = at the end of each epoch
     max_steps: int | None = None  # stop after this many optimiser steps (quick runs)
     eval_split: str = "val"
@@ -571,6 +574,7 @@ def _range_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
         ("train.num_workers", train.num_workers, train.num_workers >= 0, ">= 0"),
         ("train.log_every", train.log_every, train.log_every >= 1, ">= 1"),
         ("train.eval_every", train.eval_every, train.eval_every >= 0, ">= 0 (0: only at the end)"),
+        ("train.eval_every_steps", train.eval_every_steps, train.eval_every_steps >= 0, ">= 0 (0: off)"),
         ("train.checkpoint_every", train.checkpoint_every, train.checkpoint_every >= 0,
          ">= 0 (0: at the end of each epoch)"),
         ("train.max_steps", train.max_steps, train.max_steps is None or train.max_steps >= 1, ">= 1 or null"),

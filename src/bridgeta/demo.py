@@ -7,10 +7,10 @@ and BridgeTA. Every model is evaluated on the test towns; the demo writes a tabl
 ``results.json``, the representation-gap figure and pictures. Finished runs are reused, so an
 interrupted demo continues where it stopped.
 
-World and schedule are those of ``bridgeta bench accuracy --preset cpu`` (the demo is its seed 0
+World and schedule are those of ``bridgeta bench accuracy --preset demo`` (the demo is its seed 0
 for the baseline, direct and BridgeTA, so ``--work`` pointing at the demo reuses these runs),
 shorter than the presets' own recipes so that the whole job fits in about 20 minutes on 2 CPU
-cores.
+cores. The benchmark's ``cpu`` preset is the long protocol (docs/results.md).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from bridgeta.models.cost import measure_model_cost
 
 # Methods of `bridgeta bench accuracy`, in the table's order; the teacher comes last.
 STUDENTS = ("baseline", "direct", "bridgeta")
-# The cpu accuracy benchmark's world and schedule: the demo is its seed 0 for these methods.
-CPU = PRESETS["cpu"]
+# The demo accuracy preset's world and schedule: the demo is its seed 0 for these methods.
+CPU = PRESETS["demo"]
 
 
 def format_table(results: dict[str, dict]) -> str:

@@ -203,15 +203,71 @@ def render_distill(results: dict, methods: tuple[str, ...] = ("baseline", "direc
     return "\n".join(lines)
 
 
+def _delta(entry: dict | None) -> str:
+    if not entry or entry.get("mean") is None:
+        return "–"
+    return f"{100 * entry['mean']:+.1f} ± {100 * entry['std']:.1f} (n={entry['n']})"
+
+
 def render_accuracy(results: dict) -> str:
-    """Every method as a row (``bridgeta bench accuracy``)."""
+    """Every method as a row (``bridgeta bench accuracy``); with the cpu protocol's fields, a
+    second table of paired per-seed deltas, the learned-class mIoU, lambda and the TA's mIoU."""
     from bridgeta.bench.accuracy import format_markdown
 
     table = results["table"]
     seeds = sorted({seed for row in table.values() for seed in row["seeds"]})
     preset = results.get("preset", {}).get("name", "?")
-    return (format_markdown(results) + "\n\n" + f"IoU in %, mean ± standard deviation over seeds {seeds}, "
+    text = (format_markdown(results) + "\n\n" + f"IoU in %, mean ± standard deviation over seeds {seeds}, "
             f"test towns. " + _measured(results, f"bridgeta bench accuracy --preset {preset}"))
+    if "learned_classes" not in results:
+        return text
+    lambdas = results["protocol"].get("lambdas", {})
+    lines = ["", "", "| method | seeds | λ (validation) | mIoU, learned classes | Δ mIoU vs baseline | Δ mIoU vs `direct` | TA val mIoU |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for method, row in table.items():
+        lam = lambdas.get(method)
+        lines.append(
+            f"| `{method}` | {len(row['seeds'])} | {'–' if lam is None else f'{lam:g}'} | {_cell(row['miou_learned'])} | "
+            f"{_delta(row.get('paired_vs_baseline'))} | {_delta(row.get('paired_vs_direct'))} | "
+            f"{_cell(row.get('assistant_val_miou'))} |"
+        )
+    learned = ", ".join(f"`{c}`" for c in results["learned_classes"])
+    lines += ["", f"Δ: per-seed test mIoU difference against the same seed of the reference, mean ± std "
+              f"over the n seeds both have, in points. Learned classes: those with teacher test IoU "
+              f"above 10 % ({learned}). λ: the scale of the method's recipe weights chosen on the "
+              f"validation towns ([distill.md](distill.md)). TA val mIoU: BridgeTA's teacher assistant "
+              f"(teacher LiDAR BEV + student camera BEV) on the validation towns."]
+    return text + "\n".join(lines)
+
+
+def render_protocol(results: dict) -> str:
+    """The cpu protocol's vital signs: data, schedule, convergence, camera/fusion ratio, pretraining."""
+    protocol, table = results["protocol"], results["table"]
+    gains = results.get("convergence_last_quarter_gain", {})
+
+    def points(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:+.1f} points"
+
+    lines = [
+        "| | value |", "|---|---|",
+        f"| scenes (train / val / test) | {protocol['train_scenes']} / {protocol['val_scenes']} / {protocol['test_scenes']} |",
+        f"| student steps (batch 2) | {protocol['student_steps']} |",
+        f"| teacher steps | {protocol['teacher_steps']} |",
+        f"| camera/fusion ratio (baseline / teacher test mIoU) | {results['camera_fusion_ratio']:.2f} |",
+        f"| baseline val mIoU gain over the last quarter | {points(gains.get('baseline'))} |",
+        f"| teacher val mIoU gain over the last quarter | {points(gains.get('teacher'))} |",
+    ]
+    if "baseline_scratch" in table:
+        delta = table["baseline"]["miou"]["mean"] - table["baseline_scratch"]["miou"]["mean"]
+        lines.append(f"| baseline test mIoU, pretrained − random backbone | {points(delta)} "
+                     f"(pretrained {_cell(table['baseline']['miou'])}, random {_cell(table['baseline_scratch']['miou'])}) |")
+    curves = results.get("convergence", {})
+    for role in ("baseline", "teacher"):
+        curve = curves.get(role) or []
+        text = ", ".join(f"{int(step)}: {100 * miou:.1f}" for step, miou in curve)
+        lines.append(f"| {role} val mIoU curve (step: %) | {text or '–'} |")
+    lines += ["", _measured(results, f"bridgeta bench accuracy --preset {results.get('preset', {}).get('name', '?')}")]
+    return "\n".join(lines)
 
 
 def render_cost(results: dict) -> str:
@@ -260,7 +316,24 @@ def render_deployed_cost(results: dict) -> str:
 
 
 def render_distill_sweep(results: dict) -> str:
-    """The validation-town sweep of lambda and the eps* clamp (``bridgeta bench distill-sweep``)."""
+    """The validation-town sweep of the loss weights (``bridgeta bench distill-sweep``)."""
+    if results.get("kind") == "fair":
+        lambdas = results["lambdas"]
+        lines = ["| method | " + " | ".join(f"λ = {lam:g}" for lam in lambdas) + " | chosen λ |",
+                 "|---|" + "---:|" * (len(lambdas) + 1)]
+        for method, lam in results["chosen"].items():
+            cells = []
+            for value in lambdas:
+                point = next(p for p in results["points"] if p["method"] == method and p["lambda"] == value)
+                cell = f"{100 * point['val_miou']:.1f} ± {100 * point['val_miou_std']:.1f}"
+                cells.append(f"**{cell}**" if value == lam else cell)
+            lines.append(f"| `{method}` | " + " | ".join(cells) + f" | {lam:g} |")
+        protocol = results["protocol"]
+        lines += ["", f"Validation mIoU in %, mean ± std over seeds {list(range(results['seeds']))}, every point "
+                  f"{protocol['student_steps']} steps from the benchmark's own teacher; λ scales each "
+                  f"method's recipe weights (λ = 0 without a TA is the baseline). "
+                  + _measured(results, "bridgeta bench accuracy --preset cpu")]
+        return "\n".join(lines)
     lines = ["| stage | λ1 = λ2 = λ3 | ε* clamp | val mIoU | val mIoU night |", "|---|---:|---|---:|---:|"]
     for point in results["points"]:
         night = point["val_miou_night"]
@@ -327,6 +400,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "baselines": ("baselines.json", render_baselines),
     "distill": ("accuracy-cpu/results.json", render_distill),
     "accuracy-cpu": ("accuracy-cpu/results.json", render_accuracy),
+    "accuracy-protocol": ("accuracy-cpu/results.json", render_protocol),
     "cost": ("cost.json", render_cost),
     "deployed-cost": ("cost.json", render_deployed_cost),
     "distill-sweep": ("distill_sweep.json", render_distill_sweep),

@@ -20,12 +20,17 @@ far-range mIoU, gap closed = (student - baseline) / (teacher - baseline)); runs 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from bridgeta.bench.distill import METHODS, Protocol
+from bridgeta.bench.distill import (
+    METHODS, TUNED_METHODS, Protocol, aggregate, learned_classes, method_job, run_name,
+)
 from bridgeta.bench.distill import run as run_methods
+from bridgeta.bench.jobs import run_jobs
+from bridgeta.provenance import environment, write_json
 
 
 @dataclass(frozen=True)
@@ -35,10 +40,43 @@ class AccuracyPreset:
     world: str  # synth preset: sensor resolution and town size
     protocol: Protocol
     methods: tuple[str, ...] = field(default_factory=lambda: tuple(m for m in METHODS if m != "teacher"))
+    # Seeds per method (``default_seeds`` for the others); ``--seeds`` caps them all.
+    seeds: dict[str, int] = field(default_factory=dict)
+    default_seeds: int = 2
+    # Backbone pretraining (``bridgeta pretrain-backbone``) steps, once per world; 0: none.
+    pretrain_steps: int = 0
+    # The fair sweep on the validation towns (bench distill-sweep): each tuned method gets these
+    # lambdas (scales of its recipe weights) and ``sweep_seeds`` seeds each; empty: no sweep,
+    # every method trains with the recipe's weights.
+    lambdas: tuple[float, ...] = ()
+    sweep_seeds: int = 2
+    # Methods trained without the pretrained backbone too (suffix ``_scratch``), for its effect.
+    scratch: tuple[str, ...] = ()
 
+
+# A checkpoint every 200 steps, so a killed run loses minutes, not an epoch.
+RESUMABLE = ("train.checkpoint_every=200",)
+CPU_METHODS = ("baseline", "direct", "feature_kd", "logit_kd", "bridgeta", "fixed_epsilon")
 
 PRESETS = {
-    "cpu": AccuracyPreset(scenes=10, duration=20.0, world="tiny", protocol=Protocol(epochs=2, teacher_epochs=3)),
+    # The paper's regime on 2 CPU cores (docs/results.md): a 30-scene world (6 test scenes: day,
+    # night and rain), pretrained backbones, students trained to a plateau, every method's
+    # weights chosen on validation with the same budget, 5 seeds for the headline methods.
+    "cpu": AccuracyPreset(
+        scenes=30, duration=20.0, world="tiny",
+        protocol=Protocol(student_steps=800, teacher_steps=1600, curve_points=8, teacher_seeds=1,
+                          student_overrides=RESUMABLE, teacher_overrides=RESUMABLE),
+        methods=CPU_METHODS,
+        seeds={"baseline": 5, "direct": 5, "bridgeta": 5, "fixed_epsilon": 2},
+        default_seeds=3,
+        pretrain_steps=1000,
+        lambdas=(0.0, 0.3, 1.0, 3.0),
+        sweep_seeds=2,
+        scratch=("baseline",),
+    ),
+    # What the demo runs (its seed 0 of baseline, direct and BridgeTA): the earlier, short cpu
+    # protocol, 10 scenes and 2 student epochs, recipe weights, about 40 minutes per seed.
+    "demo": AccuracyPreset(scenes=10, duration=20.0, world="tiny", protocol=Protocol(epochs=2, teacher_epochs=3)),
     "gpu": AccuracyPreset(
         scenes=30,
         duration=20.0,
@@ -83,15 +121,148 @@ def format_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(preset_name: str, seeds: int, out: Path, work: Path, dataroot: Path | None,
-        methods: Sequence[str] | None = None) -> dict:
+def ensure_backbone(work: Path, dataroot: Path, preset: AccuracyPreset) -> Path:
+    """The world's pretrained image backbone under ``work/backbone``: trained once, then reused."""
+    from bridgeta.config import load_config
+    from bridgeta.engine.pretrain import BACKBONE_FILE, pretrain_backbone
+
+    out = work / "backbone"
+    if not (out / BACKBONE_FILE).is_file():  # a killed pretraining left no backbone: run it again
+        config = load_config(preset.protocol.student, [
+            *preset.protocol.student_overrides, f"data.dataroot={dataroot}",
+            f"pretrain.max_steps={preset.pretrain_steps}", "pretrain.epochs=1000",
+        ])
+        print(f"== pretraining the {preset.protocol.student} image backbone ({preset.pretrain_steps} steps)", flush=True)
+        pretrain_backbone(config, out, force=True)
+    return out / BACKBONE_FILE
+
+
+def seeds_of(method: str, preset: AccuracyPreset, cap: int | None) -> int:
+    count = preset.seeds.get(method, preset.default_seeds)
+    return min(count, cap) if cap else count
+
+
+def _curve(run_dir: Path) -> list[list[float]]:
+    """``[[step, val_miou], ...]`` from a run's periodic validation (metrics.jsonl)."""
+    from bridgeta.engine.logging import read_metrics
+
+    return [[row["step"], row["eval"]["miou"]] for row in read_metrics(run_dir) if "eval" in row]
+
+
+def last_quarter_gain(curve: list[list[float]]) -> float | None:
+    """Validation mIoU gained over the last quarter of the steps (end minus the point at 3/4)."""
+    if len(curve) < 2:
+        return None
+    final_step, final = curve[-1]
+    before = [miou for step, miou in curve if step <= 0.75 * final_step]
+    return final - before[-1] if before else None
+
+
+def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: int = 1,
+               seed_cap: int | None = None, methods: Sequence[str] | None = None,
+               sweep_out: Path | None = None, preset: AccuracyPreset | None = None) -> dict:
+    """The cpu protocol: pretraining, teacher and baselines, the validation sweep, then the test
+    seeds of every method at its chosen lambda. Every run is reused when finished."""
+    from bridgeta.bench import distill_sweep
+    from bridgeta.engine.logging import read_metrics, training_diagnostics
+
+    preset = preset or PRESETS[preset_name]
+    methods = tuple(methods or preset.methods)
+    started = environment()
+    runs_dir = work / "runs"
+    protocol = preset.protocol
+    if preset.pretrain_steps:
+        protocol = replace(protocol, pretrained=str(ensure_backbone(work, dataroot, preset)))
+    sweep_seeds = min(preset.sweep_seeds, seed_cap) if seed_cap else preset.sweep_seeds
+    baseline_seeds = max(seeds_of("baseline", preset, seed_cap), sweep_seeds)
+    teachers = protocol.teacher_seeds or max(seeds_of(m, preset, seed_cap) for m in methods)
+
+    # Stage 1: the teacher(s) and the baselines (evaluated on val too: lambda = 0 of the sweep).
+    print("== stage 1: teacher and baselines", flush=True)
+    stage1 = [("teacher", method_job("teacher", s, dataroot, runs_dir, protocol, None, ("val", "test")))
+              for s in range(teachers)]
+    stage1 += [("baseline", method_job("baseline", s, dataroot, runs_dir, protocol, None, ("val", "test")))
+               for s in range(baseline_seeds)]
+    scratch = replace(protocol, pretrained=None)
+    for method in preset.scratch:
+        stage1 += [(f"{method}_scratch", method_job(method, s, dataroot, runs_dir / "scratch", scratch, None, ("val", "test")))
+                   for s in range(seeds_of(method, preset, seed_cap))]
+    results1 = run_jobs([job for _, job in stage1], jobs)
+
+    # Stage 2: the sweep on the validation towns; every tuned method gets the same points.
+    chosen: dict[str, float | None] = {m: None for m in methods}
+    tuned = [m for m in TUNED_METHODS if m in methods]
+    sweep = None
+    if preset.lambdas and tuned:
+        print("== stage 2: loss weights on the validation towns", flush=True)
+        sweep = distill_sweep.run_fair(
+            dataroot, runs_dir, sweep_out or out.parent / "distill_sweep.json", protocol, tuned,
+            preset.lambdas, sweep_seeds, jobs,
+        )
+        chosen.update(sweep["chosen"])
+        for method in methods:  # the other BridgeTA variants take BridgeTA's weights
+            if method not in ("baseline", *TUNED_METHODS):
+                chosen[method] = chosen.get("bridgeta", 1.0) if "bridgeta" in tuned else None
+
+    # Stage 3: every method's seeds at its chosen lambda, evaluated on the test towns.
+    print("== stage 3: test seeds", flush=True)
+    stage3 = [(m, method_job(m, s, dataroot, runs_dir, protocol, chosen[m], ("val", "test")))
+              for m in methods if m != "baseline" for s in range(seeds_of(m, preset, seed_cap))]
+    results3 = run_jobs([job for _, job in stage3], jobs)
+
+    runs: dict[str, list[dict]] = {}
+    reported_baselines = seeds_of("baseline", preset, seed_cap)
+    for (role, job), result in zip(stage1 + stage3, results1 + results3):
+        if role == "baseline" and result["seed"] >= reported_baselines:
+            continue  # trained for the sweep only
+        runs.setdefault(role, []).append({**result, "run": job.label})
+    table = aggregate(runs)
+    splits = json.loads((dataroot / "bridgeta_splits.json").read_text())
+    teacher_dir = runs_dir / run_name("teacher", 0, protocol)
+    baseline_dir = runs_dir / run_name("baseline", 0, protocol)
+    convergence = {"baseline": _curve(baseline_dir), "teacher": _curve(teacher_dir)}
+    diagnostics = {}
+    for method in ("direct", "bridgeta", "fixed_epsilon"):
+        if method in methods:
+            run_dir = runs_dir / run_name(method, 0, protocol, chosen[method])
+            diagnostics[method] = training_diagnostics(read_metrics(run_dir))
+    result = {
+        "environment": started,
+        "dataroot": str(dataroot),
+        "protocol": {
+            **asdict(protocol),
+            "test_scenes": len(splits["test"]),
+            "val_scenes": len(splits["val"]),
+            "train_scenes": len(splits["train"]),
+            "jobs": jobs,
+            "lambdas": {m: chosen[m] for m in methods if m != "baseline"},
+        },
+        "epochs": protocol.epochs,
+        "learned_classes": learned_classes(runs),
+        "convergence": convergence,
+        "convergence_last_quarter_gain": {k: last_quarter_gain(v) for k, v in convergence.items()},
+        "camera_fusion_ratio": table["baseline"]["miou"]["mean"] / table["teacher"]["miou"]["mean"],
+        "diagnostics": diagnostics,
+        "runs": runs,
+        "table": table,
+        "preset": {"name": preset_name, **asdict(preset)},
+    }
+    write_json(out / "results.json", result)
+    (out / "table.md").write_text(format_markdown(result) + "\n")
+    return result
+
+
+def run(preset_name: str, seeds: int | None, out: Path, work: Path, dataroot: Path | None,
+        methods: Sequence[str] | None = None, jobs: int = 1) -> dict:
     preset = PRESETS[preset_name]
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     dataroot = dataroot or ensure_world(work, preset)
+    if preset.lambdas or preset.pretrain_steps or preset.seeds:
+        return run_staged(preset_name, out, work, dataroot, jobs, seeds, methods)
     result = run_methods(
-        dataroot, work / "runs", out / "results.json", seeds, methods or preset.methods, preset.protocol,
-        metadata={"preset": {"name": preset_name, **asdict(preset)}},
+        dataroot, work / "runs", out / "results.json", seeds or preset.default_seeds, methods or preset.methods,
+        preset.protocol, metadata={"preset": {"name": preset_name, **asdict(preset)}},
     )
     (out / "table.md").write_text(format_markdown(result) + "\n")
     return result
@@ -100,13 +271,14 @@ def run(preset_name: str, seeds: int, out: Path, work: Path, dataroot: Path | No
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bridgeta bench accuracy", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=list(PRESETS), required=True)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=None, help="at most this many seeds per method (default: the preset's)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained side by side, each on cores/jobs threads")
     parser.add_argument("--out", type=Path, required=True, help="results directory (results.json, table.md)")
     parser.add_argument("--work", type=Path, default=None, help="world and runs (default: OUT)")
     parser.add_argument("--dataroot", type=Path, default=None, help="use this prepared world instead of WORK/world")
     parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {', '.join(METHODS)}")
     args = parser.parse_args(argv)
-    result = run(args.preset, args.seeds, args.out, args.work or args.out, args.dataroot, args.methods)
+    result = run(args.preset, args.seeds, args.out, args.work or args.out, args.dataroot, args.methods, args.jobs)
     print(format_markdown(result))
     print(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")
     return 0

@@ -29,29 +29,59 @@ def train_and_evaluate(
     run_dir: Path,
     seed: int,
     overrides: Sequence[str] = (),
-    split: str = "test",
+    split: str | Sequence[str] = "test",
 ) -> dict:
-    """Train ``preset`` (unless already done) and evaluate it on ``split``; returns both.
+    """Train ``preset`` (unless already done) and evaluate it on ``split`` (one or several); returns both.
 
-    ``preset`` may be a distillation recipe (its teacher set in ``overrides``); the result is
-    stored as ``run_dir/eval_<split>.json`` with the result under the key ``split``.
+    ``preset`` may be a distillation recipe (its teacher set in ``overrides``). Each split's result
+    is stored as ``run_dir/eval_<split>.json`` with the evaluation under the key ``split``; a
+    finished run (its ``model.safetensors``) is not trained again, and a split already evaluated
+    is read back. With ``train.eval_every_steps`` set, the run validates while it trains (its
+    curve is in ``metrics.jsonl``). A BridgeTA run also evaluates its teacher assistant on the
+    validation split (``eval_assistant_val.json``, under ``assistant_val``).
     """
-    from bridgeta.engine.evaluate import evaluate_checkpoint
+    from bridgeta.engine.evaluate import evaluate_assistant, evaluate_checkpoint, evaluate_checkpoint_model
     from bridgeta.engine.trainer import train
 
+    splits = [split] if isinstance(split, str) else list(split)
     config = load_config(preset, [f"data.dataroot={dataroot}", f"train.seed={seed}", *overrides])
     _check_same_run(run_dir, config)
-    result_path = run_dir / f"eval_{split}.json"
-    if result_path.is_file() and (run_dir / "model.safetensors").is_file():
-        return json.loads(result_path.read_text())
-    # The run directory holds this config (checked above): continue it, or restart one that was
-    # stopped before its first checkpoint.
-    resume = (run_dir / "checkpoints" / "latest").is_file()
-    summary = train(config, run_dir, resume=resume, force=not resume)
-    evaluation = evaluate_checkpoint(run_dir / "model.safetensors", split=split)
-    result = {"preset": preset, "seed": seed, "overrides": list(overrides), "train": _jsonable(summary), split: evaluation}
-    write_json(result_path, result)
+    model_file = run_dir / "model.safetensors"
+    summary = None
+    if not model_file.is_file():
+        # The run directory holds this config (checked above): continue it, or restart one that
+        # was stopped before its first checkpoint.
+        resume = (run_dir / "checkpoints" / "latest").is_file()
+        evaluate_fn = evaluate_checkpoint_model if config.train.eval_every_steps else None
+        summary = _jsonable(train(config, run_dir, resume=resume, force=not resume, evaluate_fn=evaluate_fn))
+    result: dict = {"preset": preset, "seed": seed, "overrides": list(overrides)}
+    for name in splits:
+        path = run_dir / f"eval_{name}.json"
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            result.setdefault("train", stored.get("train"))
+            result[name] = stored[name]
+            continue
+        stored = {**result, "train": summary or result.get("train") or _stored_train(run_dir),
+                  name: evaluate_checkpoint(model_file, split=name)}
+        write_json(path, stored)
+        result.setdefault("train", stored["train"])
+        result[name] = stored[name]
+    if config.distill is not None and config.distill.method == "bridgeta":
+        path = run_dir / "eval_assistant_val.json"
+        if not path.is_file():
+            write_json(path, {"assistant_val": evaluate_assistant(model_file, split="val")})
+        result["assistant_val"] = json.loads(path.read_text())["assistant_val"]
     return result
+
+
+def _stored_train(run_dir: Path) -> dict | None:
+    """The training summary an earlier evaluation of this run stored, if any."""
+    for path in sorted(run_dir.glob("eval_*.json")):
+        train = json.loads(path.read_text()).get("train")
+        if train is not None:
+            return train
+    return None
 
 
 def _check_same_run(run_dir: Path, config) -> None:

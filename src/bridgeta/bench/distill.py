@@ -15,11 +15,13 @@ distance band, and "gap closed" = (student - baseline) / (teacher - baseline) in
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bridgeta.bench.baselines import _mean_std, train_and_evaluate
+from bridgeta.bench.jobs import Job
 from bridgeta.provenance import environment, write_json
 
 
@@ -32,6 +34,26 @@ class Protocol:
     recipe: str = "distill/tiny-c-bridgeta"  # BridgeTA's recipe; the other methods override it
     epochs: int | None = None  # None: each preset's own recipe
     teacher_epochs: int | None = None
+    # Fixed numbers of optimiser steps (``train.max_steps``; the cosine schedule spans them), in
+    # place of ``epochs``: a schedule that does not change when the world grows.
+    student_steps: int | None = None
+    teacher_steps: int | None = None
+    # The backbone file every camera branch, teacher and students, starts from (``bridgeta
+    # pretrain-backbone``); None: random initialisation.
+    pretrained: str | None = None
+    # Validation points over training for seed 0 of the teacher and the baseline, the runs whose
+    # convergence the benchmark reports (0: none).
+    curve_points: int = 0
+    # Teachers trained: None, one per seed (student seed s learns from teacher seed s); 1, the
+    # seed-0 teacher teaches every seed, as one released teacher would.
+    teacher_seeds: int | None = None
+    # Config overrides for every student run (methods included) and for the teacher.
+    student_overrides: tuple[str, ...] = ()
+    teacher_overrides: tuple[str, ...] = ()
+
+
+# An epoch bound that never binds when a protocol counts steps.
+_STEP_EPOCHS = 10_000
 
 
 # method -> overrides of the BridgeTA recipe (None: not a distillation run). The rows of the
@@ -57,43 +79,130 @@ METHODS: dict[str, tuple[str, ...] | None] = {
 DEFAULT_METHODS = ("baseline", "direct", "bridgeta")
 
 
-def run_name(method: str, seed: int, protocol: Protocol = Protocol()) -> str:
-    """Run directory name; teacher and baseline keep the preset names ``bench baselines`` uses."""
+# Methods whose loss-weight scale lambda is chosen on validation (bench distill-sweep), and what
+# lambda = 1 means for each: BridgeTA's recipe weights. ``direct`` and the Table 4 rows use that
+# vector; ``feature_kd`` is the FLD level alone (its lambda_1); ``logit_kd`` is a Bernoulli KL on
+# the logits, the same loss as BridgeTA's CrossKD term, so it starts from that term's weight.
+TUNED_METHODS = ("bridgeta", "direct", "feature_kd", "logit_kd")
+# Methods without a teacher assistant: their lambda = 0 objective is the baseline's.
+_NO_ASSISTANT = ("direct", "feature_kd", "logit_kd")
+
+
+def scaled_weights(method: str, scale: float, recipe: str) -> dict[str, float]:
+    """``distill.weights`` of ``method`` at ``scale`` times its lambda = 1 weights (see above)."""
+    from bridgeta.config import load_config
+
+    base = load_config(recipe).distill.weights
+    if method == "feature_kd":
+        weights = {"fld": base.fld, "dld": 0.0, "lld": 0.0, "lld_aux": 0.0}
+    elif method == "logit_kd":
+        weights = {"fld": 0.0, "dld": 0.0, "lld": base.lld_aux, "lld_aux": 0.0}
+    else:
+        weights = {"fld": base.fld, "dld": base.dld, "lld": base.lld, "lld_aux": base.lld_aux}
+    return {level: scale * value for level, value in weights.items()}
+
+
+def is_baseline_point(method: str, scale: float | None) -> bool:
+    """lambda = 0 of a method without a TA is the baseline itself (its run is reused)."""
+    return scale == 0 and method in _NO_ASSISTANT
+
+
+def run_name(method: str, seed: int, protocol: Protocol = Protocol(), scale: float | None = None) -> str:
+    """Run directory name; teacher and baseline keep the preset names ``bench baselines`` uses.
+
+    ``scale``: the method's loss weights scaled by lambda (``scaled_weights``), named ``-lam<l>``.
+    """
     if method == "teacher":
         return f"{protocol.teacher}-seed{seed}"
-    if method == "baseline":
+    if method == "baseline" or is_baseline_point(method, scale):
         return f"{protocol.student}-seed{seed}"
-    return f"{protocol.student}-{method}-seed{seed}"
+    lam = "" if scale is None else f"-lam{scale:g}"
+    return f"{protocol.student}-{method}{lam}-seed{seed}"
 
 
-def method_config(method: str, runs_dir: Path, seed: int, protocol: Protocol) -> tuple[str, list[str]]:
-    """(preset or recipe, overrides) that train ``method`` for ``seed`` under ``protocol``."""
+def teacher_seed(seed: int, protocol: Protocol) -> int:
+    """The seed of the teacher that student seed ``seed`` learns from."""
+    return 0 if protocol.teacher_seeds == 1 else seed
+
+
+def _schedule(steps: int | None, epochs: int | None) -> list[str]:
+    if steps:
+        return [f"train.epochs={_STEP_EPOCHS}", f"train.max_steps={steps}"]
+    return [f"train.epochs={epochs}"] if epochs else []
+
+
+def method_config(
+    method: str, runs_dir: Path, seed: int, protocol: Protocol, scale: float | None = None
+) -> tuple[str, list[str]]:
+    """(preset or recipe, overrides) that train ``method`` for ``seed`` under ``protocol``;
+    ``scale``: its loss weights at lambda = ``scale`` (None: the recipe's)."""
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
+    common = [f"model.camera.backbone.pretrained={protocol.pretrained}"] if protocol.pretrained else []
+
+    def curve(steps: int | None) -> list[str]:
+        if not (protocol.curve_points and steps and seed == 0):
+            return []
+        return ["train.eval_every=0", f"train.eval_every_steps={max(1, steps // protocol.curve_points)}"]
+
     if method == "teacher":
-        epochs = protocol.teacher_epochs or protocol.epochs
-        return protocol.teacher, [f"train.epochs={epochs}"] if epochs else []
-    schedule = [f"train.epochs={protocol.epochs}"] if protocol.epochs else []
-    if method == "baseline":
-        return protocol.student, schedule
-    teacher = runs_dir / run_name("teacher", seed, protocol)
+        schedule = _schedule(protocol.teacher_steps, protocol.teacher_epochs or protocol.epochs)
+        return protocol.teacher, [*protocol.teacher_overrides, *schedule, *common, *curve(protocol.teacher_steps)]
+    schedule = [*protocol.student_overrides, *_schedule(protocol.student_steps, protocol.epochs)]
+    if method == "baseline" or is_baseline_point(method, scale):
+        return protocol.student, [*schedule, *common, *curve(protocol.student_steps)]
+    teacher = runs_dir / run_name("teacher", teacher_seed(seed, protocol), protocol)
     name = f"name={protocol.student}-{method}"
-    return protocol.recipe, [name, *schedule, *METHODS[method], f"distill.teacher={teacher}"]
+    weights = []
+    if scale is not None:
+        tuned = "bridgeta" if method not in TUNED_METHODS else method
+        pairs = ", ".join(f"{k}: {v:.6g}" for k, v in scaled_weights(tuned, scale, protocol.recipe).items())
+        weights = [f"distill.weights={{{pairs}}}"]
+    return protocol.recipe, [name, *schedule, *common, *METHODS[method], *weights, f"distill.teacher={teacher}"]
 
 
-def train_method(method: str, dataroot: Path, runs_dir: Path, seed: int, protocol: Protocol = Protocol()) -> dict:
-    preset, overrides = method_config(method, runs_dir, seed, protocol)
-    return train_and_evaluate(preset, dataroot, runs_dir / run_name(method, seed, protocol), seed, overrides)
+def train_method(
+    method: str, dataroot: Path, runs_dir: Path, seed: int, protocol: Protocol = Protocol(),
+    scale: float | None = None, split: str | Sequence[str] = "test",
+) -> dict:
+    preset, overrides = method_config(method, runs_dir, seed, protocol, scale)
+    return train_and_evaluate(preset, dataroot, runs_dir / run_name(method, seed, protocol, scale), seed, overrides, split)
+
+
+def method_job(method: str, seed: int, dataroot: Path, runs_dir: Path, protocol: Protocol,
+               scale: float | None, splits: Sequence[str]) -> Job:
+    """:func:`train_method` as a :class:`~bridgeta.bench.jobs.Job`, logged to ``runs/logs/<run>.log``."""
+    name = run_name(method, seed, protocol, scale)
+    return Job(train_method, (method, dataroot, runs_dir, seed, protocol, scale, tuple(splits)),
+               log=runs_dir / "logs" / f"{name}.log", label=name)
+
+
+def paired(results: list[dict], reference: list[dict]) -> dict:
+    """Mean ± std over the seeds both have of the per-seed test mIoU difference."""
+    by_seed = {r["seed"]: r["test"]["miou"] for r in reference}
+    return _mean_std([r["test"]["miou"] - by_seed[r["seed"]] for r in results if r["seed"] in by_seed])
+
+
+def learned_classes(runs: dict[str, list[dict]], threshold: float = 0.10) -> list[str]:
+    """The classes the teacher learns: mean test IoU above ``threshold`` (all, without a teacher)."""
+    if not runs.get("teacher"):
+        return list(next(iter(runs.values()))[0]["test"]["iou"])
+    tests = [r["test"]["iou"] for r in runs["teacher"]]
+    return [c for c in tests[0] if statistics.fmean(t[c] for t in tests) > threshold]
 
 
 def aggregate(runs: dict[str, list[dict]]) -> dict:
-    """Mean ± std over seeds per method, plus the share of the teacher-baseline gap closed."""
+    """Mean ± std over seeds per method, the share of the teacher-baseline gap closed, paired
+    per-seed deltas against the baseline and ``direct``, and the mIoU over the classes the
+    teacher learns (``miou_learned``)."""
+    learned = learned_classes(runs)
     table = {}
     for method, results in runs.items():
         tests = [r["test"] for r in results]
         table[method] = {
             "seeds": [r["seed"] for r in results],
             "miou": _mean_std([t["miou"] for t in tests]),
+            "miou_learned": _mean_std([statistics.fmean(t["iou"][c] for c in learned) for t in tests]),
             "miou_at_0.5": _mean_std([t["miou_at_0.5"] for t in tests]),
             "iou": {c: _mean_std([t["iou"][c] for t in tests]) for c in tests[0]["iou"]},
             "by_condition": {
@@ -102,15 +211,24 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
             "by_range": {k: _mean_std([t["by_range"][k]["miou"] for t in tests]) for k in tests[0]["by_range"]},
             "step_time_s": _mean_std([r["train"].get("step_time_s") for r in results]),
         }
+        if any("assistant_val" in r for r in results):
+            table[method]["assistant_val_miou"] = _mean_std([r.get("assistant_val", {}).get("miou") for r in results])
+        if any("val" in r for r in results):
+            table[method]["val_miou"] = _mean_std([r.get("val", {}).get("miou") for r in results])
+        for reference in ("baseline", "direct"):
+            if reference in runs and method not in ("teacher", reference):
+                table[method][f"paired_vs_{reference}"] = paired(results, runs[reference])
     if "teacher" in runs and "baseline" in runs:
         teacher = {r["seed"]: r["test"]["miou"] for r in runs["teacher"]}
         baseline = {r["seed"]: r["test"]["miou"] for r in runs["baseline"]}
         for method, results in runs.items():
-            closed = [
-                (r["test"]["miou"] - baseline[r["seed"]]) / (teacher[r["seed"]] - baseline[r["seed"]])
-                for r in results
-                if r["seed"] in teacher and r["seed"] in baseline and teacher[r["seed"]] != baseline[r["seed"]]
-            ]
+            closed = []
+            for r in results:
+                # With one teacher for every seed (Protocol.teacher_seeds = 1), it is seed 0's.
+                t = teacher.get(r["seed"], teacher.get(0) if len(teacher) == 1 else None)
+                b = baseline.get(r["seed"])
+                if t is not None and b is not None and t != b:
+                    closed.append((r["test"]["miou"] - b) / (t - b))
             table[method]["gap_closed"] = _mean_std(closed)
     return table
 

@@ -98,6 +98,64 @@ def run(
     return result
 
 
+def run_fair(
+    dataroot: Path,
+    runs_dir: Path,
+    out: Path,
+    protocol,
+    methods: Sequence[str],
+    lambdas: Sequence[float],
+    seeds: int,
+    jobs: int = 1,
+) -> dict:
+    """Every method in ``methods`` at every lambda in ``lambdas`` (a scale of its recipe weights,
+    ``bench.distill.scaled_weights``) for ``seeds`` seeds, on the validation towns; the lambda with
+    the highest mean validation mIoU is chosen per method. The same budget for every method:
+    points, seeds, schedule and teacher. lambda = 0 of a method without a TA is the baseline
+    (its runs are reused); BridgeTA's lambda = 0 still trains its TA. Runs are resumable."""
+    from bridgeta.bench.baselines import _mean_std
+    from bridgeta.bench.distill import method_job, run_name
+    from bridgeta.bench.jobs import run_jobs
+
+    started = environment()
+    grid = [(m, float(lam), s) for m in methods for lam in lambdas for s in range(seeds)]
+    jobs_list = [method_job(m, s, dataroot, runs_dir, protocol, lam, ("val",)) for m, lam, s in grid]
+    results = run_jobs(jobs_list, jobs)
+    points = []
+    for method in methods:
+        for lam in lambdas:
+            mine = [(s, r) for (m, l, s), r in zip(grid, results) if m == method and l == float(lam)]
+            val = [r["val"]["miou"] for _, r in mine]
+            stats = _mean_std(val)
+            points.append({
+                "method": method,
+                "lambda": float(lam),
+                "seeds": [s for s, _ in mine],
+                "runs": [run_name(method, s, protocol, float(lam)) for s, _ in mine],
+                "val_miou": stats["mean"],
+                "val_miou_std": stats["std"],
+                "val_miou_per_seed": val,
+                "val_miou_night": _mean_std([r["val"]["by_condition"]["night"]["miou"] for _, r in mine])["mean"],
+            })
+    chosen = {}
+    for method in methods:
+        mine = [p for p in points if p["method"] == method]
+        chosen[method] = max(mine, key=lambda p: p["val_miou"])["lambda"]
+    result = {
+        "environment": started,
+        "kind": "fair",
+        "dataroot": str(dataroot),
+        "protocol": {k: v for k, v in vars(protocol).items()},
+        "seeds": seeds,
+        "lambdas": [float(lam) for lam in lambdas],
+        "selection": "per method, the lambda with the highest mean validation mIoU over the seeds",
+        "points": points,
+        "chosen": chosen,
+    }
+    write_json(out, result)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bridgeta bench distill-sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--dataroot", required=True, type=Path, help="prepared dataroot with a val split")

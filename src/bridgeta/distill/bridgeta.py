@@ -77,6 +77,30 @@ class TeacherAssistant(nn.Module):
         self.head.load_state_dict(teacher.head.state_dict())
 
 
+class AssistantView(nn.Module):
+    """A BridgeTA distiller's teacher assistant as a model of its own, for evaluation.
+
+    It reads what it reads in training, the teacher's LiDAR BEV and the student's camera BEV, and
+    returns :class:`AssistantOutputs` (``.logits`` on the student's output grid), so the map
+    evaluation measures the TA like any model: the expected order is teacher > TA > student.
+    """
+
+    def __init__(self, distiller: BridgeTADistiller) -> None:
+        super().__init__()
+        assert distiller.teacher is not None
+        self.distiller = distiller
+        student = distiller.student
+        self.config, self.output_grid, self.classes = student.config, student.output_grid, student.classes
+        self.modalities = tuple(dict.fromkeys(student.modalities + distiller.teacher.modalities))
+
+    def forward(self, inputs: BEVInputs) -> AssistantOutputs:  # type: ignore[override]
+        distiller = self.distiller
+        assert distiller.teacher is not None
+        teacher, student = distiller.teacher(inputs), distiller.student(inputs)
+        assert teacher.lidar_bev is not None and student.camera_bev is not None
+        return distiller.assistant(teacher.lidar_bev, student.camera_bev)
+
+
 def check_alignment(student: BEVModel, teacher: BEVModel) -> None:
     """BridgeTA uses no adapters: teacher and student levels must have equal shapes."""
     if student.camera_encoder is None or student.lidar_encoder is not None:

@@ -361,3 +361,33 @@ def evaluate_checkpoint(
     if len(loader.dataset) == 0:
         raise ValueError(f"split '{split or DEFAULT_SPLIT}' of {data.dataroot} has no samples")
     return evaluate(model, loader, device, model.classes, precision=precision)
+
+
+def evaluate_assistant(
+    model_file: str | Path, split: str = "val", batch_size: int = 2, device: str | torch.device | None = None
+) -> dict[str, Any]:
+    """The teacher assistant of a BridgeTA run (its distiller model file) evaluated on ``split``.
+
+    The TA reads the teacher's LiDAR BEV, so the teacher named by the run's ``distill.teacher``
+    must still be there. In fp32, like :func:`evaluate_checkpoint`.
+    """
+    from bridgeta.distill import build_distiller
+    from bridgeta.distill.bridgeta import AssistantView, BridgeTADistiller
+    from bridgeta.engine.model_file import DISTILLER_KIND, read_model_file, without_pretrained
+    from bridgeta.engine.trainer import load_teacher
+    from bridgeta.models.bev_model import build_model
+
+    path = resolve_model_file(model_file)
+    config, state, kind = read_model_file(path)
+    if kind != DISTILLER_KIND or config.distill is None or config.distill.method != "bridgeta":
+        raise ValueError(f"{path}: not a BridgeTA distillation run, so it has no teacher assistant")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = without_pretrained(config)
+    distiller = build_distiller(config, build_model(config), load_teacher(config))
+    assert isinstance(distiller, BridgeTADistiller)
+    distiller.load_state_dict(state)
+    view = AssistantView(distiller).to(device)
+    loader = build_eval_loader(config, view, split, batch_size, 0, distributed=False)
+    if len(loader.dataset) == 0:
+        raise ValueError(f"split '{split}' of {config.data.dataroot} has no samples")
+    return evaluate(view, loader, device, view.classes)

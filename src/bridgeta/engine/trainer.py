@@ -413,6 +413,8 @@ class _Trainer:
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 self._log(lr)
+            if self.evaluate_fn is not None and cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0:
+                self._evaluate()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self._save()
         return self.batch == self.batches_per_epoch
@@ -527,7 +529,8 @@ class _Trainer:
             while self.epoch < cfg.epochs and self.step < self.total_steps:
                 if not self._train_epoch(bar):
                     break  # max_steps reached inside the epoch
-                if self.evaluate_fn is not None and cfg.eval_every > 0 and (self.epoch + 1) % cfg.eval_every == 0:
+                epoch_eval = cfg.eval_every > 0 and (self.epoch + 1) % cfg.eval_every == 0
+                if self.evaluate_fn is not None and epoch_eval and self.last_eval_step != self.step:
                     self._evaluate()
                 if cfg.checkpoint_every == 0:
                     self._save()
@@ -622,7 +625,7 @@ def train(
     resume) and the free disk space are checked, so a failed start leaves the directory as it was.
 
     ``evaluate_fn(model, config, split) -> {"miou": ..., ...}`` runs every ``train.eval_every``
-    epochs and at the end, on every process with the bare (unwrapped) model; the trainer puts the
+    epochs, every ``train.eval_every_steps`` optimiser steps and at the end (once per step), on every process with the bare (unwrapped) model; the trainer puts the
     model back in training mode afterwards.
 
     With a ``distill`` section the student ``config.model`` is distilled from
