@@ -78,3 +78,125 @@ def test_staged_protocol_end_to_end(engine_world, tmp_path, monkeypatch):
     monkeypatch.setattr("bridgeta.engine.trainer.train", refuse)
     again = accuracy.run_staged("test", out, work, engine_world, preset=preset)
     assert again["table"]["bridgeta"]["miou"] == table["bridgeta"]["miou"]
+
+
+def test_lambda_scales_each_methods_recipe_weights():
+    recipe = load_config("distill/tiny-c-bridgeta").distill.weights
+    full = bench_distill.scaled_weights("bridgeta", 0.5, "distill/tiny-c-bridgeta")
+    assert full == pytest.approx({"fld": 0.5 * recipe.fld, "dld": 0.5 * recipe.dld, "lld": 0.5 * recipe.lld,
+                                  "lld_aux": 0.5 * recipe.lld_aux})
+    assert bench_distill.scaled_weights("direct", 0.5, "distill/tiny-c-bridgeta") == full
+    # feature_kd is FLD alone; logit_kd's Bernoulli KL starts from the CrossKD term's weight.
+    assert bench_distill.scaled_weights("feature_kd", 2.0, "distill/tiny-c-bridgeta") == pytest.approx(
+        {"fld": 2 * recipe.fld, "dld": 0.0, "lld": 0.0, "lld_aux": 0.0})
+    assert bench_distill.scaled_weights("logit_kd", 2.0, "distill/tiny-c-bridgeta") == pytest.approx(
+        {"fld": 0.0, "dld": 0.0, "lld": 2 * recipe.lld_aux, "lld_aux": 0.0})
+
+
+def test_lambda_zero_without_an_assistant_is_the_baseline_run(tmp_path):
+    protocol = bench_distill.Protocol(student_steps=10, teacher_seeds=1)
+    for method in ("direct", "feature_kd", "logit_kd"):
+        assert bench_distill.run_name(method, 2, protocol, 0.0) == "tiny-c-seed2"
+        assert bench_distill.method_config(method, tmp_path, 2, protocol, 0.0) == \
+            bench_distill.method_config("baseline", tmp_path, 2, protocol)
+    assert bench_distill.run_name("bridgeta", 2, protocol, 0.0) == "tiny-c-bridgeta-lam0-seed2"
+    # One teacher teaches every seed.
+    _, overrides = bench_distill.method_config("bridgeta", tmp_path, 3, protocol, 1.0)
+    assert f"distill.teacher={tmp_path / 'tiny-lc-seed0'}" in overrides
+
+
+def test_paired_deltas_use_the_seeds_both_have():
+    def run(seed, miou):
+        return {"seed": seed, "test": {"miou": miou}}
+
+    stats = bench_distill.paired([run(0, 0.30), run(1, 0.20), run(2, 0.50)], [run(0, 0.25), run(1, 0.21)])
+    assert stats["n"] == 2
+    assert stats["mean"] == pytest.approx((0.05 - 0.01) / 2)
+    assert stats["std"] == pytest.approx(0.0424264, rel=1e-5)
+
+
+def test_last_quarter_gain_reads_the_point_at_three_quarters():
+    curve = [[100, 0.10], [200, 0.15], [300, 0.18], [400, 0.185]]
+    assert accuracy.last_quarter_gain(curve) == pytest.approx(0.005)
+    assert accuracy.last_quarter_gain([[400, 0.2]]) is None
+
+
+def _jobs_square(x: int) -> int:
+    return x * x
+
+
+def _jobs_fail(x: int) -> int:
+    raise RuntimeError(f"bad {x}")
+
+
+def test_jobs_run_side_by_side_and_a_failure_waits_for_the_others(tmp_path):
+    from bridgeta.bench.jobs import Job, run_jobs
+
+    jobs = [Job(_jobs_square, (i,), log=tmp_path / f"{i}.log", label=str(i)) for i in range(3)]
+    assert run_jobs(jobs, workers=2) == [0, 1, 4]
+    assert run_jobs(jobs, workers=1) == [0, 1, 4]
+    mixed = [Job(_jobs_fail, (7,), log=tmp_path / "fail.log", label="fail"), *jobs]
+    with pytest.raises(RuntimeError, match="1 of 4 runs failed; first: fail: bad 7"):
+        run_jobs(mixed, workers=2)
+    assert "RuntimeError: bad 7" in (tmp_path / "fail.log").read_text()
+
+
+def _fabricated_protocol_results() -> dict:
+    def run(seed, miou, night=0.1):
+        return {"seed": seed, "train": {"step_time_s": 0.5}, "test": {
+            "miou": miou, "miou_at_0.5": miou / 2, "iou": {"drivable_area": miou + 0.2, "divider": 0.05},
+            "by_condition": {"day": {"miou": miou}, "night": {"miou": night}}, "by_range": {"0-20": {"miou": miou}}}}
+
+    runs = {
+        "teacher": [run(0, 0.40)],
+        "baseline": [run(0, 0.20), run(1, 0.22)],
+        "baseline_scratch": [run(0, 0.15), run(1, 0.16)],
+        "direct": [run(0, 0.21), run(1, 0.24)],
+        "bridgeta": [{**run(0, 0.25), "assistant_val": {"miou": 0.33}}, {**run(1, 0.25), "assistant_val": {"miou": 0.31}}],
+    }
+    env = {"date": "2026-12-01 12:00 UTC", "commit": "abc1234", "torch": "2.13.0", "device": "cpu", "cpu_threads": 2}
+    return {
+        "environment": env, "preset": {"name": "cpu"}, "learned_classes": bench_distill.learned_classes(runs),
+        "protocol": {"train_scenes": 18, "val_scenes": 6, "test_scenes": 6, "student_steps": 800, "teacher_steps": 1600,
+                     "lambdas": {"direct": 0.3, "bridgeta": 1.0}},
+        "camera_fusion_ratio": 0.5,
+        "convergence": {"baseline": [[400, 0.18], [600, 0.195], [800, 0.2]], "teacher": [[800, 0.3], [1600, 0.38]]},
+        "convergence_last_quarter_gain": {"baseline": 0.005, "teacher": 0.08},
+        "runs": runs, "table": bench_distill.aggregate(runs),
+    }
+
+
+def test_learned_classes_are_those_the_teacher_gets_above_ten_percent():
+    results = _fabricated_protocol_results()
+    assert results["learned_classes"] == ["drivable_area"]  # teacher: 0.60 and 0.05
+    assert results["table"]["bridgeta"]["miou_learned"]["mean"] == pytest.approx(0.45)
+
+
+def test_rendered_protocol_and_paired_tables():
+    from bridgeta.report import render_accuracy, render_protocol
+
+    results = _fabricated_protocol_results()
+    text = render_protocol(results)
+    assert "| scenes (train / val / test) | 18 / 6 / 6 |" in text
+    assert "| camera/fusion ratio (baseline / teacher test mIoU) | 0.50 |" in text
+    assert "| baseline val mIoU gain over the last quarter | +0.5 points |" in text
+    assert "pretrained − random backbone | +5.5 points" in text
+    assert "| baseline val mIoU curve (step: %) | 400: 18.0, 600: 19.5, 800: 20.0 |" in text
+    table = render_accuracy(results)
+    rows = {line.split(" | ")[0].strip("| `"): line for line in table.splitlines() if line.startswith("| `")}
+    # bridgeta: +5.0 and +3.0 over the baseline seeds, +4.0 and +1.0 over direct's.
+    assert "| 2 | 1 | 45.0 ± 0.0 | +4.0 ± 1.4 (n=2) | +2.5 ± 2.1 (n=2) | 32.0 ± 1.4 |" in rows["bridgeta"]
+    assert "| 0.3 |" in rows["direct"] and rows["teacher"].endswith("| – | – | – |")
+
+
+def test_rendered_fair_sweep_marks_each_methods_choice():
+    from bridgeta.report import render_distill_sweep
+
+    env = {"date": "2026-12-01 12:00 UTC", "commit": "abc1234", "torch": "2.13.0", "device": "cpu", "cpu_threads": 2}
+    points = [{"method": m, "lambda": lam, "val_miou": v, "val_miou_std": 0.01}
+              for m, lam, v in [("direct", 0.0, 0.20), ("direct", 1.0, 0.22), ("bridgeta", 0.0, 0.21), ("bridgeta", 1.0, 0.19)]]
+    sweep = {"kind": "fair", "environment": env, "lambdas": [0.0, 1.0], "seeds": 2, "points": points,
+             "protocol": {"student_steps": 800}, "chosen": {"direct": 1.0, "bridgeta": 0.0}}
+    text = render_distill_sweep(sweep)
+    assert "| `direct` | 20.0 ± 1.0 | **22.0 ± 1.0** | 1 |" in text
+    assert "| `bridgeta` | **21.0 ± 1.0** | 19.0 ± 1.0 | 0 |" in text

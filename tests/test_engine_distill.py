@@ -419,3 +419,50 @@ def test_training_diagnostics_average_the_last_quarter_and_range_epsilon(bridget
     low, high = config.distill.epsilon_range
     assert set(summary["epsilon"]) == set(LEVELS)
     assert all(low - 1e-6 <= e["min"] <= e["median"] <= e["max"] <= high + 1e-6 for e in summary["epsilon"].values())
+
+
+def test_the_assistant_is_evaluated_from_the_run_file_as_trained(bridgeta_run, dataroot):
+    """``evaluate_assistant`` rebuilds the TA from the distiller file and the run's teacher: its
+    metrics equal those of the trained TA evaluated in memory, batch by batch (MapMetric)."""
+    from bridgeta.distill.bridgeta import AssistantView
+    from bridgeta.engine.evaluate import build_eval_loader, evaluate, evaluate_assistant
+    from bridgeta.engine.trainer import load_teacher
+
+    config, out, _ = bridgeta_run
+    _, state, _ = read_model_file(out / "model.safetensors")
+    distiller = build_distiller(config, build_model(config), load_teacher(config))
+    distiller.load_state_dict(state)
+    view = AssistantView(distiller)
+    with torch_threads(1):
+        loader = build_eval_loader(config, view, "val", 2, 0, distributed=False)
+        expected = evaluate(view, loader, "cpu", view.classes)
+        measured = evaluate_assistant(out / "model.safetensors", split="val")
+    assert measured["iou"] == pytest.approx(expected["iou"], abs=1e-6)
+    assert measured["samples"] == expected["samples"] > 0
+    # The view is the TA of training: teacher LiDAR BEV and student camera BEV in, TA logits out.
+    inputs, _, _ = next(iter(loader))
+    view.eval()
+    with torch.no_grad():
+        teacher_out, student_out = distiller.teacher(inputs), distiller.student(inputs)
+        logits = distiller.assistant(teacher_out.lidar_bev, student_out.camera_bev).logits
+        assert torch.equal(view(inputs).logits, logits)
+
+
+def test_evaluate_assistant_refuses_a_run_without_one(direct_run):
+    from bridgeta.engine.evaluate import evaluate_assistant
+
+    _, out, _ = direct_run
+    with pytest.raises(ValueError, match="not a BridgeTA distillation run"):
+        evaluate_assistant(out / "model.safetensors")
+
+
+def test_plot_epsilon_draws_bridgeta_and_skips_direct(bridgeta_run, direct_run, tmp_path):
+    from bridgeta.engine.gap_plot import plot_gap, read_gap_curves
+
+    bridgeta_out, direct_out = bridgeta_run[1], direct_run[1]
+    curves = read_gap_curves(bridgeta_out, "epsilon")
+    assert set(curves) == set(LEVELS) and all(v > 0 for level in curves.values() for _, v in level)
+    path = plot_gap([direct_out, bridgeta_out], tmp_path / "eps.png", labels=["direct", "bridgeta"], quantity="epsilon")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with pytest.raises(ValueError, match="none of the runs logs"):
+        plot_gap([direct_out], tmp_path / "none.png", quantity="epsilon")

@@ -95,6 +95,25 @@ def test_precision_resolution():
 # Runs
 
 
+def test_validation_every_n_steps_draws_a_curve_without_repeats(dataroot, tmp_path):
+    """``train.eval_every_steps`` validates inside epochs too; a step that is also an epoch end
+    or the last step is validated once."""
+    config = small_config(
+        dataroot, "train.epochs=2", "train.batch_size=1", "train.eval_every=1", "train.eval_every_steps=3",
+    )
+    seen = []
+
+    def evaluate(model, cfg, split):
+        seen.append(len(seen))
+        return {"miou": float(len(seen))}
+
+    train(config, tmp_path / "run", evaluate_fn=evaluate)
+    evals = [(r["step"], r["eval"]["miou"]) for r in read_metrics(tmp_path / "run") if "eval" in r]
+    # 4 samples at batch 1: epochs end at steps 4 and 8; every 3 steps adds 3 and 6.
+    assert [step for step, _ in evals] == [3, 4, 6, 8]
+    assert [miou for _, miou in evals] == [1.0, 2.0, 3.0, 4.0]
+
+
 def test_train_writes_a_complete_run_directory(dataroot, tmp_path):
     # Two persistent loader workers: the same loader serves both epochs.
     config = small_config(

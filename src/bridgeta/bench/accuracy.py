@@ -247,9 +247,25 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
         "table": table,
         "preset": {"name": preset_name, **asdict(preset)},
     }
+    result["figures"] = _figures(out, runs_dir, protocol, chosen, methods, convergence)
     write_json(out / "results.json", result)
     (out / "table.md").write_text(format_markdown(result) + "\n")
     return result
+
+
+def _figures(out: Path, runs_dir: Path, protocol: Protocol, chosen: dict, methods: Sequence[str],
+             convergence: dict) -> dict[str, str]:
+    """Figure 5 (the gap per level), eps* per level and the validation curves, from seed 0."""
+    from bridgeta.engine.gap_plot import plot_gap, plot_validation_curves
+
+    figures = {"convergence": plot_validation_curves(convergence, out / "convergence.png")}
+    distilled = [m for m in ("direct", "bridgeta", "fixed_epsilon") if m in methods]
+    if distilled:
+        dirs = [runs_dir / run_name(m, 0, protocol, chosen[m]) for m in distilled]
+        figures["gap"] = plot_gap(dirs, out / "representation_gap.png", labels=list(distilled))
+        if "bridgeta" in distilled or "fixed_epsilon" in distilled:
+            figures["epsilon"] = plot_gap(dirs, out / "epsilon.png", labels=list(distilled), quantity="epsilon")
+    return {name: path.name for name, path in figures.items()}
 
 
 def run(preset_name: str, seeds: int | None, out: Path, work: Path, dataroot: Path | None,

@@ -53,7 +53,9 @@ def train_and_evaluate(
         # was stopped before its first checkpoint.
         resume = (run_dir / "checkpoints" / "latest").is_file()
         evaluate_fn = evaluate_checkpoint_model if config.train.eval_every_steps else None
+        trained_by = environment()  # the code that trains (a resumed run: the code that finished it)
         summary = _jsonable(train(config, run_dir, resume=resume, force=not resume, evaluate_fn=evaluate_fn))
+        summary["environment"] = trained_by
     result: dict = {"preset": preset, "seed": seed, "overrides": list(overrides)}
     for name in splits:
         path = run_dir / f"eval_{name}.json"
