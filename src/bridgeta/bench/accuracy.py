@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bridgeta.bench.distill import (
-    METHODS, TUNED_METHODS, Protocol, aggregate, learned_classes, method_job, run_name,
+    METHODS, TUNED_METHODS, Protocol, aggregate, is_baseline_point, learned_classes, method_job, run_name,
 )
 from bridgeta.bench.distill import run as run_methods
 from bridgeta.bench.jobs import run_jobs
@@ -50,7 +50,8 @@ class AccuracyPreset:
     # every method trains with the recipe's weights.
     lambdas: tuple[float, ...] = ()
     sweep_seeds: int = 2
-    # Methods trained without the pretrained backbone too (suffix ``_scratch``), for its effect.
+    # Methods trained without the pretrained backbone too (suffix ``_scratch``, ``default_seeds``
+    # seeds), for the effect of pretraining.
     scratch: tuple[str, ...] = ()
 
 
@@ -184,9 +185,10 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     stage1 += [("baseline", method_job("baseline", s, dataroot, runs_dir, protocol, None, ("val", "test")))
                for s in range(baseline_seeds)]
     scratch = replace(protocol, pretrained=None)
+    scratch_seeds = min(preset.default_seeds, seed_cap) if seed_cap else preset.default_seeds
     for method in preset.scratch:
         stage1 += [(f"{method}_scratch", method_job(method, s, dataroot, runs_dir / "scratch", scratch, None, ("val", "test")))
-                   for s in range(seeds_of(method, preset, seed_cap))]
+                   for s in range(scratch_seeds)]
     results1 = run_jobs([job for _, job in stage1], jobs)
 
     # Stage 2: the sweep on the validation towns; every tuned method gets the same points.
@@ -259,7 +261,9 @@ def _figures(out: Path, runs_dir: Path, protocol: Protocol, chosen: dict, method
     from bridgeta.engine.gap_plot import plot_gap, plot_validation_curves
 
     figures = {"convergence": plot_validation_curves(convergence, out / "convergence.png")}
-    distilled = [m for m in ("direct", "bridgeta", "fixed_epsilon") if m in methods]
+    # A method whose chosen lambda is 0 without a TA is the baseline run: it logs no gap.
+    distilled = [m for m in ("direct", "bridgeta", "fixed_epsilon")
+                 if m in methods and not is_baseline_point(m, chosen[m])]
     if distilled:
         dirs = [runs_dir / run_name(m, 0, protocol, chosen[m]) for m in distilled]
         figures["gap"] = plot_gap(dirs, out / "representation_gap.png", labels=list(distilled))
