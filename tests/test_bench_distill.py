@@ -96,27 +96,32 @@ def test_a_run_directory_with_another_config_is_not_reused(tmp_path):
         _check_same_run(run_dir, load_config("tiny-c", ["data.dataroot=/data", "train.epochs=3"]))
 
 
-def test_sweep_picks_the_best_validation_point(tmp_path, monkeypatch):
+def test_sweep_gives_every_method_the_same_points_and_picks_the_best_mean(tmp_path, monkeypatch):
+    from bridgeta.bench import jobs
+
+    scores = {("direct", 0.0): [0.20, 0.22], ("direct", 1.0): [0.25, 0.19], ("direct", 3.0): [0.23, 0.22],
+              ("bridgeta", 0.0): [0.21, 0.21], ("bridgeta", 1.0): [0.24, 0.22], ("bridgeta", 3.0): [0.10, 0.30]}
     seen = []
-    scores = {(0.001, 0.01): 0.10, (0.01, 0.01): 0.20, (0.1, 0.01): 0.15, (0.01, 0.5): 0.25}
 
-    def fake_train_and_evaluate(recipe, dataroot, run_dir, seed, overrides, split):
-        assert split == "val"  # the sweep never reads the test towns
-        scale = float(overrides[1].split("fld: ")[1].split(",")[0])
-        low = float(overrides[2].split("[")[1].split(",")[0])
-        seen.append((scale, low))
-        miou = scores[(scale, low)]
-        return {"train": {"step_time_s": 1.0},
-                "val": {"miou": miou, "iou": {}, "by_condition": {"night": {"miou": miou}}}}
+    def fake_run_jobs(job_list, workers):
+        results = []
+        for job in job_list:
+            method, _, _, seed, _, scale, splits = job.args
+            assert splits == ("val",)  # the sweep never reads the test towns
+            seen.append((method, scale, seed, job.label))
+            results.append({"val": {"miou": scores[(method, scale)][seed], "by_condition": {"night": {"miou": 0.1}}}})
+        return results
 
-    monkeypatch.setattr(distill_sweep, "train_and_evaluate", fake_train_and_evaluate)
-    result = distill_sweep.run(
-        tmp_path, "teacher", tmp_path / "runs", tmp_path / "sweep.json", epochs=1, seed=0,
-        scales=(0.001, 0.01, 0.1), clamps=((0.01, 100.0), (0.5, 2.0)),
-    )
-    # Stage 2 runs only the new clamp at the best scale; the stage-1 point is not trained again.
-    assert seen == [(0.001, 0.01), (0.01, 0.01), (0.1, 0.01), (0.01, 0.5)]
-    assert result["chosen"] == {"lambda": 0.01, "epsilon_range": [0.5, 2.0], "val_miou": 0.25}
+    monkeypatch.setattr(jobs, "run_jobs", fake_run_jobs)
+    protocol = bench_distill.Protocol(student_steps=10, teacher_seeds=1)
+    result = distill_sweep.run(tmp_path, tmp_path / "runs", tmp_path / "sweep.json", protocol,
+                               ["bridgeta", "direct"], (0.0, 1.0, 3.0), seeds=2)
+    # Means: direct 0.21 / 0.22 / 0.225, bridgeta 0.21 / 0.23 / 0.20.
+    assert result["chosen"] == {"bridgeta": 1.0, "direct": 3.0}
+    assert len(seen) == 12 and {s for _, _, s, _ in seen} == {0, 1}
+    assert ("direct", 0.0, 1, "tiny-c-seed1") in seen  # lambda 0 without a TA: the baseline's run
+    point = next(p for p in result["points"] if p["method"] == "direct" and p["lambda"] == 1.0)
+    assert point["val_miou"] == pytest.approx(0.22) and point["val_miou_per_seed"] == [0.25, 0.19]
     assert (tmp_path / "sweep.json").is_file()
 
 

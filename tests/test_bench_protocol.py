@@ -200,3 +200,55 @@ def test_rendered_fair_sweep_marks_each_methods_choice():
     text = render_distill_sweep(sweep)
     assert "| `direct` | 20.0 ± 1.0 | **22.0 ± 1.0** | 1 |" in text
     assert "| `bridgeta` | **21.0 ± 1.0** | 19.0 ± 1.0 | 0 |" in text
+
+
+def _jobs_sleep_and_report_parent(path: str) -> None:
+    import os
+    import time
+
+    with open(path, "w") as handle:
+        handle.write(str(os.getpid()))
+    time.sleep(60)
+
+
+def test_a_killed_benchmark_takes_its_workers_with_it(tmp_path):
+    """Workers get the parent-death signal: killing the benchmark does not leave runs training."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys; sys.path[:0] = %r\n"
+        "from bridgeta.bench.jobs import Job, run_jobs\n"
+        "import test_bench_protocol as t\n"
+        "run_jobs([Job(t._jobs_sleep_and_report_parent, (%r,)), Job(t._jobs_sleep_and_report_parent, (%r,))], 2)\n"
+    ) % (sys.path, str(tmp_path / "a"), str(tmp_path / "b"))
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while not ((tmp_path / "a").is_file() and (tmp_path / "b").is_file()) and time.time() < deadline:
+        time.sleep(0.2)
+    workers = [int((tmp_path / name).read_text()) for name in ("a", "b")]
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 20
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in workers if _alive(pid)]
+    assert not alive
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for its reaper is dead
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

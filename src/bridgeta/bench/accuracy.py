@@ -161,9 +161,11 @@ def last_quarter_gain(curve: list[list[float]]) -> float | None:
 
 def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: int = 1,
                seed_cap: int | None = None, methods: Sequence[str] | None = None,
-               sweep_out: Path | None = None, preset: AccuracyPreset | None = None) -> dict:
+               sweep_out: Path | None = None, preset: AccuracyPreset | None = None,
+               until: str = "test") -> dict:
     """The cpu protocol: pretraining, teacher and baselines, the validation sweep, then the test
-    seeds of every method at its chosen lambda. Every run is reused when finished."""
+    seeds of every method at its chosen lambda. Every run is reused when finished. ``until``
+    "sweep" stops after the sweep and returns its result."""
     from bridgeta.bench import distill_sweep
     from bridgeta.engine.logging import read_metrics, training_diagnostics
 
@@ -197,11 +199,13 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     sweep = None
     if preset.lambdas and tuned:
         print("== stage 2: loss weights on the validation towns", flush=True)
-        sweep = distill_sweep.run_fair(
+        sweep = distill_sweep.run(
             dataroot, runs_dir, sweep_out or out.parent / "distill_sweep.json", protocol, tuned,
             preset.lambdas, sweep_seeds, jobs,
         )
         chosen.update(sweep["chosen"])
+        if until == "sweep":
+            return sweep
         for method in methods:  # the other BridgeTA variants take BridgeTA's weights
             if method not in ("baseline", *TUNED_METHODS):
                 chosen[method] = chosen.get("bridgeta", 1.0) if "bridgeta" in tuned else None

@@ -36,7 +36,22 @@ class Job:
 def _init_worker(threads: int) -> None:
     import torch
 
+    _die_with_parent()
     torch.set_num_threads(threads)
+
+
+def _die_with_parent() -> None:
+    """A worker must not outlive a killed benchmark: it would keep training, unseen, on the
+    cores the next benchmark measures with (Linux: the kernel's parent-death signal)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the signal was armed
+        os._exit(1)
 
 
 def _run_logged(job: Job) -> Any:
