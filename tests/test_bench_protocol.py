@@ -20,7 +20,7 @@ def _preset() -> accuracy.AccuracyPreset:
         student_overrides=tuple(SMALL_TINY_C), teacher_overrides=tuple(SMALL_TINY_LC),
     )
     return replace(
-        accuracy.PRESETS["cpu"], protocol=protocol, methods=("baseline", "direct", "bridgeta"),
+        accuracy.PRESETS["cpu"], protocol=protocol, methods=("baseline", "direct", "bridgeta", "monotakd"),
         seeds={"baseline": 2, "direct": 2, "bridgeta": 1}, default_seeds=1, pretrain_steps=2,
         lambdas=(0.0, 1.0), sweep_seeds=1, scratch=("baseline",),
     )
@@ -49,7 +49,7 @@ def test_staged_protocol_end_to_end(engine_world, tmp_path, monkeypatch):
     # baseline's own run, BridgeTA's lambda 0 trains its TA.
     sweep = json.loads((tmp_path / "results" / "distill_sweep.json").read_text())
     points = {(p["method"], p["lambda"]): p for p in sweep["points"]}
-    assert set(points) == {("bridgeta", 0.0), ("bridgeta", 1.0), ("direct", 0.0), ("direct", 1.0)}
+    assert set(points) == {(m, lam) for m in ("bridgeta", "direct", "monotakd") for lam in (0.0, 1.0)}
     assert points[("direct", 0.0)]["runs"] == ["tiny-c-seed0"]
     assert points[("bridgeta", 0.0)]["runs"] == ["tiny-c-bridgeta-lam0-seed0"]
     for method, lam in sweep["chosen"].items():
@@ -68,6 +68,10 @@ def test_staged_protocol_end_to_end(engine_world, tmp_path, monkeypatch):
     assert table["bridgeta"]["paired_vs_direct"]["n"] == 1
     assert 0.0 <= table["bridgeta"]["assistant_val_miou"]["mean"] <= 1.0
     assert set(result["learned_classes"]) <= set(table["teacher"]["iou"])
+    # MonoTAKD learns through its assistant, trained in stage 1 from the same backbone.
+    assert table["assistant"]["seeds"] == [0] and table["monotakd"]["seeds"] == [0]
+    monotakd = load_config(str(runs / result["runs"]["monotakd"][0]["run"] / "config.yaml"))
+    assert monotakd.distill.monotakd.assistant == str(runs / "tiny-c-assistant-seed0")
     assert result["camera_fusion_ratio"] == pytest.approx(table["baseline"]["miou"]["mean"] / table["teacher"]["miou"]["mean"])
     assert (out / "table.md").read_text().startswith("| method |")
 
@@ -78,6 +82,17 @@ def test_staged_protocol_end_to_end(engine_world, tmp_path, monkeypatch):
     monkeypatch.setattr("bridgeta.engine.trainer.train", refuse)
     again = accuracy.run_staged("test", out, work, engine_world, preset=preset)
     assert again["table"]["bridgeta"]["miou"] == table["bridgeta"]["miou"]
+    assert again["reproducibility"] == {}
+
+    # --reproduce: seed 0 of each headline method trained again beside the first.
+    monkeypatch.undo()
+    checked = accuracy.run_staged("test", out, work, engine_world, preset=preset, reproduce=True)
+    repro = checked["reproducibility"]
+    assert set(repro) == {"baseline", "direct", "bridgeta", "monotakd"}
+    assert (runs / "tiny-c-seed0-rerun" / "model.safetensors").is_file()
+    for method, row in repro.items():
+        assert row["delta"] == pytest.approx(row["rerun"] - row["table"])
+        assert row["rerun_trained_by"]["commit"]
 
 
 def test_lambda_scales_each_methods_recipe_weights():
@@ -252,3 +267,24 @@ def _alive(pid: int) -> bool:
             return handle.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_monotakd_rows_scale_their_own_weights_and_keep_ablated_terms_off(tmp_path):
+    from bridgeta.distill.monotakd import ASSISTANT_OVERRIDES, assistant_config
+
+    protocol = bench_distill.Protocol(student_steps=10, teacher_seeds=1)
+    recipe = load_config("distill/tiny-c-monotakd").distill.monotakd
+    preset, overrides = bench_distill.method_config("monotakd", tmp_path, 1, protocol, 3.0)
+    config = load_config(preset, ["data.dataroot=/d", *overrides])
+    settings = config.distill.monotakd
+    assert (settings.imd, settings.cmrd, settings.logit) == pytest.approx((3 * recipe.imd, 3 * recipe.cmrd, 3 * recipe.logit))
+    assert settings.assistant == str(tmp_path / "tiny-c-assistant-seed0")
+    preset, overrides = bench_distill.method_config("monotakd_imd_only", tmp_path, 0, protocol, 3.0)
+    ablated = load_config(preset, ["data.dataroot=/d", *overrides])
+    assert ablated.distill.monotakd.cmrd == 0 and ablated.distill.monotakd.logit == 0
+    assert ablated.distill.monotakd.imd == pytest.approx(3 * recipe.imd) and ablated.model.residual is None
+    # The bench's assistant is the one train-assistant derives from the recipe.
+    preset, overrides = bench_distill.method_config("assistant", tmp_path, 0, protocol)
+    trained = load_config(preset, ["data.dataroot=/d", *overrides])
+    derived = assistant_config(load_config("distill/tiny-c-monotakd", ["data.dataroot=/d", *overrides[1:-len(ASSISTANT_OVERRIDES)]]))
+    assert trained.model == derived.model and trained.distill is None

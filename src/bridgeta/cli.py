@@ -123,6 +123,7 @@ def _command_train(args: argparse.Namespace) -> int:
 
 
 def _command_distill(args: argparse.Namespace) -> int:
+    from bridgeta.config import MonoTAKDConfig
     from bridgeta.engine.evaluate import evaluate_checkpoint_model
     from bridgeta.engine.trainer import train
 
@@ -136,6 +137,24 @@ def _command_distill(args: argparse.Namespace) -> int:
         )
     if args.teacher:
         config = replace(config, distill=replace(config.distill, teacher=args.teacher))
+    if args.assistant:
+        if config.distill.method != "monotakd":
+            raise ValueError(f"--assistant is MonoTAKD's trained teaching assistant; config '{args.config}' "
+                             f"distils with {config.distill.method}")
+        settings = config.distill.monotakd or MonoTAKDConfig()
+        config = replace(config, distill=replace(config.distill, monotakd=replace(settings, assistant=args.assistant)))
+    summary = train(config, Path(args.out), resume=args.resume, evaluate_fn=evaluate_checkpoint_model, force=args.force)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _command_train_assistant(args: argparse.Namespace) -> int:
+    from bridgeta.distill.monotakd import assistant_config
+    from bridgeta.engine.evaluate import evaluate_checkpoint_model
+    from bridgeta.engine.trainer import train
+
+    config = assistant_config(_training_config(args))
     summary = train(config, Path(args.out), resume=args.resume, evaluate_fn=evaluate_checkpoint_model, force=args.force)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2, default=str))
@@ -289,7 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_arguments(distill)
     distill.add_argument("--teacher", default=None, help="teacher model file or run dir (sets distill.teacher)")
+    distill.add_argument("--assistant", default=None,
+                         help="MonoTAKD: the trained assistant's run dir (sets distill.monotakd.assistant)")
     distill.set_defaults(handler=_command_distill)
+
+    assistant = commands.add_parser(
+        "train-assistant",
+        help="train MonoTAKD's camera teaching assistant for a recipe: its student's camera network "
+        "lifting with projected LiDAR depth (docs/methods/monotakd.md)",
+    )
+    _add_run_arguments(assistant)
+    assistant.set_defaults(handler=_command_train_assistant)
 
     pretrain = commands.add_parser(
         "pretrain-backbone",

@@ -89,6 +89,10 @@ class ViewTransformConfig:
     # feature (as BEVFusion-C's downsample block makes it) and not a raw sum of lifted features;
     # distillation compares F_cam with BN-ReLU fuser outputs (METHOD.md §1, comparable levels).
     normalize: bool = False
+    # "predicted": the softmax of the depth logits (LSS). "lidar": a one-hot distribution at the
+    # projected LiDAR depth (CameraInputs.depth, the "depth" modality), MonoTAKD's teaching
+    # assistant: the same network, lifted where the LiDAR says the surface is.
+    depth_source: Literal["predicted", "lidar"] = "predicted"
 
 
 @dataclass
@@ -141,6 +145,16 @@ class HeadConfig:
 
 
 @dataclass
+class ResidualConfig:
+    """MonoTAKD's student modules (bridgeta/models/residual.py): a residual branch on the camera
+    BEV (conv1x1, then SAM unless ``sam: false``) and, with ``ffm``, the fusion of the camera BEV
+    with it before the decoder. Camera-only models; they run at inference."""
+
+    sam: bool = True
+    ffm: bool = True
+
+
+@dataclass
 class ModelConfig:
     # The BEV pooling grid; encoders with ``downsample: 2`` produce features on grid.downsample(2).
     grid: GridConfig
@@ -149,6 +163,7 @@ class ModelConfig:
     lidar: LidarEncoderConfig | None = None
     fuser: FuserConfig | None = None
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    residual: ResidualConfig | None = None
 
 
 @dataclass
@@ -236,6 +251,29 @@ class LevelWeights:
 
 
 @dataclass
+class MonoTAKDConfig:
+    """MonoTAKD (METHOD.md §3; docs/methods/monotakd.md): ``L = L_seg + imd L_IMD + cmrd L_CMRD +
+    logit L_logit``.
+
+    assistant: the camera teaching assistant's model file or run (``bridgeta train-assistant``:
+    the student's camera network lifting with projected LiDAR depth); required to train.
+    ta_source: where the TA's BEV comes from during distillation: ``frozen``, the trained TA
+    (frozen, eval mode) on its own image features; ``shared``, the student's own image features
+    lifted with the LiDAR depth (the public code's forward), as a detached target.
+    threshold: CMRD keeps residual entries of at least ``threshold`` x the sample's largest.
+    init_from_assistant: the student starts from the TA's weights (the public code's stage 2).
+    """
+
+    assistant: str | None = None
+    imd: float = 1.0
+    cmrd: float = 0.2
+    logit: float = 1.0
+    threshold: float = 0.6
+    ta_source: Literal["frozen", "shared"] = "frozen"
+    init_from_assistant: bool = True
+
+
+@dataclass
 class DistillConfig:
     """Knowledge distillation of ``model`` (the student) from a frozen teacher.
 
@@ -274,6 +312,8 @@ class DistillConfig:
     # The frozen teacher's forward precision (it runs without autograd): "auto" is bf16 autocast
     # where the device computes bf16 natively (docs/distill.md gives the measured tolerance).
     teacher_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # MonoTAKD's settings (method: monotakd); absent for the other methods.
+    monotakd: MonoTAKDConfig | None = None
 
 
 @dataclass
@@ -516,6 +556,8 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         fail("a camera + lidar model needs 'model.fuser'")
     if model.fuser is not None and (model.camera is None or model.lidar is None):
         fail("'model.fuser' needs both 'model.camera' and 'model.lidar'")
+    if model.residual is not None and (model.camera is None or model.lidar is not None):
+        fail("'model.residual' (MonoTAKD's student branch) needs a camera-only model")
     downsamples = []
     if model.camera is not None:
         vt = model.camera.vtransform
@@ -604,4 +646,8 @@ def _range_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
             (f"distill.weights.{f.name}", getattr(d.weights, f.name), getattr(d.weights, f.name) >= 0, ">= 0")
             for f in dataclasses.fields(d.weights)
         ]
+        if d.monotakd is not None:
+            m = d.monotakd
+            checks += [(f"distill.monotakd.{k}", getattr(m, k), getattr(m, k) >= 0, ">= 0") for k in ("imd", "cmrd", "logit")]
+            checks.append(("distill.monotakd.threshold", m.threshold, 0 <= m.threshold < 1, "in [0, 1)"))
     return [(key, f"must be {what}, got {value!r}") for key, value, valid, what in checks if not valid]

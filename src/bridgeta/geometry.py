@@ -168,3 +168,36 @@ def invert_3x3(matrices: torch.Tensor) -> torch.Tensor:
     )
     determinant = a * co_a + d * co_d + g * co_g
     return adjugate / determinant[..., None, None]
+
+
+def project_depth(
+    points_ego: torch.Tensor,
+    intrinsics: torch.Tensor,
+    ego_T_camera: torch.Tensor,
+    image_aug: torch.Tensor,
+    image_size: tuple[int, int],
+    min_depth: float = 0.1,
+) -> torch.Tensor:
+    """Sparse depth maps ``(N, H, W)`` of points ``(P, 3)`` (ego frame) seen by ``N`` cameras.
+
+    Each pixel of each *augmented* image (``image_aug`` after ``intrinsics``; pixel ``k`` covers
+    ``[k, k + 1)``, docs/conventions.md) holds the camera-z depth of the nearest point that
+    projects into it, 0 where none does or the point is closer than ``min_depth``. This is the
+    "projected LiDAR depth" of depth-supervised camera models (MonoTAKD's teaching assistant,
+    BEVDepth): the same frames and augmentation as the images, so it lines up pixel for pixel.
+    """
+    height, width = image_size
+    cams = intrinsics.shape[0]
+    rotation, translation = ego_T_camera[:, :3, :3], ego_T_camera[:, :3, 3]
+    camera = (points_ego[None] - translation[:, None]) @ rotation  # R^T (p - t), (N, P, 3)
+    pixels = camera @ (image_aug @ intrinsics).transpose(-1, -2)  # (N, P, 3), homogeneous
+    depth = camera[..., 2]
+    in_front = depth > min_depth
+    u = torch.floor(pixels[..., 0] / pixels[..., 2].clamp(min=1e-6))
+    v = torch.floor(pixels[..., 1] / pixels[..., 2].clamp(min=1e-6))
+    valid = in_front & (u >= 0) & (u < width) & (v >= 0) & (v < height)
+    index = (torch.arange(cams, device=points_ego.device)[:, None] * height + v) * width + u
+    out = torch.full((cams * height * width,), float("inf"), dtype=depth.dtype, device=depth.device)
+    out.scatter_reduce_(0, index[valid].long(), depth[valid], reduce="amin")
+    out[torch.isinf(out)] = 0.0
+    return out.view(cams, height, width)

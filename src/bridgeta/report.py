@@ -261,6 +261,11 @@ def render_protocol(results: dict) -> str:
         delta = table["baseline"]["miou"]["mean"] - table["baseline_scratch"]["miou"]["mean"]
         lines.append(f"| baseline test mIoU, pretrained − random backbone | {points(delta)} "
                      f"(pretrained {_cell(table['baseline']['miou'])}, random {_cell(table['baseline_scratch']['miou'])}) |")
+    for method, row in results.get("reproducibility", {}).items():
+        trained = (row.get("table_trained_by") or {}).get("commit", "?")
+        again = (row.get("rerun_trained_by") or {}).get("commit", "?")
+        lines.append(f"| `{method}` seed 0 trained again | {100 * row['table']:.2f} (commit `{trained}`) → "
+                     f"{100 * row['rerun']:.2f} (commit `{again}`): {100 * row['delta']:+.2f} points |")
     curves = results.get("convergence", {})
     for role in ("baseline", "teacher"):
         curve = curves.get(role) or []
@@ -276,7 +281,10 @@ def render_cost(results: dict) -> str:
              "|---|---|---|---|---|---:|---:|---:|---:|"]
     methods = ", ".join(results["methods"])
     for c in results["inference"]:
-        deployed = methods if c["role"] == "student" else "none (training only)"
+        if c["role"] != "student":
+            deployed = "none (training only)"
+        else:  # results measured before per-pair lists deployed every method's baseline network
+            deployed = ", ".join(c["deployed_by"]) if c.get("deployed_by") else methods
         lines.append(
             f"| `{c['preset']}` | {deployed} | {c['device']} | {c['precision']} | {'on' if c['compile'] else 'off'} | "
             f"{c['params'] / 1e6:.2f} | {c['macs'] / 1e9:.2f} | {c['latency_ms']:.1f} | "

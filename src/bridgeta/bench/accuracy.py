@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bridgeta.bench.distill import (
-    METHODS, TUNED_METHODS, Protocol, aggregate, is_baseline_point, learned_classes, method_job, run_name,
+    METHODS, TUNED_METHODS, Protocol, aggregate, is_baseline_point, is_monotakd, learned_classes, method_job,
+    run_name,
 )
 from bridgeta.bench.distill import run as run_methods
 from bridgeta.bench.jobs import run_jobs
@@ -55,9 +56,15 @@ class AccuracyPreset:
     scratch: tuple[str, ...] = ()
 
 
+# The methods whose seed 0 ``--reproduce`` trains a second time.
+REPRODUCED = ("baseline", "direct", "bridgeta", "monotakd")
 # A checkpoint every 200 steps, so a killed run loses minutes, not an epoch.
 RESUMABLE = ("train.checkpoint_every=200",)
-CPU_METHODS = ("baseline", "direct", "feature_kd", "logit_kd", "bridgeta", "fixed_epsilon")
+CPU_METHODS = ("baseline", "direct", "feature_kd", "logit_kd", "bridgeta", "fixed_epsilon",
+               "monotakd", "monotakd_imd_only", "monotakd_cmrd_only", "monotakd_no_sam", "monotakd_no_ffm",
+               "monotakd_shared")
+# Ablation rows: 2 seeds each (seeds 0 and 1, paired with every headline method's).
+_ABLATION_SEEDS = {m: 2 for m in CPU_METHODS if m == "fixed_epsilon" or m.startswith("monotakd_")}
 
 PRESETS = {
     # The paper's regime on 2 CPU cores (docs/results.md): a 30-scene world (6 test scenes: day,
@@ -68,7 +75,7 @@ PRESETS = {
         protocol=Protocol(student_steps=800, teacher_steps=1600, curve_points=8, teacher_seeds=1,
                           student_overrides=RESUMABLE, teacher_overrides=RESUMABLE),
         methods=CPU_METHODS,
-        seeds={"baseline": 5, "direct": 5, "bridgeta": 5, "fixed_epsilon": 2},
+        seeds={"baseline": 5, "direct": 5, "bridgeta": 5, **_ABLATION_SEEDS},
         default_seeds=3,
         pretrain_steps=1000,
         lambdas=(0.0, 0.3, 1.0, 3.0),
@@ -162,10 +169,12 @@ def last_quarter_gain(curve: list[list[float]]) -> float | None:
 def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: int = 1,
                seed_cap: int | None = None, methods: Sequence[str] | None = None,
                sweep_out: Path | None = None, preset: AccuracyPreset | None = None,
-               until: str = "test") -> dict:
+               until: str = "test", reproduce: bool = False) -> dict:
     """The cpu protocol: pretraining, teacher and baselines, the validation sweep, then the test
     seeds of every method at its chosen lambda. Every run is reused when finished. ``until``
-    "sweep" stops after the sweep and returns its result."""
+    "sweep" stops after the sweep and returns its result. ``reproduce`` trains seed 0 of each
+    headline method again (``REPRODUCED``, same config, a ``-rerun`` run) and reports how far it
+    lands from the table's run: what a seed's figure is worth across commits and machines."""
     from bridgeta.bench import distill_sweep
     from bridgeta.engine.logging import read_metrics, training_diagnostics
 
@@ -184,6 +193,9 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     print("== stage 1: teacher and baselines", flush=True)
     stage1 = [("teacher", method_job("teacher", s, dataroot, runs_dir, protocol, None, ("val", "test")))
               for s in range(teachers)]
+    if any(is_monotakd(m) for m in methods):  # MonoTAKD's camera TA, one per teacher
+        stage1 += [("assistant", method_job("assistant", s, dataroot, runs_dir, protocol, None, ("val", "test")))
+                   for s in range(teachers)]
     stage1 += [("baseline", method_job("baseline", s, dataroot, runs_dir, protocol, None, ("val", "test")))
                for s in range(baseline_seeds)]
     scratch = replace(protocol, pretrained=None)
@@ -206,15 +218,32 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
         chosen.update(sweep["chosen"])
         if until == "sweep":
             return sweep
-        for method in methods:  # the other BridgeTA variants take BridgeTA's weights
+        for method in methods:  # the other variants take their method's weights
             if method not in ("baseline", *TUNED_METHODS):
-                chosen[method] = chosen.get("bridgeta", 1.0) if "bridgeta" in tuned else None
+                family = "monotakd" if is_monotakd(method) else "bridgeta"
+                chosen[method] = chosen.get(family) if family in tuned else None
 
     # Stage 3: every method's seeds at its chosen lambda, evaluated on the test towns.
     print("== stage 3: test seeds", flush=True)
     stage3 = [(m, method_job(m, s, dataroot, runs_dir, protocol, chosen[m], ("val", "test")))
               for m in methods if m != "baseline" for s in range(seeds_of(m, preset, seed_cap))]
     results3 = run_jobs([job for _, job in stage3], jobs)
+
+    reproducibility = {}
+    if reproduce:
+        print("== reproducibility: seed 0 of the headline methods, trained again", flush=True)
+        headline = [m for m in REPRODUCED if m in methods]
+        again = run_jobs([method_job(m, 0, dataroot, runs_dir, protocol, chosen.get(m), ("test",), "-rerun")
+                          for m in headline], jobs)
+        for method, rerun in zip(headline, again):
+            first = next(r for (role, _), r in zip(stage1 + stage3, results1 + results3)
+                         if role == method and r["seed"] == 0)
+            reproducibility[method] = {
+                "table": first["test"]["miou"], "rerun": rerun["test"]["miou"],
+                "delta": rerun["test"]["miou"] - first["test"]["miou"],
+                "table_trained_by": (first.get("train") or {}).get("environment"),
+                "rerun_trained_by": (rerun.get("train") or {}).get("environment"),
+            }
 
     runs: dict[str, list[dict]] = {}
     reported_baselines = seeds_of("baseline", preset, seed_cap)
@@ -249,6 +278,7 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
         "convergence_last_quarter_gain": {k: last_quarter_gain(v) for k, v in convergence.items()},
         "camera_fusion_ratio": table["baseline"]["miou"]["mean"] / table["teacher"]["miou"]["mean"],
         "diagnostics": diagnostics,
+        "reproducibility": reproducibility,
         "runs": runs,
         "table": table,
         "preset": {"name": preset_name, **asdict(preset)},
@@ -277,13 +307,13 @@ def _figures(out: Path, runs_dir: Path, protocol: Protocol, chosen: dict, method
 
 
 def run(preset_name: str, seeds: int | None, out: Path, work: Path, dataroot: Path | None,
-        methods: Sequence[str] | None = None, jobs: int = 1) -> dict:
+        methods: Sequence[str] | None = None, jobs: int = 1, reproduce: bool = False) -> dict:
     preset = PRESETS[preset_name]
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     dataroot = dataroot or ensure_world(work, preset)
     if preset.lambdas or preset.pretrain_steps or preset.seeds:
-        return run_staged(preset_name, out, work, dataroot, jobs, seeds, methods)
+        return run_staged(preset_name, out, work, dataroot, jobs, seeds, methods, reproduce=reproduce)
     result = run_methods(
         dataroot, work / "runs", out / "results.json", seeds or preset.default_seeds, methods or preset.methods,
         preset.protocol, metadata={"preset": {"name": preset_name, **asdict(preset)}},
@@ -301,8 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="world and runs (default: OUT)")
     parser.add_argument("--dataroot", type=Path, default=None, help="use this prepared world instead of WORK/world")
     parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {', '.join(METHODS)}")
+    parser.add_argument("--reproduce", action="store_true",
+                        help="cpu protocol: train seed 0 of the headline methods again and report the difference")
     args = parser.parse_args(argv)
-    result = run(args.preset, args.seeds, args.out, args.work or args.out, args.dataroot, args.methods, args.jobs)
+    result = run(args.preset, args.seeds, args.out, args.work or args.out, args.dataroot, args.methods, args.jobs,
+                 args.reproduce)
     print(format_markdown(result))
     print(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")
     return 0

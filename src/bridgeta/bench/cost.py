@@ -38,8 +38,13 @@ from bridgeta.bench.isolated import peak_resident_bytes, resident_bytes, run_iso
 from bridgeta.provenance import environment, write_json
 
 # (student, teacher) architectures; the first is what the CPU protocol trains, the second the paper's.
-PAIRS = {"tiny": ("tiny-c", "tiny-lc"), "bevfusion": ("bevfusion-c", "bevfusion-lc")}
+# MonoTAKD deploys its own student (the tiny-c network plus the residual branch, SAM and FFM),
+# taught by the tiny pair's teacher, so its pair lists no teacher of its own.
+PAIRS = {"tiny": ("tiny-c", "tiny-lc"), "bevfusion": ("bevfusion-c", "bevfusion-lc"),
+         "monotakd": ("distill/tiny-c-monotakd", None)}
 METHODS = ("baseline", "direct", "feature_kd", "logit_kd", "bridgeta")
+# Who deploys each pair's student: every method above deploys the baseline network itself.
+DEPLOYED_BY = {"tiny": METHODS, "bevfusion": METHODS, "monotakd": ("monotakd",)}
 RUNTIMES = ("pytorch", "pytorch-compile", "onnxruntime")
 
 
@@ -223,6 +228,8 @@ def run(pairs: Sequence[str], devices: Sequence[str], warmup: int, repeats: int,
     cells = []
     for pair in pairs:
         for role, preset in zip(("student", "teacher"), PAIRS[pair]):
+            if preset is None:
+                continue
             for device in devices:
                 for precision, compile_model in variants(device):
                     arguments = [
@@ -231,7 +238,8 @@ def run(pairs: Sequence[str], devices: Sequence[str], warmup: int, repeats: int,
                     ] + (["--compile"] if compile_model else [])
                     print(f"-- {preset} ({role}) on {device}, {precision}, compile {compile_model}", flush=True)
                     cell = run_isolated("bridgeta.bench.cost", arguments, f"{preset} on {device}")
-                    cells.append({"pair": pair, "role": role, **cell})
+                    deployed_by = list(DEPLOYED_BY[pair]) if role == "student" else []
+                    cells.append({"pair": pair, "role": role, "deployed_by": deployed_by, **cell})
     result = {"environment": started, "methods": list(METHODS), "inference": cells}
     if runtimes:
         result["deployed"] = run_deployed(pairs, runtimes, warmup, repeats)

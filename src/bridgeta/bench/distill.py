@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bridgeta.bench.baselines import _mean_std, train_and_evaluate
 from bridgeta.bench.jobs import Job
+from bridgeta.distill.monotakd import ASSISTANT_OVERRIDES
 from bridgeta.provenance import environment, write_json
 
 
@@ -32,6 +33,7 @@ class Protocol:
     teacher: str = "tiny-lc"
     student: str = "tiny-c"
     recipe: str = "distill/tiny-c-bridgeta"  # BridgeTA's recipe; the other methods override it
+    monotakd_recipe: str = "distill/tiny-c-monotakd"  # MonoTAKD's, for its rows and its assistant
     epochs: int | None = None  # None: each preset's own recipe
     teacher_epochs: int | None = None
     # Fixed numbers of optimiser steps (``train.max_steps``; the cosine schedule spans them), in
@@ -75,6 +77,15 @@ METHODS: dict[str, tuple[str, ...] | None] = {
     "ta_mutual": ("distill.ta_mutual=true",),
     "ta_from_teacher": ("distill.ta_init=teacher",),
     "epsilon_narrow": ("distill.epsilon_range=[0.5, 2.0]",),
+    # MonoTAKD (on its own recipe, Protocol.monotakd_recipe) and a row per component
+    # (docs/methods/monotakd.md); "assistant" is its camera TA, trained like a preset.
+    "assistant": None,
+    "monotakd": (),
+    "monotakd_imd_only": ("distill.monotakd.cmrd=0", "distill.monotakd.logit=0", "model.residual=null"),
+    "monotakd_cmrd_only": ("distill.monotakd.imd=0", "distill.monotakd.logit=0"),
+    "monotakd_no_sam": ("model.residual.sam=false",),
+    "monotakd_no_ffm": ("model.residual.ffm=false",),
+    "monotakd_shared": ("distill.monotakd.ta_source=shared",),
 }
 DEFAULT_METHODS = ("baseline", "direct", "bridgeta")
 
@@ -83,15 +94,19 @@ DEFAULT_METHODS = ("baseline", "direct", "bridgeta")
 # lambda = 1 means for each: BridgeTA's recipe weights. ``direct`` and the Table 4 rows use that
 # vector; ``feature_kd`` is the FLD level alone (its lambda_1); ``logit_kd`` is a Bernoulli KL on
 # the logits, the same loss as BridgeTA's CrossKD term, so it starts from that term's weight.
-TUNED_METHODS = ("bridgeta", "direct", "feature_kd", "logit_kd")
+TUNED_METHODS = ("bridgeta", "direct", "feature_kd", "logit_kd", "monotakd")
 # Methods without a teacher assistant: their lambda = 0 objective is the baseline's.
 _NO_ASSISTANT = ("direct", "feature_kd", "logit_kd")
 
 
 def scaled_weights(method: str, scale: float, recipe: str) -> dict[str, float]:
-    """``distill.weights`` of ``method`` at ``scale`` times its lambda = 1 weights (see above)."""
+    """The loss weights of ``method`` at ``scale`` times its lambda = 1 weights (see above):
+    ``distill.weights`` keys, or for MonoTAKD ``distill.monotakd`` keys (imd, cmrd, logit)."""
     from bridgeta.config import load_config
 
+    if is_monotakd(method):
+        settings = load_config(recipe).distill.monotakd
+        return {name: scale * getattr(settings, name) for name in ("imd", "cmrd", "logit")}
     base = load_config(recipe).distill.weights
     if method == "feature_kd":
         weights = {"fld": base.fld, "dld": 0.0, "lld": 0.0, "lld_aux": 0.0}
@@ -100,6 +115,10 @@ def scaled_weights(method: str, scale: float, recipe: str) -> dict[str, float]:
     else:
         weights = {"fld": base.fld, "dld": base.dld, "lld": base.lld, "lld_aux": base.lld_aux}
     return {level: scale * value for level, value in weights.items()}
+
+
+def is_monotakd(method: str) -> bool:
+    return method == "monotakd" or method.startswith("monotakd_")
 
 
 def is_baseline_point(method: str, scale: float | None) -> bool:
@@ -151,29 +170,45 @@ def method_config(
     schedule = [*protocol.student_overrides, *_schedule(protocol.student_steps, protocol.epochs)]
     if method == "baseline" or is_baseline_point(method, scale):
         return protocol.student, [*schedule, *common, *curve(protocol.student_steps)]
+    if method == "assistant":  # MonoTAKD's TA: its student's camera network, LiDAR-depth lift
+        return protocol.monotakd_recipe, [f"name={protocol.student}-assistant", *schedule, *common,
+                                          *ASSISTANT_OVERRIDES]
     teacher = runs_dir / run_name("teacher", teacher_seed(seed, protocol), protocol)
     name = f"name={protocol.student}-{method}"
+    recipe = protocol.monotakd_recipe if is_monotakd(method) else protocol.recipe
     weights = []
     if scale is not None:
-        tuned = "bridgeta" if method not in TUNED_METHODS else method
-        pairs = ", ".join(f"{k}: {v:.6g}" for k, v in scaled_weights(tuned, scale, protocol.recipe).items())
-        weights = [f"distill.weights={{{pairs}}}"]
-    return protocol.recipe, [name, *schedule, *common, *METHODS[method], *weights, f"distill.teacher={teacher}"]
+        tuned = method if method in TUNED_METHODS else ("monotakd" if is_monotakd(method) else "bridgeta")
+        scaled = scaled_weights(tuned, scale, recipe)
+        if is_monotakd(method):
+            weights = [f"distill.monotakd.{k}={v:.6g}" for k, v in scaled.items()]
+        else:
+            pairs = ", ".join(f"{k}: {v:.6g}" for k, v in scaled.items())
+            weights = [f"distill.weights={{{pairs}}}"]
+        # An ablation that switches a term off keeps it off at every lambda.
+        weights = [w for w in weights if w.split("=")[0] not in {o.split("=")[0] for o in METHODS[method]}]
+    extra = []
+    if is_monotakd(method):
+        extra = [f"distill.monotakd.assistant={runs_dir / run_name('assistant', teacher_seed(seed, protocol), protocol)}"]
+    return recipe, [name, *schedule, *common, *METHODS[method], *weights, *extra, f"distill.teacher={teacher}"]
 
 
 def train_method(
     method: str, dataroot: Path, runs_dir: Path, seed: int, protocol: Protocol = Protocol(),
-    scale: float | None = None, split: str | Sequence[str] = "test",
+    scale: float | None = None, split: str | Sequence[str] = "test", suffix: str = "",
 ) -> dict:
+    """Train (or reuse) and evaluate one run; ``suffix`` names a second run of the same config
+    (``-rerun``: the reproducibility check)."""
     preset, overrides = method_config(method, runs_dir, seed, protocol, scale)
-    return train_and_evaluate(preset, dataroot, runs_dir / run_name(method, seed, protocol, scale), seed, overrides, split)
+    run_dir = runs_dir / (run_name(method, seed, protocol, scale) + suffix)
+    return train_and_evaluate(preset, dataroot, run_dir, seed, overrides, split)
 
 
 def method_job(method: str, seed: int, dataroot: Path, runs_dir: Path, protocol: Protocol,
-               scale: float | None, splits: Sequence[str]) -> Job:
+               scale: float | None, splits: Sequence[str], suffix: str = "") -> Job:
     """:func:`train_method` as a :class:`~bridgeta.bench.jobs.Job`, logged to ``runs/logs/<run>.log``."""
-    name = run_name(method, seed, protocol, scale)
-    return Job(train_method, (method, dataroot, runs_dir, seed, protocol, scale, tuple(splits)),
+    name = run_name(method, seed, protocol, scale) + suffix
+    return Job(train_method, (method, dataroot, runs_dir, seed, protocol, scale, tuple(splits), suffix),
                log=runs_dir / "logs" / f"{name}.log", label=name)
 
 

@@ -36,14 +36,16 @@ from bridgeta.data.augment import (
 )
 from bridgeta.data.cache import CacheError, LabelCache
 from bridgeta.data.config import DataConfig
-from bridgeta.geometry import BEVGrid
+from bridgeta.geometry import BEVGrid, project_depth
 from bridgeta.models.types import BEVInputs, CameraInputs, LidarInputs
 
 __all__ = ["AugmentConfig", "BEVMapDataset", "BEVSample", "DataConfig", "DataFileError", "collate_bev", "load_points"]
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("camera", "lidar")
+# "depth": projected LiDAR depth per camera pixel (CameraInputs.depth), read from the keyframe
+# LiDAR sweep; it comes with the camera modality.
+MODALITIES = ("camera", "lidar", "depth")
 # Sweep points this close (m, |x| and |y| in the sweep's sensor frame) to the sensor are the ego
 # vehicle itself; BEVFusion's LoadPointsFromMultiSweeps drops them the same way.
 SWEEP_SELF_RADIUS = 1.0
@@ -92,6 +94,7 @@ class BEVSample:
     intrinsics:   ``(N, 3, 3)`` of the original images; ``ego_T_camera`` ``(N, 4, 4)``;
                   ``image_aug`` ``(N, 3, 3)``.
     bev_aug:      ``(4, 4)`` augmented_ego_T_ego.
+    depth:        ``(N, H, W)`` projected keyframe LiDAR depth per augmented pixel (``depth`` modality).
     points:       ``(P, 5)`` float32: x, y, z (augmented keyframe ego frame), intensity, time lag (s).
     labels:       ``(C, X, Y)`` bool on the output grid, augmented frame.
     meta:         token, scene, condition, split, location, timestamp, index (in the cache).
@@ -104,6 +107,7 @@ class BEVSample:
     intrinsics: torch.Tensor | None = None
     ego_T_camera: torch.Tensor | None = None
     image_aug: torch.Tensor | None = None
+    depth: torch.Tensor | None = None
     points: torch.Tensor | None = None
 
 
@@ -189,6 +193,8 @@ class BEVMapDataset(Dataset):
         self.classes = tuple(classes)
         self.train = train
         self.modalities = tuple(modalities)
+        if "depth" in self.modalities and "camera" not in self.modalities:
+            raise ValueError("the 'depth' modality is per camera pixel: it needs the 'camera' modality too")
         self.seed = seed
         self.epoch = 0
         self.split = split or config.split
@@ -264,6 +270,8 @@ class BEVMapDataset(Dataset):
             if "lidar" in self.modalities:
                 sweeps = [s for s in record["sweeps"][: self.config.max_sweeps] if s["time_lag"] <= self.config.max_sweep_lag]
                 paths += [record["lidar"]["path"], *(s["path"] for s in sweeps)]
+            elif "depth" in self.modalities:
+                paths.append(record["lidar"]["path"])
             missing += [(record["token"], self.dataroot / p) for p in paths if not (self.dataroot / p).is_file()]
         return missing
 
@@ -294,6 +302,11 @@ class BEVMapDataset(Dataset):
         )
         if "camera" in self.modalities:
             self._add_cameras(sample, record, self._rng(cache_index, 1))
+        if "depth" in self.modalities:
+            # The keyframe sweep only: earlier sweeps see a world that has moved since.
+            keyframe = torch.from_numpy(load_points(self.dataroot, record, 0, 0.0)[:, :3])
+            sample.depth = project_depth(keyframe, sample.intrinsics, sample.ego_T_camera, sample.image_aug,
+                                         self.image_size)
         if "lidar" in self.modalities:
             points = load_points(self.dataroot, record, self.config.max_sweeps, self.config.max_sweep_lag)
             sample.points = torch.from_numpy(apply_bev_aug_points(points, bev_aug))
@@ -327,6 +340,7 @@ def collate_bev(batch: Sequence[BEVSample]) -> tuple[BEVInputs, torch.Tensor, li
             intrinsics=torch.stack([s.intrinsics for s in batch]),
             ego_T_camera=torch.stack([s.ego_T_camera for s in batch]),
             image_aug=torch.stack([s.image_aug for s in batch]),
+            depth=torch.stack([s.depth for s in batch]) if batch[0].depth is not None else None,
         )
     lidar = None
     if batch[0].points is not None:

@@ -20,6 +20,7 @@ from bridgeta.distill.bridgeta import BridgeTADistiller, TeacherAssistant
 from bridgeta.distill.direct import DirectDistiller
 from bridgeta.distill.feature_kd import FeatureKDDistiller
 from bridgeta.distill.logit_kd import LogitKDDistiller
+from bridgeta.distill.monotakd import MonoTAKDDistiller
 from bridgeta.distill.young import dual_path_loss, optimal_epsilon
 from bridgeta.models.bev_model import BEVModel
 
@@ -31,6 +32,7 @@ __all__ = [
     "Distiller",
     "FeatureKDDistiller",
     "LogitKDDistiller",
+    "MonoTAKDDistiller",
     "TeacherAssistant",
     "affinity_loss",
     "bernoulli_kl",
@@ -56,9 +58,10 @@ def check_same_inputs(student: BEVModel, teacher: BEVModel) -> None:
 
 
 def build_distiller(
-    config: ExperimentConfig, student: BEVModel, teacher: BEVModel | None
+    config: ExperimentConfig, student: BEVModel, teacher: BEVModel | None, assistant: BEVModel | None = None
 ) -> Distiller:
-    """The distiller named by ``config.distill.method``, wrapping ``student`` and ``teacher``."""
+    """The distiller named by ``config.distill.method``, wrapping ``student`` and ``teacher`` (and
+    a trained ``assistant`` for the methods that read one: MonoTAKD)."""
     if config.distill is None:
         raise ValueError("the experiment has no 'distill' section")
     method = config.distill.method
@@ -69,4 +72,7 @@ def build_distiller(
     if teacher is None:
         raise ValueError(f"distillation method '{method}' needs a teacher model")
     check_same_inputs(student, teacher)
+    if assistant is not None:
+        check_same_inputs(student, assistant)
+        return DISTILLERS[method](student, teacher, config.distill, assistant=assistant)
     return DISTILLERS[method](student, teacher, config.distill)

@@ -106,10 +106,15 @@ class Distiller(nn.Module):
     """Student + frozen teacher + training-only modules; subclasses implement :meth:`distill`.
 
     The teacher's parameters never require gradients and it stays in eval mode whatever
-    ``train()`` is called with, so its BatchNorm statistics cannot drift during distillation.
+    ``train()`` is called with, so its BatchNorm statistics cannot drift during distillation. A
+    subclass may hold more frozen inputs of the run (MonoTAKD's trained assistant): it names
+    their attributes in ``frozen`` and freezes them with :meth:`freeze`.
     """
 
     method: str = ""
+    # Attributes holding frozen models that are inputs of the run, not part of what it trains:
+    # they stay in eval mode, and state dicts (checkpoints, model files) leave them out.
+    frozen: tuple[str, ...] = ("teacher",)
 
     def __init__(self, student: BEVModel, teacher: BEVModel | None, config: DistillConfig) -> None:
         super().__init__()
@@ -117,36 +122,51 @@ class Distiller(nn.Module):
         self.config = config
         self.teacher = teacher
         if teacher is not None:
-            teacher.requires_grad_(False)
-            teacher.eval()
+            self.freeze(teacher)
+
+    @staticmethod
+    def freeze(model: nn.Module) -> None:
+        model.requires_grad_(False)
+        model.eval()
+
+    @property
+    def input_modalities(self) -> tuple[str, ...]:
+        """What the batch must carry beyond the student's inputs (the teacher's, and so on)."""
+        return self.teacher.modalities if self.teacher is not None else ()
 
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
+        for name in self.frozen:
+            module = getattr(self, name, None)
+            if module is not None:
+                module.eval()
         return self
 
     # The teacher is an input of the run (``distill.teacher``), not part of what it trains: state
     # dicts, hence checkpoints and model files, hold the student and training-only modules only.
     TEACHER_PREFIX = "teacher."
 
+    def _frozen_prefixes(self, prefix: str = "") -> tuple[str, ...]:
+        return tuple(f"{prefix}{name}." for name in self.frozen)
+
     def state_dict(self, *args, **kwargs):  # type: ignore[override]
         state = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "") + self.TEACHER_PREFIX
-        for key in [key for key in state if key.startswith(prefix)]:
+        prefixes = self._frozen_prefixes(kwargs.get("prefix", ""))
+        for key in [key for key in state if key.startswith(prefixes)]:
             del state[key]
         return state
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
-        """Load the student and training-only modules; teacher keys are refused, not loaded."""
-        teacher_keys = [key for key in state_dict if key.startswith(self.TEACHER_PREFIX)]
-        if teacher_keys:
+        """Load the student and training-only modules; frozen inputs' keys are refused, not loaded."""
+        prefixes = self._frozen_prefixes()
+        frozen_keys = [key for key in state_dict if key.startswith(prefixes)]
+        if frozen_keys:
             raise ValueError(
-                f"a distiller state must not hold teacher weights (found {teacher_keys[:3]}...): "
-                "the teacher comes from distill.teacher"
+                f"a distiller state must not hold teacher (or other frozen input) weights (found "
+                f"{frozen_keys[:3]}...): the teacher comes from distill.teacher"
             )
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [key for key in result.missing_keys if not key.startswith(self.TEACHER_PREFIX)]
+        missing = [key for key in result.missing_keys if not key.startswith(prefixes)]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(
                 f"distiller '{self.method}' state does not fit: missing {missing[:5]}, "
@@ -155,9 +175,10 @@ class Distiller(nn.Module):
         return type(result)(missing, result.unexpected_keys)
 
     def learnable_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the student and of training-only modules; never the teacher's."""
+        """Parameters of the student and of training-only modules; never a frozen input's."""
+        frozen = [getattr(self, name, None) for name in self.frozen]
         for module in self.children():
-            if module is not self.teacher:
+            if not any(module is f for f in frozen):
                 yield from module.parameters()
 
     def segmentation_losses(

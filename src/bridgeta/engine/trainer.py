@@ -138,6 +138,21 @@ def load_teacher(config: ExperimentConfig) -> BEVModel:
     return teacher
 
 
+def load_assistant(config: ExperimentConfig) -> BEVModel | None:
+    """MonoTAKD's trained teaching assistant (``distill.monotakd.assistant``), or None when the
+    method reads none."""
+    from bridgeta.engine.evaluate import resolve_model_file
+
+    settings = config.distill.monotakd if config.distill is not None else None
+    if config.distill is None or config.distill.method != "monotakd" or settings is None or not settings.assistant:
+        return None
+    try:
+        assistant, _ = load_model_file(resolve_model_file(settings.assistant))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"distill.monotakd.assistant: {exc}") from None
+    return assistant
+
+
 def _check_eval_split(dataset: BEVMapDataset, split: str) -> None:
     """``train.eval_split`` must name a split with samples: found now, not after all of training."""
     counts = dataset.cache.meta["counts"]
@@ -236,11 +251,12 @@ class _Trainer:
         modalities = self.model.modalities
         if config.distill is not None:
             teacher = load_teacher(config)
+            assistant = load_assistant(config)
             try:
-                self.distiller = build_distiller(config, self.model, teacher).to(ctx.device).train()
+                self.distiller = build_distiller(config, self.model, teacher, assistant).to(ctx.device).train()
             except ValueError as exc:  # teacher and student do not fit together
                 raise ValueError(f"distill.teacher {config.distill.teacher}: {exc}") from None
-            modalities = tuple(dict.fromkeys(modalities + teacher.modalities))
+            modalities = tuple(dict.fromkeys(modalities + self.distiller.input_modalities))
         self.module: nn.Module = self.distiller if self.distiller is not None else self.model
         if use_channels_last(cfg.memory_format, cfg.precision, ctx.device):
             # Parameters only: inputs are converted by the first convolution that reads them, and

@@ -18,6 +18,7 @@ from bridgeta.models.backbones import build_backbone
 from bridgeta.models.checkpoint import load_pretrained
 from bridgeta.models.decoder import BEVDecoder
 from bridgeta.models.fuser import ConvFuser
+from bridgeta.models.residual import FeatureFusion, ResidualBranch
 from bridgeta.models.head import MapSegmentationHead
 from bridgeta.models.lidar import PillarEncoder
 from bridgeta.models.lss import LSSViewTransform
@@ -56,6 +57,7 @@ class CameraEncoder(nn.Module):
             depth=config.vtransform.depth,
             downsample=config.vtransform.downsample,
             normalize=config.vtransform.normalize,
+            depth_source=config.vtransform.depth_source,
         )
         self.out_channels = self.vtransform.out_channels
         self.output_grid = self.vtransform.output_grid
@@ -68,7 +70,7 @@ class CameraEncoder(nn.Module):
             log.info("camera backbone: %s", report.summary())
 
     def forward(
-        self, camera: CameraInputs, bev_aug: torch.Tensor | None
+        self, camera: CameraInputs, bev_aug: torch.Tensor | None, depth_source: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         images = camera.images
         batch, cams, _, height, width = images.shape
@@ -77,7 +79,7 @@ class CameraEncoder(nn.Module):
         features = self.backbone(images.flatten(0, 1))
         level = self.neck(features)[self.neck_level]
         level = level.unflatten(0, (batch, cams))
-        lifted = self.vtransform(level, camera, bev_aug)
+        lifted = self.vtransform(level, camera, bev_aug, depth_source)
         return lifted.bev, lifted.depth
 
 
@@ -112,6 +114,17 @@ class BEVModel(nn.Module):
         assert feature_grid is not None  # validate() guarantees at least one branch
         self.feature_grid = feature_grid
 
+        # MonoTAKD's student modules: a residual branch on F_cam and, optionally, its fusion into
+        # the decoder's input (camera-only models; validate() checks it).
+        self.residual_branch: ResidualBranch | None = None
+        self.feature_fusion: FeatureFusion | None = None
+        if config.residual is not None:
+            if self.camera_encoder is None or self.lidar_encoder is not None:
+                raise ValueError("model.residual (MonoTAKD's student branch) needs a camera-only model")
+            self.residual_branch = ResidualBranch(self.camera_encoder.out_channels, sam=config.residual.sam)
+            if config.residual.ffm:
+                self.feature_fusion = FeatureFusion(self.camera_encoder.out_channels)
+
         self.fuser: ConvFuser | None = None
         if config.fuser is not None:
             self.fuser = ConvFuser(branch_channels, config.fuser.out_channels)
@@ -142,6 +155,8 @@ class BEVModel(nn.Module):
         names = []
         if self.camera_encoder is not None:
             names.append("camera")
+            if self.camera_encoder.vtransform.depth_source == "lidar":
+                names.append("depth")
         if self.lidar_encoder is not None:
             names.append("lidar")
         return tuple(names)
@@ -168,7 +183,14 @@ class BEVModel(nn.Module):
 
     def forward(self, inputs: BEVInputs) -> BEVOutputs:
         camera_bev, lidar_bev, depth = self.encode(inputs)
-        fused = self.fuse(camera_bev, lidar_bev)
+        residual = None
+        if self.residual_branch is not None:
+            assert camera_bev is not None
+            residual = self.residual_branch(camera_bev)
+        if self.feature_fusion is not None:
+            fused = self.feature_fusion(camera_bev, residual)
+        else:
+            fused = self.fuse(camera_bev, lidar_bev)
         decoded = self.decoder(fused)
         logits = self.head(decoded)
         return BEVOutputs(
@@ -178,6 +200,7 @@ class BEVModel(nn.Module):
             decoded_bev=decoded,
             logits=logits,
             depth=depth,
+            residual_bev=residual,
         )
 
 

@@ -46,7 +46,7 @@ class TensorSpec:
 
 
 def _require_camera_only(model: BEVModel) -> None:
-    if model.camera_encoder is None or model.lidar_encoder is not None:
+    if model.camera_encoder is None or model.lidar_encoder is not None or "depth" in model.modalities:
         raise ValueError(
             f"only camera-only models deploy with camera inputs; this one reads {', '.join(model.modalities)}"
         )

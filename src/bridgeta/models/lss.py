@@ -112,6 +112,7 @@ class LSSViewTransform(nn.Module):
         depth: tuple[float, float, float] = (1.0, 60.0, 0.5),
         downsample: int = 1,
         normalize: bool = False,
+        depth_source: str = "predicted",
     ) -> None:
         super().__init__()
         if downsample not in (1, 2):
@@ -119,6 +120,10 @@ class LSSViewTransform(nn.Module):
         height, width = (int(v) for v in image_size)
         if feature_stride < 1 or height < feature_stride or width < feature_stride:
             raise ValueError(f"feature_stride {feature_stride} does not fit image_size {image_size}")
+        if depth_source not in ("predicted", "lidar"):
+            raise ValueError(f"depth_source must be 'predicted' or 'lidar', got {depth_source!r}")
+        self.depth_source = depth_source
+        self.depth_bounds = tuple(float(v) for v in depth)
         self.image_size = (height, width)
         self.feature_size = (height // feature_stride, width // feature_stride)
         self.feature_stride = feature_stride
@@ -141,9 +146,12 @@ class LSSViewTransform(nn.Module):
             self.downsample = nn.Identity()
 
     def forward(
-        self, features: torch.Tensor, camera: CameraInputs, bev_aug: torch.Tensor | None = None
+        self, features: torch.Tensor, camera: CameraInputs, bev_aug: torch.Tensor | None = None,
+        depth_source: str | None = None,
     ) -> LSSOutput:
-        """``features``: ``(B, N, C_in, fH, fW)`` with ``(fH, fW) == image_size // feature_stride``."""
+        """``features``: ``(B, N, C_in, fH, fW)`` with ``(fH, fW) == image_size // feature_stride``;
+        ``depth_source`` overrides the module's for this call (MonoTAKD's shared TA lift)."""
+        depth_source = depth_source or self.depth_source
         if features.dim() != 5:
             raise ValueError(f"LSS features must be (B, N, C, fH, fW), got {tuple(features.shape)}")
         batch, cams, channels, feature_h, feature_w = features.shape
@@ -171,7 +179,15 @@ class LSSViewTransform(nn.Module):
 
         num_depth = self.num_depth_bins
         logits = self.depthnet(features.reshape(batch * cams, channels, feature_h, feature_w))
-        depth = logits[:, :num_depth].softmax(dim=1)  # (B*N, D, fH, fW)
+        if depth_source == "lidar":
+            if camera.depth is None:
+                raise ValueError("depth_source 'lidar' lifts with projected LiDAR depth: the batch has no "
+                                 "CameraInputs.depth (load the 'depth' modality)")
+            depth = lidar_depth_distribution(
+                camera.depth.reshape(batch * cams, *self.image_size), self.feature_stride, self.depth_bounds
+            ).to(logits.dtype)
+        else:
+            depth = logits[:, :num_depth].softmax(dim=1)  # (B*N, D, fH, fW)
         context = logits[:, num_depth:].permute(0, 2, 3, 1)  # (B*N, fH, fW, C)
         # (B*N, D, fH, fW, C), contiguous in the frustum point order the plan uses.
         lifted = depth.unsqueeze(-1) * context.unsqueeze(1)
@@ -180,6 +196,35 @@ class LSSViewTransform(nn.Module):
             bev=self.downsample(bev),
             depth=depth.view(batch, cams, num_depth, feature_h, feature_w),
         )
+
+
+def pool_sparse_depth(depth: torch.Tensor, stride: int) -> torch.Tensor:
+    """``(M, H, W)`` sparse depth (0 = none) to ``(M, H // stride, W // stride)``: the mean over
+    each ``stride`` x ``stride`` block of the pixels that have a depth, 0 for a block with none
+    (MonoTAKD's and CaDDN's sparse average pooling)."""
+    pooled = torch.nn.functional.avg_pool2d(depth[:, None], stride, stride)
+    share = torch.nn.functional.avg_pool2d((depth[:, None] > 0).to(depth.dtype), stride, stride)
+    return torch.where(share > 0, pooled / share.clamp(min=1e-12), torch.zeros_like(pooled))[:, 0]
+
+
+def lidar_depth_distribution(
+    depth: torch.Tensor, stride: int, bounds: tuple[float, float, float]
+) -> torch.Tensor:
+    """One-hot depth distributions ``(M, D, fH, fW)`` from sparse depth maps ``(M, H, W)``.
+
+    The depth is pooled to the feature stride (:func:`pool_sparse_depth`) and put in the LSS bin
+    that holds it, ``floor((d - min) / step)`` over ``arange(min, max, step)`` (the frustum's own
+    bins, so the lifted feature lands where the frustum puts that bin). A cell without depth, or
+    with a depth outside the bins, gets no weight at all: it lifts nothing (no softmax).
+    """
+    low, high, step = bounds
+    num_bins = torch.arange(low, high, step).numel()
+    with torch.no_grad():
+        pooled = pool_sparse_depth(depth.float(), stride)
+        index = torch.floor((pooled - low) / step)
+        valid = (pooled > 0) & (index >= 0) & (index < num_bins)
+        one_hot = torch.nn.functional.one_hot(index.clamp(0, num_bins - 1).long(), num_bins)
+        return (one_hot * valid[..., None]).permute(0, 3, 1, 2).float()
 
 
 def _downsample_block(channels: int) -> nn.Sequential:

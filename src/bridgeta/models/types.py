@@ -21,12 +21,16 @@ class CameraInputs:
     ego_T_camera: ``(B, N, 4, 4)`` camera frame -> ego frame.
     image_aug:    ``(B, N, 3, 3)`` homogeneous 2D affine taking original pixels to augmented
                   pixels (resize, crop, flip, rotate); identity when there is no augmentation.
+    depth:        ``(B, N, H, W)`` projected LiDAR depth (m) per augmented pixel, 0 where no
+                  point falls (:func:`bridgeta.geometry.project_depth`); only with the ``depth``
+                  modality (e.g. MonoTAKD's teaching assistant), else ``None``.
     """
 
     images: torch.Tensor
     intrinsics: torch.Tensor
     ego_T_camera: torch.Tensor
     image_aug: torch.Tensor
+    depth: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.dim() != 5:
@@ -37,6 +41,8 @@ class CameraInputs:
             "ego_T_camera": (batch, cams, 4, 4),
             "image_aug": (batch, cams, 3, 3),
         }
+        if self.depth is not None:
+            expected["depth"] = (batch, cams, *self.images.shape[-2:])
         for name, shape in expected.items():
             actual = tuple(getattr(self, name).shape)
             if actual != shape:
@@ -105,6 +111,8 @@ class BEVOutputs:
     decoded_bev: decoder output (``F_dec``).
     logits:      segmentation logits on the output grid (``L``), one channel per class.
     depth:       camera depth distribution ``(B, N, D, fH, fW)``, or ``None``.
+    residual_bev: MonoTAKD's residual branch output (``model.residual``), or ``None``; with FFM
+                 on, ``fused_bev`` is the fusion of ``camera_bev`` with it.
     """
 
     camera_bev: torch.Tensor | None
@@ -113,3 +121,4 @@ class BEVOutputs:
     decoded_bev: torch.Tensor
     logits: torch.Tensor
     depth: torch.Tensor | None = None
+    residual_bev: torch.Tensor | None = None

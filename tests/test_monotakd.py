@@ -1,0 +1,287 @@
+"""MonoTAKD: deformable convolution against a plain reference, the LiDAR-depth lift against LSS
+with a delta depth distribution, projected depth, the residual target, and the distiller's
+gradient routing (IMD's gradient reaches the student, where the public code's sends none)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bridgeta.config import DistillConfig, MonoTAKDConfig, load_config
+from bridgeta.distill import build_distiller
+from bridgeta.distill.monotakd import MonoTAKDDistiller, assistant_config, minmax_per_sample, residual_target
+from bridgeta.geometry import BEVGrid, project_depth
+from bridgeta.models.bev_model import build_model
+from bridgeta.models.lss import LSSViewTransform, lidar_depth_distribution, pool_sparse_depth
+from bridgeta.models.residual import DeformConv2d, deform_conv2d
+from bridgeta.models.types import CameraInputs
+from bridgeta.rig import reference_inputs
+
+# ------------------------------------------------------------------------ deformable conv
+
+
+def _bilinear(x: torch.Tensor, y: float, xpos: float) -> torch.Tensor:
+    """``x`` ``(C, H, W)`` at a real position, corners outside the map counting 0 (a plain loop)."""
+    channels, height, width = x.shape
+    y0, x0 = math.floor(y), math.floor(xpos)
+    out = torch.zeros(channels, dtype=x.dtype)
+    for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+        for xx, wx in ((x0, 1 - (xpos - x0)), (x0 + 1, xpos - x0)):
+            if 0 <= yy < height and 0 <= xx < width:
+                out = out + wy * wx * x[:, yy, xx]
+    return out
+
+
+def _reference_deform_conv(x, offset, weight, bias, padding):
+    batch, _, height, width = x.shape
+    out_channels, _, kh, kw = weight.shape
+    out = torch.zeros(batch, out_channels, height + 2 * padding - kh + 1, width + 2 * padding - kw + 1, dtype=x.dtype)
+    for b in range(batch):
+        for i in range(out.shape[2]):
+            for j in range(out.shape[3]):
+                acc = bias.clone() if bias is not None else torch.zeros(out_channels, dtype=x.dtype)
+                for ki in range(kh):
+                    for kj in range(kw):
+                        k = ki * kw + kj
+                        y = i - padding + ki + float(offset[b, 2 * k, i, j])
+                        xpos = j - padding + kj + float(offset[b, 2 * k + 1, i, j])
+                        acc = acc + weight[:, :, ki, kj] @ _bilinear(x[b], y, xpos)
+                out[b, :, i, j] = acc
+    return out
+
+
+def test_deform_conv_with_zero_offsets_is_a_convolution():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 3, 6, 7), torch.randn(4, 3, 3, 3), torch.randn(4)
+    offset = torch.zeros(2, 18, 6, 7)
+    assert torch.allclose(deform_conv2d(x, offset, weight, bias, padding=1), F.conv2d(x, weight, bias, padding=1), atol=1e-5)
+
+
+def test_deform_conv_matches_a_plain_bilinear_loop_in_value_and_gradient():
+    torch.manual_seed(1)
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    offset = (2.5 * torch.randn(1, 18, 5, 6, dtype=torch.float64)).requires_grad_(False)
+    ours = deform_conv2d(x, offset, weight, None, padding=1)
+    reference = _reference_deform_conv(x, offset, weight, None, padding=1)
+    assert torch.allclose(ours, reference, atol=1e-10)
+    grads = torch.autograd.grad(ours.square().sum(), (x, weight))
+    expected = torch.autograd.grad(reference.square().sum(), (x, weight))
+    for got, want in zip(grads, expected):
+        assert torch.allclose(got, want, atol=1e-9)
+
+
+def test_deform_conv_layer_starts_as_a_convolution_and_learns_offsets():
+    torch.manual_seed(2)
+    layer = DeformConv2d(4, 5)
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.allclose(layer(x), F.conv2d(x, layer.weight, None, padding=1), atol=1e-5)
+    layer(x).square().sum().backward()
+    assert layer.offset.weight.grad is not None and layer.offset.weight.grad.abs().sum() > 0
+    assert set(dict(layer.named_parameters())) == {"weight", "offset.weight", "offset.bias"}
+
+
+# ------------------------------------------------------------------------ LiDAR depth lift
+
+IMAGE = (32, 48)
+DEPTH = (1.0, 21.0, 1.0)  # 20 bins
+GRID = BEVGrid((-25.6, 25.6, 0.8), (-25.6, 25.6, 0.8))
+
+
+def _camera(depth: torch.Tensor | None) -> CameraInputs:
+    rotation = torch.tensor([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    ego_T_camera = torch.eye(4)
+    ego_T_camera[:3, :3], ego_T_camera[:3, 3] = rotation, torch.tensor([1.0, 0.0, 1.5])
+    intrinsics = torch.tensor([[30.0, 0.0, 23.5], [0.0, 30.0, 15.5], [0.0, 0.0, 1.0]])
+    return CameraInputs(
+        images=torch.zeros(1, 2, 3, *IMAGE), intrinsics=intrinsics.expand(1, 2, 3, 3).clone(),
+        ego_T_camera=ego_T_camera.expand(1, 2, 4, 4).clone(), image_aug=torch.eye(3).expand(1, 2, 3, 3).clone(),
+        depth=depth,
+    )
+
+
+def test_sparse_pooling_averages_only_the_pixels_with_depth():
+    depth = torch.zeros(1, 4, 4)
+    depth[0, 0, 0], depth[0, 1, 1] = 4.0, 6.0  # block (0, 0): two pixels with depth
+    depth[0, 2:, 2:] = 10.0
+    pooled = pool_sparse_depth(depth, 2)
+    assert pooled.tolist() == [[[5.0, 0.0], [0.0, 10.0]]]
+
+
+def test_lidar_lift_equals_lss_with_a_delta_depth_distribution():
+    """The one-hot LiDAR lift is LSS whose softmax is exactly the one-hot of the pooled depth."""
+    torch.manual_seed(3)
+    depth = torch.rand(1, 2, *IMAGE) * 19.0 + 1.5  # every pixel measured, inside the bins
+    lidar = LSSViewTransform(5, 4, IMAGE, 8, GRID, depth=DEPTH, depth_source="lidar")
+    predicted = LSSViewTransform(5, 4, IMAGE, 8, GRID, depth=DEPTH)
+    predicted.load_state_dict(lidar.state_dict())
+    features = torch.randn(1, 2, 5, 4, 6)
+    one_hot = lidar_depth_distribution(depth.view(2, *IMAGE), 8, DEPTH)
+    assert torch.equal(one_hot.sum(dim=1), torch.ones(2, 4, 6))
+    base = predicted.depthnet
+
+    class Delta(torch.nn.Module):
+        def forward(self, x):  # depth logits that make the softmax exactly this one-hot
+            out = base(x)
+            return torch.cat([1e4 * one_hot, out[:, one_hot.shape[1]:]], dim=1)
+
+    predicted.depthnet = Delta()
+    got, want = lidar(features, _camera(depth)), predicted(features, _camera(depth))
+    assert torch.allclose(got.bev, want.bev, atol=1e-5) and got.bev.abs().sum() > 0
+    # A cell with no depth lifts nothing: no softmax spreads it over the bins.
+    empty = depth.clone()
+    empty[:, :, :8, :8] = 0.0
+    distribution = lidar_depth_distribution(empty.view(2, *IMAGE), 8, DEPTH)
+    assert distribution[:, :, 0, 0].sum() == 0 and distribution[:, :, 1, 1].sum(dim=1).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="no CameraInputs.depth"):
+        lidar(features, _camera(None))
+
+
+def test_projected_depth_lands_on_the_expected_pixel_and_keeps_the_nearest():
+    camera = _camera(None)
+    # A point 10 m ahead of the camera, on its axis: pixel (23.5, 15.5) -> (row 15, column 23).
+    points = torch.tensor([[11.0, 0.0, 1.5], [21.0, 0.0, 1.5], [-5.0, 0.0, 1.5]])
+    depth = project_depth(points, camera.intrinsics[0], camera.ego_T_camera[0], camera.image_aug[0], IMAGE)
+    assert depth.shape == (2, *IMAGE) and depth[0, 15, 23] == pytest.approx(10.0)
+    assert torch.count_nonzero(depth[0]) == 1  # the far point is hidden, the one behind is not seen
+    # Image augmentation moves the pixel: a 2x downscale puts it at (7, 11).
+    half = torch.diag(torch.tensor([0.5, 0.5, 1.0])).expand(2, 3, 3)
+    small = project_depth(points, camera.intrinsics[0], camera.ego_T_camera[0], half, (16, 24))
+    assert small[0, 7, 11] == pytest.approx(10.0)
+
+
+# ------------------------------------------------------------------------ losses
+
+
+def test_minmax_and_residual_target_on_fixed_inputs():
+    x = torch.tensor([[[[1.0, 3.0], [5.0, 9.0]]], [[[2.0, 2.0], [2.0, 4.0]]]])
+    scaled = minmax_per_sample(x, eps=0.0)
+    assert scaled[0].flatten().tolist() == [0.0, 0.25, 0.5, 1.0]  # per sample, not per batch
+    assert scaled[1].flatten().tolist() == [0.0, 0.0, 0.0, 1.0]
+    ta = torch.tensor([[[[0.0, 1.0], [2.0, 4.0]]]])
+    teacher = torch.tensor([[[[0.0, 0.0], [4.0, 4.0]]]])  # normalised: [0, 0, 1, 1]
+    target = residual_target(ta, teacher, threshold=0.6)
+    # |[0, .25, .5, 1] - [0, 0, 1, 1]| = [0, .25, .5, 0]; peak .5, keep >= .3.
+    assert target.flatten().tolist() == pytest.approx([0.0, 0.0, 0.5, 0.0], abs=1e-6)
+    assert not target.requires_grad
+
+
+# ------------------------------------------------------------------------ the distiller
+
+
+@pytest.fixture(scope="module")
+def models():
+    student_config = load_config("distill/tiny-c-monotakd")
+    torch.manual_seed(0)
+    student = build_model(student_config)
+    teacher = build_model(load_config("tiny-lc"))
+    assistant = build_model(assistant_config(student_config))
+    return student_config, student, teacher, assistant
+
+
+def _batch():
+    torch.manual_seed(1)
+    inputs = reference_inputs(1, (64, 176), 6, with_lidar=True, points_per_sample=3000)
+    depth = torch.rand(1, 6, 64, 176) * 50.0
+    depth[torch.rand_like(depth) > 0.3] = 0.0
+    inputs.camera = replace(inputs.camera, depth=depth)
+    return inputs, (torch.rand(1, 6, 100, 100) > 0.7).float()
+
+
+def _distiller(models, **settings) -> MonoTAKDDistiller:
+    config, student, teacher, assistant = models
+    student, teacher, assistant = (build_model(m.config) for m in (student, teacher, assistant))
+    experiment = replace(config, distill=DistillConfig(method="monotakd", monotakd=MonoTAKDConfig(**settings)))
+    distiller = build_distiller(experiment, student, teacher, assistant)
+    assert isinstance(distiller, MonoTAKDDistiller)
+    return distiller
+
+
+def test_imd_reaches_the_students_camera_encoder(models):
+    """The public code's IMD detaches both sides and trains nothing; ours trains the student."""
+    distiller = _distiller(models, cmrd=0.0, logit=0.0)
+    distiller.train()
+    inputs, labels = _batch()
+    out = distiller(inputs, labels)
+    encoder = distiller.student.camera_encoder
+    backbone = next(encoder.backbone.parameters())
+    grads = torch.autograd.grad(out.losses["kd/imd"], [encoder.vtransform.depthnet.weight, backbone])
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_residual_target_is_detached_and_cmrd_trains_the_residual_branch(models):
+    distiller = _distiller(models, imd=0.0, logit=0.0)
+    distiller.train()
+    inputs, labels = _batch()
+    out = distiller(inputs, labels)
+    cmrd = out.losses["kd/cmrd"]
+    branch = list(distiller.student.residual_branch.parameters())
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(cmrd, branch[:1]))
+    # The target is a constant: CMRD's gradient equals that of the MSE with the target fixed.
+    target = residual_target(distiller.assistant_bev(inputs), distiller.teacher_forward(inputs).fused_bev, 0.6)
+    student = distiller.student(inputs)
+    again = 0.2 * F.mse_loss(student.residual_bev, target)
+    assert again.item() == pytest.approx(cmrd.item(), rel=1e-4)
+
+
+def test_teacher_and_frozen_assistant_get_no_gradient_and_no_batchnorm_update(models):
+    distiller = _distiller(models)
+    distiller.train()
+    assert not distiller.teacher.training and not distiller.assistant.training
+    buffers = {name: b.clone() for name, b in distiller.assistant.named_buffers()}
+    teacher_buffers = {name: b.clone() for name, b in distiller.teacher.named_buffers()}
+    inputs, labels = _batch()
+    distiller(inputs, labels).total.backward()
+    for module in (distiller.teacher, distiller.assistant):
+        assert all(p.grad is None and not p.requires_grad for p in module.parameters())
+    assert all(torch.equal(b, buffers[n]) for n, b in distiller.assistant.named_buffers())
+    assert all(torch.equal(b, teacher_buffers[n]) for n, b in distiller.teacher.named_buffers())
+    assert {p for p in distiller.learnable_parameters()} == set(distiller.student.parameters())
+    assert not any(key.startswith(("teacher.", "assistant.")) for key in distiller.state_dict())
+
+
+def test_the_student_starts_from_the_assistant_and_runs_its_branches_at_inference(models):
+    distiller = _distiller(models)
+    ours, theirs = distiller.student.state_dict(), distiller.assistant.state_dict()
+    shared = [k for k in theirs if k.startswith(("camera_encoder.", "decoder.", "head."))]
+    assert len(shared) == len(theirs) > 100  # the TA is exactly the student's shared networks
+    assert all(torch.equal(ours[k], theirs[k]) for k in shared)
+    assert any(k.startswith("residual_branch.sam.deform") for k in ours)
+    distiller.student.eval()
+    inputs, _ = _batch()
+    with torch.no_grad():
+        out = distiller.student(inputs)
+    assert out.residual_bev is not None and out.residual_bev.shape == out.camera_bev.shape
+    # FFM: the decoder reads the fusion of the camera BEV with the residual branch.
+    fused = distiller.student.feature_fusion(out.camera_bev, out.residual_bev)
+    assert torch.allclose(out.fused_bev, fused)
+
+
+def test_shared_source_lifts_the_students_own_features_without_touching_its_statistics(models):
+    distiller = _distiller(models, ta_source="shared", init_from_assistant=False)
+    assert distiller.assistant is None
+    distiller.train()
+    inputs, _ = _batch()
+    before = {n: b.clone() for n, b in distiller.student.camera_encoder.named_buffers()}
+    target = distiller.assistant_bev(inputs)
+    assert not target.requires_grad
+    assert all(torch.equal(b, before[n]) for n, b in distiller.student.camera_encoder.named_buffers())
+    assert distiller.student.camera_encoder.training
+
+
+def test_settings_that_cannot_work_are_refused(models):
+    config, student, teacher, assistant = models
+    no_branch = build_model(load_config("tiny-c"))
+    experiment = replace(load_config("tiny-c"), distill=DistillConfig(method="monotakd", monotakd=MonoTAKDConfig()))
+    with pytest.raises(ValueError, match="residual branch"):
+        build_distiller(experiment, no_branch, build_model(teacher.config), build_model(assistant.config))
+    with pytest.raises(ValueError, match="needs its trained assistant"):
+        build_distiller(replace(config, distill=DistillConfig(method="monotakd", monotakd=MonoTAKDConfig())),
+                        build_model(student.config), build_model(teacher.config))
+    with pytest.raises(ValueError, match="depth_source: lidar"):
+        build_distiller(replace(config, distill=DistillConfig(method="monotakd", monotakd=MonoTAKDConfig())),
+                        build_model(student.config), build_model(teacher.config), build_model(load_config("tiny-c")))
