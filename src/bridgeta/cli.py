@@ -236,6 +236,20 @@ def _command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_eval_detections(args: argparse.Namespace) -> int:
+    from bridgeta.detection_metrics import evaluate_detections
+
+    result = evaluate_detections(args.dataroot, args.version, args.split, args.results, args.classes)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"split {result['split']} ({result['samples']} samples): mAP {result['mAP']:.4f}, NDS {result['NDS']:.4f}")
+    print(f"{'class':<12}" + "".join(f"{k:>8}" for k in ("AP", "ATE", "ASE", "AOE", "AVE", "AAE")))
+    for name, row in result["per_class"].items():
+        print(f"{name:<12}" + "".join(f"{row[k]:>8.3f}" for k in ("AP", "ATE", "ASE", "AOE", "AVE", "AAE")))
+    return 0
+
+
 def _command_viz(args: argparse.Namespace) -> int:
     from bridgeta.data.show import parse_sample
     from bridgeta.engine.viz import render_prediction
@@ -362,6 +376,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int, default=0)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=_command_eval)
+
+    detections = commands.add_parser(
+        "eval-detections",
+        help="the nuScenes detection metric (mAP, NDS, TP errors; the devkit's algorithm) of a submission JSON",
+    )
+    detections.add_argument("--dataroot", required=True)
+    detections.add_argument("--version", default="v1.0-trainval")
+    detections.add_argument("--split", required=True, help="our towns' train/val/test, or a nuScenes split")
+    detections.add_argument("--results", required=True, help="nuScenes detection submission JSON")
+    detections.add_argument("--classes", nargs="+", default=None,
+                            help="classes to average over (default: the world's, or all ten on nuScenes)")
+    detections.add_argument("--json", action="store_true", help='print {"mAP", "NDS", "per_class", ...}')
+    detections.set_defaults(handler=_command_eval_detections)
 
     viz = commands.add_parser("viz", help="cameras, prediction vs ground truth per class, error map")
     viz.add_argument("--checkpoint", required=True)

@@ -208,6 +208,7 @@ def _render(job: tuple[int, float, bool, int]) -> dict:
         del result["semantic"], result["depth"]
     result["pose"] = pose
     result["boxes"] = boxes
+    result["speeds"] = [agent.speed_at(time_s) for agent in scene.agents]
     return result
 
 
@@ -364,6 +365,21 @@ def _write_town(
             report.samples += 1
 
 
+# Below this ground speed (m/s) a road user is "stopped" (vehicles) or "standing" (pedestrians).
+MOVING_SPEED = 0.5
+
+
+def annotation_attribute(category: str, agent: bool, speed: float) -> str:
+    """The nuScenes attribute of a box, from what the world knows: parked cars never move; an
+    agent is moving above ``MOVING_SPEED``, else a vehicle is stopped and a pedestrian standing
+    (the detection metric's attribute error compares these)."""
+    if category.startswith("vehicle"):
+        if not agent:
+            return "vehicle.parked"
+        return "vehicle.moving" if speed >= MOVING_SPEED else "vehicle.stopped"
+    return "pedestrian.moving" if agent and speed >= MOVING_SPEED else "pedestrian.standing"
+
+
 def _lidar_to_global(points: np.ndarray, global_T_ego: np.ndarray) -> np.ndarray:
     global_T_lidar = global_T_ego @ EGO_T_LIDAR
     return points[:, :3] @ global_T_lidar[:3, :3].T + global_T_lidar[:3, 3]
@@ -397,9 +413,7 @@ def _annotate(
         hits = points_in_box(points_global, box)
         # Without a camera-visibility model we grade visibility by LiDAR support.
         visibility = "v80-100" if hits >= 10 else "v40-60" if hits > 0 else "v0-40"
-        moving = key[0] == "agent"
-        kind = "vehicle" if category.startswith("vehicle") else "pedestrian"
-        attribute = f"{kind}.moving" if moving else f"{kind}.parked" if kind == "vehicle" else "pedestrian.standing"
+        attribute = annotation_attribute(category, key[0] == "agent", result["speeds"][key[1]] if key[0] == "agent" else 0.0)
         length, width, height = box.size
         writer.annotation(sample, instances[instance_key], box.center, (width, length, height), box.yaw,
                           visibility=visibility, attributes=[attribute], num_lidar_pts=hits)

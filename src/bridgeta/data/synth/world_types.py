@@ -87,6 +87,14 @@ class Agent:
     times: np.ndarray
     poses: np.ndarray
 
+    def speed_at(self, time: float, half_window: float = 0.25) -> float:
+        """Ground speed (m/s) at ``time``: the centre's displacement over ``±half_window`` s."""
+        a, b = max(time - half_window, float(self.times[0])), min(time + half_window, float(self.times[-1]))
+        if b <= a:
+            return 0.0
+        start, end = self.box_at(a).center, self.box_at(b).center
+        return float(np.hypot(end[0] - start[0], end[1] - start[1]) / (b - a))
+
     def box_at(self, time: float) -> Box:
         x = float(np.interp(time, self.times, self.poses[:, 0]))
         y = float(np.interp(time, self.times, self.poses[:, 1]))
