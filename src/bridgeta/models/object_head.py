@@ -1,0 +1,260 @@
+"""3D object detection on the BEV: a CenterPoint-style head, its targets, loss and decoding.
+
+In the form of CenterPoint and BEVFusion's TransFusion-free variant, in plain PyTorch:
+
+* **Head**: per-class centre heatmap logits, and at every cell the box regressions: sub-cell
+  offset (2), centre height (1), log size (3: length, width, height), yaw as (sin, cos) (2) and
+  ground velocity (2), each a conv3x3-BN-ReLU + conv1x1 branch on the decoded BEV.
+* **Targets** (:func:`build_targets`): per class, a Gaussian at each box centre (CenterPoint's
+  radius for an overlap of 0.1, at least ``min_radius`` cells) and, at the centre cell, the
+  regression targets. Boxes come in the (augmented) ego frame, so the targets follow the BEV
+  augmentation exactly when the loader moves the boxes with it.
+* **Loss** (:func:`object_losses`): CenterNet's Gaussian focal loss on the heatmap and an L1 per
+  regression group on the centre cells, each normalised by the number of boxes.
+* **Decoding** (:func:`decode`): top-K heatmap peaks (3x3 max-pool), the regressions at those
+  cells, then per-class circle NMS (:func:`circle_nms`) with its exact greedy result computed by
+  matrix iterations, not a Python loop over boxes.
+
+Frames follow docs/conventions.md: ego frame x forward, y left; a grid cell ``(i, j)`` covers
+``x_min + i dx`` and ``y_min + j dy``; yaw is about +z from +x.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bridgeta.geometry import BEVGrid
+from bridgeta.models.layers import conv_bn_relu
+
+# Regression groups and their channel counts, in the order of ``ObjectTargets.regression``.
+REGRESSION_GROUPS = {"offset": 2, "height": 1, "size": 3, "rotation": 2, "velocity": 2}
+BOX_FIELDS = 9  # x, y, z, length, width, height, yaw, vx, vy
+
+
+@dataclass
+class ObjectOutputs:
+    """The object head's raw maps on its grid: ``heatmap`` ``(B, K, X, Y)`` logits and
+    ``regression`` ``(B, 10, X, Y)`` (offset 2, height 1, log size 3, sin/cos 2, velocity 2)."""
+
+    heatmap: torch.Tensor
+    regression: torch.Tensor
+
+
+@dataclass
+class ObjectTargets:
+    heatmap: torch.Tensor  # (B, K, X, Y) in [0, 1], 1 at box centres
+    regression: torch.Tensor  # (B, M, 10) at each box's centre cell
+    index: torch.Tensor  # (B, M) flat cell index x * Y + y of each box's centre
+    mask: torch.Tensor  # (B, M) bool: a real box in that slot
+
+
+class ObjectHead(nn.Module):
+    """Heatmap and regression branches on the decoded BEV (``feature_grid`` is its grid)."""
+
+    def __init__(self, in_channels: int, num_classes: int, feature_grid: BEVGrid, head_channels: int = 64) -> None:
+        super().__init__()
+        self.grid = feature_grid
+        self.num_classes = num_classes
+        self.shared = nn.Sequential(*conv_bn_relu(in_channels, head_channels, 3, 1))
+        self.heatmap = nn.Sequential(*conv_bn_relu(head_channels, head_channels, 3, 1),
+                                     nn.Conv2d(head_channels, num_classes, 1))
+        # Focal-loss start (CenterPoint): every cell at prior probability 0.1.
+        nn.init.constant_(self.heatmap[-1].bias, -2.19)
+        self.regression = nn.ModuleDict({
+            name: nn.Sequential(*conv_bn_relu(head_channels, head_channels, 3, 1), nn.Conv2d(head_channels, size, 1))
+            for name, size in REGRESSION_GROUPS.items()
+        })
+
+    def forward(self, decoded: torch.Tensor) -> ObjectOutputs:  # type: ignore[override]
+        features = self.shared(decoded)
+        regression = torch.cat([branch(features) for branch in self.regression.values()], dim=1)
+        return ObjectOutputs(heatmap=self.heatmap(features), regression=regression)
+
+
+def gaussian_radius(length_cells: torch.Tensor, width_cells: torch.Tensor, min_overlap: float = 0.1) -> torch.Tensor:
+    """CenterNet / CenterPoint's radius (cells): the smallest of the three cases in which a box
+    moved by the radius still overlaps the true one by ``min_overlap`` IoU."""
+    h, w = length_cells, width_cells
+    b1 = h + w
+    c1 = w * h * (1 - min_overlap) / (1 + min_overlap)
+    r1 = (b1 + torch.sqrt(b1 ** 2 - 4 * c1)) / 2
+    b2 = 2 * (h + w)
+    c2 = (1 - min_overlap) * w * h
+    r2 = (b2 + torch.sqrt(b2 ** 2 - 16 * c2)) / 2
+    a3 = 4 * min_overlap
+    b3 = -2 * min_overlap * (h + w)
+    c3 = (min_overlap - 1) * w * h
+    r3 = (b3 + torch.sqrt(b3 ** 2 - 4 * a3 * c3)) / 2
+    return torch.minimum(torch.minimum(r1, r2), r3)
+
+
+def build_targets(
+    boxes: list[torch.Tensor], labels: list[torch.Tensor], grid: BEVGrid, num_classes: int,
+    max_objects: int = 128, min_radius: int = 2, min_overlap: float = 0.1,
+) -> ObjectTargets:
+    """Targets for a batch: ``boxes[b]`` ``(N, 9)`` (x, y, z, l, w, h, yaw, vx, vy; ego frame) and
+    ``labels[b]`` ``(N,)`` class indices. Boxes whose centre is off the grid are skipped."""
+    size_x, size_y = grid.shape
+    (x_min, _, dx), (y_min, _, dy) = grid.x, grid.y
+    batch = len(boxes)
+    device = boxes[0].device if batch else torch.device("cpu")
+    heatmap = torch.zeros(batch, num_classes, size_x, size_y, device=device)
+    regression = torch.zeros(batch, max_objects, 10, device=device)
+    index = torch.zeros(batch, max_objects, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, max_objects, dtype=torch.bool, device=device)
+    xs = torch.arange(size_x, device=device, dtype=torch.float32)[:, None]
+    ys = torch.arange(size_y, device=device, dtype=torch.float32)[None, :]
+    for b, (box, label) in enumerate(zip(boxes, labels)):
+        if len(box) == 0:
+            continue
+        cx = (box[:, 0] - x_min) / dx
+        cy = (box[:, 1] - y_min) / dy
+        inside = (cx >= 0) & (cx < size_x) & (cy >= 0) & (cy < size_y) & (box[:, 3] > 0) & (box[:, 4] > 0)
+        box, label, cx, cy = box[inside][:max_objects], label[inside][:max_objects], cx[inside][:max_objects], cy[inside][:max_objects]
+        count = len(box)
+        if count == 0:
+            continue
+        ix, iy = cx.floor(), cy.floor()
+        radius = gaussian_radius(box[:, 3] / dx, box[:, 4] / dy, min_overlap).floor().clamp(min=min_radius)
+        sigma = (2 * radius + 1) / 6
+        # (N, X, Y) Gaussians inside each box's radius window, merged per class by max.
+        distance = (xs[None] - ix[:, None, None]) ** 2 + (ys[None] - iy[:, None, None]) ** 2
+        window = ((xs[None] - ix[:, None, None]).abs() <= radius[:, None, None]) & \
+                 ((ys[None] - iy[:, None, None]).abs() <= radius[:, None, None])
+        gaussians = torch.exp(-distance / (2 * sigma[:, None, None] ** 2)) * window
+        one_hot = F.one_hot(label.long(), num_classes).float()  # (N, K)
+        per_class = (gaussians[:, None] * one_hot[:, :, None, None]).amax(dim=0)
+        heatmap[b] = torch.maximum(heatmap[b], per_class)
+        regression[b, :count] = torch.cat([
+            torch.stack([cx - ix, cy - iy], dim=1),
+            box[:, 2:3],
+            box[:, 3:6].clamp(min=1e-3).log(),
+            torch.stack([box[:, 6].sin(), box[:, 6].cos()], dim=1),
+            box[:, 7:9],
+        ], dim=1)
+        index[b, :count] = (ix * size_y + iy).long()
+        mask[b, :count] = True
+    return ObjectTargets(heatmap, regression, index, mask)
+
+
+def gaussian_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, gamma: float = 4.0) -> torch.Tensor:
+    """CenterNet's focal loss on a Gaussian heatmap: summed, divided by the number of peaks."""
+    prob = logits.float().sigmoid().clamp(1e-4, 1 - 1e-4)
+    peaks = target.eq(1).float()
+    positive = -torch.log(prob) * (1 - prob) ** alpha * peaks
+    negative = -torch.log(1 - prob) * prob ** alpha * (1 - target) ** gamma * (1 - peaks)
+    return (positive.sum() + negative.sum()) / peaks.sum().clamp(min=1.0)
+
+
+def gather_cells(maps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``(B, C, X, Y)`` maps at flat cell indices ``(B, M)`` -> ``(B, M, C)``."""
+    batch, channels = maps.shape[:2]
+    flat = maps.reshape(batch, channels, -1)
+    return flat.gather(2, index[:, None, :].expand(-1, channels, -1)).transpose(1, 2)
+
+
+def object_losses(outputs: ObjectOutputs, targets: ObjectTargets,
+                  weights: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """``{"heatmap": focal, "offset"|"height"|"size"|"rotation"|"velocity": L1}``, each L1 the
+    mean absolute error over the real boxes' centre cells and the group's channels."""
+    weights = weights or {}
+    losses = {"heatmap": weights.get("heatmap", 1.0) * gaussian_focal_loss(outputs.heatmap, targets.heatmap)}
+    predicted = gather_cells(outputs.regression.float(), targets.index)  # (B, M, 10)
+    mask = targets.mask[..., None].float()
+    boxes = mask.sum().clamp(min=1.0)
+    start = 0
+    for name, size in REGRESSION_GROUPS.items():
+        error = (predicted[..., start:start + size] - targets.regression[..., start:start + size]).abs() * mask
+        losses[name] = weights.get(name, 1.0) * error.sum() / (boxes * size)
+        start += size
+    return losses
+
+
+def decode(outputs: ObjectOutputs, grid: BEVGrid, top_k: int = 100, score_threshold: float = 0.1,
+           nms_radius: dict[int, float] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Boxes per sample: ``{"boxes": (N, 9), "scores": (N,), "labels": (N,)}`` (ego frame).
+
+    Peaks are cells that equal their 3x3 max-pooled heatmap; the ``top_k`` highest over classes
+    and cells are kept, thresholded at ``score_threshold`` and, per class with a radius in
+    ``nms_radius`` (metres), reduced by :func:`circle_nms`.
+    """
+    heat = outputs.heatmap.float().sigmoid()
+    batch, classes, size_x, size_y = heat.shape
+    peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
+    scores, flat = peaks.reshape(batch, -1).topk(min(top_k, classes * size_x * size_y), dim=1)
+    label = flat // (size_x * size_y)
+    cell = flat % (size_x * size_y)
+    ix, iy = (cell // size_y).float(), (cell % size_y).float()
+    values = gather_cells(outputs.regression.float(), cell)  # (B, K, 10)
+    (x_min, _, dx), (y_min, _, dy) = grid.x, grid.y
+    x = (ix + values[..., 0]) * dx + x_min
+    y = (iy + values[..., 1]) * dy + y_min
+    boxes = torch.stack([
+        x, y, values[..., 2], *values[..., 3:6].exp().unbind(-1),
+        torch.atan2(values[..., 6], values[..., 7]), values[..., 8], values[..., 9],
+    ], dim=-1)
+    decoded = []
+    for b in range(batch):
+        keep = scores[b] >= score_threshold
+        sample = {"boxes": boxes[b][keep], "scores": scores[b][keep], "labels": label[b][keep]}
+        if nms_radius:
+            kept = torch.ones(len(sample["scores"]), dtype=torch.bool, device=heat.device)
+            for cls, radius in nms_radius.items():
+                members = (sample["labels"] == cls).nonzero().flatten()
+                if len(members) > 1 and radius > 0:
+                    survivors = circle_nms(sample["boxes"][members, :2], sample["scores"][members], radius)
+                    kept[members] = survivors
+            sample = {key: value[kept] for key, value in sample.items()}
+        decoded.append(sample)
+    return decoded
+
+
+def circle_nms(centres: torch.Tensor, scores: torch.Tensor, radius: float) -> torch.Tensor:
+    """Greedy circle NMS (CenterPoint's, for nuScenes): in score order, a box is kept unless a
+    kept, higher-scored box's centre lies within ``radius`` m. Returns a keep mask in input order.
+
+    Computed exactly with matrix iterations (Cluster-NMS): start with every box kept; repeatedly
+    keep a box iff no *currently kept* higher-scored box suppresses it. The fixed point is the
+    greedy result and is reached in at most as many iterations as the longest suppression chain.
+    """
+    count = len(scores)
+    if count == 0:
+        return torch.zeros(0, dtype=torch.bool, device=scores.device)
+    order = scores.argsort(descending=True, stable=True)
+    ordered = centres[order]
+    close = torch.cdist(ordered.double(), ordered.double()) <= radius
+    suppresses = torch.triu(close, diagonal=1)  # row i (higher score) suppresses column j
+    keep = torch.ones(count, dtype=torch.bool, device=scores.device)
+    for _ in range(count):  # a bound, not a loop over boxes: it ends at the fixed point
+        new = ~(suppresses & keep[:, None]).any(dim=0)
+        if torch.equal(new, keep):
+            break
+        keep = new
+    out = torch.zeros(count, dtype=torch.bool, device=scores.device)
+    out[order] = keep
+    return out
+
+
+def boxes_from_regression_targets(targets: ObjectTargets, grid: BEVGrid) -> list[torch.Tensor]:
+    """The boxes the regression targets encode (``(N, 9)`` per sample): what decoding gives back
+    from a perfect prediction, for testing the round trip."""
+    size_y = grid.shape[1]
+    (x_min, _, dx), (y_min, _, dy) = grid.x, grid.y
+    out = []
+    for b in range(targets.index.shape[0]):
+        reg, cell = targets.regression[b][targets.mask[b]], targets.index[b][targets.mask[b]]
+        ix, iy = (cell // size_y).float(), (cell % size_y).float()
+        out.append(torch.stack([
+            (ix + reg[:, 0]) * dx + x_min, (iy + reg[:, 1]) * dy + y_min, reg[:, 2],
+            *reg[:, 3:6].exp().unbind(-1), torch.atan2(reg[:, 6], reg[:, 7]), reg[:, 8], reg[:, 9],
+        ], dim=1))
+    return out
+
+
+def wrap_angle(angle: torch.Tensor) -> torch.Tensor:
+    return torch.remainder(angle + math.pi, 2 * math.pi) - math.pi
