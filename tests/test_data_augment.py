@@ -215,3 +215,42 @@ def test_augment_config_validation():
     with pytest.raises(ValueError, match="bev_translate_std"):
         AugmentConfig(bev_translate_std=-1.0)
     assert AugmentConfig().image_resize == pytest.approx((0.38 / 0.48, 0.55 / 0.48))
+
+
+def _box_corners(boxes):
+    """(N, 8, 3) corners of boxes (x, y, z, l, w, h, yaw, ...)."""
+    import numpy as np
+
+    signs = np.array([[sx, sy, sz] for sx in (-0.5, 0.5) for sy in (-0.5, 0.5) for sz in (-0.5, 0.5)])
+    out = []
+    for x, y, z, length, width, height, yaw, *_ in boxes:
+        local = signs * np.array([length, width, height])
+        c, s = np.cos(yaw), np.sin(yaw)
+        rotation = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+        out.append(local @ rotation.T + np.array([x, y, z]))
+    return np.stack(out)
+
+
+def test_boxes_follow_the_bev_augmentation_like_their_corners():
+    """A box moved by apply_bev_aug_boxes has the corners of the original box moved by bev_aug,
+    for rotations, scales, translations and both flips; velocities turn with the frame."""
+    import numpy as np
+
+    from bridgeta.data.augment import AugmentConfig, apply_bev_aug_boxes, apply_bev_aug_points, sample_bev_aug
+
+    boxes = np.array([[10.0, -4.0, 0.8, 4.6, 1.9, 1.6, 0.3, 5.0, 1.0],
+                      [-20.0, 15.0, 1.5, 11.5, 2.6, 3.3, -2.8, 0.0, -2.0]])
+    config = AugmentConfig(bev=True, bev_rotate_deg=180.0, bev_scale=(0.9, 1.1), bev_translate_std=2.0,
+                           bev_flip_x=True, bev_flip_y=True)
+    flips = set()
+    for seed in range(24):
+        bev_aug = sample_bev_aug(np.random.default_rng(seed), config, train=True)
+        flips.add(bool(np.linalg.det(bev_aug[:2, :2]) < 0))
+        moved = apply_bev_aug_boxes(boxes, bev_aug)
+        expected = apply_bev_aug_points(_box_corners(boxes).reshape(-1, 3), bev_aug).reshape(-1, 8, 3)
+        got = _box_corners(moved)
+        for e, g in zip(expected, got):  # the same corner set (a flip reorders the corners)
+            distances = np.linalg.norm(e[:, None] - g[None], axis=-1)
+            assert distances.min(axis=1).max() < 1e-4
+        np.testing.assert_allclose(moved[:, 7:9], boxes[:, 7:9] @ bev_aug[:2, :2].T, atol=1e-5)
+    assert flips == {True, False}  # both handed cases were exercised

@@ -102,3 +102,32 @@ def test_attributes_follow_the_agents_speed():
     assert annotation_attribute("vehicle.bus.rigid", agent=True, speed=5.0) == "vehicle.moving"
     assert annotation_attribute("human.pedestrian.adult", agent=True, speed=1.2) == "pedestrian.moving"
     assert annotation_attribute("human.pedestrian.adult", agent=True, speed=0.0) == "pedestrian.standing"
+
+
+def test_prepared_records_carry_the_boxes_in_the_ego_frame(world):
+    """``data prepare`` stores each sample's detection boxes in its keyframe ego frame: moved back
+    by the record's global_T_ego they are the annotations, heading and size included."""
+    import math
+
+    import numpy as np
+
+    from bridgeta.data.cache import LabelCache, default_cache_dir
+    from bridgeta.data.nuscenes_writer import quaternion_to_matrix
+
+    dataroot, nusc, _ = world
+    cache = LabelCache(default_cache_dir(dataroot, "v1.0-trainval"))
+    checked = 0
+    for index in range(len(cache)):
+        record = cache.record(index)
+        global_T_ego = np.asarray(record["global_T_ego"])
+        for obj in record["objects"]:
+            annotation = nusc.get("sample_annotation", obj["token"])
+            x, y, z, length, width, height, yaw = obj["box"][:7]
+            centre = global_T_ego[:3, :3] @ np.array([x, y, z]) + global_T_ego[:3, 3]
+            np.testing.assert_allclose(centre, annotation["translation"], atol=1e-4)
+            heading = global_T_ego[:3, :3] @ np.array([math.cos(yaw), math.sin(yaw), 0.0])
+            np.testing.assert_allclose(heading, quaternion_to_matrix(annotation["rotation"])[:, 0], atol=1e-5)
+            assert (width, length, height) == pytest.approx(annotation["size"])
+            assert obj["name"] in ("car", "truck", "bus", "pedestrian")
+            checked += 1
+    assert checked > 0

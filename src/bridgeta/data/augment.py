@@ -160,6 +160,25 @@ def apply_bev_aug_points(points: np.ndarray, bev_aug: np.ndarray) -> np.ndarray:
     return out
 
 
+def apply_bev_aug_boxes(boxes: np.ndarray, bev_aug: np.ndarray) -> np.ndarray:
+    """3D boxes ``(N, 9)`` (x, y, z, length, width, height, yaw, vx, vy; ego frame) seen in the
+    augmented frame: the centre moved by ``bev_aug``, the heading and the velocity turned (and
+    mirrored by a flip) by its linear part, sizes and velocity scaled by its scale. Exact for any
+    ``bev_aug`` that :func:`sample_bev_aug` draws (a similarity in x, y, with z scaled alike)."""
+    out = np.array(boxes, dtype=np.float64, copy=True)
+    if len(out) == 0:
+        return out.astype(np.float32)
+    linear, translation = bev_aug[:3, :3], bev_aug[:3, 3]
+    out[:, :3] = boxes[:, :3] @ linear.T + translation
+    planar = linear[:2, :2]
+    scale = math.sqrt(abs(np.linalg.det(planar)))
+    heading = np.stack([np.cos(boxes[:, 6]), np.sin(boxes[:, 6])], axis=1) @ planar.T
+    out[:, 6] = np.arctan2(heading[:, 1], heading[:, 0])
+    out[:, 3:6] = boxes[:, 3:6] * scale
+    out[:, 7:9] = boxes[:, 7:9] @ planar.T
+    return out.astype(np.float32)
+
+
 def resample_labels(
     labels: np.ndarray, source_grid: BEVGrid, output_grid: BEVGrid, bev_aug: np.ndarray
 ) -> np.ndarray:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -87,6 +88,36 @@ class _Records:
     def _calibration(self, sample_data: dict) -> dict:
         return self.nusc.get("calibrated_sensor", sample_data["calibrated_sensor_token"])
 
+    def _objects(self, sample: dict, ego_T_global: np.ndarray) -> list[dict]:
+        """The sample's boxes of the nuScenes detection classes, in its keyframe ego frame:
+        ``box`` = x, y, z, length, width, height, yaw, vx, vy (the devkit's track velocity,
+        0 where a track has one annotation), with the class, attribute and LiDAR point count."""
+        from nuscenes.eval.detection.utils import category_to_detection_name
+
+        nusc = self.nusc
+        rotation = ego_T_global[:3, :3]
+        objects = []
+        for token in sample["anns"]:
+            annotation = nusc.get("sample_annotation", token)
+            name = category_to_detection_name(annotation["category_name"])
+            if name is None:
+                continue
+            centre = rotation @ np.asarray(annotation["translation"]) + ego_T_global[:3, 3]
+            heading = rotation @ quaternion_to_matrix(annotation["rotation"])[:, 0]
+            velocity = np.nan_to_num(nusc.box_velocity(token), nan=0.0)
+            velocity = rotation @ velocity
+            width, length, height = annotation["size"]
+            attributes = [nusc.get("attribute", a)["name"] for a in annotation["attribute_tokens"]]
+            objects.append({
+                "token": token,
+                "name": name,
+                "box": [float(v) for v in (*centre, length, width, height, math.atan2(heading[1], heading[0]),
+                                           velocity[0], velocity[1])],
+                "attribute": attributes[0] if attributes else "",
+                "num_lidar_pts": int(annotation["num_lidar_pts"]),
+            })
+        return objects
+
     def build(self, sample: dict, scene: dict, split: str, location: str) -> dict:
         nusc = self.nusc
         lidar = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
@@ -126,6 +157,7 @@ class _Records:
             )
 
         return {
+            "objects": self._objects(sample, ego_T_global),
             "token": sample["token"],
             "scene": scene["name"],
             "split": split,
