@@ -75,6 +75,16 @@ def test_staged_protocol_end_to_end(engine_world, tmp_path, monkeypatch):
     assert result["camera_fusion_ratio"] == pytest.approx(table["baseline"]["miou"]["mean"] / table["teacher"]["miou"]["mean"])
     assert (out / "table.md").read_text().startswith("| method |")
 
+    # --summary reads what has finished, trains nothing and leaves results.json alone.
+    before = (out / "results.json").read_text()
+    partial = accuracy.run_staged("test", out, work, engine_world, preset=preset, summary=True)
+    assert partial["finished"]["bridgeta"] == [0] and partial["finished"]["baseline"] == [0, 1]
+    assert partial["table"]["bridgeta"]["miou"] == table["bridgeta"]["miou"]
+    assert (out / "results.json").read_text() == before and (out / "partial.json").is_file()
+    empty = accuracy.run_staged("test", tmp_path / "none", tmp_path / "nowork", engine_world, preset=preset, summary=True)
+    assert empty["finished"] == {} and empty["table"] == {}
+    assert not (tmp_path / "nowork" / "runs").exists()
+
     # A second call reuses every finished run: nothing trains again.
     def refuse(*args, **kwargs):
         raise AssertionError("a finished run was trained again")

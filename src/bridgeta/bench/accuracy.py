@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bridgeta.bench.distill import (
-    METHODS, TUNED_METHODS, Protocol, aggregate, is_baseline_point, is_monotakd, learned_classes, method_job,
-    run_name,
+    METHODS, TUNED_METHODS, Protocol, aggregate, finished_result, is_baseline_point, is_monotakd, learned_classes,
+    method_job, run_name,
 )
 from bridgeta.bench.distill import run as run_methods
 from bridgeta.bench.jobs import run_jobs
@@ -151,9 +151,11 @@ def seeds_of(method: str, preset: AccuracyPreset, cap: int | None) -> int:
 
 
 def _curve(run_dir: Path) -> list[list[float]]:
-    """``[[step, val_miou], ...]`` from a run's periodic validation (metrics.jsonl)."""
-    from bridgeta.engine.logging import read_metrics
+    """``[[step, val_miou], ...]`` from a run's periodic validation (metrics.jsonl); [] before it starts."""
+    from bridgeta.engine.logging import METRICS_FILE, read_metrics
 
+    if not (run_dir / METRICS_FILE).is_file():
+        return []
     return [[row["step"], row["eval"]["miou"]] for row in read_metrics(run_dir) if "eval" in row]
 
 
@@ -169,12 +171,14 @@ def last_quarter_gain(curve: list[list[float]]) -> float | None:
 def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: int = 1,
                seed_cap: int | None = None, methods: Sequence[str] | None = None,
                sweep_out: Path | None = None, preset: AccuracyPreset | None = None,
-               until: str = "test", reproduce: bool = False) -> dict:
+               until: str = "test", reproduce: bool = False, summary: bool = False) -> dict:
     """The cpu protocol: pretraining, teacher and baselines, the validation sweep, then the test
     seeds of every method at its chosen lambda. Every run is reused when finished. ``until``
     "sweep" stops after the sweep and returns its result. ``reproduce`` trains seed 0 of each
     headline method again (``REPRODUCED``, same config, a ``-rerun`` run) and reports how far it
-    lands from the table's run: what a seed's figure is worth across commits and machines."""
+    lands from the table's run: what a seed's figure is worth across commits and machines.
+    ``summary`` trains nothing: it reads the runs finished so far and writes ``partial.json``
+    (and the sweep's points so far to ``partial_sweep.json``) for a benchmark still running."""
     from bridgeta.bench import distill_sweep
     from bridgeta.engine.logging import read_metrics, training_diagnostics
 
@@ -183,8 +187,15 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     started = environment()
     runs_dir = work / "runs"
     protocol = preset.protocol
+    if summary:
+        def execute(job_list):
+            return [finished_result(*job.args) for job in job_list]
+    else:
+        def execute(job_list):
+            return run_jobs(job_list, jobs)
     if preset.pretrain_steps:
-        protocol = replace(protocol, pretrained=str(ensure_backbone(work, dataroot, preset)))
+        backbone = work / "backbone" / "backbone.safetensors" if summary else ensure_backbone(work, dataroot, preset)
+        protocol = replace(protocol, pretrained=str(backbone))
     sweep_seeds = min(preset.sweep_seeds, seed_cap) if seed_cap else preset.sweep_seeds
     baseline_seeds = max(seeds_of("baseline", preset, seed_cap), sweep_seeds)
     teachers = protocol.teacher_seeds or max(seeds_of(m, preset, seed_cap) for m in methods)
@@ -203,7 +214,7 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     for method in preset.scratch:
         stage1 += [(f"{method}_scratch", method_job(method, s, dataroot, runs_dir / "scratch", scratch, None, ("val", "test")))
                    for s in range(scratch_seeds)]
-    results1 = run_jobs([job for _, job in stage1], jobs)
+    results1 = execute([job for _, job in stage1])
 
     # Stage 2: the sweep on the validation towns; every tuned method gets the same points.
     chosen: dict[str, float | None] = {m: None for m in methods}
@@ -211,9 +222,10 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     sweep = None
     if preset.lambdas and tuned:
         print("== stage 2: loss weights on the validation towns", flush=True)
+        sweep_path = sweep_out or out.parent / "distill_sweep.json"
         sweep = distill_sweep.run(
-            dataroot, runs_dir, sweep_out or out.parent / "distill_sweep.json", protocol, tuned,
-            preset.lambdas, sweep_seeds, jobs,
+            dataroot, runs_dir, sweep_path.with_name("partial_sweep.json") if summary else sweep_path, protocol,
+            tuned, preset.lambdas, sweep_seeds, jobs, execute=execute,
         )
         chosen.update(sweep["chosen"])
         if until == "sweep":
@@ -225,12 +237,14 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
 
     # Stage 3: every method's seeds at its chosen lambda, evaluated on the test towns.
     print("== stage 3: test seeds", flush=True)
+    # (A summary leaves out the methods whose sweep has not finished: their lambda is not chosen.)
     stage3 = [(m, method_job(m, s, dataroot, runs_dir, protocol, chosen[m], ("val", "test")))
-              for m in methods if m != "baseline" for s in range(seeds_of(m, preset, seed_cap))]
-    results3 = run_jobs([job for _, job in stage3], jobs)
+              for m in methods if m != "baseline" and not (summary and preset.lambdas and chosen[m] is None)
+              for s in range(seeds_of(m, preset, seed_cap))]
+    results3 = execute([job for _, job in stage3])
 
     reproducibility = {}
-    if reproduce:
+    if reproduce and not summary:
         print("== reproducibility: seed 0 of the headline methods, trained again", flush=True)
         headline = [m for m in REPRODUCED if m in methods]
         again = run_jobs([method_job(m, 0, dataroot, runs_dir, protocol, chosen.get(m), ("test",), "-rerun")
@@ -248,9 +262,13 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     runs: dict[str, list[dict]] = {}
     reported_baselines = seeds_of("baseline", preset, seed_cap)
     for (role, job), result in zip(stage1 + stage3, results1 + results3):
+        if result is None:  # a summary: not finished yet
+            continue
         if role == "baseline" and result["seed"] >= reported_baselines:
             continue  # trained for the sweep only
         runs.setdefault(role, []).append({**result, "run": job.label})
+    if summary:
+        return _write_summary(out, started, dataroot, protocol, runs, runs_dir, preset_name)
     table = aggregate(runs)
     splits = json.loads((dataroot / "bridgeta_splits.json").read_text())
     teacher_dir = runs_dir / run_name("teacher", 0, protocol)
@@ -289,6 +307,29 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     return result
 
 
+def _write_summary(out: Path, started: dict, dataroot: Path, protocol: Protocol, runs: dict[str, list[dict]],
+                   runs_dir: Path, preset_name: str) -> dict:
+    """``partial.json``: the table over the runs finished so far, and the curves."""
+    convergence = {"baseline": _curve(runs_dir / run_name("baseline", 0, protocol)),
+                   "teacher": _curve(runs_dir / run_name("teacher", 0, protocol))}
+    result = {
+        "environment": started,
+        "partial": True,
+        "dataroot": str(dataroot),
+        "protocol": asdict(protocol),
+        "convergence": convergence,
+        "convergence_last_quarter_gain": {k: last_quarter_gain(v) for k, v in convergence.items()},
+        "finished": {role: [r["seed"] for r in results] for role, results in runs.items()},
+        "table": aggregate(runs) if runs else {},
+        "preset": {"name": preset_name},
+    }
+    table = result["table"]
+    if "baseline" in table and "teacher" in table:
+        result["camera_fusion_ratio"] = table["baseline"]["miou"]["mean"] / table["teacher"]["miou"]["mean"]
+    write_json(out / "partial.json", result)
+    return result
+
+
 def _figures(out: Path, runs_dir: Path, protocol: Protocol, chosen: dict, methods: Sequence[str],
              convergence: dict) -> dict[str, str]:
     """Figure 5 (the gap per level), eps* per level and the validation curves, from seed 0."""
@@ -307,13 +348,13 @@ def _figures(out: Path, runs_dir: Path, protocol: Protocol, chosen: dict, method
 
 
 def run(preset_name: str, seeds: int | None, out: Path, work: Path, dataroot: Path | None,
-        methods: Sequence[str] | None = None, jobs: int = 1, reproduce: bool = False) -> dict:
+        methods: Sequence[str] | None = None, jobs: int = 1, reproduce: bool = False, summary: bool = False) -> dict:
     preset = PRESETS[preset_name]
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     dataroot = dataroot or ensure_world(work, preset)
     if preset.lambdas or preset.pretrain_steps or preset.seeds:
-        return run_staged(preset_name, out, work, dataroot, jobs, seeds, methods, reproduce=reproduce)
+        return run_staged(preset_name, out, work, dataroot, jobs, seeds, methods, reproduce=reproduce, summary=summary)
     result = run_methods(
         dataroot, work / "runs", out / "results.json", seeds or preset.default_seeds, methods or preset.methods,
         preset.protocol, metadata={"preset": {"name": preset_name, **asdict(preset)}},
@@ -333,9 +374,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {', '.join(METHODS)}")
     parser.add_argument("--reproduce", action="store_true",
                         help="cpu protocol: train seed 0 of the headline methods again and report the difference")
+    parser.add_argument("--summary", action="store_true",
+                        help="cpu protocol: train nothing; OUT/partial.json over the runs finished so far")
     args = parser.parse_args(argv)
     result = run(args.preset, args.seeds, args.out, args.work or args.out, args.dataroot, args.methods, args.jobs,
-                 args.reproduce)
+                 args.reproduce, args.summary)
+    if args.summary:
+        print(json.dumps({"finished": result["finished"], "convergence": result["convergence"]}, indent=1))
+        print(format_markdown(result) if result["table"] else "no finished runs yet")
+        print(f"wrote {args.out / 'partial.json'}")
+        return 0
     print(format_markdown(result))
     print(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")
     return 0

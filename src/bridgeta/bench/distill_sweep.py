@@ -28,6 +28,7 @@ def run(
     lambdas: Sequence[float],
     seeds: int,
     jobs: int = 1,
+    execute=None,
 ) -> dict:
     """Every method in ``methods`` at every lambda in ``lambdas`` (a scale of its recipe weights,
     ``bench.distill.scaled_weights``) for ``seeds`` seeds, on the validation towns; the lambda with
@@ -41,11 +42,11 @@ def run(
     started = environment()
     grid = [(m, float(lam), s) for m in methods for lam in lambdas for s in range(seeds)]
     jobs_list = [method_job(m, s, dataroot, runs_dir, protocol, lam, ("val",)) for m, lam, s in grid]
-    results = run_jobs(jobs_list, jobs)
+    results = execute(jobs_list) if execute is not None else run_jobs(jobs_list, jobs)
     points = []
     for method in methods:
         for lam in lambdas:
-            mine = [(s, r) for (m, l, s), r in zip(grid, results) if m == method and l == float(lam)]
+            mine = [(s, r) for (m, l, s), r in zip(grid, results) if m == method and l == float(lam) and r is not None]
             val = [r["val"]["miou"] for _, r in mine]
             stats = _mean_std(val)
             points.append({
@@ -61,7 +62,8 @@ def run(
     chosen = {}
     for method in methods:
         mine = [p for p in points if p["method"] == method]
-        chosen[method] = max(mine, key=lambda p: p["val_miou"])["lambda"]
+        if all(len(p["seeds"]) == seeds for p in mine):  # a partial sweep (--summary) chooses nothing
+            chosen[method] = max(mine, key=lambda p: p["val_miou"])["lambda"]
     result = {
         "environment": started,
         "kind": "fair",
