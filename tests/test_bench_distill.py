@@ -106,7 +106,7 @@ def test_sweep_gives_every_method_the_same_points_and_picks_the_best_mean(tmp_pa
     def fake_run_jobs(job_list, workers):
         results = []
         for job in job_list:
-            method, _, _, seed, _, scale, splits = job.args
+            method, _, _, seed, _, scale, splits, _suffix = job.args
             assert splits == ("val",)  # the sweep never reads the test towns
             seen.append((method, scale, seed, job.label))
             results.append({"val": {"miou": scores[(method, scale)][seed], "by_condition": {"night": {"miou": 0.1}}}})

@@ -140,8 +140,48 @@ class DecoderConfig:
 
 @dataclass
 class HeadConfig:
+    """The map-segmentation head (BEVFusion's); ``weight`` scales its loss in a multi-head model."""
+
     output_grid: GridConfig
     classes: tuple[str, ...] = MAP_CLASSES
+    weight: float = 1.0
+
+
+# The nuScenes detection classes (nuscenes.eval.detection.constants.DETECTION_NAMES).
+DETECTION_NAMES = ("car", "truck", "bus", "trailer", "construction_vehicle", "pedestrian", "motorcycle",
+                   "bicycle", "traffic_cone", "barrier")
+
+
+@dataclass
+class ObjectLossWeights:
+    """Weights of the object head's terms: the heatmap focal loss and each L1 regression group."""
+
+    heatmap: float = 1.0
+    offset: float = 1.0
+    height: float = 1.0
+    size: float = 1.0
+    rotation: float = 1.0
+    velocity: float = 0.2  # CenterPoint's code weight for velocity
+
+
+@dataclass
+class ObjectHeadConfig:
+    """A CenterPoint-style 3D object head on the decoded BEV (bridgeta/models/object_head.py).
+
+    ``classes``: nuScenes detection classes (our towns have car, truck, bus, pedestrian);
+    ``nms_radius``: circle-NMS radius in metres per class (CenterPoint's nuScenes values), 0 for
+    none; ``weight`` scales the head's loss against the map head's.
+    """
+
+    classes: tuple[str, ...] = ("car", "truck", "bus", "pedestrian")
+    head_channels: int = 64
+    max_objects: int = 128
+    min_radius: int = 2
+    weight: float = 1.0
+    losses: ObjectLossWeights = field(default_factory=ObjectLossWeights)
+    top_k: int = 100
+    score_threshold: float = 0.1
+    nms_radius: tuple[float, ...] = (4.0, 12.0, 10.0, 0.175)
 
 
 @dataclass
@@ -164,6 +204,8 @@ class ModelConfig:
     fuser: FuserConfig | None = None
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     residual: ResidualConfig | None = None
+    # A second head, 3D object detection, on the same decoded BEV (the map head is ``head``).
+    object_head: ObjectHeadConfig | None = None
 
 
 @dataclass
@@ -558,6 +600,15 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         fail("'model.fuser' needs both 'model.camera' and 'model.lidar'")
     if model.residual is not None and (model.camera is None or model.lidar is not None):
         fail("'model.residual' (MonoTAKD's student branch) needs a camera-only model")
+    if model.object_head is not None:
+        objects = model.object_head
+        unknown = [c for c in objects.classes if c not in DETECTION_NAMES]
+        if unknown or not objects.classes:
+            fail(f"model.object_head.classes: unknown class '{unknown[0] if unknown else ''}' "
+                 f"(nuScenes detection classes: {', '.join(DETECTION_NAMES)})")
+        if len(objects.nms_radius) != len(objects.classes):
+            fail(f"model.object_head.nms_radius must give one radius per class ({len(objects.classes)}), "
+                 f"got {len(objects.nms_radius)}")
     downsamples = []
     if model.camera is not None:
         vt = model.camera.vtransform
@@ -646,6 +697,20 @@ def _range_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
             (f"distill.weights.{f.name}", getattr(d.weights, f.name), getattr(d.weights, f.name) >= 0, ">= 0")
             for f in dataclasses.fields(d.weights)
         ]
+    objects = config.model.object_head
+    if objects is not None:
+        checks += [
+            ("model.object_head.head_channels", objects.head_channels, objects.head_channels >= 1, ">= 1"),
+            ("model.object_head.max_objects", objects.max_objects, objects.max_objects >= 1, ">= 1"),
+            ("model.object_head.min_radius", objects.min_radius, objects.min_radius >= 0, ">= 0"),
+            ("model.object_head.weight", objects.weight, objects.weight >= 0, ">= 0"),
+            ("model.object_head.top_k", objects.top_k, objects.top_k >= 1, ">= 1"),
+            ("model.object_head.score_threshold", objects.score_threshold, 0 <= objects.score_threshold <= 1, "in [0, 1]"),
+        ] + [(f"model.object_head.losses.{f.name}", getattr(objects.losses, f.name), getattr(objects.losses, f.name) >= 0, ">= 0")
+             for f in dataclasses.fields(objects.losses)]
+    checks.append(("model.head.weight", config.model.head.weight, config.model.head.weight >= 0, ">= 0"))
+    if config.distill is not None:
+        d = config.distill
         if d.monotakd is not None:
             m = d.monotakd
             checks += [(f"distill.monotakd.{k}", getattr(m, k), getattr(m, k) >= 0, ">= 0") for k in ("imd", "cmrd", "logit")]

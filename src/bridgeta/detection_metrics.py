@@ -121,6 +121,49 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# Speed (m/s) above which a predicted box is given the moving attribute (CenterPoint's rule).
+MOVING_ATTRIBUTE_SPEED = 0.2
+_DEFAULT_ATTRIBUTE = {
+    "car": ("vehicle.moving", "vehicle.parked"), "truck": ("vehicle.moving", "vehicle.parked"),
+    "bus": ("vehicle.moving", "vehicle.stopped"), "trailer": ("vehicle.moving", "vehicle.parked"),
+    "construction_vehicle": ("vehicle.moving", "vehicle.parked"),
+    "pedestrian": ("pedestrian.moving", "pedestrian.standing"),
+    "motorcycle": ("cycle.with_rider", "cycle.without_rider"), "bicycle": ("cycle.with_rider", "cycle.without_rider"),
+    "traffic_cone": ("", ""), "barrier": ("", ""),
+}
+
+
+def ego_boxes_to_submission(sample_token: str, global_T_ego, boxes, scores, labels, class_names: Sequence[str]) -> list[dict]:
+    """Decoded boxes of one sample (``(N, 9)`` x, y, z, length, width, height, yaw, vx, vy in its
+    keyframe ego frame, as numpy or torch) as submission boxes in the global frame; the attribute
+    follows the predicted speed (moving above ``MOVING_ATTRIBUTE_SPEED``)."""
+    import numpy as np
+
+    from bridgeta.data.nuscenes_writer import yaw_to_quaternion
+
+    matrix = np.asarray(global_T_ego, dtype=np.float64)
+    rotation, translation = matrix[:3, :3], matrix[:3, 3]
+    ego_yaw = math.atan2(rotation[1, 0], rotation[0, 0])
+    out = []
+    for box, score, label in zip(np.asarray(boxes, dtype=np.float64), np.asarray(scores), np.asarray(labels)):
+        x, y, z, length, width, height, yaw, vx, vy = box
+        centre = rotation @ np.array([x, y, z]) + translation
+        velocity = rotation[:2, :2] @ np.array([vx, vy])
+        name = class_names[int(label)]
+        moving, still = _DEFAULT_ATTRIBUTE[name]
+        out.append({
+            "sample_token": sample_token,
+            "translation": [float(v) for v in centre],
+            "size": [float(width), float(length), float(height)],
+            "rotation": yaw_to_quaternion(yaw + ego_yaw),
+            "velocity": [float(v) for v in velocity],
+            "detection_name": name,
+            "detection_score": float(score),
+            "attribute_name": moving if math.hypot(*velocity) > MOVING_ATTRIBUTE_SPEED else still,
+        })
+    return out
+
+
 def write_submission(path: str | Path, results: Mapping[str, list[dict]], meta: Mapping[str, bool] | None = None) -> Path:
     """Write ``{sample_token: [box dicts with BOX_KEYS]}`` as a nuScenes submission JSON."""
     payload = {"meta": {**DEFAULT_META, **(meta or {})},
@@ -152,11 +195,13 @@ def ground_truth_submission(nusc, sample_tokens: Sequence[str]) -> dict[str, lis
 
 
 def evaluate_detections(dataroot: str | Path, version: str, split: str, results: str | Path,
-                        class_names: Sequence[str] | None = None, nusc=None) -> dict[str, Any]:
+                        class_names: Sequence[str] | None = None, nusc=None,
+                        sample_tokens: Sequence[str] | None = None) -> dict[str, Any]:
     """mAP, NDS and per-class AP and TP errors of a submission file on ``split``.
 
     ``class_names``: the classes to average over (default: on a bridgeta world, those of our
-    towns' classes that the split has boxes of; all ten on official nuScenes). Returns ``{"mAP", "NDS", "tp_errors": {ATE...},
+    towns' classes that the split has boxes of; all ten on official nuScenes). ``sample_tokens``
+    evaluates a subset of the split (the results file still lists every sample). Returns ``{"mAP", "NDS", "tp_errors": {ATE...},
     "per_class": {class: {"AP", "ATE", "ASE", "AOE", "AVE", "AAE"}}, "samples", "split"}``.
     """
     from nuscenes import NuScenes
@@ -179,6 +224,11 @@ def evaluate_detections(dataroot: str | Path, version: str, split: str, results:
         if not scenes:
             raise ValueError(f"'{split}' is not a nuScenes split (and {dataroot} has no {SPLITS_FILE})")
         tokens = [s["token"] for s in nusc.sample if nusc.get("scene", s["scene_token"])["name"] in scenes]
+    if sample_tokens is not None:  # a subset of the split (one condition, say)
+        unknown = sorted(set(sample_tokens) - set(tokens))
+        if unknown:
+            raise ValueError(f"sample {unknown[0]} is not in split '{split}' of {dataroot}")
+        tokens = list(sample_tokens)
     if not tokens:
         raise ValueError(f"split '{split}' of {dataroot} has no samples")
     config = detection_config(classes)

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from bridgeta.config import MAP_CLASSES
 from bridgeta.data.augment import (
     AugmentConfig,
+    apply_bev_aug_boxes,
     apply_bev_aug_points,
     apply_image_aug,
     image_aug_scale,
@@ -183,6 +184,7 @@ class BEVMapDataset(Dataset):
         modalities: Sequence[str] = MODALITIES,
         seed: int = 0,
         split: str | None = None,
+        object_classes: Sequence[str] = (),
     ) -> None:
         unknown = [m for m in modalities if m not in MODALITIES]
         if unknown or not modalities:
@@ -193,6 +195,8 @@ class BEVMapDataset(Dataset):
         self.classes = tuple(classes)
         self.train = train
         self.modalities = tuple(modalities)
+        # Detection classes to load boxes of (a model with an object head); none: no boxes.
+        self.object_classes = tuple(object_classes)
         if "depth" in self.modalities and "camera" not in self.modalities:
             raise ValueError("the 'depth' modality is per camera pixel: it needs the 'camera' modality too")
         self.seed = seed
@@ -237,6 +241,7 @@ class BEVMapDataset(Dataset):
             modalities=tuple(modalities) if modalities is not None else model.modalities,
             seed=seed,
             split=split,
+            object_classes=getattr(model, "object_classes", ()),
         )
 
     def __len__(self) -> int:
@@ -298,8 +303,11 @@ class BEVMapDataset(Dataset):
                 "location": record["location"],
                 "timestamp": record["timestamp"],
                 "index": cache_index,
+                "global_T_ego": record["global_T_ego"],  # to put predicted boxes in the global frame
             },
         )
+        if self.object_classes:
+            sample.meta["objects"] = self._objects(record, bev_aug)
         if "camera" in self.modalities:
             self._add_cameras(sample, record, self._rng(cache_index, 1))
         if "depth" in self.modalities:
@@ -311,6 +319,22 @@ class BEVMapDataset(Dataset):
             points = load_points(self.dataroot, record, self.config.max_sweeps, self.config.max_sweep_lag)
             sample.points = torch.from_numpy(apply_bev_aug_points(points, bev_aug))
         return sample
+
+    def _objects(self, record: dict, bev_aug: np.ndarray) -> dict[str, torch.Tensor]:
+        """The sample's boxes of ``object_classes`` with LiDAR support (BEVFusion's valid flag), in
+        the augmented ego frame: ``{"boxes": (N, 9), "labels": (N,)}`` (class index)."""
+        if "objects" not in record:
+            raise CacheError(
+                f"{self.cache.cache_dir}: prepared before boxes were cached; run bridgeta data prepare "
+                f"--dataroot {self.dataroot} --force for a model with an object head"
+            )
+        index = {name: i for i, name in enumerate(self.object_classes)}
+        kept = [o for o in record["objects"] if o["name"] in index and o["num_lidar_pts"] > 0]
+        boxes = np.array([o["box"] for o in kept], dtype=np.float64).reshape(-1, 9)
+        return {
+            "boxes": torch.from_numpy(apply_bev_aug_boxes(boxes, bev_aug)),
+            "labels": torch.tensor([index[o["name"]] for o in kept], dtype=torch.long),
+        }
 
     def _add_cameras(self, sample: BEVSample, record: dict, rng: np.random.Generator) -> None:
         images, augs = [], []

@@ -258,13 +258,19 @@ def evaluate(
     condition_samples = torch.zeros(len(CONDITIONS), dtype=torch.int64)
     splits: set[str] = set()
 
+    objects = getattr(network, "object_head", None) is not None
+    predictions: dict[str, list[dict]] = {}
+    conditions: dict[str, str] = {}
     was_training = network.training
     network.eval()
     try:
         with torch.inference_mode():
             for inputs, labels, metas in loader:
                 with autocast_context(device, precision):
-                    logits = network(inputs.to(device)).logits
+                    outputs = network(inputs.to(device))
+                logits = outputs.logits
+                if objects:
+                    _collect_detections(network, outputs, metas, predictions, conditions)
                 probabilities = logits.float().sigmoid()
                 labels = labels.to(device, non_blocking=True)
                 overall.update(probabilities, labels)
@@ -294,6 +300,9 @@ def evaluate(
         raise ValueError("the loader yielded no samples: nothing to evaluate")
 
     result = overall.compute()
+    detection = None
+    if objects and predictions:
+        detection = _detection_metrics(loader, network, predictions, conditions)
     conditions_out: dict[str, Any] = {}
     for k, name in enumerate(CONDITIONS):
         count = int(condition_samples[k])
@@ -311,7 +320,56 @@ def evaluate(
         },
         "samples": samples,
         "split": "+".join(sorted(splits)),
+        **({"detection": detection} if detection is not None else {}),
     }
+
+
+def _collect_detections(network: nn.Module, outputs: Any, metas: list[dict], predictions: dict, conditions: dict) -> None:
+    """Decode a batch's object maps into submission boxes (global frame), per sample token."""
+    from bridgeta.detection_metrics import ego_boxes_to_submission
+    from bridgeta.models.object_head import decode
+
+    settings = network.config.object_head
+    radius = {i: r for i, r in enumerate(settings.nms_radius) if r > 0}
+    decoded = decode(outputs.objects, network.feature_grid, settings.top_k, settings.score_threshold, radius)
+    for meta, sample in zip(metas, decoded):
+        predictions[meta["token"]] = ego_boxes_to_submission(
+            meta["token"], meta["global_T_ego"], sample["boxes"].cpu().numpy(), sample["scores"].cpu().numpy(),
+            sample["labels"].cpu().numpy(), network.object_classes,
+        )
+        conditions[meta["token"]] = meta["condition"]
+
+
+def _detection_metrics(loader: Iterable[Batch], network: nn.Module, predictions: dict, conditions: dict) -> dict | None:
+    """The devkit's detection metric of the collected predictions, overall and per condition.
+
+    Needs the loader's dataset (for the dataroot and split) and one process: under DDP each rank
+    holds a shard of the predictions, so the detection figures are left to ``bridgeta
+    eval-detections`` on a gathered file."""
+    import tempfile
+
+    from bridgeta.detection_metrics import evaluate_detections, write_submission
+
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or (dist.is_available() and dist.is_initialized()):
+        return None
+    from nuscenes import NuScenes
+
+    nusc = NuScenes(version=dataset.config.version, dataroot=str(dataset.dataroot), verbose=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = write_submission(Path(scratch) / "results.json", predictions,
+                                {"use_camera": "camera" in dataset.modalities, "use_lidar": "lidar" in dataset.modalities})
+        overall = evaluate_detections(dataset.dataroot, dataset.config.version, dataset.split, path, nusc=nusc,
+                                      sample_tokens=list(predictions))
+        by_condition = {}
+        for name in CONDITIONS:
+            tokens = [t for t, c in conditions.items() if c == name]
+            by_condition[name] = None if not tokens else {
+                k: v for k, v in evaluate_detections(dataset.dataroot, dataset.config.version, dataset.split, path,
+                                                     nusc=nusc, sample_tokens=tokens).items()
+                if k in ("mAP", "NDS", "samples")
+            }
+    return {**overall, "by_condition": by_condition}
 
 
 def evaluate_checkpoint_model(model: nn.Module, config: ExperimentConfig, split: str) -> dict[str, Any]:

@@ -90,9 +90,10 @@ from bridgeta.files import atomic_write_text, check_outputs, remove_paths, requi
 from bridgeta.engine.model_file import load_model_file, save_model_file
 from bridgeta.engine.schedule import WarmupCosineSchedule
 from bridgeta.losses import map_segmentation_loss
+from bridgeta.models.object_head import build_targets, object_losses
 from bridgeta.distill import Distiller, build_distiller
 from bridgeta.models.bev_model import BEVModel, build_model
-from bridgeta.models.types import BEVInputs
+from bridgeta.models.types import BEVInputs, BEVOutputs
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +348,21 @@ class _Trainer:
 
     # -- steps ----------------------------------------------------------------------------------
 
-    def _micro_step(self, inputs: BEVInputs, labels: torch.Tensor, group_size: int, sync: bool) -> torch.Tensor:
+    def _object_terms(self, outputs: BEVOutputs, metas: list[dict]) -> dict[str, torch.Tensor]:
+        """The object head's loss terms (``object/<term>``), weighted; none for a map-only model."""
+        settings = self.model.config.object_head
+        if settings is None or outputs.objects is None:
+            return {}
+        device = outputs.objects.heatmap.device
+        targets = build_targets(
+            [m["objects"]["boxes"].to(device) for m in metas], [m["objects"]["labels"].to(device) for m in metas],
+            self.model.feature_grid, len(self.model.object_classes), settings.max_objects, settings.min_radius,
+        )
+        weights = {name: settings.weight * getattr(settings.losses, name) for name in vars(settings.losses)}
+        return {f"object/{name}": value for name, value in object_losses(outputs.objects, targets, weights).items()}
+
+    def _micro_step(self, inputs: BEVInputs, labels: torch.Tensor, group_size: int, sync: bool,
+                    metas: list[dict] | None = None) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its detached loss terms."""
         inputs = inputs.to(self.ctx.device)
         labels = labels.to(self.ctx.device, non_blocking=True)
@@ -356,11 +371,16 @@ class _Trainer:
             with torch.autocast(self.ctx.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 if self.distiller is not None:
                     result = self.forward_model(inputs, labels)
-                    terms = result.losses
+                    terms = dict(result.losses)
                     self._window.add_diagnostics(result.logs, 1.0 / group_size)
+                    outputs = result.student
                 else:
                     outputs = self.forward_model(inputs)
                     terms = map_segmentation_loss(outputs.logits, labels, self.model.classes)
+                if self.model.config.head.weight != 1.0:
+                    terms = {k: self.model.config.head.weight * v if k.startswith(("focal/", "seg/")) else v
+                             for k, v in terms.items()}
+                terms.update(self._object_terms(outputs, metas or []))
             if not self.term_names:
                 self.term_names = list(terms)
                 self.term_groups = [loss_group(name, self.model.classes) for name in self.term_names]
@@ -413,9 +433,9 @@ class _Trainer:
             values = None
             samples = 0
             for micro in range(group_size):
-                inputs, labels, _ = next(batches)
+                inputs, labels, metas = next(batches)
                 samples += labels.shape[0]
-                terms = self._micro_step(inputs, labels, group_size, sync=micro == group_size - 1)
+                terms = self._micro_step(inputs, labels, group_size, sync=micro == group_size - 1, metas=metas)
                 values = terms if values is None else values + terms
             values = all_reduce_mean(values, self.ctx).cpu()
             self._check_finite(values)

@@ -18,6 +18,7 @@ from bridgeta.models.backbones import build_backbone
 from bridgeta.models.checkpoint import load_pretrained
 from bridgeta.models.decoder import BEVDecoder
 from bridgeta.models.fuser import ConvFuser
+from bridgeta.models.object_head import ObjectHead
 from bridgeta.models.residual import FeatureFusion, ResidualBranch
 from bridgeta.models.head import MapSegmentationHead
 from bridgeta.models.lidar import PillarEncoder
@@ -149,6 +150,18 @@ class BEVModel(nn.Module):
         self.head = MapSegmentationHead(
             config.decoder.out_channels, feature_grid, self.output_grid, len(self.classes)
         )
+        # The second task: 3D objects on the decoded BEV's own grid (CenterPoint-style).
+        self.object_head: ObjectHead | None = None
+        self.object_classes: tuple[str, ...] = ()
+        if config.object_head is not None:
+            self.object_classes = tuple(config.object_head.classes)
+            self.object_head = ObjectHead(config.decoder.out_channels, len(self.object_classes), feature_grid,
+                                          config.object_head.head_channels)
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        """The model's heads by name: ``map`` always, ``object`` with ``model.object_head``."""
+        return ("map", "object") if self.object_head is not None else ("map",)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -193,6 +206,7 @@ class BEVModel(nn.Module):
             fused = self.fuse(camera_bev, lidar_bev)
         decoded = self.decoder(fused)
         logits = self.head(decoded)
+        objects = self.object_head(decoded) if self.object_head is not None else None
         return BEVOutputs(
             camera_bev=camera_bev,
             lidar_bev=lidar_bev,
@@ -201,6 +215,7 @@ class BEVModel(nn.Module):
             logits=logits,
             depth=depth,
             residual_bev=residual,
+            objects=objects,
         )
 
 

@@ -60,11 +60,17 @@ def _blocks(model: BEVModel) -> list[tuple[str, nn.Module]]:
         blocks.append(("lidar_encoder", model.lidar_encoder))
     if model.fuser is not None:
         blocks.append(("fuser", model.fuser))
+    if model.residual_branch is not None:
+        blocks.append(("residual_branch", model.residual_branch))
+    if model.feature_fusion is not None:
+        blocks.append(("feature_fusion", model.feature_fusion))
     blocks += [
         ("decoder.backbone", model.decoder.backbone),
         ("decoder.neck", model.decoder.neck),
         ("head", model.head),
     ]
+    if model.object_head is not None:
+        blocks.append(("object_head", model.object_head))
     return blocks
 
 

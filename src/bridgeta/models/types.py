@@ -8,6 +8,7 @@ distillation. Frames and layouts follow docs/conventions.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -113,6 +114,10 @@ class BEVOutputs:
     depth:       camera depth distribution ``(B, N, D, fH, fW)``, or ``None``.
     residual_bev: MonoTAKD's residual branch output (``model.residual``), or ``None``; with FFM
                  on, ``fused_bev`` is the fusion of ``camera_bev`` with it.
+    objects:     the object head's output (``ObjectOutputs``: heatmap logits and box regressions on
+                 the decoded BEV's grid) with ``model.object_head``, else ``None``.
+
+    ``heads`` gives each head's typed output by name (``map``: the logits, ``object``).
     """
 
     camera_bev: torch.Tensor | None
@@ -122,3 +127,11 @@ class BEVOutputs:
     logits: torch.Tensor
     depth: torch.Tensor | None = None
     residual_bev: torch.Tensor | None = None
+    objects: Any = None
+
+    @property
+    def heads(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"map": self.logits}
+        if self.objects is not None:
+            out["object"] = self.objects
+        return out
