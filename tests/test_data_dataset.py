@@ -67,6 +67,7 @@ def test_sample_shapes_and_collate(dataroot):
     assert sample.meta == {
         "token": sample.meta["token"], "scene": "scene-a", "condition": "night", "split": "train",
         "location": "synth-fixture", "timestamp": 1_500_000, "index": 1,
+        "global_T_ego": dataset.cache.record(int(dataset.indices[1]))["global_T_ego"],
     }
     # Normalised with the ImageNet statistics: undoing them gives [0, 1] RGB.
     rgb = sample.images * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
