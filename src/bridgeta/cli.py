@@ -233,6 +233,13 @@ def _command_eval(args: argparse.Namespace) -> int:
         for group in ("by_condition", "by_range"):
             parts = [f"{k} {v['miou']:.4f}" if v["miou"] is not None else f"{k} -" for k, v in result[group].items()]
             print(f"{group}: " + ", ".join(parts))
+        detection = result.get("detection")
+        if detection is not None:
+            print(f"objects: mAP {detection['mAP']:.4f}, NDS {detection['NDS']:.4f} over {', '.join(detection['classes'])}")
+            for name, row in detection["per_class"].items():
+                print(f"  {name:<14} AP {row['AP']:.4f}")
+            parts = [f"{k} {v['mAP']:.4f}/{v['NDS']:.4f}" if v else f"{k} -" for k, v in detection["by_condition"].items()]
+            print("objects by_condition (mAP/NDS): " + ", ".join(parts))
     return 0
 
 
