@@ -111,3 +111,52 @@ def test_an_oracle_object_head_scores_map_one_through_eval(engine_world):
     assert detection["tp_errors"]["ASE"] < 0.01 and detection["tp_errors"]["AVE"] < 0.05
     present = [name for name, row in detection["by_condition"].items() if row is not None]
     assert present and all(detection["by_condition"][n]["mAP"] == pytest.approx(1.0, abs=1e-6) for n in present)
+
+
+@pytest.mark.parametrize("recipe", ["distill/tiny-c-bridgeta", "distill/tiny-c-direct"])
+def test_a_multi_task_pair_distils_the_object_heatmaps(engine_world, tmp_path, recipe):
+    """BridgeTA and direct on a two-head teacher/student: LLD (and BridgeTA's CrossKD term and
+    its TA's own object loss) reach the object heads; the student's object loss is trained too."""
+    from engine_helpers import distill_config, write_teacher
+
+    teacher = write_teacher(tmp_path / "teacher.safetensors", engine_world, 2, "model.object_head={head_channels: 8}")
+    config = distill_config(engine_world, teacher, "model.object_head={head_channels: 8}", "train.max_steps=2",
+                            "train.eval_every=0", recipe=recipe)
+    with torch_threads(1):
+        train(config, tmp_path / "run")
+    row = [r for r in read_metrics(tmp_path / "run") if "loss" in r][-1]
+    assert {"object/heatmap", "kd/lld_object", "kd/lld"} <= set(row)
+    if recipe.endswith("bridgeta"):
+        assert {"kd/lld_aux_object", "ta_object/heatmap", "lld_object/epsilon"} <= set(row)
+    else:
+        assert not any(k.startswith("ta_object/") for k in row)
+
+
+def test_bridgeta_object_terms_route_gradients_like_the_map_terms(engine_world, tmp_path):
+    """The CrossKD object term trains the student only: the teacher's object head is frozen and
+    the TA's object head gets no gradient from it; the TA's own object loss trains its head."""
+    from engine_helpers import distill_config, write_teacher
+
+    from bridgeta.distill import build_distiller
+    from bridgeta.engine.trainer import load_teacher
+    from bridgeta.models.object_head import build_targets
+
+    teacher_file = write_teacher(tmp_path / "teacher.safetensors", engine_world, 2, "model.object_head={head_channels: 8}")
+    config = distill_config(engine_world, teacher_file, "model.object_head={head_channels: 8}")
+    student = build_model(config)
+    distiller = build_distiller(config, student, load_teacher(config)).train()
+    dataset = BEVMapDataset.for_model(config.data, student, "train", modalities=("camera", "lidar"))
+    inputs, labels, metas = collate_bev([dataset[0], dataset[1]])
+    targets = build_targets([m["objects"]["boxes"] for m in metas], [m["objects"]["labels"] for m in metas],
+                            student.feature_grid, 4)
+    out = distiller(inputs, labels, targets)
+    ta_head = list(distiller.assistant.object_head.parameters())
+    crosskd = torch.autograd.grad(out.losses["kd/lld_aux_object"], ta_head, allow_unused=True, retain_graph=True)
+    assert all(g is None or g.abs().sum() == 0 for g in crosskd)
+    heatmap_branch = list(distiller.assistant.object_head.heatmap.parameters())
+    own = torch.autograd.grad(out.losses["ta_object/heatmap"], heatmap_branch, allow_unused=True, retain_graph=True)
+    assert all(g is not None and g.abs().sum() > 0 for g in own)
+    student_head = list(distiller.student.decoder.parameters())
+    assert any(g is not None and g.abs().sum() > 0 for g in
+               torch.autograd.grad(out.losses["kd/lld_aux_object"], student_head, allow_unused=True))
+    assert all(not p.requires_grad for p in distiller.teacher.object_head.parameters())

@@ -19,6 +19,7 @@ from torch import nn
 from bridgeta.config import DistillConfig
 from bridgeta.losses import map_segmentation_loss
 from bridgeta.models.bev_model import BEVModel
+from bridgeta.models.object_head import ObjectOutputs, ObjectTargets
 from bridgeta.models.types import BEVInputs, BEVOutputs
 from bridgeta.precision import autocast_context
 
@@ -200,13 +201,32 @@ class Distiller(nn.Module):
         with torch.no_grad(), autocast_context(device, self.config.teacher_precision):
             outputs = self.teacher(inputs)
         maps = {f.name: getattr(outputs, f.name) for f in fields(outputs)}
-        return replace(outputs, **{name: m.float() for name, m in maps.items() if isinstance(m, torch.Tensor)})
+        floats = {name: m.float() for name, m in maps.items() if isinstance(m, torch.Tensor)}
+        if isinstance(outputs.objects, ObjectOutputs):
+            floats["objects"] = ObjectOutputs(outputs.objects.heatmap.float(), outputs.objects.regression.float())
+        return replace(outputs, **floats)
 
-    def forward(self, inputs: BEVInputs, labels: torch.Tensor) -> DistillOutput:
+    def object_pair(self, student: BEVOutputs, teacher: BEVOutputs) -> tuple[ObjectOutputs, ObjectOutputs] | None:
+        """The student's and the teacher's object maps when both have an object head over the
+        same classes (the object-level terms of a multi-task pair), else None."""
+        if student.objects is None or teacher.objects is None or self.teacher is None:
+            return None
+        if tuple(self.teacher.object_classes) != tuple(self.student.object_classes):
+            return None
+        return student.objects, teacher.objects
+
+    def forward(self, inputs: BEVInputs, labels: torch.Tensor, objects: ObjectTargets | None = None) -> DistillOutput:
+        """The student's segmentation terms and the method's terms. ``objects``: the batch's
+        object targets for a multi-task student (a method's own modules with an object head, the
+        BridgeTA TA's, learn from them); :meth:`distill` reads them as ``self.object_targets``."""
         student = self.student(inputs)
         losses = self.segmentation_losses(student.logits, labels, "seg")
         logs: dict[str, float] = {}
-        losses.update(self.distill(inputs, labels, student, logs))
+        self.object_targets = objects
+        try:
+            losses.update(self.distill(inputs, labels, student, logs))
+        finally:
+            self.object_targets = None
         return DistillOutput(student=student, losses=losses, logs=logs)
 
     def distill(

@@ -23,6 +23,7 @@ from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.decoder import BEVDecoder
 from bridgeta.models.fuser import ConvFuser
 from bridgeta.models.head import MapSegmentationHead
+from bridgeta.models.object_head import ObjectHead, ObjectOutputs, object_losses
 from bridgeta.models.types import BEVInputs, BEVOutputs
 
 
@@ -31,6 +32,7 @@ class AssistantOutputs:
     fused_bev: torch.Tensor
     decoded_bev: torch.Tensor
     logits: torch.Tensor
+    objects: ObjectOutputs | None = None  # with a multi-task student: the TA's object head
 
 
 class TeacherAssistant(nn.Module):
@@ -53,11 +55,17 @@ class TeacherAssistant(nn.Module):
         self.head = MapSegmentationHead(
             decoder.out_channels, student.feature_grid, student.output_grid, len(student.classes)
         )
+        # A multi-task student's TA has its object head too (LLD and CrossKD on the heatmaps).
+        self.object_head: ObjectHead | None = None
+        if student.object_head is not None:
+            self.object_head = ObjectHead(decoder.out_channels, len(student.object_classes), student.feature_grid,
+                                          student.config.object_head.head_channels)
 
     def forward(self, lidar_bev: torch.Tensor, camera_bev: torch.Tensor) -> AssistantOutputs:  # type: ignore[override]
         fused = self.fuser([lidar_bev, camera_bev])
         decoded = self.decoder(fused)
-        return AssistantOutputs(fused, decoded, self.head(decoded))
+        objects = self.object_head(decoded) if self.object_head is not None else None
+        return AssistantOutputs(fused, decoded, self.head(decoded), objects)
 
     @torch.no_grad()
     def copy_from_teacher(self, teacher: BEVModel) -> None:
@@ -75,6 +83,8 @@ class TeacherAssistant(nn.Module):
         self.fuser.load_state_dict(state)
         self.decoder.load_state_dict(teacher.decoder.state_dict())
         self.head.load_state_dict(teacher.head.state_dict())
+        if self.object_head is not None and teacher.object_head is not None:
+            self.object_head.load_state_dict(teacher.object_head.state_dict())
 
 
 class AssistantView(nn.Module):
@@ -169,6 +179,45 @@ class BridgeTADistiller(Distiller):
             ta.logits.detach(), through_ta, temperature
         )
 
+    def object_terms(self, student: BEVOutputs, teacher: BEVOutputs, ta: AssistantOutputs, epsilon,
+                     logs: dict[str, float]) -> dict[str, torch.Tensor]:
+        """A multi-task pair's object terms: the TA's own object loss (it learns the task like it
+        learns the map), LLD's dual path on the heatmap logits, and the CrossKD-style KL through
+        the teacher's and the TA's object heads (probes, as for the map)."""
+        pair = self.object_pair(student, teacher)
+        if pair is None or ta.objects is None:
+            return {}
+        config, settings = self.config, self.student.config.object_head
+        s_obj, t_obj = pair
+        losses: dict[str, torch.Tensor] = {}
+        if self.object_targets is not None:
+            weights = {name: config.ta_seg_weight * settings.weight * getattr(settings.losses, name)
+                       for name in vars(settings.losses)}
+            for name, value in object_losses(ta.objects, self.object_targets, weights).items():
+                losses[f"ta_object/{name}"] = value
+        if "lld" in config.levels:
+            loss, terms = dual_path_loss(s_obj.heatmap, ta.objects.heatmap, t_obj.heatmap, epsilon,
+                                         config.epsilon_range, mutual=config.ta_mutual)
+            losses["kd/lld_object"] = config.weights.lld * loss
+            logs.update({f"lld_object/{name}": float(value) for name, value in terms.items()})
+            if config.lld_aux:
+                assert self.teacher is not None and self.teacher.object_head is not None
+                temperature = config.temperature
+                through_teacher = self.teacher.object_head(student.decoded_bev).heatmap
+                head = self.assistant.object_head
+                state = {name: p.detach() for name, p in head.named_parameters()}
+                state.update({name: b.clone() for name, b in head.named_buffers()})
+                was_training = head.training
+                head.train(config.ta_probe_mode == "train" and was_training)
+                try:
+                    through_ta = functional_call(head, state, (student.decoded_bev,)).heatmap
+                finally:
+                    head.train(was_training)
+                losses["kd/lld_aux_object"] = config.weights.lld_aux * (
+                    bernoulli_kl(t_obj.heatmap, through_teacher, temperature)
+                    + bernoulli_kl(ta.objects.heatmap.detach(), through_ta, temperature))
+        return losses
+
     def distill(
         self, inputs: BEVInputs, labels: torch.Tensor, student: BEVOutputs, logs: dict[str, float]
     ) -> dict[str, torch.Tensor]:
@@ -190,6 +239,7 @@ class BridgeTADistiller(Distiller):
             logs.update({f"{level}/{name}": float(value) for name, value in terms.items()})
         if "lld" in config.levels and config.lld_aux:
             losses["kd/lld_aux"] = config.weights.lld_aux * self.crosskd_aux(student, teacher, ta)
+        losses.update(self.object_terms(student, teacher, ta, epsilon, logs))
         if config.relational_weight > 0:
             losses["kd/relational"] = config.relational_weight * affinity_loss(
                 student.decoded_bev, teacher.decoded_bev

@@ -31,4 +31,9 @@ class DirectDistiller(Distiller):
             loss = cell_mse(s, t)
             losses[f"kd/{level}"] = weight * loss
             logs[f"{level}/gap_l2"] = float(loss.detach().sqrt())
+        pair = self.object_pair(student, teacher)
+        if pair is not None and "lld" in self.config.levels:  # LLD on the object heatmap logits too
+            loss = cell_mse(pair[0].heatmap, pair[1].heatmap)
+            losses["kd/lld_object"] = weights.lld * loss
+            logs["lld_object/gap_l2"] = float(loss.detach().sqrt())
         return losses

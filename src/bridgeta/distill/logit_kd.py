@@ -17,4 +17,9 @@ class LogitKDDistiller(Distiller):
     ) -> dict[str, torch.Tensor]:
         teacher = self.teacher_forward(inputs)
         loss = bernoulli_kl(teacher.logits, student.logits, self.config.temperature)
-        return {"kd/logit": self.config.weights.lld * loss}
+        losses = {"kd/logit": self.config.weights.lld * loss}
+        pair = self.object_pair(student, teacher)
+        if pair is not None:  # the same KL on the object heatmap logits
+            losses["kd/logit_object"] = self.config.weights.lld * bernoulli_kl(
+                pair[1].heatmap, pair[0].heatmap, self.config.temperature)
+        return losses

@@ -90,7 +90,7 @@ from bridgeta.files import atomic_write_text, check_outputs, remove_paths, requi
 from bridgeta.engine.model_file import load_model_file, save_model_file
 from bridgeta.engine.schedule import WarmupCosineSchedule
 from bridgeta.losses import map_segmentation_loss
-from bridgeta.models.object_head import build_targets, object_losses
+from bridgeta.models.object_head import ObjectTargets, build_targets, object_losses
 from bridgeta.distill import Distiller, build_distiller
 from bridgeta.models.bev_model import BEVModel, build_model
 from bridgeta.models.types import BEVInputs, BEVOutputs
@@ -348,16 +348,22 @@ class _Trainer:
 
     # -- steps ----------------------------------------------------------------------------------
 
-    def _object_terms(self, outputs: BEVOutputs, metas: list[dict]) -> dict[str, torch.Tensor]:
-        """The object head's loss terms (``object/<term>``), weighted; none for a map-only model."""
+    def _object_targets(self, metas: list[dict]) -> ObjectTargets | None:
+        """The batch's object-head targets (a multi-task model), built from the loader's boxes."""
         settings = self.model.config.object_head
-        if settings is None or outputs.objects is None:
-            return {}
-        device = outputs.objects.heatmap.device
-        targets = build_targets(
+        if settings is None:
+            return None
+        device = self.ctx.device
+        return build_targets(
             [m["objects"]["boxes"].to(device) for m in metas], [m["objects"]["labels"].to(device) for m in metas],
             self.model.feature_grid, len(self.model.object_classes), settings.max_objects, settings.min_radius,
         )
+
+    def _object_terms(self, outputs: BEVOutputs, targets: ObjectTargets | None) -> dict[str, torch.Tensor]:
+        """The object head's loss terms (``object/<term>``), weighted; none for a map-only model."""
+        settings = self.model.config.object_head
+        if settings is None or outputs.objects is None or targets is None:
+            return {}
         weights = {name: settings.weight * getattr(settings.losses, name) for name in vars(settings.losses)}
         return {f"object/{name}": value for name, value in object_losses(outputs.objects, targets, weights).items()}
 
@@ -367,10 +373,12 @@ class _Trainer:
         inputs = inputs.to(self.ctx.device)
         labels = labels.to(self.ctx.device, non_blocking=True)
         no_sync = self.forward_model.no_sync if self.ctx.distributed and not sync else nullcontext
+        targets = self._object_targets(metas or [])
         with no_sync():
             with torch.autocast(self.ctx.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 if self.distiller is not None:
-                    result = self.forward_model(inputs, labels)
+                    result = self.forward_model(inputs, labels, targets) if targets is not None else \
+                        self.forward_model(inputs, labels)
                     terms = dict(result.losses)
                     self._window.add_diagnostics(result.logs, 1.0 / group_size)
                     outputs = result.student
@@ -380,7 +388,7 @@ class _Trainer:
                 if self.model.config.head.weight != 1.0:
                     terms = {k: self.model.config.head.weight * v if k.startswith(("focal/", "seg/")) else v
                              for k, v in terms.items()}
-                terms.update(self._object_terms(outputs, metas or []))
+                terms.update(self._object_terms(outputs, targets))
             if not self.term_names:
                 self.term_names = list(terms)
                 self.term_groups = [loss_group(name, self.model.classes) for name in self.term_names]
