@@ -298,3 +298,25 @@ def test_monotakd_rows_scale_their_own_weights_and_keep_ablated_terms_off(tmp_pa
     trained = load_config(preset, ["data.dataroot=/d", *overrides])
     derived = assistant_config(load_config("distill/tiny-c-monotakd", ["data.dataroot=/d", *overrides[1:-len(ASSISTANT_OVERRIDES)]]))
     assert trained.model == derived.model and trained.distill is None
+
+
+def test_the_detection_table_has_map_nds_and_paired_nds():
+    from bridgeta.bench.accuracy import format_detection_markdown
+
+    def run(seed, miou, nds, ap_car):
+        detection = {"mAP": ap_car / 2, "NDS": nds, "per_class": {"car": {"AP": ap_car}, "pedestrian": {"AP": 0.0}},
+                     "tp_errors": {"ATE": 0.5}}
+        return {"seed": seed, "train": {}, "test": {"miou": miou, "miou_at_0.5": miou, "iou": {"drivable_area": miou},
+                                                     "by_condition": {}, "by_range": {"0-20": {"miou": miou}},
+                                                     "detection": detection}}
+
+    runs = {"teacher": [run(0, 0.4, 0.5, 0.6)], "baseline": [run(0, 0.2, 0.2, 0.3), run(1, 0.2, 0.3, 0.3)],
+            "bridgeta": [run(0, 0.2, 0.25, 0.4), run(1, 0.2, 0.33, 0.4)]}
+    table = bench_distill.aggregate(runs)
+    assert table["bridgeta"]["detection"]["paired_nds_vs_baseline"]["mean"] == pytest.approx(0.04)
+    assert table["bridgeta"]["detection"]["NDS"]["n"] == 2
+    text = format_detection_markdown({"table": table})
+    row = next(line for line in text.splitlines() if line.startswith("| `bridgeta`"))
+    assert "**20.0 ± 0.0**" in row and "+4.0 ± 1.4" in row and "40.0 ± 0.0" in row
+    assert format_detection_markdown({"table": bench_distill.aggregate({"baseline": [
+        {**runs["baseline"][0], "test": {k: v for k, v in runs["baseline"][0]["test"].items() if k != "detection"}}]})}) is None

@@ -219,6 +219,12 @@ def render_accuracy(results: dict) -> str:
     preset = results.get("preset", {}).get("name", "?")
     text = (format_markdown(results) + "\n\n" + f"IoU in %, mean ± standard deviation over seeds {seeds}, "
             f"test towns. " + _measured(results, f"bridgeta bench accuracy --preset {preset}"))
+    from bridgeta.bench.accuracy import format_detection_markdown
+
+    detection = format_detection_markdown(results)
+    if detection:
+        text += ("\n\nObjects (nuScenes detection metric by the devkit, [detection.md](detection.md)), "
+                 "in %, mean ± std over seeds; Δ NDS paired per seed, in points:\n\n" + detection)
     if "learned_classes" not in results:
         return text
     lambdas = results["protocol"].get("lambdas", {})

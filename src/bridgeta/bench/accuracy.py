@@ -82,6 +82,19 @@ PRESETS = {
         sweep_seeds=2,
         scratch=("baseline",),
     ),
+    # The detection table (docs/detection.md): the multi-task pair, tiny-lc-mt teacher and tiny-c-mt
+    # students, on the cpu protocol's world, backbone and schedule; recipe weights, 3 seeds.
+    "cpu-mt": AccuracyPreset(
+        scenes=30, duration=20.0, world="tiny",
+        protocol=Protocol(teacher="tiny-lc-mt", student="tiny-c-mt", student_steps=800, teacher_steps=1600,
+                          curve_points=8, teacher_seeds=1,
+                          student_overrides=(*RESUMABLE, "model.object_head={classes: [car, truck, bus, pedestrian], "
+                                             "nms_radius: [4.0, 12.0, 10.0, 0.175], head_channels: 32}"),
+                          teacher_overrides=RESUMABLE),
+        methods=("baseline", "direct", "bridgeta"),
+        default_seeds=3,
+        pretrain_steps=1000,
+    ),
     # What the demo runs (its seed 0 of baseline, direct and BridgeTA): the earlier, short cpu
     # protocol, 10 scenes and 2 student epochs, recipe weights, about 40 minutes per seed.
     "demo": AccuracyPreset(scenes=10, duration=20.0, world="tiny", protocol=Protocol(epochs=2, teacher_epochs=3)),
@@ -125,6 +138,30 @@ def format_markdown(result: dict) -> str:
         closed_text = "–" if closed.get("mean") is None else f"{closed['mean']:+.2f} ± {closed['std']:.2f}"
         cells = [f"`{method}`", *(cell(row["iou"][c]) for c in classes), f"**{cell(row['miou'])}**",
                  cell(row["by_condition"].get("night", {})), cell(row["by_range"][far]), closed_text]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_detection_markdown(result: dict) -> str | None:
+    """The detection table of a multi-task benchmark (mAP, NDS, AP per class, paired NDS deltas),
+    or None when no row has detection figures."""
+    rows = {m: r["detection"] for m, r in result["table"].items() if "detection" in r}
+    if not rows:
+        return None
+    classes = list(next(iter(rows.values()))["per_class_ap"])
+
+    def cell(entry: dict | None, scale: float = 100.0, signed: bool = False) -> str:
+        if not entry or entry.get("mean") is None:
+            return "–"
+        sign = "+" if signed else ""
+        return f"{scale * entry['mean']:{sign}.1f} ± {scale * entry['std']:.1f}"
+
+    header = ["method", "mAP", "NDS", *(f"AP {c}" for c in classes), "Δ NDS vs baseline", "Δ NDS vs `direct`"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for method, row in rows.items():
+        cells = [f"`{method}`", f"**{cell(row['mAP'])}**", f"**{cell(row['NDS'])}**",
+                 *(cell(row["per_class_ap"][c]) for c in classes),
+                 cell(row.get("paired_nds_vs_baseline"), signed=True), cell(row.get("paired_nds_vs_direct"), signed=True)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -303,7 +340,8 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     }
     result["figures"] = _figures(out, runs_dir, protocol, chosen, methods, convergence)
     write_json(out / "results.json", result)
-    (out / "table.md").write_text(format_markdown(result) + "\n")
+    detection = format_detection_markdown(result)
+    (out / "table.md").write_text(format_markdown(result) + "\n" + (f"\n{detection}\n" if detection else ""))
     return result
 
 

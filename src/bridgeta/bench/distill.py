@@ -236,10 +236,11 @@ def method_job(method: str, seed: int, dataroot: Path, runs_dir: Path, protocol:
                log=runs_dir / "logs" / f"{name}.log", label=name)
 
 
-def paired(results: list[dict], reference: list[dict]) -> dict:
-    """Mean ± std over the seeds both have of the per-seed test mIoU difference."""
-    by_seed = {r["seed"]: r["test"]["miou"] for r in reference}
-    return _mean_std([r["test"]["miou"] - by_seed[r["seed"]] for r in results if r["seed"] in by_seed])
+def paired(results: list[dict], reference: list[dict], key=lambda test: test["miou"]) -> dict:
+    """Mean ± std over the seeds both have of the per-seed difference of a test figure
+    (``key`` of the test result; mIoU by default)."""
+    by_seed = {r["seed"]: key(r["test"]) for r in reference}
+    return _mean_std([key(r["test"]) - by_seed[r["seed"]] for r in results if r["seed"] in by_seed])
 
 
 def learned_classes(runs: dict[str, list[dict]], threshold: float = 0.10) -> list[str]:
@@ -270,6 +271,15 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
             "by_range": {k: _mean_std([t["by_range"][k]["miou"] for t in tests]) for k in tests[0]["by_range"]},
             "step_time_s": _mean_std([r["train"].get("step_time_s") for r in results]),
         }
+        detections = [t.get("detection") for t in tests]
+        if all(d is not None for d in detections):
+            table[method]["detection"] = {
+                "mAP": _mean_std([d["mAP"] for d in detections]),
+                "NDS": _mean_std([d["NDS"] for d in detections]),
+                "per_class_ap": {c: _mean_std([d["per_class"][c]["AP"] for d in detections if c in d["per_class"]])
+                                 for c in detections[0]["per_class"]},
+                "tp_errors": {k: _mean_std([d["tp_errors"][k] for d in detections]) for k in detections[0]["tp_errors"]},
+            }
         if any("assistant_val" in r for r in results):
             table[method]["assistant_val_miou"] = _mean_std([r.get("assistant_val", {}).get("miou") for r in results])
         if any("val" in r for r in results):
@@ -277,6 +287,14 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
         for reference in ("baseline", "direct"):
             if reference in runs and method not in ("teacher", reference):
                 table[method][f"paired_vs_{reference}"] = paired(results, runs[reference])
+    for method, results in runs.items():  # the detection table's paired deltas (multi-task runs)
+        for reference in ("baseline", "direct"):
+            if method in ("teacher", reference) or "detection" not in table[method]:
+                continue
+            if reference in table and "detection" in table[reference]:
+                for figure in ("NDS", "mAP"):
+                    table[method]["detection"][f"paired_{figure.lower()}_vs_{reference}"] = paired(
+                        results, runs[reference], key=lambda t, f=figure: t["detection"][f])
     if "teacher" in runs and "baseline" in runs:
         teacher = {r["seed"]: r["test"]["miou"] for r in runs["teacher"]}
         baseline = {r["seed"]: r["test"]["miou"] for r in runs["baseline"]}
