@@ -263,6 +263,12 @@ def render_protocol(results: dict) -> str:
         f"| baseline val mIoU gain over the last quarter | {points(gains.get('baseline'))} |",
         f"| teacher val mIoU gain over the last quarter | {points(gains.get('teacher'))} |",
     ]
+    pretraining = results.get("pretraining")
+    if pretraining and pretraining.get("eval"):
+        evaluation = pretraining["eval"]
+        lines.append(f"| backbone pretraining ({pretraining['steps']} steps, {pretraining.get('train_images', '?')} "
+                     f"train images) | val pixel accuracy {100 * evaluation['pixel_accuracy']:.1f} %, "
+                     f"val mIoU {100 * evaluation['miou']:.1f} % ({len(evaluation['iou'])} classes) |")
     if "baseline_scratch" in table:
         delta = table["baseline"]["miou"]["mean"] - table["baseline_scratch"]["miou"]["mean"]
         lines.append(f"| baseline test mIoU, pretrained − random backbone | {points(delta)} "

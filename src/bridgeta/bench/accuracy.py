@@ -333,6 +333,7 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
         "convergence_last_quarter_gain": {k: last_quarter_gain(v) for k, v in convergence.items()},
         "camera_fusion_ratio": table["baseline"]["miou"]["mean"] / table["teacher"]["miou"]["mean"],
         "diagnostics": diagnostics,
+        "pretraining": _pretraining(protocol),
         "reproducibility": reproducibility,
         "runs": runs,
         "table": table,
@@ -343,6 +344,19 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     detection = format_detection_markdown(result)
     (out / "table.md").write_text(format_markdown(result) + "\n" + (f"\n{detection}\n" if detection else ""))
     return result
+
+
+def _pretraining(protocol: Protocol) -> dict | None:
+    """What ``pretrain-backbone`` reported for the protocol's backbone (steps, seconds, and its
+    per-pixel metrics on the validation towns), or None without pretraining."""
+    if not protocol.pretrained:
+        return None
+    path = Path(protocol.pretrained).parent / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    keep = ("steps", "epochs", "seconds", "train_images", "first_loss", "final_loss", "eval", "environment")
+    return {k: summary[k] for k in keep if k in summary}
 
 
 def _write_summary(out: Path, started: dict, dataroot: Path, protocol: Protocol, runs: dict[str, list[dict]],
@@ -358,6 +372,7 @@ def _write_summary(out: Path, started: dict, dataroot: Path, protocol: Protocol,
         "convergence": convergence,
         "convergence_last_quarter_gain": {k: last_quarter_gain(v) for k, v in convergence.items()},
         "finished": {role: [r["seed"] for r in results] for role, results in runs.items()},
+        "pretraining": _pretraining(protocol),
         "table": aggregate(runs) if runs else {},
         "preset": {"name": preset_name},
     }
