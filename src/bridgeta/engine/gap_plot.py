@@ -93,12 +93,7 @@ def plot_gap(
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     figure.suptitle(title, fontsize=11)
-    figure.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as temporary:
-        figure.savefig(temporary, dpi=120, format=out.suffix.lstrip(".") or "png")
-    plt.close(figure)
-    return out
+    return _save(figure, out)
 
 
 def _logs(run_dir: str | Path, quantity: str) -> bool:
@@ -126,6 +121,13 @@ def plot_validation_curves(curves: dict[str, list[list[float]]], out: str | Path
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     axis.set_title("Validation mIoU during training", fontsize=11)
+    return _save(figure, out)
+
+
+def _save(figure, out: str | Path) -> Path:
+    """Write ``figure`` atomically in the format ``out``'s suffix names (PNG by default) and close it."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     out = Path(out)
     with atomic_path(out) as temporary:
