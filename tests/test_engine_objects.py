@@ -111,6 +111,9 @@ def test_an_oracle_object_head_scores_map_one_through_eval(engine_world):
     assert detection["tp_errors"]["ASE"] < 0.01 and detection["tp_errors"]["AVE"] < 0.05
     present = [name for name, row in detection["by_condition"].items() if row is not None]
     assert present and all(detection["by_condition"][n]["mAP"] == pytest.approx(1.0, abs=1e-6) for n in present)
+    bands = [row for row in detection["by_range"].values() if row is not None]
+    assert set(detection["by_range"]) == {"0-20", "20-35", "35-50"} and bands
+    assert all(row["mAP"] == pytest.approx(1.0, abs=1e-6) for row in bands)
 
 
 @pytest.mark.parametrize("recipe", ["distill/tiny-c-bridgeta", "distill/tiny-c-direct"])
@@ -160,3 +163,32 @@ def test_bridgeta_object_terms_route_gradients_like_the_map_terms(engine_world, 
     assert any(g is not None and g.abs().sum() > 0 for g in
                torch.autograd.grad(out.losses["kd/lld_aux_object"], student_head, allow_unused=True))
     assert all(not p.requires_grad for p in distiller.teacher.object_head.parameters())
+
+
+def test_predict_writes_a_submission_that_eval_detections_scores(engine_world, tmp_path, capsys):
+    import json
+
+    from bridgeta import cli
+
+    config = small_student_config(engine_world, "model.object_head={head_channels: 8, score_threshold: 0.0, top_k: 20}",
+                                  "train.max_steps=1", "train.eval_every=0")
+    with torch_threads(1):
+        train(config, tmp_path / "run")
+        out = tmp_path / "results.json"
+        assert cli.main(["predict", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--split", "test"]) == 0
+        assert "boxes)" in capsys.readouterr().out
+        submission = json.loads(out.read_text())
+        assert submission["meta"]["use_camera"] is True and submission["meta"]["use_lidar"] is False
+        assert submission["results"] and all(len(boxes) <= 20 for boxes in submission["results"].values())
+        assert cli.main(["eval-detections", "--dataroot", str(engine_world), "--split", "test",
+                         "--results", str(out), "--json"]) == 0
+        scored = json.loads(capsys.readouterr().out)
+        assert 0.0 <= scored["mAP"] <= 1.0 and 0.0 <= scored["NDS"] <= 1.0
+        before = out.read_bytes()
+        assert cli.main(["predict", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 2
+        assert "--force" in capsys.readouterr().err and out.read_bytes() == before
+    plain = tmp_path / "plain"
+    with torch_threads(1):
+        train(small_student_config(engine_world, "train.max_steps=1", "train.eval_every=0"), plain)
+    assert cli.main(["predict", "--checkpoint", str(plain), "--out", str(tmp_path / "x.json")]) == 2
+    assert "no object head" in capsys.readouterr().err

@@ -257,6 +257,16 @@ def _command_eval_detections(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_predict(args: argparse.Namespace) -> int:
+    from bridgeta.engine.evaluate import predict_detections
+    from bridgeta.files import check_outputs
+
+    check_outputs(Path(args.out).parent, (Path(args.out).name,), args.force)
+    path, boxes = predict_detections(args.checkpoint, args.out, args.split, args.dataroot, args.version)
+    print(f"wrote {path} ({boxes} boxes)")
+    return 0
+
+
 def _command_viz(args: argparse.Namespace) -> int:
     from bridgeta.data.show import parse_sample
     from bridgeta.engine.viz import render_prediction
@@ -396,6 +406,17 @@ def build_parser() -> argparse.ArgumentParser:
                             help="classes to average over (default: the world's, or all ten on nuScenes)")
     detections.add_argument("--json", action="store_true", help='print {"mAP", "NDS", "per_class", ...}')
     detections.set_defaults(handler=_command_eval_detections)
+
+    predict = commands.add_parser(
+        "predict", help="a model's 3D boxes over a split as a nuScenes detection submission JSON (object head)"
+    )
+    predict.add_argument("--checkpoint", required=True, help="model.safetensors, a run dir or a checkpoint dir")
+    predict.add_argument("--out", required=True, help="submission .json")
+    predict.add_argument("--split", default=None, help="default: test")
+    predict.add_argument("--dataroot", default=None)
+    predict.add_argument("--version", default=None)
+    predict.add_argument("--force", action="store_true", help="replace an existing output file")
+    predict.set_defaults(handler=_command_predict)
 
     viz = commands.add_parser("viz", help="cameras, prediction vs ground truth per class, error map")
     viz.add_argument("--checkpoint", required=True)

@@ -117,6 +117,14 @@ def check_submission(path: str | Path, sample_tokens: Sequence[str], class_names
                 raise SubmissionError(f"{where}.detection_score must be a finite number")
 
 
+def _within(boxes, band: tuple[float, float]):
+    """The EvalBoxes whose centre's ego distance lies in ``[near, far)`` (every sample kept)."""
+    near, far = band
+    for token in boxes.sample_tokens:
+        boxes.boxes[token] = [box for box in boxes[token] if near <= box.ego_dist < far]
+    return boxes
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -196,12 +204,15 @@ def ground_truth_submission(nusc, sample_tokens: Sequence[str]) -> dict[str, lis
 
 def evaluate_detections(dataroot: str | Path, version: str, split: str, results: str | Path,
                         class_names: Sequence[str] | None = None, nusc=None,
-                        sample_tokens: Sequence[str] | None = None) -> dict[str, Any]:
+                        sample_tokens: Sequence[str] | None = None,
+                        distance_band: tuple[float, float] | None = None) -> dict[str, Any]:
     """mAP, NDS and per-class AP and TP errors of a submission file on ``split``.
 
     ``class_names``: the classes to average over (default: on a bridgeta world, those of our
     towns' classes that the split has boxes of; all ten on official nuScenes). ``sample_tokens``
-    evaluates a subset of the split (the results file still lists every sample). Returns ``{"mAP", "NDS", "tp_errors": {ATE...},
+    evaluates a subset of the split (the results file still lists every sample);
+    ``distance_band`` ``(near, far)`` m keeps, after the devkit's filters, only the boxes (true and
+    predicted) whose centre lies that far from the ego, for figures per distance band. Returns ``{"mAP", "NDS", "tp_errors": {ATE...},
     "per_class": {class: {"AP", "ATE", "ASE", "AOE", "AVE", "AAE"}}, "samples", "split"}``.
     """
     from nuscenes import NuScenes
@@ -235,6 +246,8 @@ def evaluate_detections(dataroot: str | Path, version: str, split: str, results:
     check_submission(results, tokens, config.class_names, config.max_boxes_per_sample)
     gt = filter_eval_boxes(nusc, add_center_dist(nusc, load_gt_of_sample_tokens(nusc, tokens, DetectionBox)),
                            config.class_range)
+    if distance_band is not None:
+        gt = _within(gt, distance_band)
     if ours and classes is None:
         # Our towns' classes that this split has boxes of: a class absent from a small synthetic
         # split would enter the mean as AP 0 whatever the predictions.
@@ -247,6 +260,8 @@ def evaluate_detections(dataroot: str | Path, version: str, split: str, results:
     pred, evaluator.meta = load_prediction_of_sample_tokens(str(results), config.max_boxes_per_sample, DetectionBox,
                                                             sample_tokens=tokens)
     evaluator.pred_boxes = filter_eval_boxes(nusc, add_center_dist(nusc, pred), config.class_range)
+    if distance_band is not None:
+        evaluator.pred_boxes = _within(evaluator.pred_boxes, distance_band)
     evaluator.gt_boxes = gt
     evaluator.sample_tokens = evaluator.gt_boxes.sample_tokens
     metrics, _ = evaluator.evaluate()

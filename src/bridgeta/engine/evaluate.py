@@ -361,15 +361,23 @@ def _detection_metrics(loader: Iterable[Batch], network: nn.Module, predictions:
                                 {"use_camera": "camera" in dataset.modalities, "use_lidar": "lidar" in dataset.modalities})
         overall = evaluate_detections(dataset.dataroot, dataset.config.version, dataset.split, path, nusc=nusc,
                                       sample_tokens=list(predictions))
+        def brief(**options) -> dict | None:
+            try:
+                result = evaluate_detections(dataset.dataroot, dataset.config.version, dataset.split, path,
+                                             nusc=nusc, **options)
+            except ValueError:  # e.g. a subset the split does not hold
+                return None
+            if not result["classes"]:  # no true box there: no figure rather than a mean over nothing
+                return None
+            return {k: v for k, v in result.items() if k in ("mAP", "NDS", "samples", "classes")}
+
         by_condition = {}
         for name in CONDITIONS:
             tokens = [t for t, c in conditions.items() if c == name]
-            by_condition[name] = None if not tokens else {
-                k: v for k, v in evaluate_detections(dataset.dataroot, dataset.config.version, dataset.split, path,
-                                                     nusc=nusc, sample_tokens=tokens).items()
-                if k in ("mAP", "NDS", "samples")
-            }
-    return {**overall, "by_condition": by_condition}
+            by_condition[name] = brief(sample_tokens=tokens) if tokens else None
+        by_range = {range_name(low, high): brief(sample_tokens=list(predictions), distance_band=(low, high))
+                    for low, high in DEFAULT_RANGES}
+    return {**overall, "by_condition": by_condition, "by_range": by_range}
 
 
 def evaluate_checkpoint_model(model: nn.Module, config: ExperimentConfig, split: str) -> dict[str, Any]:
@@ -449,3 +457,29 @@ def evaluate_assistant(
     if len(loader.dataset) == 0:
         raise ValueError(f"split '{split}' of {config.data.dataroot} has no samples")
     return evaluate(view, loader, device, view.classes)
+
+
+def predict_detections(
+    checkpoint: str | Path, out: str | Path, split: str | None = None, dataroot: str | Path | None = None,
+    version: str | None = None, batch_size: int = 2, device: str | torch.device | None = None,
+) -> tuple[Path, int]:
+    """Decode a model's object head over ``split`` and write the nuScenes submission JSON
+    (global frame, every sample listed); returns the file and the number of boxes. The file is
+    what ``bridgeta eval-detections`` (or the official devkit) scores."""
+    from bridgeta.detection_metrics import write_submission
+
+    path = resolve_model_file(checkpoint)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, config = load_model_file(path, map_location=device)
+    if model.object_head is None:
+        raise ValueError(f"{path}: the model has no object head (model.object_head): nothing to detect")
+    config = replace(config, data=data_config_for(config, dataroot, version))
+    loader = build_eval_loader(config, model, split or DEFAULT_SPLIT, batch_size, 0, distributed=False)
+    predictions: dict[str, list[dict]] = {}
+    model.eval()
+    with torch.inference_mode():
+        for inputs, _, metas in loader:
+            _collect_detections(model, model(inputs.to(device)), metas, predictions, {})
+    meta = {"use_camera": "camera" in model.modalities, "use_lidar": "lidar" in model.modalities}
+    written = write_submission(out, predictions, meta)
+    return written, sum(len(boxes) for boxes in predictions.values())
