@@ -192,3 +192,21 @@ def test_predict_writes_a_submission_that_eval_detections_scores(engine_world, t
         train(small_student_config(engine_world, "train.max_steps=1", "train.eval_every=0"), plain)
     assert cli.main(["predict", "--checkpoint", str(plain), "--out", str(tmp_path / "x.json")]) == 2
     assert "no object head" in capsys.readouterr().err
+
+
+def test_box_corners_and_a_two_head_picture(engine_world, tmp_path):
+    import numpy as np
+
+    from bridgeta.engine.viz import box_corners, render_prediction
+
+    corners = box_corners(np.array([[10.0, 2.0, 1.0, 4.0, 2.0, 2.0, np.pi / 2, 0.0, 0.0]]))[0]
+    # Turned by 90 degrees: the 4 m length runs along ego Y, the 2 m width along X.
+    assert np.allclose(corners[:, 0].min(), 9.0) and np.allclose(corners[:, 0].max(), 11.0)
+    assert np.allclose(corners[:, 1].min(), 0.0) and np.allclose(corners[:, 1].max(), 4.0)
+    assert np.allclose(sorted(set(np.round(corners[:, 2], 6))), [0.0, 2.0])
+    config = small_student_config(engine_world, "model.object_head={head_channels: 8}", "train.max_steps=1",
+                                  "train.eval_every=0")
+    with torch_threads(1):
+        train(config, tmp_path / "run")
+        png = render_prediction(tmp_path / "run", None, None, 0, tmp_path / "viz.png", split="test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -108,6 +108,49 @@ def _draw_bev(axes, image: np.ndarray, grid: BEVGrid, **imshow_args) -> object:
     return drawn
 
 
+def box_corners(boxes: np.ndarray) -> np.ndarray:
+    """``(N, 8, 3)`` corners of boxes ``(N, >=7)`` (x, y, z, length, width, height, yaw, ...):
+    the bottom four counter-clockwise from rear right, then the top four above them."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    boxes = boxes.reshape(-1, boxes.shape[-1]) if boxes.size else np.zeros((0, 9))
+    footprint = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
+    out = np.empty((len(boxes), 8, 3))
+    for i, (x, y, z, length, width, height, yaw) in enumerate(boxes[:, :7]):
+        c, s = np.cos(yaw), np.sin(yaw)
+        planar = (footprint * [length, width]) @ np.array([[c, s], [-s, c]]) + [x, y]
+        out[i, :4, :2] = out[i, 4:, :2] = planar
+        out[i, :4, 2], out[i, 4:, 2] = z - height / 2, z + height / 2
+    return out
+
+
+# The 12 edges of a box by corner index (bottom ring, top ring, verticals).
+BOX_EDGES = [(0, 1), (1, 2), (2, 3), (3, 0), (4, 5), (5, 6), (6, 7), (7, 4), (0, 4), (1, 5), (2, 6), (3, 7)]
+BOX_COLOURS = {"ground truth": (0.1, 0.75, 0.2), "prediction": (0.95, 0.2, 0.15)}
+
+
+def _draw_boxes_in_camera(axes, corners: np.ndarray, camera: dict, colour) -> None:
+    """Project box corners (ego frame) into one original camera image and draw their edges."""
+    ego_T_camera = np.asarray(camera["ego_T_camera"])
+    intrinsics = np.asarray(camera["intrinsics"])
+    for box in corners:
+        in_camera = (box - ego_T_camera[:3, 3]) @ ego_T_camera[:3, :3]
+        if (in_camera[:, 2] < 0.5).any():  # partly behind the camera: not drawn
+            continue
+        pixels = in_camera @ intrinsics.T
+        pixels = pixels[:, :2] / pixels[:, 2:]
+        if not ((pixels[:, 0] > -camera["width"]) & (pixels[:, 0] < 2 * camera["width"])).all():
+            continue
+        for a, b in BOX_EDGES:
+            axes.plot(pixels[[a, b], 0], pixels[[a, b], 1], color=colour, linewidth=0.8)
+
+
+def _draw_boxes_in_bev(axes, corners: np.ndarray, colour, label: str) -> None:
+    """Box footprints in the BEV panels' axes (ego Y to the left, ego X up)."""
+    for i, box in enumerate(corners):
+        ring = box[[0, 1, 2, 3, 0]]
+        axes.plot(ring[:, 1], ring[:, 0], color=colour, linewidth=0.9, label=label if i == 0 else None)
+
+
 def render_prediction(
     checkpoint_or_model: str | Path | torch.nn.Module,
     config: ExperimentConfig | None,
@@ -147,9 +190,22 @@ def render_prediction(
     model.eval()
     try:
         with torch.inference_mode():
-            probabilities = model(inputs.to(model_device)).logits.float().sigmoid()[0].cpu().numpy()
+            outputs = model(inputs.to(model_device))
+            probabilities = outputs.logits.float().sigmoid()[0].cpu().numpy()
+            detected = None
+            if getattr(model, "object_head", None) is not None and outputs.objects is not None:
+                from bridgeta.models.object_head import decode
+
+                settings = model.config.object_head
+                radius = {i: r for i, r in enumerate(settings.nms_radius) if r > 0}
+                detected = decode(outputs.objects, model.feature_grid, settings.top_k,
+                                  max(settings.score_threshold, 0.3), radius)[0]["boxes"].cpu().numpy()
     finally:
         model.train(was_training)
+    # Boxes (a model with an object head): ground truth and predictions, in the ego frame.
+    boxes = {}
+    if detected is not None and "objects" in item.meta:
+        boxes = {"ground truth": box_corners(item.meta["objects"]["boxes"].numpy()), "prediction": box_corners(detected)}
     targets = labels[0].numpy()
     classes = tuple(model.classes)
     thresholds = _class_thresholds(classes, threshold)
@@ -159,12 +215,17 @@ def render_prediction(
     figure = Figure(figsize=(max(12.0, 3.2 * len(classes)), 15.5))
     outer = figure.add_gridspec(2, 1, height_ratios=(4.6, 9.5), hspace=0.1, top=0.94, bottom=0.07)
     cameras = outer[0].subgridspec(2, 3, wspace=0.04, hspace=0.2)
-    images = {c["name"]: c["path"] for c in record["cameras"]}
+    images = {c["name"]: c for c in record["cameras"]}
     for row, names in enumerate(CAMERA_LAYOUT):
         for column, name in enumerate(names):
             axes = figure.add_subplot(cameras[row, column])
             if name in images:
-                axes.imshow(open_rgb(dataset.dataroot / images[name]))
+                picture = open_rgb(dataset.dataroot / images[name]["path"])
+                axes.imshow(picture)
+                for kind, corners in boxes.items():
+                    _draw_boxes_in_camera(axes, corners, images[name], BOX_COLOURS[kind])
+                axes.set_xlim(0, picture.size[0])
+                axes.set_ylim(picture.size[1], 0)
             axes.set_title(name, fontsize=8)
             axes.axis("off")
 
@@ -183,6 +244,13 @@ def render_prediction(
         truth[targets[k]] = GROUND_TRUTH_COLOUR
         _draw_bev(truth_axes, truth, grid)
         truth_axes.set_title("ground truth", fontsize=9)
+        if k == 0 and boxes:  # the boxes over the first class's truth, in the same frame
+            for kind, corners in boxes.items():
+                _draw_boxes_in_bev(truth_axes, corners, BOX_COLOURS[kind], kind)
+            truth_axes.set_xlim(grid.y[1], grid.y[0])
+            truth_axes.set_ylim(grid.x[0], grid.x[1])
+            truth_axes.legend(fontsize=6, loc="upper right")
+            truth_axes.set_title("ground truth + boxes", fontsize=9)
         error_axes = figure.add_subplot(panels[2, k])
         _draw_bev(error_axes, error_map(probabilities[k], targets[k], thresholds[k]), grid)
         error_axes.set_title(f"errors @ {thresholds[k]:g}", fontsize=9)
