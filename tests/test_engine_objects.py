@@ -210,3 +210,24 @@ def test_box_corners_and_a_two_head_picture(engine_world, tmp_path):
         train(config, tmp_path / "run")
         png = render_prediction(tmp_path / "run", None, None, 0, tmp_path / "viz.png", split="test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_two_head_model_exports_both_heads_to_onnx(engine_world, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from bridgeta.engine.deploy import OnnxStudent, export_onnx
+    from bridgeta.engine.model_file import save_model_file
+
+    config = small_student_config(engine_world, "model.object_head={head_channels: 8}")
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    source = save_model_file(tmp_path / "mt.safetensors", model, config)
+    with torch_threads(1):
+        exported = export_onnx(source, tmp_path / "mt.onnx")
+    assert exported.parity_max_abs < 1e-4  # every output: map logits, heatmap and regressions
+    session = OnnxStudent(exported.path, threads=1)
+    assert [o["name"] for o in session.metadata["outputs"]] == ["logits", "object_heatmap", "object_regression"]
+    from bridgeta.engine.deploy import reference_arrays
+
+    outputs = session.run_outputs(reference_arrays(session.specs))
+    assert outputs["object_heatmap"].shape == (1, 4, *model.feature_grid.shape)
+    assert outputs["object_regression"].shape == (1, 10, *model.feature_grid.shape)

@@ -42,11 +42,11 @@ from bridgeta.geometry import BEVGrid
 from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.deploy import (
     INPUT_NAMES,
-    OUTPUT_NAMES,
     DeployedStudent,
     TensorSpec,
     check_inputs,
     input_specs,
+    output_names,
     output_specs,
 )
 from bridgeta.rig import reference_camera_inputs
@@ -137,7 +137,7 @@ def export_onnx(source: str | Path, out: str | Path, batch_size: int = 1, verify
                 **choice,
                 opset_version=ONNX_OPSET,
                 input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES),
+                output_names=list(output_names(model)),
                 do_constant_folding=True,
             )
         graph = onnx.load(str(temporary))
@@ -148,7 +148,9 @@ def export_onnx(source: str | Path, out: str | Path, batch_size: int = 1, verify
         if verify:
             with torch.no_grad():
                 expected = wrapper(*(arrays[name] for name in INPUT_NAMES))
-            parity = max_abs_difference(OnnxStudent(temporary).run(arrays), expected)
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            got = OnnxStudent(temporary).run_outputs(arrays)
+            parity = max(max_abs_difference(got[name], value) for name, value in zip(output_names(model), expected))
         temporary.replace(out)
     finally:
         temporary.unlink(missing_ok=True)
@@ -208,9 +210,15 @@ class OnnxStudent(nn.Module):
 
     def run(self, inputs: Mapping[str, Any]) -> Any:
         """Logits ``(B, K, X, Y)`` as a numpy array for inputs keyed by name."""
+        return self.run_outputs(inputs)["logits"]
+
+    def run_outputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Every output of the file by name (``logits``; ``object_heatmap`` and
+        ``object_regression`` for a model with an object head), as numpy arrays."""
         arrays = {name: value.numpy() if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
         check_inputs(self.specs, arrays)
-        return self.session.run(list(OUTPUT_NAMES), arrays)[0]
+        names = [output.name for output in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, arrays)))
 
     def forward(self, inputs) -> DeployedOutputs:
         camera = inputs.camera

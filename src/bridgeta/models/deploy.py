@@ -28,7 +28,6 @@ from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.types import BEVInputs, CameraInputs
 
 INPUT_NAMES = ("images", "intrinsics", "ego_T_camera", "image_aug")
-OUTPUT_NAMES = ("logits",)
 DTYPE = "float32"
 
 
@@ -71,12 +70,28 @@ def input_specs(model: BEVModel, batch_size: int = 1) -> tuple[TensorSpec, ...]:
 
 
 def output_specs(model: BEVModel, batch_size: int = 1) -> tuple[TensorSpec, ...]:
-    """The deployed outputs: the map logits on the output grid (the only head these models have)."""
+    """The deployed outputs: the map logits on the output grid and, with an object head, its
+    heatmap logits and box regressions on the decoded BEV's grid (decode them as
+    ``bridgeta.models.object_head.decode`` does)."""
     size_x, size_y = model.output_grid.shape
-    return (
+    specs = [
         TensorSpec("logits", (batch_size, len(model.classes), size_x, size_y), DTYPE,
                    "map logits (B, K, X, Y) on the output grid; sigmoid for per-class probabilities"),
-    )
+    ]
+    if model.object_head is not None:
+        grid_x, grid_y = model.feature_grid.shape
+        specs += [
+            TensorSpec("object_heatmap", (batch_size, len(model.object_classes), grid_x, grid_y), DTYPE,
+                       "object centre heatmap logits (B, classes, X, Y) on the decoded BEV grid"),
+            TensorSpec("object_regression", (batch_size, 10, grid_x, grid_y), DTYPE,
+                       "per cell: sub-cell offset (2), height (1), log size (3), sin/cos yaw (2), velocity (2)"),
+        ]
+    return tuple(specs)
+
+
+def output_names(model: BEVModel) -> tuple[str, ...]:
+    """The deployed graph's output names, in order (``logits`` first)."""
+    return tuple(spec.name for spec in output_specs(model))
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -124,7 +139,10 @@ class DeployedStudent(nn.Module):
         intrinsics: torch.Tensor,
         ego_T_camera: torch.Tensor,
         image_aug: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         check_inputs(self.specs, dict(zip(INPUT_NAMES, (images, intrinsics, ego_T_camera, image_aug))))
         camera = CameraInputs(images, intrinsics, ego_T_camera, image_aug)
-        return self.model(BEVInputs(batch_size=images.shape[0], camera=camera)).logits
+        outputs = self.model(BEVInputs(batch_size=images.shape[0], camera=camera))
+        if outputs.objects is None:
+            return outputs.logits
+        return outputs.logits, outputs.objects.heatmap, outputs.objects.regression
