@@ -42,6 +42,10 @@ SPLITS_FILE = "bridgeta_splits.json"
 SETTING_KEYS = ("format", "version", "dataroot", "classes", "label_grid", "max_sweeps")
 
 
+# Keyframes ahead stored for motion forecasting and planning targets: 3 s at nuScenes' 2 Hz.
+FUTURE_STEPS = 6
+
+
 def pose_matrix(record: dict) -> np.ndarray:
     """4x4 ``a_T_b`` of an ``ego_pose`` / ``calibrated_sensor`` record (translation + quaternion)."""
     matrix = np.eye(4)
@@ -109,6 +113,8 @@ class _Records:
             width, length, height = annotation["size"]
             attributes = [nusc.get("attribute", a)["name"] for a in annotation["attribute_tokens"]]
             objects.append({
+                "future": self._future_track(annotation, ego_T_global, sample["timestamp"]),
+                "instance": annotation["instance_token"],
                 "token": token,
                 "name": name,
                 "box": [float(v) for v in (*centre, length, width, height, math.atan2(heading[1], heading[0]),
@@ -117,6 +123,33 @@ class _Records:
                 "num_lidar_pts": int(annotation["num_lidar_pts"]),
             })
         return objects
+
+    def _future_track(self, annotation: dict, ego_T_global: np.ndarray, timestamp: int,
+                      steps: int = FUTURE_STEPS) -> list[list[float]]:
+        """The object's next ``steps`` annotated centres along its track, in this sample's ego
+        frame, with the time ahead: ``[[x, y, seconds], ...]`` (shorter when the track ends)."""
+        nusc = self.nusc
+        future = []
+        current = annotation
+        while len(future) < steps and current["next"]:
+            current = nusc.get("sample_annotation", current["next"])
+            centre = ego_T_global[:3, :3] @ np.asarray(current["translation"]) + ego_T_global[:3, 3]
+            ahead = (nusc.get("sample", current["sample_token"])["timestamp"] - timestamp) / 1e6
+            future.append([float(centre[0]), float(centre[1]), float(ahead)])
+        return future
+
+    def _ego_future(self, sample: dict, ego_T_global: np.ndarray, steps: int = FUTURE_STEPS) -> list[list[float]]:
+        """The ego's next ``steps`` keyframe poses in this sample's ego frame: ``[[x, y, yaw,
+        seconds], ...]`` (the planning target; shorter at the end of a scene)."""
+        nusc = self.nusc
+        future = []
+        current = sample
+        while len(future) < steps and current["next"]:
+            current = nusc.get("sample", current["next"])
+            pose = ego_T_global @ self._pose(nusc.get("sample_data", current["data"]["LIDAR_TOP"]))
+            future.append([float(pose[0, 3]), float(pose[1, 3]), math.atan2(pose[1, 0], pose[0, 0]),
+                           (current["timestamp"] - sample["timestamp"]) / 1e6])
+        return future
 
     def build(self, sample: dict, scene: dict, split: str, location: str) -> dict:
         nusc = self.nusc
@@ -158,6 +191,7 @@ class _Records:
 
         return {
             "objects": self._objects(sample, ego_T_global),
+            "ego_future": self._ego_future(sample, ego_T_global),
             "token": sample["token"],
             "scene": scene["name"],
             "split": split,

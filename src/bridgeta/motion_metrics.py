@@ -1,0 +1,113 @@
+"""Motion forecasting and planning metrics (for multi-task students such as TinyBEV).
+
+* **Forecasting** (the definitions of nuScenes prediction): for each agent, ``K`` predicted
+  trajectories against the true one over the steps it has.
+  * ADE: the mean displacement over the steps;
+  * FDE: the displacement at the last step;
+  * minADE_K and minFDE_K: the best of the K modes, each on its own (the devkit's
+    ``MinADEK`` / ``MinFDEK``);
+  * miss rate: the share of agents for which *no* mode stays within ``miss_threshold`` (2 m) at
+    every step (``MissRateTopK``).
+* **Planning** (the ST-P3 / UniAD protocol):
+  * L2 at 1, 2 and 3 s: the per-step distance between the planned and the logged ego positions,
+    averaged over the steps up to that horizon;
+  * collision rate at a horizon: the share of samples whose planned ego box, at any step up to
+    it, overlaps a true agent box at that step. Boxes are rotated rectangles in BEV, tested by
+    the separating-axis theorem; the ego box is nuScenes' (4.084 m × 1.85 m).
+
+Masks mark the steps that exist (a track or a scene may end early); a trajectory with no valid
+step is left out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The nuScenes ego vehicle (Renault Zoe) footprint, as the ST-P3 / UniAD planning metric uses it.
+EGO_LENGTH, EGO_WIDTH = 4.084, 1.85
+
+
+def forecasting_metrics(predicted: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor,
+                        miss_threshold: float = 2.0) -> dict[str, float]:
+    """``predicted`` ``(N, K, T, 2)``, ``truth`` ``(N, T, 2)``, ``mask`` ``(N, T)`` bool:
+    minADE, minFDE and miss rate over the agents with at least one valid step."""
+    valid = mask.any(dim=1)
+    predicted, truth, mask = predicted[valid], truth[valid], mask[valid].float()
+    if len(truth) == 0:
+        return {"minADE": float("nan"), "minFDE": float("nan"), "miss_rate": float("nan"), "agents": 0}
+    distance = (predicted - truth[:, None]).norm(dim=-1)  # (N, K, T)
+    steps = mask.sum(dim=1)  # (N,)
+    ade = (distance * mask[:, None]).sum(dim=-1) / steps[:, None]
+    last = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(dim=1)  # last valid step
+    fde = distance.gather(2, last[:, None, None].expand(-1, distance.shape[1], 1))[..., 0]
+    worst = (distance * mask[:, None]).amax(dim=-1)  # (N, K): the largest error of each mode
+    return {
+        "minADE": float(ade.min(dim=1).values.mean()),
+        "minFDE": float(fde.min(dim=1).values.mean()),
+        "miss_rate": float((worst.min(dim=1).values > miss_threshold).float().mean()),
+        "agents": int(len(truth)),
+    }
+
+
+def planning_l2(planned: torch.Tensor, logged: torch.Tensor, mask: torch.Tensor, step_seconds: float = 0.5,
+                horizons: tuple[float, ...] = (1.0, 2.0, 3.0)) -> dict[str, float]:
+    """``planned``, ``logged`` ``(N, T, 2)``, ``mask`` ``(N, T)``: L2 (m) at each horizon, the mean
+    over samples and over the valid steps up to it (ST-P3 / UniAD)."""
+    distance = (planned - logged).norm(dim=-1)
+    out = {}
+    for horizon in horizons:
+        steps = int(round(horizon / step_seconds))
+        part, valid = distance[:, :steps], mask[:, :steps].float()
+        out[f"L2@{horizon:g}s"] = float((part * valid).sum() / valid.sum().clamp(min=1))
+    return out
+
+
+def _corners(boxes: torch.Tensor) -> torch.Tensor:
+    """``(..., 4, 2)`` BEV corners of ``(..., 5)`` boxes: x, y, length, width, yaw."""
+    x, y, length, width, yaw = boxes.unbind(-1)
+    c, s = yaw.cos(), yaw.sin()
+    half_l, half_w = length / 2, width / 2
+    signs = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, -1.0], [-1.0, 1.0]], device=boxes.device, dtype=boxes.dtype)
+    u = signs[:, 0] * half_l[..., None]
+    v = signs[:, 1] * half_w[..., None]
+    return torch.stack([x[..., None] + u * c[..., None] - v * s[..., None],
+                        y[..., None] + u * s[..., None] + v * c[..., None]], dim=-1)
+
+
+def boxes_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Whether rotated BEV rectangles ``a`` ``(..., 5)`` and ``b`` ``(..., 5)`` (broadcast)
+    overlap, by the separating-axis theorem: they are disjoint iff some edge normal of either
+    separates their projections."""
+    ca, cb = _corners(a), _corners(b)
+    ca, cb = torch.broadcast_tensors(ca, cb)
+    axes = []
+    for corners in (ca, cb):
+        edges = corners[..., [1, 3], :] - corners[..., [0, 0], :]  # two edge directions per box
+        axes.append(torch.stack([-edges[..., 1], edges[..., 0]], dim=-1))
+    normals = torch.cat(axes, dim=-2)  # (..., 4, 2)
+    pa = torch.einsum("...kd,...cd->...kc", normals, ca)
+    pb = torch.einsum("...kd,...cd->...kc", normals, cb)
+    separated = (pa.amax(-1) < pb.amin(-1)) | (pb.amax(-1) < pa.amin(-1))
+    return ~separated.any(dim=-1)
+
+
+def collision_rate(planned: torch.Tensor, agents: list[torch.Tensor], agent_mask: list[torch.Tensor],
+                   mask: torch.Tensor, step_seconds: float = 0.5,
+                   horizons: tuple[float, ...] = (1.0, 2.0, 3.0)) -> dict[str, float]:
+    """Share of samples whose planned ego box hits a true agent box at any valid step up to each
+    horizon. ``planned`` ``(N, T, 3)`` x, y, yaw; ``agents[n]`` ``(A, T, 5)`` x, y, length, width,
+    yaw of sample ``n``'s agents per future step with ``agent_mask[n]`` ``(A, T)``; ``mask`` ``(N, T)``
+    the valid planning steps."""
+    hits = torch.zeros(mask.shape, dtype=torch.bool, device=planned.device)
+    for n, (boxes, present) in enumerate(zip(agents, agent_mask)):
+        if len(boxes) == 0:
+            continue
+        ego = torch.cat([planned[n, :, :2], torch.full_like(planned[n, :, :1], EGO_LENGTH),
+                         torch.full_like(planned[n, :, :1], EGO_WIDTH), planned[n, :, 2:3]], dim=-1)  # (T, 5)
+        overlap = boxes_overlap(ego[None], boxes) & present  # (A, T)
+        hits[n] = overlap.any(dim=0) & mask[n]
+    out = {}
+    for horizon in horizons:
+        steps = int(round(horizon / step_seconds))
+        out[f"collision@{horizon:g}s"] = float(hits[:, :steps].any(dim=1).float().mean())
+    return out
