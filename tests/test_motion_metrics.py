@@ -93,3 +93,36 @@ def test_cached_futures_follow_the_tracks_and_the_ego_poses(engine_world):
             np.testing.assert_allclose(global_T_ego[:2, :2] @ [x, y] + global_T_ego[:2, 3], pose[:2, 3], atol=1e-4)
             egos += 1
     assert tracks > 0 and egos > 0
+
+
+def test_the_loader_gives_future_tracks_and_ego_paths_in_the_augmented_frame(engine_world):
+    import numpy as np
+
+    from engine_helpers import small_student_config
+
+    from bridgeta.data.dataset import BEVMapDataset, driving_command
+    from bridgeta.models.bev_model import build_model
+
+    config = small_student_config(engine_world, "model.object_head={}")
+    model = build_model(config)
+    plain = BEVMapDataset.for_model(config.data, model, "train")
+    moved = BEVMapDataset.for_model(config.data, model, "train", train=True, seed=5)
+    checked = 0
+    for index in range(len(plain)):
+        a, b = plain[index].meta["objects"], moved[index]
+        aug = b.bev_aug.double().numpy()
+        b = b.meta["objects"]
+        assert a["future"].shape == (len(a["boxes"]), 6, 2) and torch.equal(a["future_mask"], b["future_mask"])
+        expected = a["future"].double().numpy() @ aug[:2, :2].T + aug[:2, 3]
+        np.testing.assert_allclose(b["future"].numpy()[a["future_mask"].numpy()], expected[a["future_mask"].numpy()], atol=1e-3)
+        assert a["ego_future"].shape == (6, 2) and 0 <= a["command"] <= 2
+        checked += int(a["future_mask"].sum())
+    assert checked > 0
+    mask = np.ones(6, dtype=bool)
+    path = np.zeros((6, 2))
+    path[:, 0] = np.arange(1, 7) * 2.0
+    assert driving_command(path, mask) == 1
+    path[-1, 1] = 3.0
+    assert driving_command(path, mask) == 0
+    path[-1, 1] = -2.5
+    assert driving_command(path, mask) == 2

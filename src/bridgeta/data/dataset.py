@@ -166,6 +166,43 @@ def load_image(
     return apply_image_aug(image, matrix, final_size)
 
 
+# Keyframes of future targets (3 s at 2 Hz) and the lateral offset (m) at the last one that makes
+# the driving command a turn (ST-P3's rule): 0 = left, 1 = straight, 2 = right.
+FUTURE_STEPS = 6
+COMMAND_LATERAL = 2.0
+COMMANDS = ("left", "straight", "right")
+
+
+def _padded_future(tracks: list[list[list[float]]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, FUTURE_STEPS, 2)`` positions and ``(N, FUTURE_STEPS)`` bool mask of tracks that may end early."""
+    positions = np.zeros((len(tracks), FUTURE_STEPS, 2), dtype=np.float32)
+    mask = np.zeros((len(tracks), FUTURE_STEPS), dtype=bool)
+    for i, track in enumerate(tracks):
+        steps = np.asarray(track[:FUTURE_STEPS], dtype=np.float32).reshape(-1, 2)
+        positions[i, : len(steps)], mask[i, : len(steps)] = steps, True
+    return positions, mask
+
+
+def _move_xy(points: np.ndarray, bev_aug: np.ndarray) -> np.ndarray:
+    """x, y of ground points ``(..., 2)`` moved by the BEV augmentation (z = 0)."""
+    flat = np.concatenate([points.reshape(-1, 2), np.zeros((points.reshape(-1, 2).shape[0], 1))], axis=1)
+    return apply_bev_aug_points(flat, bev_aug)[:, :2].reshape(points.shape).astype(np.float32)
+
+
+def driving_command(displacement: np.ndarray, mask: np.ndarray) -> int:
+    """The command of a future ego path ``(T, 2)`` of displacements from the ego: left when its
+    last valid point lies more than ``COMMAND_LATERAL`` m to the left (+y), right below minus
+    that, else straight."""
+    if not mask.any():
+        return COMMANDS.index("straight")
+    lateral = float(displacement[np.flatnonzero(mask)[-1], 1])
+    if lateral > COMMAND_LATERAL:
+        return COMMANDS.index("left")
+    if lateral < -COMMAND_LATERAL:
+        return COMMANDS.index("right")
+    return COMMANDS.index("straight")
+
+
 class BEVMapDataset(Dataset):
     """BEV map segmentation samples of one split of a prepared dataroot.
 
@@ -331,10 +368,21 @@ class BEVMapDataset(Dataset):
         index = {name: i for i, name in enumerate(self.object_classes)}
         kept = [o for o in record["objects"] if o["name"] in index and o["num_lidar_pts"] > 0]
         boxes = np.array([o["box"] for o in kept], dtype=np.float64).reshape(-1, 9)
-        return {
+        out = {
             "boxes": torch.from_numpy(apply_bev_aug_boxes(boxes, bev_aug)),
             "labels": torch.tensor([index[o["name"]] for o in kept], dtype=torch.long),
         }
+        if all("future" in o for o in kept):  # caches prepared with the tracks (motion targets)
+            future, mask = _padded_future([[step[:2] for step in o["future"]] for o in kept])
+            out["future"] = torch.from_numpy(_move_xy(future, bev_aug))
+            out["future_mask"] = torch.from_numpy(mask)
+        if "ego_future" in record:
+            ego, ego_mask = _padded_future([[step[:2] for step in record["ego_future"]]])
+            moved = _move_xy(ego[0], bev_aug)
+            out["ego_future"] = torch.from_numpy(moved)
+            out["ego_future_mask"] = torch.from_numpy(ego_mask[0])
+            out["command"] = driving_command(moved - _move_xy(np.zeros((1, 2)), bev_aug), ego_mask[0])
+        return out
 
     def _add_cameras(self, sample: BEVSample, record: dict, rng: np.random.Generator) -> None:
         images, augs = [], []

@@ -29,6 +29,7 @@ import bridgeta
 from bridgeta.config import MAP_CLASSES
 from bridgeta.data.cache import CACHE_FORMAT, default_cache_dir, grid_to_dict
 from bridgeta.data.conditions import scene_condition
+from bridgeta.data.dataset import FUTURE_STEPS  # keyframes ahead for motion and planning targets
 from bridgeta.data.devkit import load_map, load_nuscenes, scene_splits
 from bridgeta.data.labels import rasterise_map_labels
 from bridgeta.data.nuscenes_writer import quaternion_to_matrix
@@ -40,10 +41,6 @@ CAMERA_NAMES = tuple(c.name for c in NUSCENES_CAMERAS)
 SPLITS_FILE = "bridgeta_splits.json"
 # Settings that define a cache: re-running prepare with the same ones is a no-op.
 SETTING_KEYS = ("format", "version", "dataroot", "classes", "label_grid", "max_sweeps")
-
-
-# Keyframes ahead stored for motion forecasting and planning targets: 3 s at nuScenes' 2 Hz.
-FUTURE_STEPS = 6
 
 
 def pose_matrix(record: dict) -> np.ndarray:
