@@ -52,6 +52,8 @@ def test_staged_protocol_end_to_end(engine_world, tmp_path, monkeypatch):
     assert set(points) == {(m, lam) for m in ("bridgeta", "direct", "monotakd") for lam in (0.0, 1.0)}
     assert points[("direct", 0.0)]["runs"] == ["tiny-c-seed0"]
     assert points[("bridgeta", 0.0)]["runs"] == ["tiny-c-bridgeta-lam0-seed0"]
+    assert 0.0 <= points[("bridgeta", 1.0)]["assistant_val_miou"] <= 1.0
+    assert points[("direct", 1.0)]["assistant_val_miou"] is None
     for method, lam in sweep["chosen"].items():
         best = max(p["val_miou"] for p in sweep["points"] if p["method"] == method)
         assert points[(method, lam)]["val_miou"] == best

@@ -58,6 +58,8 @@ def run(
                 "val_miou_std": stats["std"],
                 "val_miou_per_seed": val,
                 "val_miou_night": _mean_std([r["val"]["by_condition"]["night"]["miou"] for _, r in mine])["mean"],
+                # BridgeTA's TA on the same towns (teacher > TA > student is the expected order).
+                "assistant_val_miou": _mean_std([r.get("assistant_val", {}).get("miou") for _, r in mine])["mean"],
             })
     chosen = {}
     for method in methods:
