@@ -83,6 +83,9 @@ def test_staged_protocol_end_to_end(engine_world, tmp_path, monkeypatch):
     assert partial["finished"]["bridgeta"] == [0] and partial["finished"]["baseline"] == [0, 1]
     assert partial["table"]["bridgeta"]["miou"] == table["bridgeta"]["miou"]
     assert (out / "results.json").read_text() == before and (out / "partial.json").is_file()
+    with pytest.raises(FileNotFoundError, match="no benchmark world there yet"):  # it never generates one
+        accuracy.run("cpu", None, tmp_path / "none", tmp_path / "nowork", None, summary=True)
+    assert not (tmp_path / "nowork").exists()
     empty = accuracy.run_staged("test", tmp_path / "none", tmp_path / "nowork", engine_world, preset=preset, summary=True)
     assert empty["finished"] == {} and empty["table"] == {}
     assert not (tmp_path / "nowork" / "runs").exists()

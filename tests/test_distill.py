@@ -1,6 +1,7 @@
 """Distillation: Young's bound and eps*, frozen teacher, gradient routing, registry, baselines."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -211,6 +212,8 @@ class _Fixed(torch.nn.Module):
     """A stand-in model returning fixed tensors: the baselines' losses can be checked by hand."""
 
     classes = ("drivable_area",)
+    # What the distillers read of a model's config: the map head's loss weight.
+    config = SimpleNamespace(head=SimpleNamespace(weight=1.0))
 
     def __init__(self, camera: float, fused: float, decoded: float, logit: float) -> None:
         super().__init__()

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bridgeta.bench.distill import (
-    METHODS, TUNED_METHODS, Protocol, aggregate, finished_result, is_baseline_point, is_monotakd, learned_classes,
-    method_job, run_name,
+    METHODS, TUNED_METHODS, Protocol, aggregate, is_baseline_point, is_monotakd, learned_classes, method_job,
+    run_name, train_method,
 )
 from bridgeta.bench.distill import run as run_methods
 from bridgeta.bench.jobs import run_jobs
@@ -166,25 +166,35 @@ def format_detection_markdown(result: dict) -> str | None:
     return "\n".join(lines)
 
 
+def backbone_file(work: Path) -> Path:
+    """Where the world's pretrained image backbone lives (``ensure_backbone`` writes it)."""
+    from bridgeta.engine.pretrain import BACKBONE_FILE
+
+    return work / "backbone" / BACKBONE_FILE
+
+
 def ensure_backbone(work: Path, dataroot: Path, preset: AccuracyPreset) -> Path:
     """The world's pretrained image backbone under ``work/backbone``: trained once, then reused."""
     from bridgeta.config import load_config
-    from bridgeta.engine.pretrain import BACKBONE_FILE, pretrain_backbone
+    from bridgeta.engine.pretrain import pretrain_backbone
 
-    out = work / "backbone"
-    if not (out / BACKBONE_FILE).is_file():  # a killed pretraining left no backbone: run it again
+    path = backbone_file(work)
+    if not path.is_file():  # a killed pretraining left no backbone: run it again
         config = load_config(preset.protocol.student, [
             *preset.protocol.student_overrides, f"data.dataroot={dataroot}",
             f"pretrain.max_steps={preset.pretrain_steps}", "pretrain.epochs=1000",
         ])
         print(f"== pretraining the {preset.protocol.student} image backbone ({preset.pretrain_steps} steps)", flush=True)
-        pretrain_backbone(config, out, force=True)
-    return out / BACKBONE_FILE
+        pretrain_backbone(config, path.parent, force=True)
+    return path
+
+
+def _capped(count: int, cap: int | None) -> int:
+    return min(count, cap) if cap else count
 
 
 def seeds_of(method: str, preset: AccuracyPreset, cap: int | None) -> int:
-    count = preset.seeds.get(method, preset.default_seeds)
-    return min(count, cap) if cap else count
+    return _capped(preset.seeds.get(method, preset.default_seeds), cap)
 
 
 def _curve(run_dir: Path) -> list[list[float]]:
@@ -194,6 +204,12 @@ def _curve(run_dir: Path) -> list[list[float]]:
     if not (run_dir / METRICS_FILE).is_file():
         return []
     return [[row["step"], row["eval"]["miou"]] for row in read_metrics(run_dir) if "eval" in row]
+
+
+def _convergence(runs_dir: Path, protocol: Protocol) -> dict[str, list[list[float]]]:
+    """The validation curves of seed 0 of the baseline and the teacher."""
+    return {"baseline": _curve(runs_dir / run_name("baseline", 0, protocol)),
+            "teacher": _curve(runs_dir / run_name("teacher", 0, protocol))}
 
 
 def last_quarter_gain(curve: list[list[float]]) -> float | None:
@@ -226,14 +242,14 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     protocol = preset.protocol
     if summary:
         def execute(job_list):
-            return [finished_result(*job.args) for job in job_list]
+            return [train_method(*job.args, read_only=True) for job in job_list]
     else:
         def execute(job_list):
             return run_jobs(job_list, jobs)
     if preset.pretrain_steps:
-        backbone = work / "backbone" / "backbone.safetensors" if summary else ensure_backbone(work, dataroot, preset)
+        backbone = backbone_file(work) if summary else ensure_backbone(work, dataroot, preset)
         protocol = replace(protocol, pretrained=str(backbone))
-    sweep_seeds = min(preset.sweep_seeds, seed_cap) if seed_cap else preset.sweep_seeds
+    sweep_seeds = _capped(preset.sweep_seeds, seed_cap)
     baseline_seeds = max(seeds_of("baseline", preset, seed_cap), sweep_seeds)
     teachers = protocol.teacher_seeds or max(seeds_of(m, preset, seed_cap) for m in methods)
 
@@ -247,7 +263,7 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     stage1 += [("baseline", method_job("baseline", s, dataroot, runs_dir, protocol, None, ("val", "test")))
                for s in range(baseline_seeds)]
     scratch = replace(protocol, pretrained=None)
-    scratch_seeds = min(preset.default_seeds, seed_cap) if seed_cap else preset.default_seeds
+    scratch_seeds = _capped(preset.default_seeds, seed_cap)
     for method in preset.scratch:
         stage1 += [(f"{method}_scratch", method_job(method, s, dataroot, runs_dir / "scratch", scratch, None, ("val", "test")))
                    for s in range(scratch_seeds)]
@@ -308,9 +324,7 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
         return _write_summary(out, started, dataroot, protocol, runs, runs_dir, preset_name)
     table = aggregate(runs)
     splits = json.loads((dataroot / "bridgeta_splits.json").read_text())
-    teacher_dir = runs_dir / run_name("teacher", 0, protocol)
-    baseline_dir = runs_dir / run_name("baseline", 0, protocol)
-    convergence = {"baseline": _curve(baseline_dir), "teacher": _curve(teacher_dir)}
+    convergence = _convergence(runs_dir, protocol)
     diagnostics = {}
     for method in ("direct", "bridgeta", "fixed_epsilon"):
         if method in methods:
@@ -331,7 +345,7 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
         "learned_classes": learned_classes(runs),
         "convergence": convergence,
         "convergence_last_quarter_gain": {k: last_quarter_gain(v) for k, v in convergence.items()},
-        "camera_fusion_ratio": table["baseline"]["miou"]["mean"] / table["teacher"]["miou"]["mean"],
+        "camera_fusion_ratio": _camera_fusion_ratio(table),
         "diagnostics": diagnostics,
         "pretraining": _pretraining(protocol),
         "reproducibility": reproducibility,
@@ -344,6 +358,11 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     detection = format_detection_markdown(result)
     (out / "table.md").write_text(format_markdown(result) + "\n" + (f"\n{detection}\n" if detection else ""))
     return result
+
+
+def _camera_fusion_ratio(table: dict) -> float:
+    """Baseline over teacher test mIoU: where the camera student stands (the paper's is 0.90)."""
+    return table["baseline"]["miou"]["mean"] / table["teacher"]["miou"]["mean"]
 
 
 def _pretraining(protocol: Protocol) -> dict | None:
@@ -362,8 +381,7 @@ def _pretraining(protocol: Protocol) -> dict | None:
 def _write_summary(out: Path, started: dict, dataroot: Path, protocol: Protocol, runs: dict[str, list[dict]],
                    runs_dir: Path, preset_name: str) -> dict:
     """``partial.json``: the table over the runs finished so far, and the curves."""
-    convergence = {"baseline": _curve(runs_dir / run_name("baseline", 0, protocol)),
-                   "teacher": _curve(runs_dir / run_name("teacher", 0, protocol))}
+    convergence = _convergence(runs_dir, protocol)
     result = {
         "environment": started,
         "partial": True,
@@ -376,9 +394,8 @@ def _write_summary(out: Path, started: dict, dataroot: Path, protocol: Protocol,
         "table": aggregate(runs) if runs else {},
         "preset": {"name": preset_name},
     }
-    table = result["table"]
-    if "baseline" in table and "teacher" in table:
-        result["camera_fusion_ratio"] = table["baseline"]["miou"]["mean"] / table["teacher"]["miou"]["mean"]
+    if "baseline" in result["table"] and "teacher" in result["table"]:
+        result["camera_fusion_ratio"] = _camera_fusion_ratio(result["table"])
     write_json(out / "partial.json", result)
     return result
 
@@ -403,9 +420,15 @@ def _figures(out: Path, runs_dir: Path, protocol: Protocol, chosen: dict, method
 def run(preset_name: str, seeds: int | None, out: Path, work: Path, dataroot: Path | None,
         methods: Sequence[str] | None = None, jobs: int = 1, reproduce: bool = False, summary: bool = False) -> dict:
     preset = PRESETS[preset_name]
-    work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    dataroot = dataroot or ensure_world(work, preset)
+    if summary:  # reads what exists: it neither generates nor prepares a world
+        dataroot = dataroot or work / "world"
+        if not (dataroot / "bridgeta_splits.json").is_file():
+            raise FileNotFoundError(f"{dataroot}: no benchmark world there yet (nothing has run): --summary "
+                                    "reads a benchmark's finished runs and trains nothing")
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        dataroot = dataroot or ensure_world(work, preset)
     if preset.lambdas or preset.pretrain_steps or preset.seeds:
         return run_staged(preset_name, out, work, dataroot, jobs, seeds, methods, reproduce=reproduce, summary=summary)
     result = run_methods(

@@ -30,7 +30,8 @@ def train_and_evaluate(
     seed: int,
     overrides: Sequence[str] = (),
     split: str | Sequence[str] = "test",
-) -> dict:
+    read_only: bool = False,
+) -> dict | None:
     """Train ``preset`` (unless already done) and evaluate it on ``split`` (one or several); returns both.
 
     ``preset`` may be a distillation recipe (its teacher set in ``overrides``). Each split's result
@@ -38,7 +39,9 @@ def train_and_evaluate(
     finished run (its ``model.safetensors``) is not trained again, and a split already evaluated
     is read back. With ``train.eval_every_steps`` set, the run validates while it trains (its
     curve is in ``metrics.jsonl``). A BridgeTA run also evaluates its teacher assistant on the
-    validation split (``eval_assistant_val.json``, under ``assistant_val``).
+    validation split (``eval_assistant_val.json``, under ``assistant_val``). ``read_only`` trains
+    and evaluates nothing: the stored result of a run finished and evaluated on every split, or
+    None (``bench accuracy --summary``).
     """
     from bridgeta.engine.evaluate import evaluate_assistant, evaluate_checkpoint, evaluate_checkpoint_model
     from bridgeta.engine.trainer import train
@@ -47,6 +50,8 @@ def train_and_evaluate(
     config = load_config(preset, [f"data.dataroot={dataroot}", f"train.seed={seed}", *overrides])
     _check_same_run(run_dir, config)
     model_file = run_dir / "model.safetensors"
+    if read_only and not (model_file.is_file() and all((run_dir / f"eval_{n}.json").is_file() for n in splits)):
+        return None
     summary = None
     if not model_file.is_file():
         # The run directory holds this config (checked above): continue it, or restart one that
@@ -71,9 +76,10 @@ def train_and_evaluate(
         result[name] = stored[name]
     if config.distill is not None and config.distill.method == "bridgeta":
         path = run_dir / "eval_assistant_val.json"
-        if not path.is_file():
+        if not path.is_file() and not read_only:
             write_json(path, {"assistant_val": evaluate_assistant(model_file, split="val")})
-        result["assistant_val"] = json.loads(path.read_text())["assistant_val"]
+        if path.is_file():
+            result["assistant_val"] = json.loads(path.read_text())["assistant_val"]
     return result
 
 

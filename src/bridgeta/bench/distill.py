@@ -196,36 +196,14 @@ def method_config(
 def train_method(
     method: str, dataroot: Path, runs_dir: Path, seed: int, protocol: Protocol = Protocol(),
     scale: float | None = None, split: str | Sequence[str] = "test", suffix: str = "",
-) -> dict:
+    read_only: bool = False,
+) -> dict | None:
     """Train (or reuse) and evaluate one run; ``suffix`` names a second run of the same config
-    (``-rerun``: the reproducibility check)."""
+    (``-rerun``: the reproducibility check); ``read_only`` returns a finished run's stored result
+    or None, training nothing (``--summary``)."""
     preset, overrides = method_config(method, runs_dir, seed, protocol, scale)
     run_dir = runs_dir / (run_name(method, seed, protocol, scale) + suffix)
-    return train_and_evaluate(preset, dataroot, run_dir, seed, overrides, split)
-
-
-def finished_result(
-    method: str, dataroot: Path, runs_dir: Path, seed: int, protocol: Protocol = Protocol(),
-    scale: float | None = None, split: str | Sequence[str] = "test", suffix: str = "",
-) -> dict | None:
-    """What :func:`train_method` would return for a run that has finished and been evaluated on
-    every split, read back without training; None for a run still to do (``--summary``)."""
-    import json
-
-    run_dir = runs_dir / (run_name(method, seed, protocol, scale) + suffix)
-    splits = [split] if isinstance(split, str) else list(split)
-    paths = [run_dir / f"eval_{name}.json" for name in splits]
-    if not (run_dir / "model.safetensors").is_file() or not all(p.is_file() for p in paths):
-        return None
-    result: dict = {}
-    for name, path in zip(splits, paths):
-        stored = json.loads(path.read_text())
-        result.update({k: v for k, v in stored.items() if k not in splits})
-        result[name] = stored[name]
-    assistant = run_dir / "eval_assistant_val.json"
-    if assistant.is_file():
-        result["assistant_val"] = json.loads(assistant.read_text())["assistant_val"]
-    return result
+    return train_and_evaluate(preset, dataroot, run_dir, seed, overrides, split, read_only=read_only)
 
 
 def method_job(method: str, seed: int, dataroot: Path, runs_dir: Path, protocol: Protocol,

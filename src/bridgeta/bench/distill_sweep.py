@@ -2,7 +2,7 @@
 
 METHOD.md leaves the loss weights open ("choose them on validation data only"), and a fair
 comparison tunes every method with the same budget. Each tuned method (``bridgeta``, ``direct``,
-``feature_kd``, ``logit_kd``) scales its recipe weights by the same lambdas, lambda = 0
+``feature_kd``, ``logit_kd``, ``monotakd``) scales its recipe weights by the same lambdas, lambda = 0
 included, with the same seeds, schedule and teacher (the benchmark's own); each point is the
 mean validation mIoU over its seeds (towns disjoint from train and test; the test towns are
 never read), and the best lambda per method wins. BridgeTA's per-level ratios are the recipe's

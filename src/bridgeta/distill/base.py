@@ -143,10 +143,8 @@ class Distiller(nn.Module):
                 module.eval()
         return self
 
-    # The teacher is an input of the run (``distill.teacher``), not part of what it trains: state
+    # Frozen inputs (the teacher: ``distill.teacher``) are not part of what a run trains: state
     # dicts, hence checkpoints and model files, hold the student and training-only modules only.
-    TEACHER_PREFIX = "teacher."
-
     def _frozen_prefixes(self, prefix: str = "") -> tuple[str, ...]:
         return tuple(f"{prefix}{name}." for name in self.frozen)
 
@@ -220,7 +218,7 @@ class Distiller(nn.Module):
         object targets for a multi-task student (a method's own modules with an object head, the
         BridgeTA TA's, learn from them); :meth:`distill` reads them as ``self.object_targets``."""
         student = self.student(inputs)
-        losses = self.segmentation_losses(student.logits, labels, "seg")
+        losses = self.segmentation_losses(student.logits, labels, "seg", self.student.config.head.weight)
         logs: dict[str, float] = {}
         self.object_targets = objects
         try:

@@ -23,7 +23,7 @@ from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.decoder import BEVDecoder
 from bridgeta.models.fuser import ConvFuser
 from bridgeta.models.head import MapSegmentationHead
-from bridgeta.models.object_head import ObjectHead, ObjectOutputs, object_losses
+from bridgeta.models.object_head import ObjectHead, ObjectOutputs, object_loss_weights, object_losses
 from bridgeta.models.types import BEVInputs, BEVOutputs
 
 
@@ -166,18 +166,22 @@ class BridgeTADistiller(Distiller):
         assert self.teacher is not None
         temperature = self.config.temperature
         through_teacher = self.teacher.head(student.decoded_bev)
-        head = self.assistant.head
+        through_ta = self.probe(self.assistant.head, student.decoded_bev)
+        return bernoulli_kl(teacher.logits, through_teacher, temperature) + bernoulli_kl(
+            ta.logits.detach(), through_ta, temperature
+        )
+
+    def probe(self, head: nn.Module, features: torch.Tensor):
+        """``head(features)`` as a fixed probe: detached weights, throw-away buffer copies, and
+        eval mode unless ``distill.ta_probe_mode`` is ``train`` (see :meth:`crosskd_aux`)."""
         state = {name: p.detach() for name, p in head.named_parameters()}
         state.update({name: b.clone() for name, b in head.named_buffers()})
         was_training = head.training
         head.train(self.config.ta_probe_mode == "train" and was_training)
         try:
-            through_ta = functional_call(head, state, (student.decoded_bev,))
+            return functional_call(head, state, (features,))
         finally:
             head.train(was_training)
-        return bernoulli_kl(teacher.logits, through_teacher, temperature) + bernoulli_kl(
-            ta.logits.detach(), through_ta, temperature
-        )
 
     def object_terms(self, student: BEVOutputs, teacher: BEVOutputs, ta: AssistantOutputs, epsilon,
                      logs: dict[str, float]) -> dict[str, torch.Tensor]:
@@ -191,8 +195,7 @@ class BridgeTADistiller(Distiller):
         s_obj, t_obj = pair
         losses: dict[str, torch.Tensor] = {}
         if self.object_targets is not None:
-            weights = {name: config.ta_seg_weight * settings.weight * getattr(settings.losses, name)
-                       for name in vars(settings.losses)}
+            weights = object_loss_weights(settings, config.ta_seg_weight)
             for name, value in object_losses(ta.objects, self.object_targets, weights).items():
                 losses[f"ta_object/{name}"] = value
         if "lld" in config.levels:
@@ -204,15 +207,7 @@ class BridgeTADistiller(Distiller):
                 assert self.teacher is not None and self.teacher.object_head is not None
                 temperature = config.temperature
                 through_teacher = self.teacher.object_head(student.decoded_bev).heatmap
-                head = self.assistant.object_head
-                state = {name: p.detach() for name, p in head.named_parameters()}
-                state.update({name: b.clone() for name, b in head.named_buffers()})
-                was_training = head.training
-                head.train(config.ta_probe_mode == "train" and was_training)
-                try:
-                    through_ta = functional_call(head, state, (student.decoded_bev,)).heatmap
-                finally:
-                    head.train(was_training)
+                through_ta = self.probe(self.assistant.object_head, student.decoded_bev).heatmap
                 losses["kd/lld_aux_object"] = config.weights.lld_aux * (
                     bernoulli_kl(t_obj.heatmap, through_teacher, temperature)
                     + bernoulli_kl(ta.objects.heatmap.detach(), through_ta, temperature))

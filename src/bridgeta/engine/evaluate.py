@@ -32,6 +32,7 @@ from bridgeta.engine.checkpoint import latest_checkpoint
 from bridgeta.engine.model_file import load_model_file
 from bridgeta.geometry import BEVGrid
 from bridgeta.metrics import MapMetric
+from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.types import BEVInputs
 
 # Distance bands (m from the ego origin): near, middle and far thirds of a +-50 m map.
@@ -361,6 +362,7 @@ def _detection_metrics(loader: Iterable[Batch], network: nn.Module, predictions:
                                 {"use_camera": "camera" in dataset.modalities, "use_lidar": "lidar" in dataset.modalities})
         overall = evaluate_detections(dataset.dataroot, dataset.config.version, dataset.split, path, nusc=nusc,
                                       sample_tokens=list(predictions))
+
         def brief(**options) -> dict | None:
             try:
                 result = evaluate_detections(dataset.dataroot, dataset.config.version, dataset.split, path,
@@ -414,6 +416,18 @@ def evaluate_checkpoint(
     unless ``precision`` says otherwise: reported numbers should not depend on the machine's
     mixed-precision support (``bench precision`` evaluates a frozen teacher in bf16 on purpose).
     """
+    distributed = dist.is_available() and dist.is_initialized()
+    model, loader, device = _model_and_loader(checkpoint, dataroot, version, split, batch_size, num_workers,
+                                              device, distributed)
+    return evaluate(model, loader, device, model.classes, precision=precision)
+
+
+def _model_and_loader(
+    checkpoint: str | Path, dataroot: str | Path | None, version: str | None, split: str | None,
+    batch_size: int, num_workers: int, device: str | torch.device | None, distributed: bool,
+) -> tuple[BEVModel, DataLoader, torch.device]:
+    """A model file's model on ``device`` and a test-time loader over ``split`` (default ``test``)
+    of its embedded data, ``dataroot`` and ``version`` overriding it; errors name the file."""
     path = resolve_model_file(checkpoint)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, config = load_model_file(path, map_location=device)
@@ -422,11 +436,10 @@ def evaluate_checkpoint(
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     config = replace(config, data=data)
-    distributed = dist.is_available() and dist.is_initialized()
     loader = build_eval_loader(config, model, split or DEFAULT_SPLIT, batch_size, num_workers, distributed)
     if len(loader.dataset) == 0:
         raise ValueError(f"split '{split or DEFAULT_SPLIT}' of {data.dataroot} has no samples")
-    return evaluate(model, loader, device, model.classes, precision=precision)
+    return model, loader, device
 
 
 def evaluate_assistant(
@@ -468,13 +481,10 @@ def predict_detections(
     what ``bridgeta eval-detections`` (or the official devkit) scores."""
     from bridgeta.detection_metrics import write_submission
 
-    path = resolve_model_file(checkpoint)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, config = load_model_file(path, map_location=device)
+    model, loader, device = _model_and_loader(checkpoint, dataroot, version, split, batch_size, 0, device, False)
     if model.object_head is None:
-        raise ValueError(f"{path}: the model has no object head (model.object_head): nothing to detect")
-    config = replace(config, data=data_config_for(config, dataroot, version))
-    loader = build_eval_loader(config, model, split or DEFAULT_SPLIT, batch_size, 0, distributed=False)
+        raise ValueError(f"{resolve_model_file(checkpoint)}: the model has no object head (model.object_head): "
+                         "nothing to detect")
     predictions: dict[str, list[dict]] = {}
     model.eval()
     with torch.inference_mode():

@@ -90,7 +90,7 @@ from bridgeta.files import atomic_write_text, check_outputs, remove_paths, requi
 from bridgeta.engine.model_file import load_model_file, save_model_file
 from bridgeta.engine.schedule import WarmupCosineSchedule
 from bridgeta.losses import map_segmentation_loss
-from bridgeta.models.object_head import ObjectTargets, build_targets, object_losses
+from bridgeta.models.object_head import ObjectTargets, build_targets, object_loss_weights, object_losses
 from bridgeta.distill import Distiller, build_distiller
 from bridgeta.models.bev_model import BEVModel, build_model
 from bridgeta.models.types import BEVInputs, BEVOutputs
@@ -364,8 +364,8 @@ class _Trainer:
         settings = self.model.config.object_head
         if settings is None or outputs.objects is None or targets is None:
             return {}
-        weights = {name: settings.weight * getattr(settings.losses, name) for name in vars(settings.losses)}
-        return {f"object/{name}": value for name, value in object_losses(outputs.objects, targets, weights).items()}
+        losses = object_losses(outputs.objects, targets, object_loss_weights(settings))
+        return {f"object/{name}": value for name, value in losses.items()}
 
     def _micro_step(self, inputs: BEVInputs, labels: torch.Tensor, group_size: int, sync: bool,
                     metas: list[dict] | None = None) -> torch.Tensor:
@@ -377,17 +377,15 @@ class _Trainer:
         with no_sync():
             with torch.autocast(self.ctx.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 if self.distiller is not None:
-                    result = self.forward_model(inputs, labels, targets) if targets is not None else \
-                        self.forward_model(inputs, labels)
+                    result = self.forward_model(inputs, labels, targets)
                     terms = dict(result.losses)
                     self._window.add_diagnostics(result.logs, 1.0 / group_size)
                     outputs = result.student
                 else:
                     outputs = self.forward_model(inputs)
-                    terms = map_segmentation_loss(outputs.logits, labels, self.model.classes)
-                if self.model.config.head.weight != 1.0:
-                    terms = {k: self.model.config.head.weight * v if k.startswith(("focal/", "seg/")) else v
-                             for k, v in terms.items()}
+                    weight = self.model.config.head.weight
+                    terms = {name: weight * value for name, value in
+                             map_segmentation_loss(outputs.logits, labels, self.model.classes).items()}
                 terms.update(self._object_terms(outputs, targets))
             if not self.term_names:
                 self.term_names = list(terms)

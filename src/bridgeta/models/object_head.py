@@ -22,7 +22,7 @@ Frames follow docs/conventions.md: ego frame x forward, y left; a grid cell ``(i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +156,12 @@ def gather_cells(maps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     batch, channels = maps.shape[:2]
     flat = maps.reshape(batch, channels, -1)
     return flat.gather(2, index[:, None, :].expand(-1, channels, -1)).transpose(1, 2)
+
+
+def object_loss_weights(settings, scale: float = 1.0) -> dict[str, float]:
+    """Each object term's weight from a ``model.object_head`` config: the head's ``weight`` times
+    the term's, times ``scale`` (a BridgeTA TA's ``ta_seg_weight``)."""
+    return {f.name: scale * settings.weight * getattr(settings.losses, f.name) for f in fields(settings.losses)}
 
 
 def object_losses(outputs: ObjectOutputs, targets: ObjectTargets,
