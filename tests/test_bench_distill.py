@@ -214,6 +214,22 @@ def test_cost_measures_the_deployed_student_like_info_does():
     assert float(row[5]) == pytest.approx(reference.params / 1e6, abs=0.01)
 
 
+def test_cost_gives_the_student_as_a_fraction_of_its_teacher():
+    from bridgeta.bench.cost import student_to_teacher
+    from bridgeta.report import render_cost
+
+    def cell(role, params, macs, ms, compile_model=False):
+        return {"pair": "tinybev", "role": role, "preset": role, "device": "cpu", "precision": "fp32",
+                "compile": compile_model, "params": params, "macs": macs, "latency_ms": ms,
+                "peak_memory_bytes": 2**20, "repeats": 3, "threads": 2, "deployed_by": []}
+
+    cells = [cell("student", 22e6, 5e9, 20.0), cell("teacher", 100e6, 40e9, 100.0), cell("student", 22e6, 5e9, 1.0, True)]
+    ratios = student_to_teacher(cells)
+    assert ratios == {"tinybev": {"cpu-fp32": {"params": 0.22, "macs": 0.125, "latency": 0.2, "speedup": 5.0}}}
+    table = render_cost({"environment": ENV, "methods": [], "inference": cells, "student_to_teacher": ratios})
+    assert "| tinybev | cpu-fp32 | 0.22× | 0.12× | 0.20× | 5.00× |" in table
+
+
 def test_cost_deployed_rows_time_each_runtime_and_record_onnx_parity(tmp_path, monkeypatch):
     """The deployed student under PyTorch and onnxruntime (torch.compile is left to the benchmark:
     compiling takes minutes on CI's CPU), and the rows a run assembles: ratios and parity."""

@@ -328,3 +328,65 @@ def test_the_detection_table_has_map_nds_and_paired_nds():
     assert "**20.0 ± 0.0**" in row and "+4.0 ± 1.4" in row and "40.0 ± 0.0" in row
     assert format_detection_markdown({"table": bench_distill.aggregate({"baseline": [
         {**runs["baseline"][0], "test": {k: v for k, v in runs["baseline"][0]["test"].items() if k != "detection"}}]})}) is None
+
+
+def test_tinybev_stages_share_the_budget_and_start_from_the_previous_stage(tmp_path):
+    protocol = bench_distill.Protocol(teacher="tiny-lc-tinybev", student="tiny-c-tinybev", student_steps=800,
+                                      teacher_seeds=1)
+    assert [bench_distill.stage_depth(m) for m in ("baseline", "tinybev_s1", "tinybev_s2", "tinybev_s3")] == [0, 0, 1, 2]
+    preset, overrides = bench_distill.method_config("tinybev_s3", tmp_path, 2, protocol)
+    config = load_config(preset, ["data.dataroot=/d", *overrides])
+    assert preset == "distill/tiny-c-tinybev-s3" and config.distill.tinybev.region
+    assert config.train.max_steps == 266  # a third of the student's budget
+    assert config.distill.tinybev.init_from == str(tmp_path / "tiny-c-tinybev-tinybev_s2-seed2")
+    assert config.distill.teacher == str(tmp_path / "tiny-lc-tinybev-seed0")
+    _, overrides = bench_distill.method_config("tinybev_s1", tmp_path, 2, protocol)
+    assert load_config("distill/tiny-c-tinybev-s1", ["data.dataroot=/d", *overrides]).distill.tinybev.init_from is None
+
+
+def test_the_multitask_table_has_every_task_and_paired_deltas():
+    from bridgeta.bench.accuracy import format_multitask_markdown
+
+    def run(seed, miou, nds, ade, l2, collision):
+        test = {"miou": miou, "miou_at_0.5": miou, "iou": {"drivable_area": miou}, "by_condition": {},
+                "by_range": {"0-20": {"miou": miou}},
+                "detection": {"mAP": nds / 2, "NDS": nds, "per_class": {"car": {"AP": nds}}, "tp_errors": {"ATE": 0.5}},
+                "motion": {"minADE": ade, "minFDE": 2 * ade, "miss_rate": 0.5, "agents": 10},
+                "planning": {"L2@1s": l2 / 3, "L2@2s": l2 / 2, "L2@3s": l2, "collision@1s": 0.0,
+                             "collision@2s": collision / 2, "collision@3s": collision, "samples": 5}}
+        return {"seed": seed, "train": {}, "test": test}
+
+    runs = {"baseline": [run(0, 0.2, 0.2, 2.0, 3.0, 0.1), run(1, 0.2, 0.3, 2.2, 3.2, 0.1)],
+            "tinybev_s3": [run(0, 0.25, 0.3, 1.5, 2.5, 0.05), run(1, 0.2, 0.3, 1.9, 3.0, 0.1)]}
+    table = bench_distill.aggregate(runs)
+    paired = table["tinybev_s3"]["paired_multitask_vs_baseline"]
+    assert paired["minADE"]["mean"] == pytest.approx(-0.4) and paired["L2@3s"]["mean"] == pytest.approx(-0.35)
+    assert paired["collision@3s"]["mean"] == pytest.approx(-0.025) and paired["NDS"]["n"] == 2
+    text = format_multitask_markdown({"table": table})
+    row = next(line for line in text.splitlines() if line.startswith("| `tinybev_s3`"))
+    assert "1.70 ± 0.28" in row and "-0.40 ± 0.14" in row and "-2.5 ± 3.5" in row
+    assert "paired_multitask_vs_baseline" not in table["baseline"]
+
+
+def test_staged_tinybev_end_to_end(engine_world, tmp_path):
+    """Teacher, baseline and S1 -> S2 -> S3 of one seed: each stage starts from the finished one."""
+    heads = ("model.object_head={head_channels: 8}", "model.motion_head={modes: 2, head_channels: 8}",
+             "model.planning_head={head_channels: 8, hidden: 16}")
+    protocol = bench_distill.Protocol(
+        teacher="tiny-lc-tinybev", student="tiny-c-tinybev", student_steps=3, teacher_steps=2, teacher_seeds=1,
+        student_overrides=(*SMALL_TINY_C, *heads),
+        teacher_overrides=(*SMALL_TINY_C, *heads, "model.lidar={pillar_channels: 8, channels: [16], out_channels: 16}",
+                           "model.fuser={out_channels: 32}", "model.decoder.blocks=[[1,32,2],[1,32,1]]",
+                           "model.decoder.out_channels=32"),
+    )
+    preset = replace(accuracy.PRESETS["cpu-tinybev"], protocol=protocol, default_seeds=1, pretrain_steps=0)
+    out, work = tmp_path / "results", tmp_path / "work"
+    result = accuracy.run_staged("test", out, work, engine_world, preset=preset)
+    runs = work / "runs"
+    for stage, previous in ((2, "tinybev_s1"), (3, "tinybev_s2")):
+        config = load_config(str(runs / f"tiny-c-tinybev-tinybev_s{stage}-seed0" / "config.yaml"))
+        assert config.distill.tinybev.init_from == str(runs / f"tiny-c-tinybev-{previous}-seed0")
+        assert config.train.max_steps == 1
+    assert set(result["table"]) == {"teacher", "baseline", "tinybev_s1", "tinybev_s2", "tinybev_s3"}
+    assert "planning" in result["table"]["tinybev_s3"] and "motion" in result["table"]["tinybev_s3"]
+    assert "| `tinybev_s3` |" in (out / "table.md").read_text()

@@ -54,6 +54,17 @@ def test_ground_truth_as_predictions_scores_one_and_shifted_boxes_score_less(wor
     assert worse["mAP"] < exact["mAP"] and worse["NDS"] < exact["NDS"]
 
 
+def test_a_submission_without_any_box_scores_zero(world, tmp_path, capsys):
+    """An untrained model may detect nothing: mAP 0, not the devkit's error on an empty filter."""
+    from bridgeta.detection_metrics import write_submission
+
+    dataroot, _, tokens = world
+    path = write_submission(tmp_path / "empty.json", {token: [] for token in tokens})
+    assert cli.main(["eval-detections", "--dataroot", str(dataroot), "--split", "test", "--results", str(path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["mAP"] == 0.0 and all(row["AP"] == 0.0 for row in result["per_class"].values())
+
+
 def test_submission_round_trips_through_the_devkit_loader(world, tmp_path):
     from nuscenes.eval.common.loaders import load_prediction_of_sample_tokens
     from nuscenes.eval.detection.data_classes import DetectionBox

@@ -143,6 +143,7 @@ def test_bridgeta_object_terms_route_gradients_like_the_map_terms(engine_world, 
     from bridgeta.distill import build_distiller
     from bridgeta.engine.trainer import load_teacher
     from bridgeta.models.object_head import build_targets
+    from bridgeta.models.targets import build_task_targets
 
     teacher_file = write_teacher(tmp_path / "teacher.safetensors", engine_world, 2, "model.object_head={head_channels: 8}")
     config = distill_config(engine_world, teacher_file, "model.object_head={head_channels: 8}")
@@ -150,8 +151,9 @@ def test_bridgeta_object_terms_route_gradients_like_the_map_terms(engine_world, 
     distiller = build_distiller(config, student, load_teacher(config)).train()
     dataset = BEVMapDataset.for_model(config.data, student, "train", modalities=("camera", "lidar"))
     inputs, labels, metas = collate_bev([dataset[0], dataset[1]])
-    targets = build_targets([m["objects"]["boxes"] for m in metas], [m["objects"]["labels"] for m in metas],
-                            student.feature_grid, 4)
+    targets = build_task_targets(student, metas, "cpu")
+    assert torch.equal(targets.objects.heatmap, build_targets(
+        [m["objects"]["boxes"] for m in metas], [m["objects"]["labels"] for m in metas], student.feature_grid, 4).heatmap)
     out = distiller(inputs, labels, targets)
     ta_head = list(distiller.assistant.object_head.parameters())
     crosskd = torch.autograd.grad(out.losses["kd/lld_aux_object"], ta_head, allow_unused=True, retain_graph=True)

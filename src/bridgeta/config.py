@@ -185,6 +185,31 @@ class ObjectHeadConfig:
 
 
 @dataclass
+class MotionHeadConfig:
+    """Motion forecasting (bridgeta/models/motion_head.py): ``modes`` trajectories of ``steps``
+    keyframes (2 Hz) per agent, read at the object head's centre cells, so it needs
+    ``model.object_head``. ``weight`` scales the trajectory L1, ``mode_weight`` the cross-entropy
+    of the mode logits."""
+
+    modes: int = 6
+    steps: int = 6
+    head_channels: int = 32
+    weight: float = 1.0
+    mode_weight: float = 0.5
+
+
+@dataclass
+class PlanningHeadConfig:
+    """Command-conditioned ego planning (bridgeta/models/motion_head.py): ``steps`` keyframes
+    (2 Hz) per command from the pooled BEV; ``weight`` scales its L1."""
+
+    steps: int = 6
+    head_channels: int = 32
+    hidden: int = 128
+    weight: float = 1.0
+
+
+@dataclass
 class ResidualConfig:
     """MonoTAKD's student modules (bridgeta/models/residual.py): a residual branch on the camera
     BEV (conv1x1, then SAM unless ``sam: false``) and, with ``ffm``, the fusion of the camera BEV
@@ -206,6 +231,9 @@ class ModelConfig:
     residual: ResidualConfig | None = None
     # A second head, 3D object detection, on the same decoded BEV (the map head is ``head``).
     object_head: ObjectHeadConfig | None = None
+    # TinyBEV's further heads on the same BEV: agents' futures (needs object_head) and the ego's plan.
+    motion_head: MotionHeadConfig | None = None
+    planning_head: PlanningHeadConfig | None = None
 
 
 @dataclass
@@ -316,10 +344,49 @@ class MonoTAKDConfig:
 
 
 @dataclass
+class TinyBEVHeadWeights:
+    """Weights of TinyBEV's output terms per head (each times ``TinyBEVConfig.output``)."""
+
+    map: float = 1.0
+    heatmap: float = 1.0
+    box: float = 1.0
+    motion: float = 1.0
+    plan: float = 1.0
+
+
+@dataclass
+class TinyBEVConfig:
+    """TinyBEV (METHOD.md §4; docs/methods/tinybev.md): ``L = L_tasks + feature L_feat + output
+    L_out``, each distillation term weighted per cell by the region weights when ``region`` is on.
+
+    feature: weight of the BEV feature MSE through the learned adapters (``levels``: ``fld`` the
+    student's camera BEV to the teacher's fused BEV, ``dld`` decoded to decoded).
+    output: weight of the output terms; ``heads`` scales each head's (map KL, object heatmap KL,
+    box regression, motion, planning).
+    confidence: the teacher's detections above this score are the cells where boxes and
+    trajectories are distilled.
+    region: the adaptive region-aware weights (S3). ``region_floor`` is the weight every cell keeps
+    before normalisation, so background still counts.
+    init_from: the previous stage's run or model file; the student starts from it (S2 from S1,
+    S3 from S2).
+    """
+
+    feature: float = 1.0
+    output: float = 1.0
+    levels: tuple[Literal["fld", "dld"], ...] = ("fld", "dld")
+    heads: TinyBEVHeadWeights = field(default_factory=TinyBEVHeadWeights)
+    confidence: float = 0.3
+    region: bool = False
+    region_floor: float = 0.1
+    init_from: str | None = None
+
+
+@dataclass
 class DistillConfig:
     """Knowledge distillation of ``model`` (the student) from a frozen teacher.
 
-    method: a name in ``bridgeta.distill.DISTILLERS`` (bridgeta, direct, feature_kd, logit_kd).
+    method: a name in ``bridgeta.distill.DISTILLERS`` (bridgeta, direct, feature_kd, logit_kd, monotakd,
+    tinybev).
     teacher: the teacher's model file (self-describing safetensors); required to train.
     Levels (BridgeTA, METHOD.md §1): FLD (fused/camera BEV), DLD (decoded BEV), LLD (logits;
     ``lld_aux`` adds the CrossKD-style KL through the teacher's and TA's heads). ``weights`` are
@@ -356,6 +423,8 @@ class DistillConfig:
     teacher_precision: Literal["auto", "fp32", "bf16"] = "auto"
     # MonoTAKD's settings (method: monotakd); absent for the other methods.
     monotakd: MonoTAKDConfig | None = None
+    # TinyBEV's settings (method: tinybev).
+    tinybev: TinyBEVConfig | None = None
 
 
 @dataclass
@@ -609,6 +678,10 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         if len(objects.nms_radius) != len(objects.classes):
             fail(f"model.object_head.nms_radius must give one radius per class ({len(objects.classes)}), "
                  f"got {len(objects.nms_radius)}")
+    if model.motion_head is not None and model.object_head is None:
+        fail("'model.motion_head' reads the agents at the object head's centres: it needs 'model.object_head'")
+    if model.planning_head is not None and model.object_head is None:
+        fail("'model.planning_head' is scored against the annotated agents (collisions): it needs 'model.object_head'")
     downsamples = []
     if model.camera is not None:
         vt = model.camera.vtransform
@@ -708,6 +781,13 @@ def _range_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
             ("model.object_head.score_threshold", objects.score_threshold, 0 <= objects.score_threshold <= 1, "in [0, 1]"),
         ] + [(f"model.object_head.losses.{f.name}", getattr(objects.losses, f.name), getattr(objects.losses, f.name) >= 0, ">= 0")
              for f in dataclasses.fields(objects.losses)]
+    for name in ("motion_head", "planning_head"):
+        head = getattr(config.model, name)
+        if head is not None:
+            checks += [(f"model.{name}.{key}", getattr(head, key), getattr(head, key) >= 1, ">= 1")
+                       for key in ("steps", "head_channels", *(("modes",) if name == "motion_head" else ("hidden",)))]
+            checks += [(f"model.{name}.{key}", getattr(head, key), getattr(head, key) >= 0, ">= 0")
+                       for key in ("weight", *(("mode_weight",) if name == "motion_head" else ()))]
     checks.append(("model.head.weight", config.model.head.weight, config.model.head.weight >= 0, ">= 0"))
     if config.distill is not None:
         d = config.distill
@@ -715,4 +795,13 @@ def _range_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
             m = d.monotakd
             checks += [(f"distill.monotakd.{k}", getattr(m, k), getattr(m, k) >= 0, ">= 0") for k in ("imd", "cmrd", "logit")]
             checks.append(("distill.monotakd.threshold", m.threshold, 0 <= m.threshold < 1, "in [0, 1)"))
+        if d.tinybev is not None:
+            t = d.tinybev
+            checks += [(f"distill.tinybev.{k}", getattr(t, k), getattr(t, k) >= 0, ">= 0")
+                       for k in ("feature", "output", "region_floor")]
+            checks += [(f"distill.tinybev.heads.{f.name}", getattr(t.heads, f.name), getattr(t.heads, f.name) >= 0, ">= 0")
+                       for f in dataclasses.fields(t.heads)]
+            checks.append(("distill.tinybev.confidence", t.confidence, 0 <= t.confidence < 1, "in [0, 1)"))
+            if t.region and t.region_floor <= 0:
+                checks.append(("distill.tinybev.region_floor", t.region_floor, False, "> 0 with region on"))
     return [(key, f"must be {what}, got {value!r}") for key, value, valid, what in checks if not valid]

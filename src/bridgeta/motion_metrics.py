@@ -111,3 +111,21 @@ def collision_rate(planned: torch.Tensor, agents: list[torch.Tensor], agent_mask
         steps = int(round(horizon / step_seconds))
         out[f"collision@{horizon:g}s"] = float(hits[:, :steps].any(dim=1).float().mean())
     return out
+
+
+
+def path_headings(path: torch.Tensor, initial: torch.Tensor, mask: torch.Tensor | None = None,
+                  min_step: float = 0.2) -> torch.Tensor:
+    """The yaw at every point of paths ``(N, T, 2)`` whose point 0 is the current position, with
+    ``initial`` ``(N,)`` the yaw there: each later point's yaw is the direction of the move into it
+    when that move is at least ``min_step`` m (and both points are valid in ``mask`` ``(N, T)``),
+    else the previous yaw, so a standing agent keeps its heading. The collision metric needs boxes
+    at future steps, and annotations give only their centres."""
+    yaw = [initial]
+    for t in range(1, path.shape[1]):
+        step = path[:, t] - path[:, t - 1]
+        moving = step.norm(dim=-1) >= min_step
+        if mask is not None:
+            moving = moving & mask[:, t] & mask[:, t - 1]
+        yaw.append(torch.where(moving, torch.atan2(step[:, 1], step[:, 0]), yaw[-1]))
+    return torch.stack(yaw, dim=1)

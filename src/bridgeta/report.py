@@ -305,6 +305,14 @@ def render_cost(results: dict) -> str:
     first = results["inference"][0]
     lines += ["", f"Batch 1, median of {first['repeats']} forward passes after warm-up, "
               f"{first['threads']} CPU threads on CPU. " + _measured(results, "bridgeta bench cost")]
+    ratios = results.get("student_to_teacher") or {}
+    if ratios:
+        lines += ["", "Student against its teacher (eager, same run):", "",
+                  "| pair | device, precision | params | MACs | latency | speed-up |", "|---|---|---:|---:|---:|---:|"]
+        for pair, by_variant in ratios.items():
+            for variant, r in by_variant.items():
+                lines.append(f"| {pair} | {variant} | {r['params']:.2f}× | {r['macs']:.2f}× | {r['latency']:.2f}× | "
+                             f"{r['speedup']:.2f}× |")
     return "\n".join(lines)
 
 

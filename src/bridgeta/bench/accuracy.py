@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bridgeta.bench.distill import (
-    METHODS, TUNED_METHODS, Protocol, aggregate, is_baseline_point, is_monotakd, learned_classes, method_job,
-    run_name, train_method,
+    METHODS, TUNED_METHODS, Protocol, aggregate, is_baseline_point, is_monotakd, is_tinybev, learned_classes,
+    method_job, run_name, stage_depth, train_method,
 )
 from bridgeta.bench.distill import run as run_methods
 from bridgeta.bench.jobs import run_jobs
@@ -92,6 +92,18 @@ PRESETS = {
                                              "nms_radius: [4.0, 12.0, 10.0, 0.175], head_channels: 32}"),
                           teacher_overrides=RESUMABLE),
         methods=("baseline", "direct", "bridgeta"),
+        default_seeds=3,
+        pretrain_steps=1000,
+    ),
+    # The multi-task table of TinyBEV (docs/methods/tinybev.md): the tiny-lc-tinybev teacher
+    # (every head, wider), the compact tiny-c-tinybev student without distillation, and the three
+    # stages, each from the previous one, sharing the student's step budget; 3 seeds.
+    "cpu-tinybev": AccuracyPreset(
+        scenes=30, duration=20.0, world="tiny",
+        protocol=Protocol(teacher="tiny-lc-tinybev", student="tiny-c-tinybev", student_steps=800,
+                          teacher_steps=1600, curve_points=8, teacher_seeds=1,
+                          student_overrides=RESUMABLE, teacher_overrides=RESUMABLE),
+        methods=("baseline", "tinybev_s1", "tinybev_s2", "tinybev_s3"),
         default_seeds=3,
         pretrain_steps=1000,
     ),
@@ -162,6 +174,34 @@ def format_detection_markdown(result: dict) -> str | None:
         cells = [f"`{method}`", f"**{cell(row['mAP'])}**", f"**{cell(row['NDS'])}**",
                  *(cell(row["per_class_ap"][c]) for c in classes),
                  cell(row.get("paired_nds_vs_baseline"), signed=True), cell(row.get("paired_nds_vs_direct"), signed=True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_multitask_markdown(result: dict) -> str | None:
+    """TinyBEV's table: per method mAP, NDS, map mIoU, minADE, L2@3s and the collision rate at
+    3 s, then the paired deltas against the baseline; None when no row has planning figures."""
+    rows = {m: r for m, r in result["table"].items() if "planning" in r}
+    if not rows:
+        return None
+
+    def cell(entry: dict | None, scale: float = 1.0, digits: int = 2, signed: bool = False) -> str:
+        if not entry or entry.get("mean") is None:
+            return "–"
+        return f"{scale * entry['mean']:{'+' if signed else ''}.{digits}f} ± {scale * entry['std']:.{digits}f}"
+
+    header = ["method", "mAP", "NDS", "map mIoU", "minADE (m)", "L2@3s (m)", "collision@3s (%)",
+              "Δ NDS", "Δ mIoU", "Δ minADE", "Δ L2@3s", "Δ collision@3s"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for method, row in rows.items():
+        detection = row.get("detection", {})
+        paired = row.get("paired_multitask_vs_baseline", {})
+        cells = [f"`{method}`", cell(detection.get("mAP"), 100, 1), cell(detection.get("NDS"), 100, 1),
+                 cell(row["miou"], 100, 1), cell(row.get("motion", {}).get("minADE")),
+                 cell(row["planning"].get("L2@3s")), cell(row["planning"].get("collision@3s"), 100, 1),
+                 cell(paired.get("NDS"), 100, 1, True), cell(paired.get("mIoU"), 100, 1, True),
+                 cell(paired.get("minADE"), signed=True), cell(paired.get("L2@3s"), signed=True),
+                 cell(paired.get("collision@3s"), 100, 1, True)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -284,7 +324,7 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
         if until == "sweep":
             return sweep
         for method in methods:  # the other variants take their method's weights
-            if method not in ("baseline", *TUNED_METHODS):
+            if method not in ("baseline", *TUNED_METHODS) and not is_tinybev(method):
                 family = "monotakd" if is_monotakd(method) else "bridgeta"
                 chosen[method] = chosen.get(family) if family in tuned else None
 
@@ -294,7 +334,12 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     stage3 = [(m, method_job(m, s, dataroot, runs_dir, protocol, chosen[m], ("val", "test")))
               for m in methods if m != "baseline" and not (summary and preset.lambdas and chosen[m] is None)
               for s in range(seeds_of(m, preset, seed_cap))]
-    results3 = execute([job for _, job in stage3])
+    # In waves: a staged method (TinyBEV's S2, S3) starts once its previous stage has finished.
+    results3: list = [None] * len(stage3)
+    for depth in sorted({stage_depth(m) for m, _ in stage3}):
+        wave = [i for i, (m, _) in enumerate(stage3) if stage_depth(m) == depth]
+        for i, result in zip(wave, execute([stage3[i][1] for i in wave])):
+            results3[i] = result
 
     reproducibility = {}
     if reproduce and not summary:
@@ -355,8 +400,8 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     }
     result["figures"] = _figures(out, runs_dir, protocol, chosen, methods, convergence)
     write_json(out / "results.json", result)
-    detection = format_detection_markdown(result)
-    (out / "table.md").write_text(format_markdown(result) + "\n" + (f"\n{detection}\n" if detection else ""))
+    extra = [t for t in (format_detection_markdown(result), format_multitask_markdown(result)) if t]
+    (out / "table.md").write_text(format_markdown(result) + "\n" + "".join(f"\n{t}\n" for t in extra))
     return result
 
 
@@ -405,7 +450,9 @@ def _figures(out: Path, runs_dir: Path, protocol: Protocol, chosen: dict, method
     """Figure 5 (the gap per level), eps* per level and the validation curves, from seed 0."""
     from bridgeta.engine.gap_plot import plot_gap, plot_validation_curves
 
-    figures = {"convergence": plot_validation_curves(convergence, out / "convergence.png")}
+    figures = {}
+    if any(convergence.values()):  # a protocol without curve points draws none
+        figures["convergence"] = plot_validation_curves(convergence, out / "convergence.png")
     # A method whose chosen lambda is 0 without a TA is the baseline run: it logs no gap.
     distilled = [m for m in ("direct", "bridgeta", "fixed_epsilon")
                  if m in methods and not is_baseline_point(m, chosen[m])]

@@ -34,6 +34,9 @@ class Protocol:
     student: str = "tiny-c"
     recipe: str = "distill/tiny-c-bridgeta"  # BridgeTA's recipe; the other methods override it
     monotakd_recipe: str = "distill/tiny-c-monotakd"  # MonoTAKD's, for its rows and its assistant
+    # TinyBEV's stage recipes are ``<tinybev_recipe>-s1`` .. ``-s3``; the three stages share the
+    # student's step budget (each ``student_steps // 3``), so S3 trains as long as the baseline.
+    tinybev_recipe: str = "distill/tiny-c-tinybev"
     epochs: int | None = None  # None: each preset's own recipe
     teacher_epochs: int | None = None
     # Fixed numbers of optimiser steps (``train.max_steps``; the cosine schedule spans them), in
@@ -86,7 +89,15 @@ METHODS: dict[str, tuple[str, ...] | None] = {
     "monotakd_no_sam": ("model.residual.sam=false",),
     "monotakd_no_ffm": ("model.residual.ffm=false",),
     "monotakd_shared": ("distill.monotakd.ta_source=shared",),
+    # TinyBEV's stages (docs/methods/tinybev.md): each its own recipe, each later stage starting
+    # from the same seed's previous stage (``STAGE_AFTER``).
+    "tinybev_s1": (),
+    "tinybev_s2": (),
+    "tinybev_s3": (),
 }
+# The run a staged method starts from: train it first, with the same seed.
+STAGE_AFTER = {"tinybev_s2": "tinybev_s1", "tinybev_s3": "tinybev_s2"}
+TINYBEV_STAGES = 3
 DEFAULT_METHODS = ("baseline", "direct", "bridgeta")
 
 
@@ -119,6 +130,18 @@ def scaled_weights(method: str, scale: float, recipe: str) -> dict[str, float]:
 
 def is_monotakd(method: str) -> bool:
     return method == "monotakd" or method.startswith("monotakd_")
+
+
+def is_tinybev(method: str) -> bool:
+    return method.startswith("tinybev_s")
+
+
+def stage_depth(method: str) -> int:
+    """How many runs must finish before ``method`` can start (0 for every unstaged method)."""
+    depth = 0
+    while method in STAGE_AFTER:
+        method, depth = STAGE_AFTER[method], depth + 1
+    return depth
 
 
 def is_baseline_point(method: str, scale: float | None) -> bool:
@@ -175,6 +198,13 @@ def method_config(
                                           *ASSISTANT_OVERRIDES]
     teacher = runs_dir / run_name("teacher", teacher_seed(seed, protocol), protocol)
     name = f"name={protocol.student}-{method}"
+    if is_tinybev(method):
+        stage_steps = protocol.student_steps // TINYBEV_STAGES if protocol.student_steps else None
+        schedule = [*protocol.student_overrides, *_schedule(stage_steps, protocol.epochs)]
+        start = ([f"distill.tinybev.init_from={runs_dir / run_name(STAGE_AFTER[method], seed, protocol, scale)}"]
+                 if method in STAGE_AFTER else [])
+        return (f"{protocol.tinybev_recipe}-s{method.removeprefix('tinybev_s')}",
+                [name, *schedule, *common, *METHODS[method], *start, f"distill.teacher={teacher}"])
     recipe = protocol.monotakd_recipe if is_monotakd(method) else protocol.recipe
     weights = []
     if scale is not None:
@@ -221,6 +251,13 @@ def paired(results: list[dict], reference: list[dict], key=lambda test: test["mi
     return _mean_std([key(r["test"]) - by_seed[r["seed"]] for r in results if r["seed"] in by_seed])
 
 
+def _paired_present(results: list[dict], reference: list[dict], key) -> dict:
+    """:func:`paired` over the seeds where both runs have the figure."""
+    by_seed = {r["seed"]: key(r["test"]) for r in reference}
+    return _mean_std([key(r["test"]) - by_seed[r["seed"]] for r in results
+                      if by_seed.get(r["seed"]) is not None and key(r["test"]) is not None])
+
+
 def learned_classes(runs: dict[str, list[dict]], threshold: float = 0.10) -> list[str]:
     """The classes the teacher learns: mean test IoU above ``threshold`` (all, without a teacher)."""
     if not runs.get("teacher"):
@@ -258,6 +295,13 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
                                  for c in detections[0]["per_class"]},
                 "tp_errors": {k: _mean_std([d["tp_errors"][k] for d in detections]) for k in detections[0]["tp_errors"]},
             }
+        motions = [t.get("motion") for t in tests]
+        if all(m is not None for m in motions):
+            table[method]["motion"] = {k: _mean_std([m[k] for m in motions]) for k in ("minADE", "minFDE", "miss_rate")}
+        plans = [t.get("planning") for t in tests]
+        if all(p is not None for p in plans):
+            keys = [k for k in plans[0] if k.startswith(("L2@", "collision@"))]
+            table[method]["planning"] = {k: _mean_std([p[k] for p in plans]) for k in keys}
         if any("assistant_val" in r for r in results):
             table[method]["assistant_val_miou"] = _mean_std([r.get("assistant_val", {}).get("miou") for r in results])
         if any("val" in r for r in results):
@@ -273,6 +317,16 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
                 for figure in ("NDS", "mAP"):
                     table[method]["detection"][f"paired_{figure.lower()}_vs_{reference}"] = paired(
                         results, runs[reference], key=lambda t, f=figure: t["detection"][f])
+    # The multi-task table's paired deltas against the baseline (TinyBEV's rows).
+    multitask = {"NDS": lambda t: (t.get("detection") or {}).get("NDS"), "mIoU": lambda t: t["miou"],
+                 "minADE": lambda t: (t.get("motion") or {}).get("minADE"),
+                 "L2@3s": lambda t: (t.get("planning") or {}).get("L2@3s"),
+                 "collision@3s": lambda t: (t.get("planning") or {}).get("collision@3s")}
+    for method, results in runs.items():
+        if method in ("teacher", "baseline") or "baseline" not in runs or "planning" not in table[method]:
+            continue
+        table[method]["paired_multitask_vs_baseline"] = {
+            name: _paired_present(results, runs["baseline"], key) for name, key in multitask.items()}
     if "teacher" in runs and "baseline" in runs:
         teacher = {r["seed"]: r["test"]["miou"] for r in runs["teacher"]}
         baseline = {r["seed"]: r["test"]["miou"] for r in runs["baseline"]}

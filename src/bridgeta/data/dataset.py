@@ -379,9 +379,12 @@ class BEVMapDataset(Dataset):
         if "ego_future" in record:
             ego, ego_mask = _padded_future([[step[:2] for step in record["ego_future"]]])
             moved = _move_xy(ego[0], bev_aug)
+            origin = _move_xy(np.zeros((1, 2), dtype=np.float32), bev_aug)[0]  # where the ego is after the augmentation
             out["ego_future"] = torch.from_numpy(moved)
+            out["ego_position"] = torch.from_numpy(origin)
+            out["ego_yaw"] = float(np.arctan2(bev_aug[1, 0], bev_aug[0, 0]))  # the ego's heading after it
             out["ego_future_mask"] = torch.from_numpy(ego_mask[0])
-            out["command"] = driving_command(moved - _move_xy(np.zeros((1, 2)), bev_aug), ego_mask[0])
+            out["command"] = driving_command(moved - origin, ego_mask[0])
         return out
 
     def _add_cameras(self, sample: BEVSample, record: dict, rng: np.random.Generator) -> None:

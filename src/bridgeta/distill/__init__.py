@@ -21,6 +21,7 @@ from bridgeta.distill.direct import DirectDistiller
 from bridgeta.distill.feature_kd import FeatureKDDistiller
 from bridgeta.distill.logit_kd import LogitKDDistiller
 from bridgeta.distill.monotakd import MonoTAKDDistiller
+from bridgeta.distill.tinybev import TinyBEVDistiller, init_from_previous_stage
 from bridgeta.distill.young import dual_path_loss, optimal_epsilon
 from bridgeta.models.bev_model import BEVModel
 
@@ -33,6 +34,7 @@ __all__ = [
     "FeatureKDDistiller",
     "LogitKDDistiller",
     "MonoTAKDDistiller",
+    "TinyBEVDistiller",
     "TeacherAssistant",
     "affinity_loss",
     "bernoulli_kl",
@@ -41,6 +43,7 @@ __all__ = [
     "cell_mse",
     "dual_path_loss",
     "optimal_epsilon",
+    "init_from_previous_stage",
     "register",
 ]
 

@@ -19,7 +19,9 @@ from torch import nn
 from bridgeta.config import DistillConfig
 from bridgeta.losses import map_segmentation_loss
 from bridgeta.models.bev_model import BEVModel
+from bridgeta.models.motion_head import MotionOutputs
 from bridgeta.models.object_head import ObjectOutputs, ObjectTargets
+from bridgeta.models.targets import TaskTargets
 from bridgeta.models.types import BEVInputs, BEVOutputs
 from bridgeta.precision import autocast_context
 
@@ -202,6 +204,8 @@ class Distiller(nn.Module):
         floats = {name: m.float() for name, m in maps.items() if isinstance(m, torch.Tensor)}
         if isinstance(outputs.objects, ObjectOutputs):
             floats["objects"] = ObjectOutputs(outputs.objects.heatmap.float(), outputs.objects.regression.float())
+        if isinstance(outputs.motion, MotionOutputs):
+            floats["motion"] = MotionOutputs(outputs.motion.trajectories.float(), outputs.motion.mode_logits.float())
         return replace(outputs, **floats)
 
     def object_pair(self, student: BEVOutputs, teacher: BEVOutputs) -> tuple[ObjectOutputs, ObjectOutputs] | None:
@@ -213,19 +217,26 @@ class Distiller(nn.Module):
             return None
         return student.objects, teacher.objects
 
-    def forward(self, inputs: BEVInputs, labels: torch.Tensor, objects: ObjectTargets | None = None) -> DistillOutput:
-        """The student's segmentation terms and the method's terms. ``objects``: the batch's
-        object targets for a multi-task student (a method's own modules with an object head, the
-        BridgeTA TA's, learn from them); :meth:`distill` reads them as ``self.object_targets``."""
+    def forward(self, inputs: BEVInputs, labels: torch.Tensor, targets: TaskTargets | None = None) -> DistillOutput:
+        """The student's segmentation terms and the method's terms. ``targets``: the batch's other
+        heads' targets for a multi-task student (the trainer adds the student's own task terms; a
+        method's own modules with an object head, the BridgeTA TA's, learn from them);
+        :meth:`distill` reads them as ``self.task_targets`` and the object ones as
+        ``self.object_targets``."""
         student = self.student(inputs)
         losses = self.segmentation_losses(student.logits, labels, "seg", self.student.config.head.weight)
         logs: dict[str, float] = {}
-        self.object_targets = objects
+        self.task_targets = targets
         try:
             losses.update(self.distill(inputs, labels, student, logs))
         finally:
-            self.object_targets = None
+            self.task_targets = None
         return DistillOutput(student=student, losses=losses, logs=logs)
+
+    @property
+    def object_targets(self) -> ObjectTargets | None:
+        targets = getattr(self, "task_targets", None)
+        return targets.objects if targets is not None else None
 
     def distill(
         self, inputs: BEVInputs, labels: torch.Tensor, student: BEVOutputs, logs: dict[str, float]

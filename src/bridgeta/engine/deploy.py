@@ -214,7 +214,8 @@ class OnnxStudent(nn.Module):
 
     def run_outputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         """Every output of the file by name (``logits``; ``object_heatmap`` and
-        ``object_regression`` for a model with an object head), as numpy arrays."""
+        ``object_regression`` with an object head; ``motion_trajectories``, ``motion_mode_logits``
+        and ``plan`` with TinyBEV's heads), as numpy arrays."""
         arrays = {name: value.numpy() if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
         check_inputs(self.specs, arrays)
         names = [output.name for output in self.session.get_outputs()]

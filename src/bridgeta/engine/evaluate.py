@@ -30,6 +30,7 @@ from bridgeta.data.dataset import BEVMapDataset, collate_bev
 from bridgeta.precision import autocast_context
 from bridgeta.engine.checkpoint import latest_checkpoint
 from bridgeta.engine.model_file import load_model_file
+from bridgeta.engine.task_metrics import MotionPlanningMetric
 from bridgeta.geometry import BEVGrid
 from bridgeta.metrics import MapMetric
 from bridgeta.models.bev_model import BEVModel
@@ -260,6 +261,7 @@ def evaluate(
     splits: set[str] = set()
 
     objects = getattr(network, "object_head", None) is not None
+    tasks = MotionPlanningMetric(network)  # the motion and planning heads' figures, when present
     predictions: dict[str, list[dict]] = {}
     conditions: dict[str, str] = {}
     was_training = network.training
@@ -272,6 +274,7 @@ def evaluate(
                 logits = outputs.logits
                 if objects:
                     _collect_detections(network, outputs, metas, predictions, conditions)
+                tasks.update(outputs, metas, device)
                 probabilities = logits.float().sigmoid()
                 labels = labels.to(device, non_blocking=True)
                 overall.update(probabilities, labels)
@@ -322,6 +325,8 @@ def evaluate(
         "samples": samples,
         "split": "+".join(sorted(splits)),
         **({"detection": detection} if detection is not None else {}),
+        # Motion and planning: one process only (each rank would score its own shard).
+        **(tasks.compute() if tasks.active and not (dist.is_available() and dist.is_initialized()) else {}),
     }
 
 
@@ -360,8 +365,11 @@ def _detection_metrics(loader: Iterable[Batch], network: nn.Module, predictions:
     with tempfile.TemporaryDirectory() as scratch:
         path = write_submission(Path(scratch) / "results.json", predictions,
                                 {"use_camera": "camera" in dataset.modalities, "use_lidar": "lidar" in dataset.modalities})
-        overall = evaluate_detections(dataset.dataroot, dataset.config.version, dataset.split, path, nusc=nusc,
-                                      sample_tokens=list(predictions))
+        try:
+            overall = evaluate_detections(dataset.dataroot, dataset.config.version, dataset.split, path, nusc=nusc,
+                                          sample_tokens=list(predictions))
+        except ValueError:  # no annotated box in these samples: no detection figure at all
+            return None
 
         def brief(**options) -> dict | None:
             try:

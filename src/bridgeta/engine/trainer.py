@@ -90,8 +90,8 @@ from bridgeta.files import atomic_write_text, check_outputs, remove_paths, requi
 from bridgeta.engine.model_file import load_model_file, save_model_file
 from bridgeta.engine.schedule import WarmupCosineSchedule
 from bridgeta.losses import map_segmentation_loss
-from bridgeta.models.object_head import ObjectTargets, build_targets, object_loss_weights, object_losses
-from bridgeta.distill import Distiller, build_distiller
+from bridgeta.models.targets import build_task_targets, task_losses
+from bridgeta.distill import Distiller, build_distiller, init_from_previous_stage
 from bridgeta.models.bev_model import BEVModel, build_model
 from bridgeta.models.types import BEVInputs, BEVOutputs
 
@@ -152,6 +152,20 @@ def load_assistant(config: ExperimentConfig) -> BEVModel | None:
     except (FileNotFoundError, ValueError) as exc:
         raise ValueError(f"distill.monotakd.assistant: {exc}") from None
     return assistant
+
+
+def load_previous_stage(config: ExperimentConfig) -> BEVModel | None:
+    """The previous stage's student a staged recipe continues (``distill.tinybev.init_from``), or None."""
+    from bridgeta.engine.evaluate import resolve_model_file
+
+    settings = config.distill.tinybev if config.distill is not None else None
+    if settings is None or config.distill.method != "tinybev" or not settings.init_from:
+        return None
+    try:
+        previous, _ = load_model_file(resolve_model_file(settings.init_from))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"distill.tinybev.init_from: {exc}") from None
+    return previous
 
 
 def _check_eval_split(dataset: BEVMapDataset, split: str) -> None:
@@ -251,6 +265,9 @@ class _Trainer:
         self.distiller: Distiller | None = None
         modalities = self.model.modalities
         if config.distill is not None:
+            previous = load_previous_stage(config)
+            if previous is not None:  # a later stage starts from the previous stage's student
+                init_from_previous_stage(self.model, previous)
             teacher = load_teacher(config)
             assistant = load_assistant(config)
             try:
@@ -348,32 +365,14 @@ class _Trainer:
 
     # -- steps ----------------------------------------------------------------------------------
 
-    def _object_targets(self, metas: list[dict]) -> ObjectTargets | None:
-        """The batch's object-head targets (a multi-task model), built from the loader's boxes."""
-        settings = self.model.config.object_head
-        if settings is None:
-            return None
-        device = self.ctx.device
-        return build_targets(
-            [m["objects"]["boxes"].to(device) for m in metas], [m["objects"]["labels"].to(device) for m in metas],
-            self.model.feature_grid, len(self.model.object_classes), settings.max_objects, settings.min_radius,
-        )
-
-    def _object_terms(self, outputs: BEVOutputs, targets: ObjectTargets | None) -> dict[str, torch.Tensor]:
-        """The object head's loss terms (``object/<term>``), weighted; none for a map-only model."""
-        settings = self.model.config.object_head
-        if settings is None or outputs.objects is None or targets is None:
-            return {}
-        losses = object_losses(outputs.objects, targets, object_loss_weights(settings))
-        return {f"object/{name}": value for name, value in losses.items()}
-
     def _micro_step(self, inputs: BEVInputs, labels: torch.Tensor, group_size: int, sync: bool,
                     metas: list[dict] | None = None) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its detached loss terms."""
         inputs = inputs.to(self.ctx.device)
         labels = labels.to(self.ctx.device, non_blocking=True)
         no_sync = self.forward_model.no_sync if self.ctx.distributed and not sync else nullcontext
-        targets = self._object_targets(metas or [])
+        # The other heads' targets (objects, motion, planning) for a multi-task model, else None.
+        targets = build_task_targets(self.model, metas or [], self.ctx.device)
         with no_sync():
             with torch.autocast(self.ctx.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 if self.distiller is not None:
@@ -386,7 +385,7 @@ class _Trainer:
                     weight = self.model.config.head.weight
                     terms = {name: weight * value for name, value in
                              map_segmentation_loss(outputs.logits, labels, self.model.classes).items()}
-                terms.update(self._object_terms(outputs, targets))
+                terms.update(task_losses(self.model, outputs, targets))
             if not self.term_names:
                 self.term_names = list(terms)
                 self.term_groups = [loss_group(name, self.model.classes) for name in self.term_names]

@@ -18,6 +18,7 @@ from bridgeta.models.backbones import build_backbone
 from bridgeta.models.checkpoint import load_pretrained
 from bridgeta.models.decoder import BEVDecoder
 from bridgeta.models.fuser import ConvFuser
+from bridgeta.models.motion_head import MotionHead, PlanningHead
 from bridgeta.models.object_head import ObjectHead
 from bridgeta.models.residual import FeatureFusion, ResidualBranch
 from bridgeta.models.head import MapSegmentationHead
@@ -157,11 +158,22 @@ class BEVModel(nn.Module):
             self.object_classes = tuple(config.object_head.classes)
             self.object_head = ObjectHead(config.decoder.out_channels, len(self.object_classes), feature_grid,
                                           config.object_head.head_channels)
+        # TinyBEV's further tasks on the same BEV: the agents' futures and the ego's plan.
+        self.motion_head: MotionHead | None = None
+        if config.motion_head is not None:
+            m = config.motion_head
+            self.motion_head = MotionHead(config.decoder.out_channels, m.modes, m.steps, m.head_channels)
+        self.planning_head: PlanningHead | None = None
+        if config.planning_head is not None:
+            p = config.planning_head
+            self.planning_head = PlanningHead(config.decoder.out_channels, p.steps, p.head_channels, p.hidden)
 
     @property
     def head_names(self) -> tuple[str, ...]:
-        """The model's heads by name: ``map`` always, ``object`` with ``model.object_head``."""
-        return ("map", "object") if self.object_head is not None else ("map",)
+        """The model's heads by name: ``map`` always, then ``object``, ``motion`` and ``plan`` when
+        configured (``model.object_head``, ``model.motion_head``, ``model.planning_head``)."""
+        present = {"object": self.object_head, "motion": self.motion_head, "plan": self.planning_head}
+        return ("map", *(name for name, head in present.items() if head is not None))
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -207,6 +219,8 @@ class BEVModel(nn.Module):
         decoded = self.decoder(fused)
         logits = self.head(decoded)
         objects = self.object_head(decoded) if self.object_head is not None else None
+        motion = self.motion_head(decoded) if self.motion_head is not None else None
+        plan = self.planning_head(decoded) if self.planning_head is not None else None
         return BEVOutputs(
             camera_bev=camera_bev,
             lidar_bev=lidar_bev,
@@ -216,6 +230,8 @@ class BEVModel(nn.Module):
             depth=depth,
             residual_bev=residual,
             objects=objects,
+            motion=motion,
+            plan=plan,
         )
 
 

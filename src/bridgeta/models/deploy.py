@@ -86,6 +86,18 @@ def output_specs(model: BEVModel, batch_size: int = 1) -> tuple[TensorSpec, ...]
             TensorSpec("object_regression", (batch_size, 10, grid_x, grid_y), DTYPE,
                        "per cell: sub-cell offset (2), height (1), log size (3), sin/cos yaw (2), velocity (2)"),
         ]
+    if model.motion_head is not None:
+        grid_x, grid_y = model.feature_grid.shape
+        head = model.motion_head
+        specs += [
+            TensorSpec("motion_trajectories", (batch_size, head.modes * head.steps * 2, grid_x, grid_y), DTYPE,
+                       f"per cell: {head.modes} modes x {head.steps} steps (2 Hz) x (dx, dy) m from the agent centred there"),
+            TensorSpec("motion_mode_logits", (batch_size, head.modes, grid_x, grid_y), DTYPE,
+                       "per cell: a logit per mode (softmax over modes)"),
+        ]
+    if model.planning_head is not None:
+        specs.append(TensorSpec("plan", (batch_size, 3, model.planning_head.steps, 2), DTYPE,
+                                "ego (dx, dy) m per future step (2 Hz), one trajectory per command: left, straight, right"))
     return tuple(specs)
 
 
@@ -145,4 +157,9 @@ class DeployedStudent(nn.Module):
         outputs = self.model(BEVInputs(batch_size=images.shape[0], camera=camera))
         if outputs.objects is None:
             return outputs.logits
-        return outputs.logits, outputs.objects.heatmap, outputs.objects.regression
+        extra: tuple[torch.Tensor, ...] = ()  # in output_specs' order
+        if outputs.motion is not None:
+            extra += (outputs.motion.trajectories, outputs.motion.mode_logits)
+        if outputs.plan is not None:
+            extra += (outputs.plan,)
+        return (outputs.logits, outputs.objects.heatmap, outputs.objects.regression, *extra)

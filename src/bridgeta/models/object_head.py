@@ -110,15 +110,12 @@ def build_targets(
     xs = torch.arange(size_x, device=device, dtype=torch.float32)[:, None]
     ys = torch.arange(size_y, device=device, dtype=torch.float32)[None, :]
     for b, (box, label) in enumerate(zip(boxes, labels)):
-        if len(box) == 0:
-            continue
-        cx = (box[:, 0] - x_min) / dx
-        cy = (box[:, 1] - y_min) / dy
-        inside = (cx >= 0) & (cx < size_x) & (cy >= 0) & (cy < size_y) & (box[:, 3] > 0) & (box[:, 4] > 0)
-        box, label, cx, cy = box[inside][:max_objects], label[inside][:max_objects], cx[inside][:max_objects], cy[inside][:max_objects]
+        kept, _ = centre_cells(box, grid, max_objects)
+        box, label = box[kept], label[kept]
         count = len(box)
         if count == 0:
             continue
+        cx, cy = (box[:, 0] - x_min) / dx, (box[:, 1] - y_min) / dy
         ix, iy = cx.floor(), cy.floor()
         radius = gaussian_radius(box[:, 3] / dx, box[:, 4] / dy, min_overlap).floor().clamp(min=min_radius)
         sigma = (2 * radius + 1) / 6
@@ -140,6 +137,23 @@ def build_targets(
         index[b, :count] = (ix * size_y + iy).long()
         mask[b, :count] = True
     return ObjectTargets(heatmap, regression, index, mask)
+
+
+def centre_cells(boxes: torch.Tensor, grid: BEVGrid, max_objects: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The boxes that get a target slot, in slot order: those whose centre is on the grid and
+    whose footprint is not empty, at most ``max_objects``. Returns their indices into ``boxes``
+    and their centre cells' flat index ``x * Y + y``. Every per-object target (the object head's,
+    the motion head's) uses these slots, so slot ``m`` is the same agent in all of them."""
+    size_x, size_y = grid.shape
+    (x_min, _, dx), (y_min, _, dy) = grid.x, grid.y
+    if len(boxes) == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=boxes.device)
+        return empty, empty
+    cx = (boxes[:, 0] - x_min) / dx
+    cy = (boxes[:, 1] - y_min) / dy
+    inside = (cx >= 0) & (cx < size_x) & (cy >= 0) & (cy < size_y) & (boxes[:, 3] > 0) & (boxes[:, 4] > 0)
+    kept = inside.nonzero().flatten()[:max_objects]
+    return kept, (cx[kept].floor() * size_y + cy[kept].floor()).long()
 
 
 def gaussian_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, gamma: float = 4.0) -> torch.Tensor:

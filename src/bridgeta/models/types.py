@@ -116,8 +116,13 @@ class BEVOutputs:
                  on, ``fused_bev`` is the fusion of ``camera_bev`` with it.
     objects:     the object head's output (``ObjectOutputs``: heatmap logits and box regressions on
                  the decoded BEV's grid) with ``model.object_head``, else ``None``.
+    motion:      the motion head's ``MotionOutputs`` (per-cell trajectories and mode logits) with
+                 ``model.motion_head``, else ``None``.
+    plan:        the planning head's ``(B, 3, T, 2)`` ego displacements per command with
+                 ``model.planning_head``, else ``None``.
 
-    ``heads`` gives each head's typed output by name (``map``: the logits, ``object``).
+    ``heads`` gives each head's typed output by name (``map``: the logits, ``object``, ``motion``,
+    ``plan``).
     """
 
     camera_bev: torch.Tensor | None
@@ -128,10 +133,13 @@ class BEVOutputs:
     depth: torch.Tensor | None = None
     residual_bev: torch.Tensor | None = None
     objects: Any = None
+    motion: Any = None
+    plan: torch.Tensor | None = None
 
     @property
     def heads(self) -> dict[str, Any]:
         out: dict[str, Any] = {"map": self.logits}
-        if self.objects is not None:
-            out["object"] = self.objects
+        for name, value in (("object", self.objects), ("motion", self.motion), ("plan", self.plan)):
+            if value is not None:
+                out[name] = value
         return out

@@ -1,0 +1,200 @@
+"""TinyBEV (METHOD.md §4): a compact multi-task camera student distilled from a large multi-task
+teacher, with feature-level, output-level and adaptive region-aware terms, in three stages.
+
+No code of TinyBEV is public; what follows is our reading (docs/methods/tinybev.md says why):
+
+* **Adapters.** The student is narrower than the teacher, so each distilled feature level goes
+  through a learned 1x1 convolution from the student's width to the teacher's. The adapters
+  belong to the distiller, never to the student: the model file and the ONNX export hold none.
+* **Feature level** (``feature``): MSE (mean over cells and channels) between the adapted
+  student map and the teacher's, at ``fld`` (student camera BEV -> teacher fused BEV) and ``dld``
+  (decoded -> decoded).
+* **Output level** (``output``, per head in ``heads``):
+  * map: the per-cell Bernoulli KL from the teacher's map logits;
+  * object heatmap: the same KL on the heatmap logits;
+  * boxes: L1 to the teacher's box regressions at its confident detections (3x3 peaks of its
+    heatmap with a score of at least ``confidence``);
+  * motion: at the same cells, the student's modes regress the teacher's most probable
+    trajectory (winner takes all, with the mode cross-entropy);
+  * planning: L1 to the teacher's plan for every command.
+* **Region-aware weights** (``region``, stage S3): per BEV cell,
+  ``r = (fg + d) / 2`` with ``fg`` the teacher's foreground confidence (its largest class
+  probability over the map and object heads) and ``d`` the largest teacher-student probability
+  difference over the same heads; ``w = (r + region_floor) / mean(r + region_floor)`` over the
+  batch's cells, without gradient. So the weights of a batch sum to its number of cells, and a
+  cell the teacher finds empty and the student agrees on keeps ``region_floor / mean`` of the
+  average weight. Every per-cell term is a mean weighted by ``w`` (resampled to the map grid
+  for the map term); the box and motion terms weigh their cells by ``w`` there.
+* **Stages.** S1 (feature only), S2 (+ output) and S3 (+ region weights) are recipes
+  (``distill/tiny-c-tinybev-s1..s3``); each later stage starts from the previous stage's student
+  (``init_from``), with fresh adapters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bridgeta.config import DistillConfig, TinyBEVConfig
+from bridgeta.distill.base import Distiller, register
+from bridgeta.models.bev_model import BEVModel
+from bridgeta.models.head import BEVGridTransform
+from bridgeta.models.motion_head import winner_takes_all
+from bridgeta.models.object_head import gather_cells
+from bridgeta.models.types import BEVInputs, BEVOutputs
+
+# The most confident teacher detections per sample whose boxes and trajectories are distilled.
+MAX_TEACHER_DETECTIONS = 64
+
+
+def bernoulli_kl_cells(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-cell ``(B, X, Y)`` Bernoulli KL, the mean over classes, times T^2 (``bernoulli_kl``
+    is its mean over cells)."""
+    t, s = teacher_logits.float() / temperature, student_logits.float() / temperature
+    log_p, log_not_p = F.logsigmoid(t), F.logsigmoid(-t)
+    log_q, log_not_q = F.logsigmoid(s), F.logsigmoid(-s)
+    kl = log_p.exp() * (log_p - log_q) + log_not_p.exp() * (log_not_p - log_not_q)
+    return kl.mean(dim=1) * temperature**2
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The mean of ``values`` ``(B, X, Y)``, weighted by ``weights`` of the same shape when given."""
+    if weights is None:
+        return values.mean()
+    return (values * weights).sum() / weights.sum().clamp(min=1e-6)
+
+
+def region_weights(foreground: torch.Tensor, disagreement: torch.Tensor, floor: float) -> torch.Tensor:
+    """``(B, X, Y)`` weights from the teacher's foreground confidence and the teacher-student
+    disagreement (both in [0, 1]): ``(r + floor) / mean(r + floor)``, ``r`` their mean, so that
+    they sum to the number of cells of the batch."""
+    score = (foreground + disagreement) / 2 + floor
+    return (score / score.mean()).detach()
+
+
+def teacher_detection_cells(heatmap_logits: torch.Tensor, confidence: float,
+                            limit: int = MAX_TEACHER_DETECTIONS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's confident detections: flat cell indices ``(B, N)`` of its 3x3 heatmap peaks
+    (best class per cell) and a ``(B, N)`` mask of those scoring at least ``confidence``."""
+    heat = heatmap_logits.float().sigmoid()
+    peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
+    best = peaks.amax(dim=1).flatten(1)  # (B, X*Y)
+    scores, cells = best.topk(min(limit, best.shape[1]), dim=1)
+    return cells, scores >= confidence
+
+
+def _fused_channels(model: BEVModel) -> int:
+    if model.fuser is not None:
+        return model.config.fuser.out_channels
+    encoder = model.camera_encoder if model.camera_encoder is not None else model.lidar_encoder
+    return encoder.out_channels
+
+
+def init_from_previous_stage(student: BEVModel, previous: BEVModel, source: str = "distill.tinybev.init_from") -> None:
+    """Start a stage's student from the previous stage's: the same architecture, every weight."""
+    ours, theirs = student.state_dict(), previous.state_dict()
+    wrong = sorted(k for k in set(ours) | set(theirs)
+                   if k not in ours or k not in theirs or ours[k].shape != theirs[k].shape)
+    if wrong:
+        raise ValueError(f"{source}: the previous stage's model differs from this student at {wrong[:3]}: "
+                         "a stage must continue the same student config")
+    student.load_state_dict(theirs)
+
+
+@register("tinybev")
+class TinyBEVDistiller(Distiller):
+    """Adapters + feature, output and region-aware terms (see the module docstring)."""
+
+    def __init__(self, student: BEVModel, teacher: BEVModel | None, config: DistillConfig) -> None:
+        if teacher is None:
+            raise ValueError("tinybev needs a teacher")
+        super().__init__(student, teacher, config)
+        self.settings: TinyBEVConfig = config.tinybev or TinyBEVConfig()
+        if student.camera_encoder is None:
+            raise ValueError("the TinyBEV student must have a camera branch")
+        if tuple(student.feature_grid.shape) != tuple(teacher.feature_grid.shape):
+            raise ValueError(f"TinyBEV compares BEV maps cell by cell: the student's grid {student.feature_grid.shape} "
+                             f"and the teacher's {teacher.feature_grid.shape} must match")
+        widths = {
+            "fld": (student.camera_encoder.out_channels, _fused_channels(teacher)),
+            "dld": (student.config.decoder.out_channels, teacher.config.decoder.out_channels),
+        }
+        # Training-only modules: the student stays a plain BEVModel.
+        self.adapters = nn.ModuleDict({level: nn.Conv2d(widths[level][0], widths[level][1], 1)
+                                       for level in self.settings.levels})
+        self.to_output_grid = BEVGridTransform(student.feature_grid, student.output_grid)
+        self.to_feature_grid = BEVGridTransform(student.output_grid, student.feature_grid)
+
+    def _region(self, student: BEVOutputs, teacher: BEVOutputs) -> torch.Tensor:
+        t_map = self.to_feature_grid(teacher.logits.float().sigmoid())
+        s_map = self.to_feature_grid(student.logits.float().detach().sigmoid())
+        foreground = t_map.amax(dim=1)
+        disagreement = (t_map - s_map).abs().amax(dim=1)
+        pair = self.object_pair(student, teacher)
+        if pair is not None:
+            t_heat, s_heat = pair[1].heatmap.float().sigmoid(), pair[0].heatmap.float().detach().sigmoid()
+            foreground = torch.maximum(foreground, t_heat.amax(dim=1))
+            disagreement = torch.maximum(disagreement, (t_heat - s_heat).abs().amax(dim=1))
+        return region_weights(foreground, disagreement, self.settings.region_floor)
+
+    def distill(
+        self, inputs: BEVInputs, labels: torch.Tensor, student: BEVOutputs, logs: dict[str, float]
+    ) -> dict[str, torch.Tensor]:
+        settings = self.settings
+        teacher = self.teacher_forward(inputs)
+        weights = self._region(student, teacher) if settings.region else None
+        if weights is not None:
+            logs["region/max_weight"] = float(weights.max())
+        losses: dict[str, torch.Tensor] = {}
+        if settings.feature > 0:
+            assert student.camera_bev is not None
+            pairs = {"fld": (student.camera_bev, teacher.fused_bev), "dld": (student.decoded_bev, teacher.decoded_bev)}
+            for level in settings.levels:
+                s, t = pairs[level]
+                per_cell = (self.adapters[level](s.float()) - t.float()).pow(2).mean(dim=1)
+                losses[f"kd/feature_{level}"] = settings.feature * weighted_mean(per_cell, weights)
+        if settings.output > 0:
+            losses.update(self._output_terms(student, teacher, weights, logs))
+        return losses
+
+    def _output_terms(self, student: BEVOutputs, teacher: BEVOutputs, weights: torch.Tensor | None,
+                      logs: dict[str, float]) -> dict[str, torch.Tensor]:
+        settings, heads, temperature = self.settings, self.settings.heads, self.config.temperature
+        scale = settings.output
+        map_weights = None
+        if weights is not None:
+            map_weights = self.to_output_grid(weights[:, None])[:, 0]
+            map_weights = map_weights / map_weights.mean().clamp(min=1e-6)
+        losses = {"kd/out_map": scale * heads.map * weighted_mean(
+            bernoulli_kl_cells(teacher.logits, student.logits, temperature), map_weights)}
+        pair = self.object_pair(student, teacher)
+        if pair is None:
+            return losses
+        s_obj, t_obj = pair
+        losses["kd/out_heatmap"] = scale * heads.heatmap * weighted_mean(
+            bernoulli_kl_cells(t_obj.heatmap, s_obj.heatmap, temperature), weights)
+        cells, confident = teacher_detection_cells(t_obj.heatmap, settings.confidence)
+        logs["out/teacher_detections"] = float(confident.float().sum(dim=1).mean())
+        cell_weights = confident.float()
+        if weights is not None:
+            cell_weights = cell_weights * gather_cells(weights[:, None], cells)[..., 0]
+        total = cell_weights.sum().clamp(min=1e-6)
+        box_error = (gather_cells(s_obj.regression.float(), cells) - gather_cells(t_obj.regression, cells)).abs().mean(-1)
+        losses["kd/out_box"] = scale * heads.box * (box_error * cell_weights).sum() / total
+        if student.motion is not None and teacher.motion is not None and heads.motion > 0:
+            s_traj, s_logits = student.motion.at(cells)
+            t_traj, t_logits = teacher.motion.at(cells)
+            steps = min(s_traj.shape[-2], t_traj.shape[-2])
+            best = t_logits.argmax(dim=-1)  # the teacher's most probable mode per cell
+            target = t_traj.gather(2, best[..., None, None, None].expand(-1, -1, 1, *t_traj.shape[-2:]))[:, :, 0]
+            mask = confident[..., None].expand(-1, -1, steps)
+            l1, ce = winner_takes_all(s_traj[..., :steps, :].flatten(0, 1), s_logits.flatten(0, 1),
+                                      target[..., :steps, :].flatten(0, 1), mask.flatten(0, 1),
+                                      cell_weights.flatten() if weights is not None else None)
+            mode_weight = self.student.config.motion_head.mode_weight if self.student.config.motion_head else 0.5
+            losses["kd/out_motion"] = scale * heads.motion * (l1 + mode_weight * ce)
+        if student.plan is not None and teacher.plan is not None and heads.plan > 0:
+            steps = min(student.plan.shape[2], teacher.plan.shape[2])
+            losses["kd/out_plan"] = scale * heads.plan * F.l1_loss(student.plan[:, :, :steps].float(), teacher.plan[:, :, :steps])
+        return losses

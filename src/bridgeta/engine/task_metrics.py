@@ -1,0 +1,115 @@
+"""Motion forecasting and planning figures of a split, accumulated batch by batch in ``evaluate``.
+
+* **Forecasting** is detection-free: each annotated agent (with LiDAR support, of the object
+  head's classes) is read at its *true* centre cell, so the figure measures the motion head
+  alone, not the detector's recall. minADE/minFDE over the head's K modes and the miss rate at
+  2 m (bridgeta/motion_metrics.py, the nuScenes prediction definitions).
+* **Planning**: the commanded plan against the logged ego path, L2 at 1, 2 and 3 s, and the
+  collision rate of the planned ego box with the annotated agents' future boxes (ST-P3/UniAD).
+  Future boxes keep each agent's size and take the heading of its motion
+  (:func:`~bridgeta.motion_metrics.path_headings`); the planned ego box too. The logged ego
+  path's own collision rate is reported beside it (``logged_collision``): the floor that
+  annotation and the box approximation leave.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bridgeta.models.motion_head import select_command
+from bridgeta.models.targets import build_task_targets
+from bridgeta.motion_metrics import collision_rate, forecasting_metrics, path_headings, planning_l2
+
+
+class MotionPlanningMetric:
+    """Collects a model's motion and planning predictions with their truths; :meth:`compute`
+    gives ``{"motion": {...}, "planning": {...}}`` for the heads the model has."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.motion = getattr(model, "motion_head", None) is not None
+        self.planning = getattr(model, "planning_head", None) is not None
+        self.forecasts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.plans: list[torch.Tensor] = []
+        self.logged: list[torch.Tensor] = []
+        self.plan_masks: list[torch.Tensor] = []
+        self.agents: list[torch.Tensor] = []
+        self.agent_masks: list[torch.Tensor] = []
+
+    @property
+    def active(self) -> bool:
+        return self.motion or self.planning
+
+    def update(self, outputs, metas: list[dict], device: torch.device) -> None:
+        if not self.active:
+            return
+        targets = build_task_targets(self.model, metas, device)
+        if self.motion and targets is not None and targets.motion is not None:
+            trajectories, _ = outputs.motion.at(targets.motion.index)  # (B, M, K, T, 2)
+            steps = targets.motion.mask.shape[-1]
+            present = targets.motion.mask.any(dim=-1)
+            self.forecasts.append((trajectories[..., :steps, :][present].float().cpu(),
+                                   targets.motion.displacement[present].cpu(), targets.motion.mask[present].cpu()))
+        if self.planning and targets is not None and targets.plan is not None:
+            plan = targets.plan
+            planned = select_command(outputs.plan.float(), plan.command)
+            for b, meta in enumerate(metas):
+                objects = meta["objects"]
+                origin, yaw = objects["ego_position"].float().to(device), float(objects.get("ego_yaw", 0.0))
+                self.plans.append(self._ego_boxes(planned[b] + origin, origin, yaw, plan.mask[b]).cpu())
+                self.logged.append(self._ego_boxes(plan.displacement[b] + origin, origin, yaw, plan.mask[b]).cpu())
+                self.plan_masks.append(plan.mask[b].cpu())
+                agents, masks = self._agent_boxes(objects, plan.mask.shape[-1])
+                self.agents.append(agents)
+                self.agent_masks.append(masks)
+
+    @staticmethod
+    def _ego_boxes(path: torch.Tensor, origin: torch.Tensor, yaw: float, mask: torch.Tensor) -> torch.Tensor:
+        """``(T, 3)`` x, y, yaw of the ego along ``path`` ``(T, 2)`` (absolute, same frame)."""
+        full = torch.cat([origin[None], path], dim=0)[None]
+        valid = torch.cat([torch.ones(1, dtype=torch.bool, device=mask.device), mask])[None]
+        headings = path_headings(full, torch.tensor([yaw], device=path.device), valid)[0, 1:]
+        return torch.cat([path, headings[:, None]], dim=1)
+
+    @staticmethod
+    def _agent_boxes(objects: dict, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sample's agents as ``(A, T, 5)`` boxes (x, y, length, width, yaw) per future step,
+        with ``(A, T)`` the steps their tracks have."""
+        boxes = objects["boxes"].float()
+        count = len(boxes)
+        if count == 0 or "future" not in objects:
+            return torch.zeros(0, steps, 5), torch.zeros(0, steps, dtype=torch.bool)
+        future, present = objects["future"][:, :steps].float(), objects["future_mask"][:, :steps]
+        full = torch.cat([boxes[:, None, :2], future], dim=1)
+        valid = torch.cat([torch.ones(count, 1, dtype=torch.bool), present], dim=1)
+        headings = path_headings(full, boxes[:, 6], valid)[:, 1:]
+        sizes = boxes[:, None, 3:5].expand(-1, future.shape[1], -1)
+        agents = torch.cat([future, sizes, headings[..., None]], dim=-1)
+        if agents.shape[1] < steps:  # tracks shorter than the horizon everywhere in this sample
+            pad = steps - agents.shape[1]
+            agents = torch.cat([agents, agents.new_zeros(count, pad, 5)], dim=1)
+            present = torch.cat([present, present.new_zeros(count, pad)], dim=1)
+        return agents, present
+
+    def compute(self) -> dict:
+        out: dict = {}
+        if self.motion:
+            if self.forecasts:
+                predicted = torch.cat([f[0] for f in self.forecasts])
+                truth = torch.cat([f[1] for f in self.forecasts])
+                mask = torch.cat([f[2] for f in self.forecasts])
+                out["motion"] = {**forecasting_metrics(predicted, truth, mask), "matched_to": "ground-truth agents"}
+            else:
+                out["motion"] = {"minADE": math.nan, "minFDE": math.nan, "miss_rate": math.nan, "agents": 0,
+                                 "matched_to": "ground-truth agents"}
+        if self.planning and self.plans:
+            planned, logged, mask = torch.stack(self.plans), torch.stack(self.logged), torch.stack(self.plan_masks)
+            out["planning"] = {
+                **planning_l2(planned[..., :2], logged[..., :2], mask),
+                **collision_rate(planned, self.agents, self.agent_masks, mask),
+                "logged_collision": collision_rate(logged, self.agents, self.agent_masks, mask),
+                "samples": int(len(planned)),
+            }
+        return out

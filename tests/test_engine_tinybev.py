@@ -1,0 +1,161 @@
+"""TinyBEV through the CLI on the session's tiny world: the three stages, each starting from the
+previous stage's student, then eval (motion and planning figures) and ONNX export of the student."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine_helpers import SMALL_TINY_C, torch_threads
+
+from bridgeta import cli
+from bridgeta.engine.model_file import load_model_file, read_model_file
+
+# A narrow multi-task student, and a teacher twice as wide (the adapters bridge the widths).
+HEADS = ["model.object_head={head_channels: 8}", "model.motion_head={modes: 2, head_channels: 8}",
+         "model.planning_head={head_channels: 8, hidden: 16}"]
+STUDENT = [*SMALL_TINY_C, *HEADS]
+TEACHER = [*SMALL_TINY_C, *HEADS, "model.lidar={pillar_channels: 8, channels: [16], out_channels: 16}",
+           "model.fuser={out_channels: 32}", "model.decoder.blocks=[[1,32,2],[1,32,1]]", "model.decoder.out_channels=32"]
+
+
+def _sets(overrides):
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+@pytest.fixture(scope="module")
+def stages(engine_world, tmp_path_factory):
+    from bridgeta.config import load_config
+    from bridgeta.engine.model_file import save_model_file
+    from bridgeta.models.bev_model import build_model
+
+    root = tmp_path_factory.mktemp("tinybev")
+    config = load_config("tiny-lc-tinybev", [*TEACHER, f"data.dataroot={engine_world}"])
+    torch.manual_seed(3)
+    model = build_model(config)
+    # Heads start at "standing still" (zero output layers); a teacher with opinions is one that moves.
+    for layer in (model.motion_head.trajectory[-1], model.planning_head.mlp[-1]):
+        torch.nn.init.normal_(layer.weight, std=0.1)
+        torch.nn.init.normal_(layer.bias, std=1.0)
+    teacher = save_model_file(root / "teacher.safetensors", model, config)
+    common = ["--dataroot", str(engine_world), "--teacher", str(teacher), *_sets(STUDENT),
+              "--set", "train.max_steps=2", "--set", "train.eval_every=0"]
+    previous = None
+    with torch_threads(1):
+        for stage in (1, 2, 3):
+            start = ["--set", f"distill.tinybev.init_from={previous}"] if previous else []
+            out = root / f"s{stage}"
+            assert cli.main(["distill", "--config", f"distill/tiny-c-tinybev-s{stage}", *common, *start,
+                             "--out", str(out)]) == 0
+            previous = out
+    return root
+
+
+def test_each_stage_logs_its_terms(stages):
+    def last(stage):
+        rows = [json.loads(line) for line in (stages / f"s{stage}" / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if "loss" in r][-1]
+
+    s1, s2, s3 = last(1), last(2), last(3)
+    for row in (s1, s2, s3):
+        assert {"kd/feature_fld", "kd/feature_dld", "object/heatmap", "motion/trajectory", "plan/l1"} <= set(row)
+    assert not any(key.startswith("kd/out_") for key in s1)
+    assert {"kd/out_map", "kd/out_heatmap", "kd/out_box", "kd/out_motion", "kd/out_plan"} <= set(s2)
+    assert "region/max_weight" in s3 and "region/max_weight" not in s2
+
+
+def test_a_stage_starts_from_the_previous_stages_student(engine_world, stages):
+    """S2's first step starts from S1's weights: with a learning rate of 0 it ends where S1 ended."""
+    from bridgeta.config import load_config
+    from bridgeta.distill import build_distiller, init_from_previous_stage
+    from bridgeta.models.bev_model import build_model
+
+    previous, _ = load_model_file(stages / "s1")
+    student = build_model(load_config("distill/tiny-c-tinybev-s2", [*STUDENT, f"data.dataroot={engine_world}"]))
+    init_from_previous_stage(student, previous)
+    for key, value in previous.state_dict().items():
+        assert torch.equal(student.state_dict()[key], value)
+    other = build_model(load_config("tiny-c", [*SMALL_TINY_C, f"data.dataroot={engine_world}"]))
+    with pytest.raises(ValueError, match="previous stage's model differs"):
+        init_from_previous_stage(other, previous)
+
+
+def test_the_adapters_live_in_training_only(engine_world, stages, tmp_path):
+    _, state, kind = read_model_file(stages / "s3")
+    assert kind == "distiller" and any(k.startswith("adapters.") for k in state)
+    assert not any(k.startswith("teacher.") for k in state)
+    exported = tmp_path / "student.safetensors"
+    assert cli.main(["export", "--checkpoint", str(stages / "s3"), "--out", str(exported)]) == 0
+    _, state, kind = read_model_file(exported)
+    assert kind == "model"
+    assert not any(k.startswith(("teacher.", "adapters.", "student.")) for k in state)
+    assert any(k.startswith("motion_head.") for k in state) and any(k.startswith("planning_head.") for k in state)
+    # ...while the distiller trains them: the feature term sends gradient to the adapters, none to the teacher.
+    from bridgeta.config import load_config
+    from bridgeta.data.dataset import BEVMapDataset, collate_bev
+    from bridgeta.distill import build_distiller
+    from bridgeta.engine.trainer import load_teacher
+    from bridgeta.models.bev_model import build_model
+    from bridgeta.models.targets import build_task_targets
+
+    config = load_config("distill/tiny-c-tinybev-s3", [*STUDENT, f"data.dataroot={engine_world}",
+                                                       f"distill.teacher={stages / 'teacher.safetensors'}"])
+    student = build_model(config)
+    distiller = build_distiller(config, student, load_teacher(config)).train()
+    dataset = BEVMapDataset.for_model(config.data, student, "train", modalities=("camera", "lidar"))
+    inputs, labels, metas = collate_bev([dataset[0], dataset[1]])
+    out = distiller(inputs, labels, build_task_targets(student, metas, "cpu"))
+    adapter = list(distiller.adapters["dld"].parameters())
+    grads = torch.autograd.grad(out.losses["kd/feature_dld"], adapter, retain_graph=True)
+    assert all(g.abs().sum() > 0 for g in grads)
+    assert all(not p.requires_grad for p in distiller.teacher.parameters())
+    # The plan term reaches the student's planning head, and the feature terms do not.
+    plan = list(student.planning_head.parameters())
+    assert any(g is not None and g.abs().sum() > 0
+               for g in torch.autograd.grad(out.losses["kd/out_plan"], plan, allow_unused=True, retain_graph=True))
+    assert all(g is None for g in torch.autograd.grad(out.losses["kd/feature_fld"], plan, allow_unused=True))
+
+
+def test_eval_reports_motion_and_planning(stages):
+    from bridgeta.engine.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(stages / "s3", split="train", device="cpu")  # the split with agents
+    motion, planning = result["motion"], result["planning"]
+    assert motion["agents"] > 0 and motion["minADE"] >= 0 and motion["minFDE"] >= 0 and 0 <= motion["miss_rate"] <= 1
+    assert motion["matched_to"] == "ground-truth agents"
+    assert planning["samples"] == result["samples"] and planning["L2@1s"] >= 0
+    assert set(planning["logged_collision"]) == {"collision@1s", "collision@2s", "collision@3s"}
+    assert "detection" in result
+
+
+def test_the_tinybev_student_exports_to_onnx_with_every_head(stages, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from bridgeta.engine.deploy import OnnxStudent
+    from bridgeta.engine.evaluate import build_eval_loader
+
+    exported = tmp_path / "student.onnx"
+    with torch_threads(1):
+        assert cli.main(["export", "--format", "onnx", "--checkpoint", str(stages / "s3"), "--out", str(exported)]) == 0
+    session = OnnxStudent(exported, threads=1)
+    student, config = load_model_file(stages / "s3")
+    loader = build_eval_loader(config, student, "val", batch_size=1, num_workers=0, distributed=False)
+    inputs, _, _ = next(iter(loader))
+    arrays = session.run_outputs({name: getattr(inputs.camera, name) for name in
+                                  ("images", "intrinsics", "ego_T_camera", "image_aug")})
+    with torch.no_grad():
+        expected = student.eval()(inputs)
+    assert set(arrays) >= {"logits", "object_heatmap", "motion_trajectories", "motion_mode_logits", "plan"}
+    assert abs(arrays["plan"] - expected.plan.numpy()).max() < 1e-4
+    assert abs(arrays["motion_trajectories"] - expected.motion.trajectories.numpy()).max() < 1e-4
+
+
+def test_a_missing_previous_stage_is_refused_before_training(engine_world, stages, tmp_path, capsys):
+    out = tmp_path / "s2"
+    code = cli.main(["distill", "--config", "distill/tiny-c-tinybev-s2", "--dataroot", str(engine_world),
+                     "--teacher", str(stages / "teacher.safetensors"), *_sets(STUDENT),
+                     "--set", f"distill.tinybev.init_from={tmp_path / 'no-such-run'}", "--out", str(out)])
+    assert code == 2
+    assert "distill.tinybev.init_from" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,146 @@
+"""TinyBEV's pieces on fixed inputs: motion and planning targets and losses, region weights,
+the per-cell KL, the teacher's confident cells, the headings along a path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bridgeta.distill.base import bernoulli_kl
+from bridgeta.distill.tinybev import (
+    bernoulli_kl_cells,
+    region_weights,
+    teacher_detection_cells,
+    weighted_mean,
+)
+from bridgeta.geometry import BEVGrid
+from bridgeta.models.motion_head import (
+    MotionHead,
+    MotionOutputs,
+    PlanningHead,
+    PlanTargets,
+    build_motion_targets,
+    motion_losses,
+    planning_loss,
+    select_command,
+    winner_takes_all,
+)
+from bridgeta.models.object_head import build_targets
+from bridgeta.motion_metrics import path_headings
+
+GRID = BEVGrid((-8.0, 8.0, 1.0), (-8.0, 8.0, 1.0), (-10.0, 10.0, 20.0))
+
+
+def _box(x, y, yaw=0.0):
+    return [x, y, 0.0, 4.0, 2.0, 1.5, yaw, 0.0, 0.0]
+
+
+def test_motion_targets_share_the_object_slots_and_hold_displacements():
+    # Box 1 is off the grid: it gets no slot, so box 2 takes slot 1 in both target sets.
+    boxes = torch.tensor([_box(1.2, -2.7), _box(30.0, 0.0), _box(-3.5, 4.1)])
+    future = torch.tensor([[[2.2, -2.7], [3.2, -2.7], [0.0, 0.0]],
+                           [[31.0, 0.0], [32.0, 0.0], [33.0, 0.0]],
+                           [[-3.5, 5.1], [-3.5, 6.1], [-3.5, 7.1]]])
+    present = torch.tensor([[True, True, False], [True, True, True], [True, True, True]])
+    objects = build_targets([boxes], [torch.tensor([0, 0, 1])], GRID, 2, max_objects=4)
+    motion = build_motion_targets([boxes], [future], [present], GRID, steps=4, max_objects=4)
+    assert torch.equal(motion.index, objects.index)
+    assert motion.mask[0].tolist() == [[True, True, False, False], [True, True, True, False],
+                                       [False] * 4, [False] * 4]
+    torch.testing.assert_close(motion.displacement[0, 0, :2], torch.tensor([[1.0, 0.0], [2.0, 0.0]]))
+    torch.testing.assert_close(motion.displacement[0, 1, :3], torch.tensor([[0.0, 1.0], [0.0, 2.0], [0.0, 3.0]]))
+    assert motion.displacement[0, 0, 2:].abs().sum() == 0  # masked steps carry no value
+
+
+def test_winner_takes_all_regresses_only_the_closest_mode_and_picks_it():
+    truth = torch.tensor([[[1.0, 0.0], [2.0, 0.0]]])
+    modes = torch.tensor([[[[0.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [2.0, 0.0]]]], requires_grad=True)
+    logits = torch.zeros(1, 2, requires_grad=True)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    l1, ce = winner_takes_all(modes, logits, truth, mask)
+    # Mode 1 is closer (ADE 0.5 against 1.5): L1 = (|0| + |1| + |0| + |0|) / 4 coordinates.
+    assert float(l1.detach()) == pytest.approx(0.25)
+    assert float(ce.detach()) == pytest.approx(math.log(2))
+    (l1 + ce).backward()
+    assert modes.grad[0, 0].abs().sum() == 0 and modes.grad[0, 1].abs().sum() > 0
+    assert logits.grad[0, 1] < 0 < logits.grad[0, 0]  # the CE raises the winner's logit
+
+
+def test_motion_head_is_read_at_the_target_cells():
+    head = MotionHead(8, modes=3, steps=4, head_channels=8)
+    out = head(torch.randn(2, 8, *GRID.shape))
+    assert out.trajectories.shape == (2, 3 * 4 * 2, *GRID.shape) and out.mode_logits.shape == (2, 3, *GRID.shape)
+    assert out.trajectories.abs().sum() == 0  # starts at "standing still"
+    index = torch.tensor([[5, 100], [0, 255]])
+    trajectories, logits = out.at(index)
+    assert trajectories.shape == (2, 2, 3, 4, 2)
+    x, y = divmod(100, GRID.shape[1])
+    torch.testing.assert_close(logits[0, 1], out.mode_logits[0, :, x, y])
+    boxes = torch.tensor([_box(0.5, 0.5)])
+    targets = build_motion_targets([boxes, boxes], [torch.ones(1, 4, 2)] * 2, [torch.ones(1, 4, dtype=torch.bool)] * 2,
+                                   GRID, steps=4, max_objects=2)
+    losses = motion_losses(out, targets)
+    # Zero trajectories against a displacement of 0.5 m in x and y at every step: L1 0.5.
+    assert float(losses["trajectory"].detach()) == pytest.approx(0.5)
+
+
+def test_planning_selects_the_commanded_plan_and_ignores_missing_steps():
+    plans = torch.zeros(2, 3, 3, 2)
+    plans[0, 0] = 1.0  # left plan of sample 0
+    plans[1, 2] = 2.0  # right plan of sample 1
+    command = torch.tensor([0, 2])
+    torch.testing.assert_close(select_command(plans, command)[1], torch.full((3, 2), 2.0))
+    truth = torch.zeros(2, 3, 2)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    # Errors of 1 (3 valid steps x 2 coordinates... sample 0: 2 steps) and 2 (1 step): (4 + 4) / 6.
+    assert float(planning_loss(plans, PlanTargets(truth, mask, command))) == pytest.approx(8 / 6)
+    head = PlanningHead(8, steps=3, head_channels=8, hidden=16)
+    assert head(torch.randn(2, 8, 16, 16)).shape == (2, 3, 3, 2)
+
+
+def test_region_weights_sum_to_the_cells_and_favour_foreground_and_disagreement():
+    foreground = torch.zeros(2, 4, 4)
+    disagreement = torch.zeros(2, 4, 4)
+    foreground[0, 1, 1] = 1.0
+    disagreement[1, 2, 3] = 1.0
+    weights = region_weights(foreground, disagreement, floor=0.1)
+    assert float(weights.sum()) == pytest.approx(2 * 4 * 4)
+    # r = 0.5 at the two marked cells, 0 elsewhere: (0.5 + 0.1) / (0.1) = 6 times the rest.
+    assert float(weights[0, 1, 1] / weights[0, 0, 0]) == pytest.approx(6.0)
+    assert float(weights[1, 2, 3]) == pytest.approx(float(weights[0, 1, 1]))
+    assert not weights.requires_grad
+    values = torch.arange(32.0).reshape(2, 4, 4)
+    assert float(weighted_mean(values, torch.ones_like(values))) == pytest.approx(float(values.mean()))
+
+
+def test_per_cell_kl_averages_to_the_map_kl():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5)
+    cells = bernoulli_kl_cells(teacher, student, temperature=2.0)
+    assert cells.shape == (2, 5, 5) and bool((cells >= 0).all())
+    torch.testing.assert_close(cells.mean(), bernoulli_kl(teacher, student, temperature=2.0))
+
+
+def test_teacher_detection_cells_are_confident_peaks():
+    logits = torch.full((1, 2, 6, 6), -10.0)
+    logits[0, 0, 2, 3] = 2.0  # a peak, p = 0.88
+    logits[0, 0, 2, 4] = 1.0  # its neighbour: not a peak
+    logits[0, 1, 5, 0] = -1.0  # a peak below the confidence (p = 0.27)
+    cells, confident = teacher_detection_cells(logits, confidence=0.3, limit=3)
+    assert int(cells[0, 0]) == 2 * 6 + 3 and bool(confident[0, 0])
+    assert int(confident.sum()) == 1
+
+
+def test_path_headings_follow_the_moves_and_hold_when_standing():
+    path = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [1.05, 1.0]]])
+    yaw = path_headings(path, torch.tensor([0.3]))
+    torch.testing.assert_close(yaw[0], torch.tensor([0.3, 0.0, math.pi / 2, math.pi / 2]))
+    masked = path_headings(path, torch.tensor([0.3]), torch.tensor([[True, True, False, False]]))
+    torch.testing.assert_close(masked[0], torch.tensor([0.3, 0.0, 0.0, 0.0]))
+
+
+def test_motion_outputs_modes_come_from_the_logits():
+    out = MotionOutputs(torch.zeros(1, 2 * 3 * 2, 4, 4), torch.zeros(1, 2, 4, 4))
+    assert out.modes == 2
