@@ -52,15 +52,23 @@ def test_rotated_boxes_overlap_by_separating_axes():
     assert not boxes_overlap(a, torch.tensor([3.5, 0.0, 2.0, 2.0, math.pi / 4]))
 
 
-def test_collision_rate_counts_samples_that_hit_by_each_horizon():
+def test_collision_rate_averages_the_per_step_rates_and_skips_the_logs_own_collisions():
     planned = torch.zeros(2, 6, 3)
     planned[:, :, 0] = torch.arange(1, 7, dtype=torch.float32) * 2.0  # 2 m per step ahead
+    logged = torch.zeros(2, 6, 3)  # the log stands still
     agents = [torch.zeros(1, 6, 5), torch.zeros(0, 6, 5)]
     agents[0][0, :, 0], agents[0][0, :, 2], agents[0][0, :, 3] = 9.0, 4.0, 2.0  # parked 9 m ahead
     present = [torch.ones(1, 6, dtype=torch.bool), torch.ones(0, 6, dtype=torch.bool)]
-    result = collision_rate(planned, agents, present, torch.ones(2, 6, dtype=torch.bool))
-    # Sample 0 reaches the car at step 3 (x = 6: 6 + 2.042 > 7) -> 1.5 s; sample 1 has no agents.
-    assert result["collision@1s"] == 0.0 and result["collision@2s"] == 0.5 and result["collision@3s"] == 0.5
+    # The ego box spans x + 0.5 +- 2.042: it reaches the car (7 <= x <= 11) from step 2 (x = 6) on;
+    # sample 1 has no agents. Per-step rates 0, 0, .5, .5, .5, .5.
+    result = collision_rate(planned, logged, agents, present)
+    assert result["collision@1s"] == 0.0 and result["collision@2s"] == pytest.approx(0.25)
+    assert result["collision@3s"] == pytest.approx(2 / 6) and result["logged_collision@3s"] == 0.0
+    # A log that is itself in the car at the last step: that step is not the planner's collision.
+    logged[0, 5, 0] = 9.0
+    result = collision_rate(planned, logged, agents, present)
+    assert result["collision@3s"] == pytest.approx(1.5 / 6)
+    assert result["logged_collision@3s"] == pytest.approx(0.5 / 6)
 
 
 def test_cached_futures_follow_the_tracks_and_the_ego_poses(engine_world):
@@ -116,6 +124,9 @@ def test_the_loader_gives_future_tracks_and_ego_paths_in_the_augmented_frame(eng
         expected = a["future"].double().numpy() @ aug[:2, :2].T + aug[:2, 3]
         np.testing.assert_allclose(b["future"].numpy()[a["future_mask"].numpy()], expected[a["future_mask"].numpy()], atol=1e-3)
         assert a["ego_future"].shape == (6, 2) and 0 <= a["command"] <= 2
+        # The command is relative to the ego's heading: a rotation keeps it, a flip mirrors it.
+        mirrored = np.linalg.det(aug[:2, :2]) < 0
+        assert b["command"] == (2 - a["command"] if mirrored else a["command"])
         checked += int(a["future_mask"].sum())
     assert checked > 0
     mask = np.ones(6, dtype=bool)

@@ -202,6 +202,10 @@ def ground_truth_submission(nusc, sample_tokens: Sequence[str]) -> dict[str, lis
     return out
 
 
+class NoTrueBoxes(ValueError):
+    """The samples evaluated hold no annotated box: there is no detection figure to give."""
+
+
 def evaluate_detections(dataroot: str | Path, version: str, split: str, results: str | Path,
                         class_names: Sequence[str] | None = None, nusc=None,
                         sample_tokens: Sequence[str] | None = None,
@@ -246,7 +250,7 @@ def evaluate_detections(dataroot: str | Path, version: str, split: str, results:
     check_submission(results, tokens, config.class_names, config.max_boxes_per_sample)
     gt = load_gt_of_sample_tokens(nusc, tokens, DetectionBox)
     if not any(len(boxes) for boxes in gt.boxes.values()):
-        raise ValueError(f"split '{split}' of {dataroot} has no annotated box to detect")
+        raise NoTrueBoxes(f"split '{split}' of {dataroot} has no annotated box to detect")
     gt = filter_eval_boxes(nusc, add_center_dist(nusc, gt), config.class_range)
     if distance_band is not None:
         gt = _within(gt, distance_band)

@@ -8,12 +8,13 @@
     ``MinADEK`` / ``MinFDEK``);
   * miss rate: the share of agents for which *no* mode stays within ``miss_threshold`` (2 m) at
     every step (``MissRateTopK``).
-* **Planning** (the ST-P3 / UniAD protocol):
+* **Planning** (the UniAD / VAD protocol, on samples whose every future step exists):
   * L2 at 1, 2 and 3 s: the per-step distance between the planned and the logged ego positions,
     averaged over the steps up to that horizon;
-  * collision rate at a horizon: the share of samples whose planned ego box, at any step up to
-    it, overlaps a true agent box at that step. Boxes are rotated rectangles in BEV, tested by
-    the separating-axis theorem; the ego box is nuScenes' (4.084 m × 1.85 m).
+  * collision rate at a horizon: per step, the share of samples whose planned ego box overlaps a
+    true agent box at that step while the logged path's box does not, averaged over the steps up
+    to the horizon. Boxes are rotated rectangles in BEV, tested by the separating-axis theorem;
+    the ego box is nuScenes' (4.084 m × 1.85 m), its centre 0.5 m ahead of the pose.
 
 Masks mark the steps that exist (a track or a scene may end early); a trajectory with no valid
 step is left out.
@@ -91,27 +92,42 @@ def boxes_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ~separated.any(dim=-1)
 
 
-def collision_rate(planned: torch.Tensor, agents: list[torch.Tensor], agent_mask: list[torch.Tensor],
-                   mask: torch.Tensor, step_seconds: float = 0.5,
-                   horizons: tuple[float, ...] = (1.0, 2.0, 3.0)) -> dict[str, float]:
-    """Share of samples whose planned ego box hits a true agent box at any valid step up to each
-    horizon. ``planned`` ``(N, T, 3)`` x, y, yaw; ``agents[n]`` ``(A, T, 5)`` x, y, length, width,
-    yaw of sample ``n``'s agents per future step with ``agent_mask[n]`` ``(A, T)``; ``mask`` ``(N, T)``
-    the valid planning steps."""
-    hits = torch.zeros(mask.shape, dtype=torch.bool, device=planned.device)
+def box_collisions(path: torch.Tensor, agents: list[torch.Tensor], agent_mask: list[torch.Tensor],
+                   forward_offset: float = 0.5) -> torch.Tensor:
+    """``(N, T)``: whether the ego box at each step of ``path`` ``(N, T, 3)`` (x, y, yaw) overlaps
+    one of sample ``n``'s agent boxes at that step (``agents[n]`` ``(A, T, 5)`` x, y, length,
+    width, yaw, present where ``agent_mask[n]`` ``(A, T)``). The ego box is nuScenes' footprint,
+    its centre ``forward_offset`` m ahead of the pose along the heading (UniAD's and VAD's 0.5 m)."""
+    hits = torch.zeros(path.shape[:2], dtype=torch.bool, device=path.device)
     for n, (boxes, present) in enumerate(zip(agents, agent_mask)):
         if len(boxes) == 0:
             continue
-        ego = torch.cat([planned[n, :, :2], torch.full_like(planned[n, :, :1], EGO_LENGTH),
-                         torch.full_like(planned[n, :, :1], EGO_WIDTH), planned[n, :, 2:3]], dim=-1)  # (T, 5)
-        overlap = boxes_overlap(ego[None], boxes) & present  # (A, T)
-        hits[n] = overlap.any(dim=0) & mask[n]
+        yaw = path[n, :, 2:3]
+        centre = path[n, :, :2] + forward_offset * torch.cat([yaw.cos(), yaw.sin()], dim=-1)
+        ego = torch.cat([centre, torch.full_like(yaw, EGO_LENGTH), torch.full_like(yaw, EGO_WIDTH), yaw], dim=-1)
+        hits[n] = (boxes_overlap(ego[None], boxes) & present).any(dim=0)
+    return hits
+
+
+def collision_rate(planned: torch.Tensor, logged: torch.Tensor, agents: list[torch.Tensor],
+                   agent_mask: list[torch.Tensor], step_seconds: float = 0.5,
+                   horizons: tuple[float, ...] = (1.0, 2.0, 3.0)) -> dict[str, float]:
+    """The UniAD/VAD box-collision rate of ``planned`` ``(N, T, 3)`` (x, y, yaw) against the true
+    agent boxes (:func:`box_collisions`): per step, the share of samples whose planned box hits an
+    agent while the ``logged`` path's box does not (a collision the log itself has is not the
+    planner's); at a horizon, the mean of those per-step rates up to it. Also the logged path's
+    own rate (``logged_collision@...``), the floor that the annotations leave. Pass complete
+    futures only (UniAD scores the samples whose every future step is valid)."""
+    planned_hits = box_collisions(planned, agents, agent_mask)
+    logged_hits = box_collisions(logged, agents, agent_mask)
+    new = (planned_hits & ~logged_hits).float().mean(dim=0)  # (T,)
+    floor = logged_hits.float().mean(dim=0)
     out = {}
     for horizon in horizons:
         steps = int(round(horizon / step_seconds))
-        out[f"collision@{horizon:g}s"] = float(hits[:, :steps].any(dim=1).float().mean())
+        out[f"collision@{horizon:g}s"] = float(new[:steps].mean())
+        out[f"logged_collision@{horizon:g}s"] = float(floor[:steps].mean())
     return out
-
 
 
 def path_headings(path: torch.Tensor, initial: torch.Tensor, mask: torch.Tensor | None = None,

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bridgeta.bench.distill import (
-    METHODS, TUNED_METHODS, Protocol, aggregate, is_baseline_point, is_monotakd, is_tinybev, learned_classes,
-    method_job, run_name, stage_depth, train_method,
+    METHODS, STAGE_AFTER, TUNED_METHODS, Protocol, aggregate, is_baseline_point, is_monotakd, is_tinybev,
+    learned_classes, method_job, run_name, stage_depth, train_method,
 )
 from bridgeta.bench.distill import run as run_methods
 from bridgeta.bench.jobs import run_jobs
@@ -277,6 +277,9 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
 
     preset = preset or PRESETS[preset_name]
     methods = tuple(methods or preset.methods)
+    unstaged = [m for m in methods if m in STAGE_AFTER and STAGE_AFTER[m] not in methods]
+    if unstaged:  # a later stage starts from its previous stage's run, which must be trained too
+        raise ValueError(f"--methods {unstaged[0]} needs {STAGE_AFTER[unstaged[0]]} (the stage it starts from)")
     started = environment()
     runs_dir = work / "runs"
     protocol = preset.protocol

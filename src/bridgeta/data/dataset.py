@@ -380,11 +380,18 @@ class BEVMapDataset(Dataset):
             ego, ego_mask = _padded_future([[step[:2] for step in record["ego_future"]]])
             moved = _move_xy(ego[0], bev_aug)
             origin = _move_xy(np.zeros((1, 2), dtype=np.float32), bev_aug)[0]  # where the ego is after the augmentation
+            heading = bev_aug[:2, 0]  # the ego's forward axis after it (times the scale)
+            yaw = float(np.arctan2(heading[1], heading[0]))
             out["ego_future"] = torch.from_numpy(moved)
             out["ego_position"] = torch.from_numpy(origin)
-            out["ego_yaw"] = float(np.arctan2(bev_aug[1, 0], bev_aug[0, 0]))  # the ego's heading after it
+            out["ego_yaw"] = yaw
             out["ego_future_mask"] = torch.from_numpy(ego_mask[0])
-            out["command"] = driving_command(moved - origin, ego_mask[0])
+            # The command is relative to the ego's own heading, as in ST-P3: the augmented path
+            # turned back by that heading and unscaled. A rotation leaves the command as it was; a
+            # flip mirrors the world, and a left turn becomes a right one with it.
+            c, s_ = np.cos(-yaw), np.sin(-yaw)
+            relative = (moved - origin) @ np.array([[c, s_], [-s_, c]]) / np.linalg.norm(heading)
+            out["command"] = driving_command(relative, ego_mask[0])
         return out
 
     def _add_cameras(self, sample: BEVSample, record: dict, rng: np.random.Generator) -> None:

@@ -354,7 +354,7 @@ def _detection_metrics(loader: Iterable[Batch], network: nn.Module, predictions:
     eval-detections`` on a gathered file."""
     import tempfile
 
-    from bridgeta.detection_metrics import evaluate_detections, write_submission
+    from bridgeta.detection_metrics import NoTrueBoxes, evaluate_detections, write_submission
 
     dataset = getattr(loader, "dataset", None)
     if dataset is None or (dist.is_available() and dist.is_initialized()):
@@ -368,7 +368,7 @@ def _detection_metrics(loader: Iterable[Batch], network: nn.Module, predictions:
         try:
             overall = evaluate_detections(dataset.dataroot, dataset.config.version, dataset.split, path, nusc=nusc,
                                           sample_tokens=list(predictions))
-        except ValueError:  # no annotated box in these samples: no detection figure at all
+        except NoTrueBoxes:  # no annotated box in these samples: no detection figure at all
             return None
 
         def brief(**options) -> dict | None:

@@ -4,12 +4,13 @@
   head's classes) is read at its *true* centre cell, so the figure measures the motion head
   alone, not the detector's recall. minADE/minFDE over the head's K modes and the miss rate at
   2 m (bridgeta/motion_metrics.py, the nuScenes prediction definitions).
-* **Planning**: the commanded plan against the logged ego path, L2 at 1, 2 and 3 s, and the
-  collision rate of the planned ego box with the annotated agents' future boxes (ST-P3/UniAD).
-  Future boxes keep each agent's size and take the heading of its motion
+* **Planning** (UniAD/VAD): on the samples whose every future step exists, the commanded plan
+  against the logged ego path, L2 at 1, 2 and 3 s, and the box-collision rate with the annotated
+  agents' future boxes, excluding the steps where the logged path collides too. Future boxes keep
+  each agent's size and take the heading of its motion
   (:func:`~bridgeta.motion_metrics.path_headings`); the planned ego box too. The logged ego
-  path's own collision rate is reported beside it (``logged_collision``): the floor that
-  annotation and the box approximation leave.
+  path's own rate is reported beside it (``logged_collision@...``): the floor that annotation
+  and the box approximation leave.
 """
 
 from __future__ import annotations
@@ -106,10 +107,16 @@ class MotionPlanningMetric:
                                  "matched_to": "ground-truth agents"}
         if self.planning and self.plans:
             planned, logged, mask = torch.stack(self.plans), torch.stack(self.logged), torch.stack(self.plan_masks)
-            out["planning"] = {
-                **planning_l2(planned[..., :2], logged[..., :2], mask),
-                **collision_rate(planned, self.agents, self.agent_masks, mask),
-                "logged_collision": collision_rate(logged, self.agents, self.agent_masks, mask),
-                "samples": int(len(planned)),
-            }
+            complete = mask.all(dim=1)  # UniAD scores the samples whose every future step exists
+            index = complete.nonzero().flatten().tolist()
+            # The protocol's horizons (1, 2, 3 s) that the head's steps (2 Hz) reach.
+            horizons = tuple(h for h in (1.0, 2.0, 3.0) if h <= 0.5 * mask.shape[1])
+            if index and horizons:
+                out["planning"] = {
+                    **planning_l2(planned[complete, :, :2], logged[complete, :, :2], mask[complete], horizons=horizons),
+                    **collision_rate(planned[complete], logged[complete], [self.agents[i] for i in index],
+                                     [self.agent_masks[i] for i in index], horizons=horizons),
+                    "samples": len(index),
+                    "incomplete_skipped": int((~complete).sum()),
+                }
         return out

@@ -81,9 +81,9 @@ class MotionHead(nn.Module):
         self.trajectory = nn.Sequential(*conv_bn_relu(head_channels, head_channels, 3, 1),
                                         nn.Conv2d(head_channels, modes * steps * 2, 1))
         self.mode = nn.Sequential(*conv_bn_relu(head_channels, head_channels, 3, 1), nn.Conv2d(head_channels, modes, 1))
-        # Start at "standing still": every mode predicts zero displacement.
-        nn.init.zeros_(self.trajectory[-1].weight)
-        nn.init.zeros_(self.trajectory[-1].bias)
+        # The modes must start apart: with identical modes, winner-takes-all picks the first one
+        # every time and the others never receive a gradient. The layer's default (random)
+        # initialisation gives each mode its own start.
 
     def forward(self, decoded: torch.Tensor) -> MotionOutputs:  # type: ignore[override]
         features = self.shared(decoded)

@@ -46,10 +46,10 @@ def build_task_targets(model, metas: list[dict], device: torch.device | str) -> 
             boxes, [a["future"].to(device) for a in annotations], [a["future_mask"].to(device) for a in annotations],
             model.feature_grid, config.motion_head.steps, settings.max_objects,
         )
-    if config.planning_head is not None:
-        missing = [m["token"] for m, a in zip(metas, annotations) if "ego_future" not in a]
+    if config.planning_head is not None:  # its collisions read the agents' futures too
+        missing = [m["token"] for m, a in zip(metas, annotations) if "ego_future" not in a or "future" not in a]
         if missing:
-            raise ValueError(f"sample {missing[0]} has no ego future in its cache; run bridgeta data prepare "
+            raise ValueError(f"sample {missing[0]} has no ego or agent futures in its cache; run bridgeta data prepare "
                              "--force for a model with a planning head")
         steps = config.planning_head.steps
         displacement = torch.zeros(len(metas), steps, 2, device=device)
