@@ -160,3 +160,18 @@ def test_summary_lists_counts():
     summary = report.summary()
     assert "loaded 1 tensors" in summary and "1 missing [b]" in summary
     assert "10 ignored" in summary and "(+2)" in summary and "unexpected" not in summary
+
+
+def test_config_hash_ignores_absent_optional_sections():
+    """A version that adds an optional section (None by default) keeps recognising older runs'
+    configs, while any value that differs still changes the hash."""
+    from bridgeta.config import load_config, to_dict
+    from bridgeta.engine.checkpoint import _without_absent, config_hash
+
+    config = load_config("tiny-c")
+    older = to_dict(config)
+    del older["model"]["motion_head"], older["distill"]  # as a version without these keys wrote it
+    assert _without_absent(older) == _without_absent(to_dict(config))
+    assert _without_absent({"a": 1, "b": None, "c": {"d": None, "e": [{"f": None}]}}) == {"a": 1, "c": {"e": [{}]}}
+    assert config_hash(load_config("tiny-c", ["train.seed=3"])) != config_hash(config)
+    assert config_hash(load_config("tiny-c", ["model.motion_head=null"])) == config_hash(config)

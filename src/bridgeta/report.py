@@ -316,7 +316,7 @@ def render_cost(results: dict) -> str:
     return "\n".join(lines)
 
 
-DEPLOYED_COST_COMMAND = "bridgeta bench cost --pairs tiny bevfusion --repeats 5"
+DEPLOYED_COST_COMMAND = "bridgeta bench cost --repeats 5"
 
 
 def render_deployed_cost(results: dict) -> str:

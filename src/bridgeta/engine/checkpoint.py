@@ -61,9 +61,20 @@ def checkpoint_name(step: int) -> str:
     return f"{_PREFIX}{step:08d}"
 
 
+def _without_absent(value: Any) -> Any:
+    """The config dict without its absent (``None``) keys, at every depth."""
+    if isinstance(value, dict):
+        return {k: _without_absent(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_absent(v) for v in value]
+    return value
+
+
 def config_hash(config: ExperimentConfig) -> str:
-    """Short digest of the resolved config; a resume with a different one is reported."""
-    text = json.dumps(to_dict(config), sort_keys=True)
+    """Short digest of the resolved config; a resume with a different one is reported. Absent
+    optional keys are left out, so a version that adds an optional section (a new head, a new
+    method's settings) still recognises the configs of runs it did not change."""
+    text = json.dumps(_without_absent(to_dict(config)), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
