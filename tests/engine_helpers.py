@@ -111,3 +111,22 @@ def torch_threads(count: int):
 def tiny_config(*overrides: str):
     """``tiny-l`` with in-process loading, for evaluation and picture tests."""
     return load_config("tiny-l", ["train.num_workers=0", "train.batch_size=2", *overrides])
+
+
+def export_onnx_and_run(run_dir: Path, out: Path):
+    """``bridgeta export --format onnx`` of a run's student, then one validation batch through it:
+    ``(session, inputs, PyTorch outputs)`` for the parity checks of the ONNX tests."""
+    from bridgeta import cli
+    from bridgeta.engine.deploy import OnnxStudent
+    from bridgeta.engine.evaluate import build_eval_loader
+    from bridgeta.engine.model_file import load_model_file
+
+    with torch_threads(1):
+        assert cli.main(["export", "--format", "onnx", "--checkpoint", str(run_dir), "--out", str(out)]) == 0
+    session = OnnxStudent(out, threads=1)
+    student, config = load_model_file(run_dir)
+    loader = build_eval_loader(config, student, "val", batch_size=1, num_workers=0, distributed=False)
+    inputs, _, _ = next(iter(loader))
+    with torch.no_grad():
+        expected = student.eval()(inputs)
+    return session, inputs, expected

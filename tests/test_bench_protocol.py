@@ -246,7 +246,6 @@ def _jobs_sleep_and_report_parent(path: str) -> None:
 
 def test_a_killed_benchmark_takes_its_workers_with_it(tmp_path):
     """Workers get the parent-death signal: killing the benchmark does not leave runs training."""
-    import os
     import signal
     import subprocess
     import sys

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from engine_helpers import SMALL_TINY_C, torch_threads, write_teacher
+from engine_helpers import SMALL_TINY_C, export_onnx_and_run, torch_threads, write_teacher
 
 from bridgeta import cli
 from bridgeta.engine.evaluate import evaluate_checkpoint
@@ -57,19 +56,8 @@ def test_distilled_student_logs_every_term_and_exports_its_branches(runs, tmp_pa
 
 def test_the_monotakd_student_exports_to_onnx_with_parity(runs, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    from bridgeta.engine.deploy import OnnxStudent
-    from bridgeta.engine.evaluate import build_eval_loader
-
-    exported = tmp_path / "student.onnx"
-    with torch_threads(1):
-        assert cli.main(["export", "--format", "onnx", "--checkpoint", str(runs / "student"), "--out", str(exported)]) == 0
-    session = OnnxStudent(exported, threads=1)
-    student, config = load_model_file(runs / "student")
-    loader = build_eval_loader(config, student, "val", batch_size=1, num_workers=0, distributed=False)
-    inputs, _, _ = next(iter(loader))
-    with torch.no_grad():
-        expected = student.eval()(inputs).logits
-    assert (session(inputs).logits - expected).abs().max().item() < 1e-4
+    session, inputs, expected = export_onnx_and_run(runs / "student", tmp_path / "student.onnx")
+    assert (session(inputs).logits - expected.logits).abs().max().item() < 1e-4
 
 
 def test_distill_refuses_an_assistant_for_another_method(engine_world, tmp_path, capsys):

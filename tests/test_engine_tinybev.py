@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from engine_helpers import SMALL_TINY_C, torch_threads
+from engine_helpers import SMALL_TINY_C, export_onnx_and_run, torch_threads
 
 from bridgeta import cli
 from bridgeta.engine.model_file import load_model_file, read_model_file
@@ -69,7 +69,7 @@ def test_each_stage_logs_its_terms(stages):
 def test_a_stage_starts_from_the_previous_stages_student(engine_world, stages):
     """S2's first step starts from S1's weights: with a learning rate of 0 it ends where S1 ended."""
     from bridgeta.config import load_config
-    from bridgeta.distill import build_distiller, init_from_previous_stage
+    from bridgeta.distill import init_from_previous_stage
     from bridgeta.models.bev_model import build_model
 
     previous, _ = load_model_file(stages / "s1")
@@ -133,20 +133,9 @@ def test_eval_reports_motion_and_planning(stages):
 
 def test_the_tinybev_student_exports_to_onnx_with_every_head(stages, tmp_path):
     pytest.importorskip("onnxruntime")
-    from bridgeta.engine.deploy import OnnxStudent
-    from bridgeta.engine.evaluate import build_eval_loader
-
-    exported = tmp_path / "student.onnx"
-    with torch_threads(1):
-        assert cli.main(["export", "--format", "onnx", "--checkpoint", str(stages / "s3"), "--out", str(exported)]) == 0
-    session = OnnxStudent(exported, threads=1)
-    student, config = load_model_file(stages / "s3")
-    loader = build_eval_loader(config, student, "val", batch_size=1, num_workers=0, distributed=False)
-    inputs, _, _ = next(iter(loader))
+    session, inputs, expected = export_onnx_and_run(stages / "s3", tmp_path / "student.onnx")
     arrays = session.run_outputs({name: getattr(inputs.camera, name) for name in
                                   ("images", "intrinsics", "ego_T_camera", "image_aug")})
-    with torch.no_grad():
-        expected = student.eval()(inputs)
     assert set(arrays) >= {"logits", "object_heatmap", "motion_trajectories", "motion_mode_logits", "plan"}
     assert abs(arrays["plan"] - expected.plan.numpy()).max() < 1e-4
     assert abs(arrays["motion_trajectories"] - expected.motion.trajectories.numpy()).max() < 1e-4

@@ -15,7 +15,7 @@ from typing import Callable
 
 from bridgeta.config import list_presets, load_config
 from bridgeta.files import atomic_write_text
-from bridgeta.provenance import environment, write_json
+from bridgeta.provenance import environment
 
 # Reported figures for the BridgeTA paper's camera-only baseline (its Table 3).
 PAPER_BASELINE = {"params_m": 31.8, "gflops": 456.6, "latency_ms": 61.6}

@@ -93,7 +93,7 @@ from bridgeta.losses import map_segmentation_loss
 from bridgeta.models.targets import build_task_targets, task_losses
 from bridgeta.distill import Distiller, build_distiller, init_from_previous_stage
 from bridgeta.models.bev_model import BEVModel, build_model
-from bridgeta.models.types import BEVInputs, BEVOutputs
+from bridgeta.models.types import BEVInputs
 
 log = logging.getLogger(__name__)
 
@@ -122,50 +122,43 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [group for group in groups if group["params"]]
 
 
-def load_teacher(config: ExperimentConfig) -> BEVModel:
-    """The frozen teacher ``distill.teacher`` names: a model file, or a run / checkpoint directory."""
+def _load_input_model(source: str, key: str) -> BEVModel:
+    """A frozen input of the run (teacher, assistant, previous stage) from a model file or a run
+    / checkpoint directory; a bad one is reported under its config key."""
     from bridgeta.engine.evaluate import resolve_model_file  # evaluate imports this module's deps
 
+    try:
+        model, _ = load_model_file(resolve_model_file(source))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"{key}: {exc}") from None
+    return model
+
+
+def load_teacher(config: ExperimentConfig) -> BEVModel:
+    """The frozen teacher ``distill.teacher`` names: a model file, or a run / checkpoint directory."""
     assert config.distill is not None
-    source = config.distill.teacher
-    if not source:
+    if not config.distill.teacher:
         raise ValueError(
             "distill.teacher is not set: pass --teacher with the teacher's run directory or model file"
         )
-    try:
-        teacher, _ = load_model_file(resolve_model_file(source))
-    except (FileNotFoundError, ValueError) as exc:
-        raise ValueError(f"distill.teacher: {exc}") from None
-    return teacher
+    return _load_input_model(config.distill.teacher, "distill.teacher")
 
 
 def load_assistant(config: ExperimentConfig) -> BEVModel | None:
     """MonoTAKD's trained teaching assistant (``distill.monotakd.assistant``), or None when the
     method reads none."""
-    from bridgeta.engine.evaluate import resolve_model_file
-
     settings = config.distill.monotakd if config.distill is not None else None
     if config.distill is None or config.distill.method != "monotakd" or settings is None or not settings.assistant:
         return None
-    try:
-        assistant, _ = load_model_file(resolve_model_file(settings.assistant))
-    except (FileNotFoundError, ValueError) as exc:
-        raise ValueError(f"distill.monotakd.assistant: {exc}") from None
-    return assistant
+    return _load_input_model(settings.assistant, "distill.monotakd.assistant")
 
 
 def load_previous_stage(config: ExperimentConfig) -> BEVModel | None:
     """The previous stage's student a staged recipe continues (``distill.tinybev.init_from``), or None."""
-    from bridgeta.engine.evaluate import resolve_model_file
-
     settings = config.distill.tinybev if config.distill is not None else None
     if settings is None or config.distill.method != "tinybev" or not settings.init_from:
         return None
-    try:
-        previous, _ = load_model_file(resolve_model_file(settings.init_from))
-    except (FileNotFoundError, ValueError) as exc:
-        raise ValueError(f"distill.tinybev.init_from: {exc}") from None
-    return previous
+    return _load_input_model(settings.init_from, "distill.tinybev.init_from")
 
 
 def _check_eval_split(dataset: BEVMapDataset, split: str) -> None:
