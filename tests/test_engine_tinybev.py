@@ -149,3 +149,30 @@ def test_a_missing_previous_stage_is_refused_before_training(engine_world, stage
     assert code == 2
     assert "distill.tinybev.init_from" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_motion_and_planning_heads_overfit_one_batch(engine_world):
+    """Trained alone on one batch, every head's loss falls: the targets are learnable as built."""
+    from bridgeta.config import load_config
+    from bridgeta.data.dataset import BEVMapDataset, collate_bev
+    from bridgeta.models.bev_model import build_model
+    from bridgeta.models.targets import build_task_targets, task_losses
+
+    config = load_config("tiny-c-tinybev", [*STUDENT, f"data.dataroot={engine_world}"])
+    torch.manual_seed(0)
+    model = build_model(config).train()
+    dataset = BEVMapDataset.for_model(config.data, model, "train")
+    inputs, _, metas = collate_bev([dataset[0], dataset[1]])
+    targets = build_task_targets(model, metas, "cpu")
+    assert bool(targets.motion.mask.any()) and bool(targets.plan.mask.any())
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    history = []
+    with torch_threads(1):
+        for _ in range(60):
+            terms = task_losses(model, model(inputs), targets)
+            history.append({k: float(v.detach()) for k, v in terms.items()})
+            optimizer.zero_grad()
+            torch.stack(list(terms.values())).sum().backward()
+            optimizer.step()
+    for name in ("motion/trajectory", "plan/l1", "object/heatmap"):
+        assert history[-1][name] < 0.5 * history[0][name], (name, history[0][name], history[-1][name])
