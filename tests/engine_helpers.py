@@ -16,8 +16,8 @@ _SMALL_COMMON = [
     "model.decoder.out_channels=16",
     "model.grid.x=[-51.2,51.2,1.6]",
     "model.grid.y=[-51.2,51.2,1.6]",
-    "model.head.output_grid.x=[-50.0,50.0,2.0]",
-    "model.head.output_grid.y=[-50.0,50.0,2.0]",
+    "model.heads.map.output_grid.x=[-50.0,50.0,2.0]",
+    "model.heads.map.output_grid.y=[-50.0,50.0,2.0]",
     "train.num_workers=0",
     "train.log_every=1",
 ]

@@ -369,8 +369,8 @@ def test_the_multitask_table_has_every_task_and_paired_deltas():
 
 def test_staged_tinybev_end_to_end(engine_world, tmp_path):
     """Teacher, baseline and S1 -> S2 -> S3 of one seed: each stage starts from the finished one."""
-    heads = ("model.object_head={head_channels: 8}", "model.motion_head={modes: 2, head_channels: 8}",
-             "model.planning_head={steps: 3, head_channels: 8, hidden: 16}")
+    heads = ("model.heads.object={head_channels: 8}", "model.heads.motion={modes: 2, head_channels: 8}",
+             "model.heads.plan={steps: 3, head_channels: 8, hidden: 16}")
     protocol = bench_distill.Protocol(
         teacher="tiny-lc-tinybev", student="tiny-c-tinybev", student_steps=3, teacher_steps=2, teacher_seeds=1,
         student_overrides=(*SMALL_TINY_C, *heads),

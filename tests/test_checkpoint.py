@@ -170,8 +170,8 @@ def test_config_hash_ignores_absent_optional_sections():
 
     config = load_config("tiny-c")
     older = to_dict(config)
-    del older["model"]["motion_head"], older["distill"]  # as a version without these keys wrote it
+    del older["model"]["heads"]["motion"], older["distill"]  # as a version without these keys wrote it
     assert _without_absent(older) == _without_absent(to_dict(config))
     assert _without_absent({"a": 1, "b": None, "c": {"d": None, "e": [{"f": None}]}}) == {"a": 1, "c": {"e": [{}]}}
     assert config_hash(load_config("tiny-c", ["train.seed=3"])) != config_hash(config)
-    assert config_hash(load_config("tiny-c", ["model.motion_head=null"])) == config_hash(config)
+    assert config_hash(load_config("tiny-c", ["model.heads.motion=null"])) == config_hash(config)

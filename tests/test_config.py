@@ -19,14 +19,14 @@ def test_presets_exist_and_parse():
     for name in EXPECTED_PRESETS:
         config = load_config(name)
         assert config.name == name
-        assert config.model.head.classes == MAP_CLASSES
+        assert config.model.heads.map.classes == MAP_CLASSES
 
 
 def test_bevfusion_c_matches_published_setting():
     model = load_config("bevfusion-c").model
     assert model.grid.build().shape == (256, 256)
     assert model.grid.build().downsample(2).shape == (128, 128)
-    assert model.head.output_grid.build().shape == (200, 200)
+    assert model.heads.map.output_grid.build().shape == (200, 200)
     assert model.camera.image_size == (256, 704)
     assert model.camera.backbone.type == "swin_t" and model.camera.backbone.out_indices == [1, 2, 3]
     assert model.camera.vtransform.depth == (1.0, 60.0, 0.5)
@@ -84,7 +84,7 @@ def test_cross_field_validation(tmp_path):
     with pytest.raises(ConfigError, match="at least one of"):
         load_config("tiny-c", ["model.camera=null"])
     with pytest.raises(ConfigError, match="unknown class 'lane'"):
-        load_config("tiny-c", ["model.head.classes=[lane]"])
+        load_config("tiny-c", ["model.heads.map.classes=[lane]"])
     with pytest.raises(ConfigError, match="divisible by"):
         load_config("tiny-c", ["model.camera.image_size=[60, 176]"])
 
@@ -129,3 +129,33 @@ def test_experiment_sections_and_scientific_notation():
         load_config("tiny-c", ["train.optimiser.lr=0.1"])
     with pytest.raises(ConfigError, match="data.max_sweeps must be an integer >= 0"):
         load_config("tiny-c", ["data.dataroot=/x", "data.max_sweeps=-1"])
+
+
+def test_the_config_names_its_heads_and_reads_the_earlier_keys(tmp_path):
+    """``model.heads: {map, object, motion, plan}``; files, overrides and runs written with the
+    earlier keys (``model.head``, ``model.object_head``, ...) read as the same config."""
+    import yaml
+
+    from bridgeta.config import parse_config
+
+    config = load_config("tiny-c-tinybev")
+    assert config.model.heads.map.classes == MAP_CLASSES
+    assert config.model.heads.object.classes == ("car", "truck", "bus", "pedestrian")
+    assert config.model.heads.motion.modes == 6 and config.model.heads.plan.steps == 6
+    assert load_config("tiny-c").model.heads.object is None  # a map-only model names its map head alone
+    # An earlier run's config.yaml, with the keys of that version.
+    old = to_dict(load_config("tiny-c-mt"))
+    heads = old["model"].pop("heads")
+    old["model"]["head"], old["model"]["object_head"] = heads["map"], heads["object"]
+    assert to_dict(parse_config(old, "old.yaml")) == to_dict(load_config("tiny-c-mt"))
+    # An earlier file and earlier overrides.
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"base": "tiny-c", "model": {"object_head": {"head_channels": 16}}}))
+    legacy = load_config(str(path), ["model.head.weight=0.5", "model.motion_head={modes: 2}"])
+    assert legacy.model.heads.object.head_channels == 16 and legacy.model.heads.map.weight == 0.5
+    assert legacy.model.heads.motion.modes == 2
+    path.write_text(yaml.safe_dump({"base": "tiny-c", "model": {"object_head": {}, "heads": {"object": {}}}}))
+    with pytest.raises(ConfigError, match="'model.object_head' and 'model.heads.object' name the same head"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="unknown key 'model.heads.occupancy'"):
+        load_config("tiny-c", ["model.heads.occupancy={}"])

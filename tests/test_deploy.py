@@ -114,7 +114,7 @@ def test_graph_is_standard_onnx_with_metadata(exported):
     config = result.config
     assert meta["version"] == __version__
     assert meta["config_hash"] == config_hash(config)
-    assert meta["classes"] == list(config.model.head.classes) == list(session.classes)
+    assert meta["classes"] == list(config.model.heads.map.classes) == list(session.classes)
     assert meta["image_size"] == [32, 88] and meta["num_cameras"] == 6 and meta["batch_size"] == 2
     assert meta["grid"]["x"] == [-51.2, 51.2, 1.6] and session.output_grid.shape == (50, 50)
     assert [spec["shape"] for spec in meta["inputs"]] == [[2, 6, 3, 32, 88], [2, 6, 3, 3], [2, 6, 4, 4], [2, 6, 3, 3]]
@@ -188,7 +188,7 @@ def test_docs_inference_script_runs_without_bridgeta(tmp_path):
                           cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
-    assert [line.split()[0] for line in lines] == list(config.model.head.classes)
+    assert [line.split()[0] for line in lines] == list(config.model.heads.map.classes)
 
 
 class _Pool(torch.nn.Module):

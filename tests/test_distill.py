@@ -213,7 +213,7 @@ class _Fixed(torch.nn.Module):
 
     classes = ("drivable_area",)
     # What the distillers read of a model's config: the map head's loss weight.
-    config = SimpleNamespace(head=SimpleNamespace(weight=1.0))
+    config = SimpleNamespace(heads=SimpleNamespace(map=SimpleNamespace(weight=1.0)))
 
     def __init__(self, camera: float, fused: float, decoded: float, logit: float) -> None:
         super().__init__()

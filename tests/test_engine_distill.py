@@ -83,7 +83,7 @@ def test_bridgeta_run_logs_every_term_and_saves_student_and_assistant(bridgeta_r
 
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]  # log_every=1
-    classes = config.model.head.classes
+    classes = config.model.heads.map.classes
     terms = [f"seg/{c}" for c in classes] + [f"ta_seg/{c}" for c in classes]
     terms += ["kd/fld", "kd/dld", "kd/lld", "kd/lld_aux"]
     diagnostics = [f"{level}/{name}" for level in LEVELS for name in ("epsilon", "ta2s", "t2ta", "gap_l2")]

@@ -268,7 +268,7 @@ def test_evaluate_checkpoint_with_overridden_dataroot(dataroot, tmp_path):
     for where in (tmp_path / "run", checkpoint_dir, checkpoint_dir / "model.safetensors"):
         result = evaluate_checkpoint(where, dataroot=dataroot, device="cpu")
         assert result["samples"] == split_size(dataroot, "test") and result["split"] == "test"
-        assert set(result["iou"]) == set(config.model.head.classes)
+        assert set(result["iou"]) == set(config.model.heads.map.classes)
         assert sum(entry["samples"] for entry in result["by_condition"].values()) == result["samples"]
         assert set(result["by_range"]) == {"0-20", "20-35", "35-50"}
         assert 0.0 <= result["miou"] <= 1.0

@@ -20,7 +20,7 @@ def test_a_map_only_model_is_unchanged_by_the_object_head():
     torch.manual_seed(0)
     plain = build_model(load_config("tiny-c"))
     torch.manual_seed(0)
-    both = build_model(load_config("tiny-c", ["model.object_head={}"]))
+    both = build_model(load_config("tiny-c", ["model.heads.object={}"]))
     plain_state, both_state = plain.state_dict(), both.state_dict()
     assert {k for k in both_state if not k.startswith("object_head.")} == set(plain_state)
     assert all(torch.equal(both_state[k], v) for k, v in plain_state.items())
@@ -36,7 +36,7 @@ def test_a_map_only_model_is_unchanged_by_the_object_head():
 def test_the_dataset_gives_boxes_in_the_augmented_frame(engine_world):
     from dataclasses import replace
 
-    config = small_student_config(engine_world, "model.object_head={}")
+    config = small_student_config(engine_world, "model.heads.object={}")
     model = build_model(config)
     plain = BEVMapDataset.for_model(config.data, model, "train", train=False)
     augmented = BEVMapDataset.for_model(replace(config.data), model, "train", train=True, seed=3)
@@ -55,7 +55,7 @@ def test_the_dataset_gives_boxes_in_the_augmented_frame(engine_world):
 
 
 def test_a_two_head_model_trains_logs_both_heads_and_saves_them(engine_world, tmp_path):
-    config = small_student_config(engine_world, "model.object_head={head_channels: 8}", "train.max_steps=3",
+    config = small_student_config(engine_world, "model.heads.object={head_channels: 8}", "train.max_steps=3",
                                   "train.eval_every=0")
     with torch_threads(1):
         summary = train(config, tmp_path / "run")
@@ -65,13 +65,13 @@ def test_a_two_head_model_trains_logs_both_heads_and_saves_them(engine_world, tm
     assert terms <= set(rows[-1]) and all(r["object/heatmap"] > 0 for r in rows)
     assert any(k.startswith("focal/") for k in rows[-1])
     model, loaded = load_model_file(tmp_path / "run")
-    assert model.head_names == ("map", "object") and loaded.model.object_head is not None
+    assert model.head_names == ("map", "object") and loaded.model.heads.object is not None
 
 
 def test_an_unprepared_cache_is_named_with_the_fix(engine_world, tmp_path, monkeypatch):
     from bridgeta.data.cache import CacheError, LabelCache
 
-    config = small_student_config(engine_world, "model.object_head={}")
+    config = small_student_config(engine_world, "model.heads.object={}")
     dataset = BEVMapDataset.for_model(config.data, build_model(config), "train")
     original = LabelCache.record
     monkeypatch.setattr(LabelCache, "record", lambda self, i: {k: v for k, v in original(self, i).items() if k != "objects"})
@@ -85,7 +85,7 @@ def test_an_oracle_object_head_scores_map_one_through_eval(engine_world):
     from bridgeta.engine.evaluate import build_eval_loader, evaluate
     from bridgeta.models.object_head import ObjectOutputs, build_targets
 
-    config = small_student_config(engine_world, "model.object_head={nms_radius: [0, 0, 0, 0], score_threshold: 0.5}")
+    config = small_student_config(engine_world, "model.heads.object={nms_radius: [0, 0, 0, 0], score_threshold: 0.5}")
     model = build_model(config).eval()
     loader = build_eval_loader(config, model, "test", batch_size=1, num_workers=0, distributed=False)
     samples = iter(loader.dataset)
@@ -122,8 +122,8 @@ def test_a_multi_task_pair_distils_the_object_heatmaps(engine_world, tmp_path, r
     its TA's own object loss) reach the object heads; the student's object loss is trained too."""
     from engine_helpers import distill_config, write_teacher
 
-    teacher = write_teacher(tmp_path / "teacher.safetensors", engine_world, 2, "model.object_head={head_channels: 8}")
-    config = distill_config(engine_world, teacher, "model.object_head={head_channels: 8}", "train.max_steps=2",
+    teacher = write_teacher(tmp_path / "teacher.safetensors", engine_world, 2, "model.heads.object={head_channels: 8}")
+    config = distill_config(engine_world, teacher, "model.heads.object={head_channels: 8}", "train.max_steps=2",
                             "train.eval_every=0", recipe=recipe)
     with torch_threads(1):
         train(config, tmp_path / "run")
@@ -145,8 +145,8 @@ def test_bridgeta_object_terms_route_gradients_like_the_map_terms(engine_world, 
     from bridgeta.models.object_head import build_targets
     from bridgeta.models.targets import build_task_targets
 
-    teacher_file = write_teacher(tmp_path / "teacher.safetensors", engine_world, 2, "model.object_head={head_channels: 8}")
-    config = distill_config(engine_world, teacher_file, "model.object_head={head_channels: 8}")
+    teacher_file = write_teacher(tmp_path / "teacher.safetensors", engine_world, 2, "model.heads.object={head_channels: 8}")
+    config = distill_config(engine_world, teacher_file, "model.heads.object={head_channels: 8}")
     student = build_model(config)
     distiller = build_distiller(config, student, load_teacher(config)).train()
     dataset = BEVMapDataset.for_model(config.data, student, "train", modalities=("camera", "lidar"))
@@ -172,7 +172,7 @@ def test_predict_writes_a_submission_that_eval_detections_scores(engine_world, t
 
     from bridgeta import cli
 
-    config = small_student_config(engine_world, "model.object_head={head_channels: 8, score_threshold: 0.0, top_k: 20}",
+    config = small_student_config(engine_world, "model.heads.object={head_channels: 8, score_threshold: 0.0, top_k: 20}",
                                   "train.max_steps=1", "train.eval_every=0")
     with torch_threads(1):
         train(config, tmp_path / "run")
@@ -206,7 +206,7 @@ def test_box_corners_and_a_two_head_picture(engine_world, tmp_path):
     assert np.allclose(corners[:, 0].min(), 9.0) and np.allclose(corners[:, 0].max(), 11.0)
     assert np.allclose(corners[:, 1].min(), 0.0) and np.allclose(corners[:, 1].max(), 4.0)
     assert np.allclose(sorted(set(np.round(corners[:, 2], 6))), [0.0, 2.0])
-    config = small_student_config(engine_world, "model.object_head={head_channels: 8}", "train.max_steps=1",
+    config = small_student_config(engine_world, "model.heads.object={head_channels: 8}", "train.max_steps=1",
                                   "train.eval_every=0")
     with torch_threads(1):
         train(config, tmp_path / "run")
@@ -219,7 +219,7 @@ def test_a_two_head_model_exports_both_heads_to_onnx(engine_world, tmp_path):
     from bridgeta.engine.deploy import OnnxStudent, export_onnx
     from bridgeta.engine.model_file import save_model_file
 
-    config = small_student_config(engine_world, "model.object_head={head_channels: 8}")
+    config = small_student_config(engine_world, "model.heads.object={head_channels: 8}")
     torch.manual_seed(0)
     model = build_model(config).eval()
     source = save_model_file(tmp_path / "mt.safetensors", model, config)

@@ -14,8 +14,8 @@ from bridgeta import cli
 from bridgeta.engine.model_file import load_model_file, read_model_file
 
 # A narrow multi-task student, and a teacher twice as wide (the adapters bridge the widths).
-HEADS = ["model.object_head={head_channels: 8}", "model.motion_head={modes: 2, head_channels: 8}",
-         "model.planning_head={steps: 3, head_channels: 8, hidden: 16}"]  # the tiny world's scenes last 2 s
+HEADS = ["model.heads.object={head_channels: 8}", "model.heads.motion={modes: 2, head_channels: 8}",
+         "model.heads.plan={steps: 3, head_channels: 8, hidden: 16}"]  # the tiny world's scenes last 2 s
 STUDENT = [*SMALL_TINY_C, *HEADS]
 TEACHER = [*SMALL_TINY_C, *HEADS, "model.lidar={pillar_channels: 8, channels: [16], out_channels: 16}",
            "model.fuser={out_channels: 32}", "model.decoder.blocks=[[1,32,2],[1,32,1]]", "model.decoder.out_channels=32"]

@@ -140,7 +140,7 @@ def test_train_writes_a_complete_run_directory(dataroot, tmp_path):
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and [r["epoch"] for r in steps] == [0, 0, 1, 1]
-    terms = [f"focal/{name}" for name in config.model.head.classes]
+    terms = [f"focal/{name}" for name in config.model.heads.map.classes]
     for row in steps:
         assert {"lr", "loss", "samples_per_s", "grad_norm", "step_time_s", *terms} <= set(row)
         assert row["loss"] == pytest.approx(sum(row[t] for t in terms))

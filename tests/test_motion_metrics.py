@@ -111,7 +111,7 @@ def test_the_loader_gives_future_tracks_and_ego_paths_in_the_augmented_frame(eng
     from bridgeta.data.dataset import BEVMapDataset, driving_command
     from bridgeta.models.bev_model import build_model
 
-    config = small_student_config(engine_world, "model.object_head={}")
+    config = small_student_config(engine_world, "model.heads.object={}")
     model = build_model(config)
     plain = BEVMapDataset.for_model(config.data, model, "train")
     moved = BEVMapDataset.for_model(config.data, model, "train", train=True, seed=5)

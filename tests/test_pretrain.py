@@ -52,7 +52,7 @@ def test_dataset_keeps_to_its_split_and_prepares_images_like_the_bev_loader(engi
     first = train.image_path(0)
     train.index.rows[first] = replace(train.index.rows[first], depth="camera_labels/depth/gone.png")
     assert train.missing_files() == [engine_world / "camera_labels/depth/gone.png"]
-    grid = load_config("tiny-c").model.head.output_grid.build()
+    grid = load_config("tiny-c").model.heads.map.output_grid.build()
     bev = BEVMapDataset(data, (32, 88), grid, modalities=("camera",), split="val")
     assert torch.equal(val[0]["image"], bev[0].images[0])
 

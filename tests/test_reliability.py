@@ -598,7 +598,7 @@ def test_distill_with_a_plain_preset(capsys, prepared, tmp_path):
 def test_distill_with_a_teacher_on_another_grid(capsys, prepared, tmp_path):
     from engine_helpers import write_teacher
 
-    teacher = write_teacher(tmp_path / "teacher.safetensors", prepared, 0, "model.head.output_grid.x=[-40.0,40.0,2.0]")
+    teacher = write_teacher(tmp_path / "teacher.safetensors", prepared, 0, "model.heads.map.output_grid.x=[-40.0,40.0,2.0]")
     out = tmp_path / "run"
     argv = ["distill", *train_args(prepared, out, preset="distill/tiny-c-bridgeta", small=SMALL_TINY_C)[1:],
             "--teacher", teacher]

@@ -188,7 +188,7 @@ class ObjectHeadConfig:
 class MotionHeadConfig:
     """Motion forecasting (bridgeta/models/motion_head.py): ``modes`` trajectories of ``steps``
     keyframes (2 Hz) per agent, read at the object head's centre cells, so it needs
-    ``model.object_head``. ``weight`` scales the trajectory L1, ``mode_weight`` the cross-entropy
+    ``model.heads.object``. ``weight`` scales the trajectory L1, ``mode_weight`` the cross-entropy
     of the mode logits."""
 
     modes: int = 6
@@ -220,20 +220,29 @@ class ResidualConfig:
 
 
 @dataclass
+class HeadsConfig:
+    """The model's heads, by name, all on the decoded BEV: ``map`` (map segmentation, always),
+    ``object`` (3D objects, CenterPoint-style), ``motion`` (the agents' futures; needs ``object``)
+    and ``plan`` (the ego's path; needs ``object``). A map-only model names ``map`` alone.
+    Each head's loss terms are named by head (``seg/...``, ``object/...``, ``motion/...``,
+    ``plan/...``) and weighted by its ``weight``."""
+
+    map: HeadConfig
+    object: ObjectHeadConfig | None = None
+    motion: MotionHeadConfig | None = None
+    plan: PlanningHeadConfig | None = None
+
+
+@dataclass
 class ModelConfig:
     # The BEV pooling grid; encoders with ``downsample: 2`` produce features on grid.downsample(2).
     grid: GridConfig
-    head: HeadConfig
+    heads: HeadsConfig
     camera: CameraEncoderConfig | None = None
     lidar: LidarEncoderConfig | None = None
     fuser: FuserConfig | None = None
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     residual: ResidualConfig | None = None
-    # A second head, 3D object detection, on the same decoded BEV (the map head is ``head``).
-    object_head: ObjectHeadConfig | None = None
-    # TinyBEV's further heads on the same BEV: agents' futures (needs object_head) and the ego's plan.
-    motion_head: MotionHeadConfig | None = None
-    planning_head: PlanningHeadConfig | None = None
 
 
 @dataclass
@@ -581,6 +590,28 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+# The keys that named the heads before ``model.heads`` (files, presets and runs of earlier
+# versions): each is read as its head under ``model.heads``.
+LEGACY_HEAD_KEYS = {"head": "map", "object_head": "object", "motion_head": "motion", "planning_head": "plan"}
+
+
+def migrate_legacy_heads(data: dict, where: str) -> dict:
+    """``data`` (a raw config mapping) with a ``model`` section's legacy head keys moved under
+    ``model.heads``; naming one head both ways is an error."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not any(key in model for key in LEGACY_HEAD_KEYS):
+        return data
+    model = dict(model)
+    heads = dict(model.get("heads") or {})
+    for old, new in LEGACY_HEAD_KEYS.items():
+        if old in model:
+            if new in heads:
+                raise ConfigError(f"{where}: 'model.{old}' and 'model.heads.{new}' name the same head; keep one")
+            heads[new] = model.pop(old)
+    model["heads"] = heads
+    return {**data, "model": model}
+
+
 def load_raw(name_or_path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[dict, Path]:
     """Read a config (following ``base:``) into a plain dict; returns it and its file."""
     path = _resolve_path(name_or_path, _chain[-1] if _chain else None).resolve()
@@ -594,6 +625,7 @@ def load_raw(name_or_path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[d
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    data = migrate_legacy_heads(data, str(path))
     base = data.pop("base", None)
     if base is not None:
         base_data, _ = load_raw(base, _chain + (path,))
@@ -612,7 +644,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{text}': value is not valid YAML: {exc}") from exc
-    return key.strip().split("."), parsed
+    keys = key.strip().split(".")
+    if len(keys) >= 2 and keys[0] == "model" and keys[1] in LEGACY_HEAD_KEYS:  # an earlier version's name
+        keys = ["model", "heads", LEGACY_HEAD_KEYS[keys[1]], *keys[2:]]
+    return keys, parsed
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -631,6 +666,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def parse_config(data: dict, source: str = "<dict>") -> ExperimentConfig:
+    data = migrate_legacy_heads(data, source)
     try:
         return _build_dataclass(ExperimentConfig, data, "")
     except ConfigError as exc:
@@ -658,7 +694,7 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
 
     try:
         grid = model.grid.build()
-        output = model.head.output_grid.build()
+        output = model.heads.map.output_grid.build()
     except ValueError as exc:
         fail(str(exc))
     if model.camera is None and model.lidar is None:
@@ -669,19 +705,20 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         fail("'model.fuser' needs both 'model.camera' and 'model.lidar'")
     if model.residual is not None and (model.camera is None or model.lidar is not None):
         fail("'model.residual' (MonoTAKD's student branch) needs a camera-only model")
-    if model.object_head is not None:
-        objects = model.object_head
+    heads = model.heads
+    if heads.object is not None:
+        objects = heads.object
         unknown = [c for c in objects.classes if c not in DETECTION_NAMES]
         if unknown or not objects.classes:
-            fail(f"model.object_head.classes: unknown class '{unknown[0] if unknown else ''}' "
+            fail(f"model.heads.object.classes: unknown class '{unknown[0] if unknown else ''}' "
                  f"(nuScenes detection classes: {', '.join(DETECTION_NAMES)})")
         if len(objects.nms_radius) != len(objects.classes):
-            fail(f"model.object_head.nms_radius must give one radius per class ({len(objects.classes)}), "
+            fail(f"model.heads.object.nms_radius must give one radius per class ({len(objects.classes)}), "
                  f"got {len(objects.nms_radius)}")
-    if model.motion_head is not None and model.object_head is None:
-        fail("'model.motion_head' reads the agents at the object head's centres: it needs 'model.object_head'")
-    if model.planning_head is not None and model.object_head is None:
-        fail("'model.planning_head' is scored against the annotated agents (collisions): it needs 'model.object_head'")
+    if heads.motion is not None and heads.object is None:
+        fail("'model.heads.motion' reads the agents at the object head's centres: it needs 'model.heads.object'")
+    if heads.plan is not None and heads.object is None:
+        fail("'model.heads.plan' is scored against the annotated agents (collisions): it needs 'model.heads.object'")
     downsamples = []
     if model.camera is not None:
         vt = model.camera.vtransform
@@ -705,11 +742,11 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         downsamples.append(model.lidar.downsample)
     if len(set(downsamples)) > 1:
         fail("camera and lidar encoders must produce the same BEV grid (equal downsample)")
-    unknown = [c for c in model.head.classes if c not in MAP_CLASSES]
+    unknown = [c for c in model.heads.map.classes if c not in MAP_CLASSES]
     if unknown:
-        fail(f"model.head.classes: unknown class '{unknown[0]}' (known: {', '.join(MAP_CLASSES)})")
+        fail(f"model.heads.map.classes: unknown class '{unknown[0]}' (known: {', '.join(MAP_CLASSES)})")
     if not grid.contains(output):
-        fail("model.head.output_grid must lie inside model.grid")
+        fail("model.heads.map.output_grid must lie inside model.grid")
     for key, message in _range_errors(config):
         fail(f"{key} {message}")
 
@@ -770,25 +807,26 @@ def _range_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
             (f"distill.weights.{f.name}", getattr(d.weights, f.name), getattr(d.weights, f.name) >= 0, ">= 0")
             for f in dataclasses.fields(d.weights)
         ]
-    objects = config.model.object_head
+    objects = config.model.heads.object
     if objects is not None:
         checks += [
-            ("model.object_head.head_channels", objects.head_channels, objects.head_channels >= 1, ">= 1"),
-            ("model.object_head.max_objects", objects.max_objects, objects.max_objects >= 1, ">= 1"),
-            ("model.object_head.min_radius", objects.min_radius, objects.min_radius >= 0, ">= 0"),
-            ("model.object_head.weight", objects.weight, objects.weight >= 0, ">= 0"),
-            ("model.object_head.top_k", objects.top_k, objects.top_k >= 1, ">= 1"),
-            ("model.object_head.score_threshold", objects.score_threshold, 0 <= objects.score_threshold <= 1, "in [0, 1]"),
-        ] + [(f"model.object_head.losses.{f.name}", getattr(objects.losses, f.name), getattr(objects.losses, f.name) >= 0, ">= 0")
+            ("model.heads.object.head_channels", objects.head_channels, objects.head_channels >= 1, ">= 1"),
+            ("model.heads.object.max_objects", objects.max_objects, objects.max_objects >= 1, ">= 1"),
+            ("model.heads.object.min_radius", objects.min_radius, objects.min_radius >= 0, ">= 0"),
+            ("model.heads.object.weight", objects.weight, objects.weight >= 0, ">= 0"),
+            ("model.heads.object.top_k", objects.top_k, objects.top_k >= 1, ">= 1"),
+            ("model.heads.object.score_threshold", objects.score_threshold, 0 <= objects.score_threshold <= 1, "in [0, 1]"),
+        ] + [(f"model.heads.object.losses.{f.name}", getattr(objects.losses, f.name), getattr(objects.losses, f.name) >= 0, ">= 0")
              for f in dataclasses.fields(objects.losses)]
-    for name in ("motion_head", "planning_head"):
-        head = getattr(config.model, name)
+    for name in ("motion", "plan"):
+        head = getattr(config.model.heads, name)
         if head is not None:
-            checks += [(f"model.{name}.{key}", getattr(head, key), getattr(head, key) >= 1, ">= 1")
-                       for key in ("steps", "head_channels", *(("modes",) if name == "motion_head" else ("hidden",)))]
-            checks += [(f"model.{name}.{key}", getattr(head, key), getattr(head, key) >= 0, ">= 0")
-                       for key in ("weight", *(("mode_weight",) if name == "motion_head" else ()))]
-    checks.append(("model.head.weight", config.model.head.weight, config.model.head.weight >= 0, ">= 0"))
+            checks += [(f"model.heads.{name}.{key}", getattr(head, key), getattr(head, key) >= 1, ">= 1")
+                       for key in ("steps", "head_channels", *(("modes",) if name == "motion" else ("hidden",)))]
+            checks += [(f"model.heads.{name}.{key}", getattr(head, key), getattr(head, key) >= 0, ">= 0")
+                       for key in ("weight", *(("mode_weight",) if name == "motion" else ()))]
+    weight = config.model.heads.map.weight
+    checks.append(("model.heads.map.weight", weight, weight >= 0, ">= 0"))
     if config.distill is not None:
         d = config.distill
         if d.monotakd is not None:

@@ -88,7 +88,7 @@ PRESETS = {
         scenes=30, duration=20.0, world="tiny",
         protocol=Protocol(teacher="tiny-lc-mt", student="tiny-c-mt", student_steps=800, teacher_steps=1600,
                           curve_points=8, teacher_seeds=1,
-                          student_overrides=(*RESUMABLE, "model.object_head={classes: [car, truck, bus, pedestrian], "
+                          student_overrides=(*RESUMABLE, "model.heads.object={classes: [car, truck, bus, pedestrian], "
                                              "nms_radius: [4.0, 12.0, 10.0, 0.175], head_channels: 32}"),
                           teacher_overrides=RESUMABLE),
         methods=("baseline", "direct", "bridgeta"),

@@ -64,7 +64,7 @@ def run(out: Path, scenes: int, duration: float, seed: int, batch_size: int, bat
             image_size = tuple(model.camera.image_size) if model.camera else (0, 0)
             loader = {
                 workers: measure_loader_throughput(
-                    DataConfig(dataroot=str(dataroot)), image_size, model.head.output_grid.build(),
+                    DataConfig(dataroot=str(dataroot)), image_size, model.heads.map.output_grid.build(),
                     modalities, batch_size, workers, batches,
                 )["samples_per_s"]
                 for workers in (0, 2)

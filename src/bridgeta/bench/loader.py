@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         measure_loader_throughput(
             DataConfig(dataroot=args.dataroot, version=args.version),
             image_size,
-            model.head.output_grid.build(),
+            model.heads.map.output_grid.build(),
             modalities,
             args.batch_size,
             workers,

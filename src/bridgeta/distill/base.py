@@ -224,7 +224,7 @@ class Distiller(nn.Module):
         :meth:`distill` reads them as ``self.task_targets`` and the object ones as
         ``self.object_targets``."""
         student = self.student(inputs)
-        losses = self.segmentation_losses(student.logits, labels, "seg", self.student.config.head.weight)
+        losses = self.segmentation_losses(student.logits, labels, "seg", self.student.config.heads.map.weight)
         logs: dict[str, float] = {}
         self.task_targets = targets
         try:

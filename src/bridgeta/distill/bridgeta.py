@@ -59,7 +59,7 @@ class TeacherAssistant(nn.Module):
         self.object_head: ObjectHead | None = None
         if student.object_head is not None:
             self.object_head = ObjectHead(decoder.out_channels, len(student.object_classes), student.feature_grid,
-                                          student.config.object_head.head_channels)
+                                          student.config.heads.object.head_channels)
 
     def forward(self, lidar_bev: torch.Tensor, camera_bev: torch.Tensor) -> AssistantOutputs:  # type: ignore[override]
         fused = self.fuser([lidar_bev, camera_bev])
@@ -191,7 +191,7 @@ class BridgeTADistiller(Distiller):
         pair = self.object_pair(student, teacher)
         if pair is None or ta.objects is None:
             return {}
-        config, settings = self.config, self.student.config.object_head
+        config, settings = self.config, self.student.config.heads.object
         s_obj, t_obj = pair
         losses: dict[str, torch.Tensor] = {}
         if self.object_targets is not None:

@@ -192,7 +192,7 @@ class TinyBEVDistiller(Distiller):
             l1, ce = winner_takes_all(s_traj[..., :steps, :].flatten(0, 1), s_logits.flatten(0, 1),
                                       target[..., :steps, :].flatten(0, 1), mask.flatten(0, 1),
                                       cell_weights.flatten() if weights is not None else None)
-            mode_weight = self.student.config.motion_head.mode_weight if self.student.config.motion_head else 0.5
+            mode_weight = self.student.config.heads.motion.mode_weight if self.student.config.heads.motion else 0.5
             losses["kd/out_motion"] = scale * heads.motion * (l1 + mode_weight * ce)
         if student.plan is not None and teacher.plan is not None and heads.plan > 0:
             steps = min(student.plan.shape[2], teacher.plan.shape[2])

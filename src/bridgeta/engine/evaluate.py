@@ -335,7 +335,7 @@ def _collect_detections(network: nn.Module, outputs: Any, metas: list[dict], pre
     from bridgeta.detection_metrics import ego_boxes_to_submission
     from bridgeta.models.object_head import decode
 
-    settings = network.config.object_head
+    settings = network.config.heads.object
     radius = {i: r for i, r in enumerate(settings.nms_radius) if r > 0}
     decoded = decode(outputs.objects, network.feature_grid, settings.top_k, settings.score_threshold, radius)
     for meta, sample in zip(metas, decoded):
@@ -491,7 +491,7 @@ def predict_detections(
 
     model, loader, device = _model_and_loader(checkpoint, dataroot, version, split, batch_size, 0, device, False)
     if model.object_head is None:
-        raise ValueError(f"{resolve_model_file(checkpoint)}: the model has no object head (model.object_head): "
+        raise ValueError(f"{resolve_model_file(checkpoint)}: the model has no object head (model.heads.object): "
                          "nothing to detect")
     predictions: dict[str, list[dict]] = {}
     model.eval()

@@ -375,7 +375,7 @@ class _Trainer:
                     outputs = result.student
                 else:
                     outputs = self.forward_model(inputs)
-                    weight = self.model.config.head.weight
+                    weight = self.model.config.heads.map.weight
                     terms = {name: weight * value for name, value in
                              map_segmentation_loss(outputs.logits, labels, self.model.classes).items()}
                 terms.update(task_losses(self.model, outputs, targets))

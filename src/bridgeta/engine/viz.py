@@ -196,7 +196,7 @@ def render_prediction(
             if getattr(model, "object_head", None) is not None and outputs.objects is not None:
                 from bridgeta.models.object_head import decode
 
-                settings = model.config.object_head
+                settings = model.config.heads.object
                 radius = {i: r for i, r in enumerate(settings.nms_radius) if r > 0}
                 detected = decode(outputs.objects, model.feature_grid, settings.top_k,
                                   max(settings.score_threshold, 0.3), radius)[0]["boxes"].cpu().numpy()

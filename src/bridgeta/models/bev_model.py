@@ -146,32 +146,32 @@ class BEVModel(nn.Module):
                 "the decoder must return F_dec on the fused BEV grid (stride product of the "
                 f"shallow neck input / scale_factor = 1), got scale {self.decoder.output_scale}"
             )
-        self.classes = tuple(config.head.classes)
-        self.output_grid = config.head.output_grid.build()
+        self.classes = tuple(config.heads.map.classes)
+        self.output_grid = config.heads.map.output_grid.build()
         self.head = MapSegmentationHead(
             config.decoder.out_channels, feature_grid, self.output_grid, len(self.classes)
         )
         # The second task: 3D objects on the decoded BEV's own grid (CenterPoint-style).
         self.object_head: ObjectHead | None = None
         self.object_classes: tuple[str, ...] = ()
-        if config.object_head is not None:
-            self.object_classes = tuple(config.object_head.classes)
+        if config.heads.object is not None:
+            self.object_classes = tuple(config.heads.object.classes)
             self.object_head = ObjectHead(config.decoder.out_channels, len(self.object_classes), feature_grid,
-                                          config.object_head.head_channels)
+                                          config.heads.object.head_channels)
         # TinyBEV's further tasks on the same BEV: the agents' futures and the ego's plan.
         self.motion_head: MotionHead | None = None
-        if config.motion_head is not None:
-            m = config.motion_head
+        if config.heads.motion is not None:
+            m = config.heads.motion
             self.motion_head = MotionHead(config.decoder.out_channels, m.modes, m.steps, m.head_channels)
         self.planning_head: PlanningHead | None = None
-        if config.planning_head is not None:
-            p = config.planning_head
+        if config.heads.plan is not None:
+            p = config.heads.plan
             self.planning_head = PlanningHead(config.decoder.out_channels, p.steps, p.head_channels, p.hidden)
 
     @property
     def head_names(self) -> tuple[str, ...]:
         """The model's heads by name: ``map`` always, then ``object``, ``motion`` and ``plan`` when
-        configured (``model.object_head``, ``model.motion_head``, ``model.planning_head``)."""
+        configured (``model.heads.object``, ``.motion``, ``.plan``)."""
         present = {"object": self.object_head, "motion": self.motion_head, "plan": self.planning_head}
         return ("map", *(name for name, head in present.items() if head is not None))
 

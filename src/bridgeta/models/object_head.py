@@ -173,7 +173,7 @@ def gather_cells(maps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def object_loss_weights(settings, scale: float = 1.0) -> dict[str, float]:
-    """Each object term's weight from a ``model.object_head`` config: the head's ``weight`` times
+    """Each object term's weight from a ``model.heads.object`` config: the head's ``weight`` times
     the term's, times ``scale`` (a BridgeTA TA's ``ta_seg_weight``)."""
     return {f.name: scale * settings.weight * getattr(settings.losses, f.name) for f in fields(settings.losses)}
 

@@ -28,30 +28,30 @@ class TaskTargets:
 def build_task_targets(model, metas: list[dict], device: torch.device | str) -> TaskTargets | None:
     """``model`` (a ``BEVModel``) decides which targets are built; None for a map-only model."""
     config = model.config
-    if config.object_head is None or not metas:
+    if config.heads.object is None or not metas:
         return None
     annotations = [m["objects"] for m in metas]
     boxes = [a["boxes"].to(device) for a in annotations]
-    settings = config.object_head
+    settings = config.heads.object
     targets = TaskTargets(objects=build_targets(
         boxes, [a["labels"].to(device) for a in annotations], model.feature_grid, len(model.object_classes),
         settings.max_objects, settings.min_radius,
     ))
-    if config.motion_head is not None:
+    if config.heads.motion is not None:
         missing = [m["token"] for m, a in zip(metas, annotations) if "future" not in a]
         if missing:
             raise ValueError(f"sample {missing[0]} has no agent futures in its cache; run bridgeta data prepare "
                              "--force for a model with a motion head")
         targets.motion = build_motion_targets(
             boxes, [a["future"].to(device) for a in annotations], [a["future_mask"].to(device) for a in annotations],
-            model.feature_grid, config.motion_head.steps, settings.max_objects,
+            model.feature_grid, config.heads.motion.steps, settings.max_objects,
         )
-    if config.planning_head is not None:  # its collisions read the agents' futures too
+    if config.heads.plan is not None:  # its collisions read the agents' futures too
         missing = [m["token"] for m, a in zip(metas, annotations) if "ego_future" not in a or "future" not in a]
         if missing:
             raise ValueError(f"sample {missing[0]} has no ego or agent futures in its cache; run bridgeta data prepare "
                              "--force for a model with a planning head")
-        steps = config.planning_head.steps
+        steps = config.heads.plan.steps
         displacement = torch.zeros(len(metas), steps, 2, device=device)
         mask = torch.zeros(len(metas), steps, dtype=torch.bool, device=device)
         for b, a in enumerate(annotations):
@@ -72,12 +72,12 @@ def task_losses(model, outputs, targets: TaskTargets | None) -> dict[str, torch.
         return {}
     terms: dict[str, torch.Tensor] = {}
     if outputs.objects is not None and targets.objects is not None:
-        losses = object_losses(outputs.objects, targets.objects, object_loss_weights(config.object_head))
+        losses = object_losses(outputs.objects, targets.objects, object_loss_weights(config.heads.object))
         terms.update({f"object/{name}": value for name, value in losses.items()})
     if outputs.motion is not None and targets.motion is not None:
-        m = config.motion_head
+        m = config.heads.motion
         terms.update({f"motion/{name}": value
                       for name, value in motion_losses(outputs.motion, targets.motion, m.weight, m.mode_weight).items()})
     if outputs.plan is not None and targets.plan is not None:
-        terms["plan/l1"] = config.planning_head.weight * planning_loss(outputs.plan, targets.plan)
+        terms["plan/l1"] = config.heads.plan.weight * planning_loss(outputs.plan, targets.plan)
     return terms

@@ -115,11 +115,11 @@ class BEVOutputs:
     residual_bev: MonoTAKD's residual branch output (``model.residual``), or ``None``; with FFM
                  on, ``fused_bev`` is the fusion of ``camera_bev`` with it.
     objects:     the object head's output (``ObjectOutputs``: heatmap logits and box regressions on
-                 the decoded BEV's grid) with ``model.object_head``, else ``None``.
+                 the decoded BEV's grid) with ``model.heads.object``, else ``None``.
     motion:      the motion head's ``MotionOutputs`` (per-cell trajectories and mode logits) with
-                 ``model.motion_head``, else ``None``.
+                 ``model.heads.motion``, else ``None``.
     plan:        the planning head's ``(B, 3, T, 2)`` ego displacements per command with
-                 ``model.planning_head``, else ``None``.
+                 ``model.heads.plan``, else ``None``.
 
     ``heads`` gives each head's typed output by name (``map``: the logits, ``object``, ``motion``,
     ``plan``).
