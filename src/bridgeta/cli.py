@@ -267,6 +267,25 @@ def _command_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_calibrate_detections(args: argparse.Namespace) -> int:
+    from bridgeta.engine.calibrate import calibrate_detections
+    from bridgeta.files import check_outputs
+
+    check_outputs(Path(args.out).parent, (Path(args.out).name,), args.force)
+    report = calibrate_detections(args.checkpoint, args.out, args.split, args.dataroot, args.version)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"{'class':<12}{'a':>8}{'b':>8}{'peaks':>8}{'matches':>9}{'ECE raw':>9}{'ECE cal':>9}")
+    for name, row in report["classes"].items():
+        before, after = row["ece_before"], row["ece_after"]
+        print(f"{name:<12}{row['a']:>8.3f}{row['b']:>8.3f}{row['peaks']:>8}{row['matches']:>9}"
+              f"{'–' if before is None else f'{before:.3f}':>9}{'–' if after is None else f'{after:.3f}':>9}"
+              + ("" if row["fitted"] else "  (not fitted: only hits or only misses)"))
+    print(f"wrote {report['out']} (calibrated on {report['split']})")
+    return 0
+
+
 def _command_viz(args: argparse.Namespace) -> int:
     from bridgeta.data.show import parse_sample
     from bridgeta.engine.viz import render_prediction
@@ -417,6 +436,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--version", default=None)
     predict.add_argument("--force", action="store_true", help="replace an existing output file")
     predict.set_defaults(handler=_command_predict)
+
+    calibrate = commands.add_parser(
+        "calibrate-detections", help="per-class Platt scaling of the object head's scores, fitted on validation")
+    calibrate.add_argument("--checkpoint", required=True, help="model.safetensors, a run dir or a checkpoint dir")
+    calibrate.add_argument("--out", required=True, help="the calibrated model file (.safetensors)")
+    calibrate.add_argument("--split", default="val", help="a split the model did not train on (default: val)")
+    calibrate.add_argument("--dataroot", default=None)
+    calibrate.add_argument("--version", default=None)
+    calibrate.add_argument("--json", action="store_true", help="print the report as JSON")
+    calibrate.add_argument("--force", action="store_true", help="replace an existing output file")
+    calibrate.set_defaults(handler=_command_calibrate_detections)
 
     viz = commands.add_parser("viz", help="cameras, prediction vs ground truth per class, error map")
     viz.add_argument("--checkpoint", required=True)

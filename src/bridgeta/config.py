@@ -182,6 +182,10 @@ class ObjectHeadConfig:
     top_k: int = 100
     score_threshold: float = 0.1
     nms_radius: tuple[float, ...] = (4.0, 12.0, 10.0, 0.175)
+    # Per-class Platt scaling of the heatmap logits, ``[a, b]`` per class: the score is
+    # ``sigmoid(a * logit + b)``, so that scores of different classes mean the same precision.
+    # ``bridgeta calibrate-detections`` fits it on validation; empty: the raw sigmoid.
+    score_calibration: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass
@@ -715,6 +719,10 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         if len(objects.nms_radius) != len(objects.classes):
             fail(f"model.heads.object.nms_radius must give one radius per class ({len(objects.classes)}), "
                  f"got {len(objects.nms_radius)}")
+        if objects.score_calibration and (len(objects.score_calibration) != len(objects.classes)
+                                          or any(a <= 0 for a, _ in objects.score_calibration)):
+            fail(f"model.heads.object.score_calibration must give one [a, b] with a > 0 per class "
+                 f"({len(objects.classes)}), got {list(objects.score_calibration)}")
     if heads.motion is not None and heads.object is None:
         fail("'model.heads.motion' reads the agents at the object head's centres: it needs 'model.heads.object'")
     if heads.plan is not None and heads.object is None:

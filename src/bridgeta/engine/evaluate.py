@@ -333,11 +333,9 @@ def evaluate(
 def _collect_detections(network: nn.Module, outputs: Any, metas: list[dict], predictions: dict, conditions: dict) -> None:
     """Decode a batch's object maps into submission boxes (global frame), per sample token."""
     from bridgeta.detection_metrics import ego_boxes_to_submission
-    from bridgeta.models.object_head import decode
+    from bridgeta.models.object_head import decode_with
 
-    settings = network.config.heads.object
-    radius = {i: r for i, r in enumerate(settings.nms_radius) if r > 0}
-    decoded = decode(outputs.objects, network.feature_grid, settings.top_k, settings.score_threshold, radius)
+    decoded = decode_with(network.config.heads.object, outputs.objects, network.feature_grid)
     for meta, sample in zip(metas, decoded):
         predictions[meta["token"]] = ego_boxes_to_submission(
             meta["token"], meta["global_T_ego"], sample["boxes"].cpu().numpy(), sample["scores"].cpu().numpy(),

@@ -194,12 +194,11 @@ def render_prediction(
             probabilities = outputs.logits.float().sigmoid()[0].cpu().numpy()
             detected = None
             if getattr(model, "object_head", None) is not None and outputs.objects is not None:
-                from bridgeta.models.object_head import decode
+                from bridgeta.models.object_head import decode_with
 
                 settings = model.config.heads.object
-                radius = {i: r for i, r in enumerate(settings.nms_radius) if r > 0}
-                detected = decode(outputs.objects, model.feature_grid, settings.top_k,
-                                  max(settings.score_threshold, 0.3), radius)[0]["boxes"].cpu().numpy()
+                detected = decode_with(settings, outputs.objects, model.feature_grid,
+                                       max(settings.score_threshold, 0.3))[0]["boxes"].cpu().numpy()
     finally:
         model.train(was_training)
     # Boxes (a model with an object head): ground truth and predictions, in the ego frame.

@@ -195,15 +195,28 @@ def object_losses(outputs: ObjectOutputs, targets: ObjectTargets,
     return losses
 
 
+def calibrated_scores(heatmap_logits: torch.Tensor, calibration=()) -> torch.Tensor:
+    """Per-class scores ``sigmoid(a_k * logit + b_k)`` of ``(B, K, X, Y)`` logits, with
+    ``calibration`` one ``(a, b)`` per class (``model.heads.object.score_calibration``); the raw
+    sigmoid without one. ``a > 0`` keeps each class's order, so its peaks and its AP are the raw
+    ones; what changes is how classes compare (top-K, thresholds, users' cut-offs)."""
+    logits = heatmap_logits.float()
+    if len(calibration) == 0:
+        return logits.sigmoid()
+    table = torch.as_tensor(calibration, dtype=logits.dtype, device=logits.device)
+    return (logits * table[:, 0, None, None] + table[:, 1, None, None]).sigmoid()
+
+
 def decode(outputs: ObjectOutputs, grid: BEVGrid, top_k: int = 100, score_threshold: float = 0.1,
-           nms_radius: dict[int, float] | None = None) -> list[dict[str, torch.Tensor]]:
+           nms_radius: dict[int, float] | None = None, calibration=()) -> list[dict[str, torch.Tensor]]:
     """Boxes per sample: ``{"boxes": (N, 9), "scores": (N,), "labels": (N,)}`` (ego frame).
 
-    Peaks are cells that equal their 3x3 max-pooled heatmap; the ``top_k`` highest over classes
-    and cells are kept, thresholded at ``score_threshold`` and, per class with a radius in
-    ``nms_radius`` (metres), reduced by :func:`circle_nms`.
+    Scores are :func:`calibrated_scores` (``calibration``: per-class Platt scaling). Peaks are
+    cells that equal their 3x3 max-pooled heatmap; the ``top_k`` highest over classes and cells
+    are kept, thresholded at ``score_threshold`` and, per class with a radius in ``nms_radius``
+    (metres), reduced by :func:`circle_nms`.
     """
-    heat = outputs.heatmap.float().sigmoid()
+    heat = calibrated_scores(outputs.heatmap, calibration)
     batch, classes, size_x, size_y = heat.shape
     peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
     scores, flat = peaks.reshape(batch, -1).topk(min(top_k, classes * size_x * size_y), dim=1)
@@ -232,6 +245,15 @@ def decode(outputs: ObjectOutputs, grid: BEVGrid, top_k: int = 100, score_thresh
             sample = {key: value[kept] for key, value in sample.items()}
         decoded.append(sample)
     return decoded
+
+
+def decode_with(settings, outputs: ObjectOutputs, grid: BEVGrid,
+                score_threshold: float | None = None) -> list[dict[str, torch.Tensor]]:
+    """:func:`decode` with a ``model.heads.object`` config's top-K, threshold (or
+    ``score_threshold``), circle-NMS radii and score calibration."""
+    radius = {i: r for i, r in enumerate(settings.nms_radius) if r > 0}
+    threshold = settings.score_threshold if score_threshold is None else score_threshold
+    return decode(outputs, grid, settings.top_k, threshold, radius, settings.score_calibration)
 
 
 def circle_nms(centres: torch.Tensor, scores: torch.Tensor, radius: float) -> torch.Tensor:
