@@ -125,6 +125,7 @@ def test_eval_reports_motion_and_planning(stages):
     motion, planning = result["motion"], result["planning"]
     assert motion["agents"] > 0 and motion["minADE"] >= 0 and motion["minFDE"] >= 0 and 0 <= motion["miss_rate"] <= 1
     assert motion["matched_to"] == "ground-truth agents"
+    assert 0 <= result["motion_detected"]["recall"] <= 1 and result["motion_detected"]["agents"] <= motion["agents"]
     # Complete 1.5 s futures: each scene's first keyframe; horizons up to the head's 3 steps.
     assert planning["samples"] > 0 and planning["samples"] + planning["incomplete_skipped"] == result["samples"]
     assert set(planning) == {"L2@1s", "collision@1s", "logged_collision@1s", "samples", "incomplete_skipped"}
@@ -176,3 +177,46 @@ def test_the_motion_and_planning_heads_overfit_one_batch(engine_world):
             optimizer.step()
     for name in ("motion/trajectory", "plan/l1", "object/heatmap"):
         assert history[-1][name] < 0.5 * history[0][name], (name, history[0][name], history[-1][name])
+
+
+def test_an_oracle_motion_head_forecasts_without_error_at_true_and_detected_agents(engine_world):
+    """Object and motion maps built from each sample's own ground truth: the detection-free and
+    the matched-to-detection forecasts both have zero error, and every agent is matched."""
+    from bridgeta.config import load_config
+    from bridgeta.engine.evaluate import build_eval_loader, evaluate
+    from bridgeta.models.bev_model import build_model
+    from bridgeta.models.motion_head import MotionOutputs
+    from bridgeta.models.object_head import ObjectOutputs
+    from bridgeta.models.targets import build_task_targets
+
+    heads = ["model.heads.object={head_channels: 8, nms_radius: [0, 0, 0, 0], score_threshold: 0.5}",
+             "model.heads.motion={modes: 2, steps: 3, head_channels: 8}"]
+    config = load_config("tiny-c", [*SMALL_TINY_C, *heads, f"data.dataroot={engine_world}"])
+    model = build_model(config).eval()
+    loader = build_eval_loader(config, model, "train", batch_size=1, num_workers=0, distributed=False)
+    samples = iter(loader.dataset)
+    original = model.forward
+
+    def oracle(inputs):
+        outputs = original(inputs)
+        targets = build_task_targets(model, [next(samples).meta], "cpu")
+        objects, motion = targets.objects, targets.motion
+        heat = objects.heatmap.clamp(1e-6, 1 - 1e-6)
+        regression = torch.zeros_like(outputs.objects.regression).view(1, 10, -1)
+        trajectories = torch.zeros_like(outputs.motion.trajectories).view(1, 2, 3, 2, -1)
+        for m in range(int(objects.mask.sum())):
+            cell = objects.index[0, m]
+            regression[0, :, cell] = objects.regression[0, m]
+            # Mode 1 is the truth, relative to the cell's agent centre; mode 0 stands still.
+            trajectories[0, 1, :, :, cell] = motion.displacement[0, m]
+        outputs.objects = ObjectOutputs(torch.log(heat / (1 - heat)), regression.view_as(outputs.objects.regression))
+        outputs.motion = MotionOutputs(trajectories.view_as(outputs.motion.trajectories), outputs.motion.mode_logits)
+        return outputs
+
+    model.forward = oracle
+    with torch_threads(1):
+        result = evaluate(model, loader, "cpu", model.classes)
+    truth_cells, detected = result["motion"], result["motion_detected"]
+    assert truth_cells["agents"] > 0 and truth_cells["minADE"] == pytest.approx(0.0, abs=1e-5)
+    assert detected["recall"] == pytest.approx(1.0) and detected["agents"] == truth_cells["agents"]
+    assert detected["minADE"] < 0.05 and detected["miss_rate"] == 0.0  # the decoded centre's float error only

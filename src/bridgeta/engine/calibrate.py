@@ -31,21 +31,10 @@ BINS = 10
 
 def match_peaks(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, true_boxes: torch.Tensor,
                 true_labels: torch.Tensor, distance: float = MATCH_DISTANCE) -> torch.Tensor:
-    """Whether each detection is a true positive: in descending score, it takes the nearest
-    still unmatched true box of its class whose centre is within ``distance`` m (nuScenes'
-    greedy centre-distance matching)."""
-    hit = torch.zeros(len(scores), dtype=torch.bool)
-    taken = torch.zeros(len(true_boxes), dtype=torch.bool)
-    if len(true_boxes) == 0 or len(scores) == 0:
-        return hit
-    gaps = torch.cdist(boxes[:, :2].double().cpu(), true_boxes[:, :2].double().cpu())  # (N, M)
-    same = labels.cpu()[:, None] == true_labels.cpu()[None, :]
-    for i in scores.cpu().argsort(descending=True, stable=True).tolist():
-        candidates = same[i] & ~taken & (gaps[i] <= distance)
-        if candidates.any():
-            j = int(torch.where(candidates, gaps[i], torch.full_like(gaps[i], float("inf"))).argmin())
-            taken[j] = hit[i] = True
-    return hit
+    """Whether each detection is a true positive (:func:`~bridgeta.models.object_head.match_detections`)."""
+    from bridgeta.models.object_head import match_detections
+
+    return match_detections(boxes, scores, labels, true_boxes, true_labels, distance) >= 0
 
 
 def fit_platt(logits: torch.Tensor, hits: torch.Tensor, steps: int = 200) -> tuple[float, float] | None:

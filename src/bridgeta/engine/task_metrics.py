@@ -1,9 +1,14 @@
 """Motion forecasting and planning figures of a split, accumulated batch by batch in ``evaluate``.
 
-* **Forecasting** is detection-free: each annotated agent (with LiDAR support, of the object
-  head's classes) is read at its *true* centre cell, so the figure measures the motion head
-  alone, not the detector's recall. minADE/minFDE over the head's K modes and the miss rate at
-  2 m (bridgeta/motion_metrics.py, the nuScenes prediction definitions).
+* **Forecasting**, two ways. ``motion`` is detection-free: each annotated agent (with LiDAR
+  support, of the object head's classes) is read at its *true* centre cell, so the figure
+  measures the motion head alone, not the detector's recall. ``motion_detected`` reads it where
+  the model detects the agent: every true agent matched by a detection (same class, centres
+  within 2 m, greedy by score as the detection metric matches), its trajectories read at the
+  detection's cell and placed at the detection's centre, against the true future positions, so
+  localisation errors count; ``recall`` is the share of the detection-free set's agents matched. minADE/minFDE over the
+  head's K modes and the miss rate at 2 m (bridgeta/motion_metrics.py, the nuScenes prediction
+  definitions).
 * **Planning** (UniAD/VAD): on the samples whose every future step exists, the commanded plan
   against the logged ego path, L2 at 1, 2 and 3 s, and the box-collision rate with the annotated
   agents' future boxes, excluding the steps where the logged path collides too. Future boxes keep
@@ -20,6 +25,7 @@ import math
 import torch
 
 from bridgeta.models.motion_head import select_command
+from bridgeta.models.object_head import centre_cells, decode_with, match_detections
 from bridgeta.models.targets import build_task_targets
 from bridgeta.motion_metrics import collision_rate, forecasting_metrics, path_headings, planning_l2
 
@@ -33,6 +39,8 @@ class MotionPlanningMetric:
         self.motion = getattr(model, "motion_head", None) is not None
         self.planning = getattr(model, "planning_head", None) is not None
         self.forecasts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.detected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.agents_seen = 0
         self.plans: list[torch.Tensor] = []
         self.logged: list[torch.Tensor] = []
         self.plan_masks: list[torch.Tensor] = []
@@ -53,6 +61,7 @@ class MotionPlanningMetric:
             present = targets.motion.mask.any(dim=-1)
             self.forecasts.append((trajectories[..., :steps, :][present].float().cpu(),
                                    targets.motion.displacement[present].cpu(), targets.motion.mask[present].cpu()))
+            self._forecast_detected(outputs, metas, steps)
         if self.planning and targets is not None and targets.plan is not None:
             plan = targets.plan
             planned = select_command(outputs.plan.float(), plan.command)
@@ -65,6 +74,35 @@ class MotionPlanningMetric:
                 agents, masks = self._agent_boxes(objects, plan.mask.shape[-1])
                 self.agents.append(agents)
                 self.agent_masks.append(masks)
+
+    def _forecast_detected(self, outputs, metas: list[dict], steps: int) -> None:
+        """The motion head read at the detections that match true agents (see the module docstring)."""
+        grid = self.model.feature_grid
+        size_y = grid.shape[1]
+        (x_min, _, dx), (y_min, _, dy) = grid.x, grid.y
+        for b, (meta, sample) in enumerate(zip(metas, decode_with(self.model.config.heads.object, outputs.objects, grid))):
+            truth = meta["objects"]
+            if "future" not in truth or len(truth["boxes"]) == 0:
+                continue
+            mask = truth["future_mask"][:, :steps]
+            # The agents the heads can see (centre on the grid: the detection-free set), with a future.
+            on_grid = torch.zeros(len(mask), dtype=torch.bool)
+            on_grid[centre_cells(truth["boxes"], grid, self.model.config.heads.object.max_objects)[0].cpu()] = True
+            agents = mask.any(dim=1) & on_grid
+            self.agents_seen += int(agents.sum())
+            match = match_detections(sample["boxes"], sample["scores"], sample["labels"], truth["boxes"].float(),
+                                     truth["labels"])
+            pairs = [(i, j) for i, j in enumerate(match.tolist()) if j >= 0 and bool(agents[j])]
+            if not pairs:
+                continue
+            detections, agents_index = torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs])
+            centres = sample["boxes"][detections, :2].float()
+            cells = ((centres[:, 0] - x_min) / dx).floor().long().clamp(0, grid.shape[0] - 1) * size_y + \
+                ((centres[:, 1] - y_min) / dy).floor().long().clamp(0, size_y - 1)
+            trajectories, _ = outputs.motion.at(cells.to(outputs.motion.mode_logits.device)[None])
+            placed = trajectories[0, ..., :steps, :].float().cpu() + centres.cpu()[:, None, None, :]
+            future = truth["future"][agents_index, :steps].float()
+            self.detected.append((placed, future, mask[agents_index]))
 
     @staticmethod
     def _ego_boxes(path: torch.Tensor, origin: torch.Tensor, yaw: float, mask: torch.Tensor) -> torch.Tensor:
@@ -96,6 +134,14 @@ class MotionPlanningMetric:
 
     def compute(self) -> dict:
         out: dict = {}
+        if self.motion and self.agents_seen:
+            if self.detected:
+                predicted, truth, mask = (torch.cat([d[k] for d in self.detected]) for k in range(3))
+                matched = forecasting_metrics(predicted, truth, mask)
+            else:
+                matched = {"minADE": math.nan, "minFDE": math.nan, "miss_rate": math.nan, "agents": 0}
+            out["motion_detected"] = {**matched, "recall": matched["agents"] / self.agents_seen,
+                                      "matched_to": "detections (same class, 2 m)"}
         if self.motion:
             if self.forecasts:
                 predicted = torch.cat([f[0] for f in self.forecasts])

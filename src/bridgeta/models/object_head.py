@@ -247,6 +247,25 @@ def decode(outputs: ObjectOutputs, grid: BEVGrid, top_k: int = 100, score_thresh
     return decoded
 
 
+def match_detections(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, true_boxes: torch.Tensor,
+                     true_labels: torch.Tensor, distance: float = 2.0) -> torch.Tensor:
+    """For each detection, the index of the true box it matches, or -1: in descending score, a
+    detection takes the nearest still unmatched true box of its class whose centre lies within
+    ``distance`` m (the nuScenes metric's greedy centre-distance matching)."""
+    match = torch.full((len(scores),), -1, dtype=torch.long)
+    if len(true_boxes) == 0 or len(scores) == 0:
+        return match
+    taken = torch.zeros(len(true_boxes), dtype=torch.bool)
+    gaps = torch.cdist(boxes[:, :2].double().cpu(), true_boxes[:, :2].double().cpu())  # (N, M)
+    same = labels.cpu()[:, None] == true_labels.cpu()[None, :]
+    for i in scores.cpu().argsort(descending=True, stable=True).tolist():
+        candidates = same[i] & ~taken & (gaps[i] <= distance)
+        if candidates.any():
+            j = int(torch.where(candidates, gaps[i], torch.full_like(gaps[i], float("inf"))).argmin())
+            taken[j], match[i] = True, j
+    return match
+
+
 def decode_with(settings, outputs: ObjectOutputs, grid: BEVGrid,
                 score_threshold: float | None = None) -> list[dict[str, torch.Tensor]]:
     """:func:`decode` with a ``model.heads.object`` config's top-K, threshold (or
