@@ -1,0 +1,25 @@
+#!/bin/bash
+# Every cpu benchmark of docs/results.md, docs/detection.md and docs/methods/*.md, one job at a
+# time (2 cores), in the order of the issues. Each step resumes: finished runs are reused, killed
+# runs continue from their last checkpoint, so run this again after any interruption.
+#   usage: scripts/cpu-benchmarks.sh [LOG]   (from the repository root, with bridgeta installed)
+# The multi-task steps read a copy of the cpu world prepared with boxes and tracks (WORK_MT/world:
+# `bridgeta data prepare --dataroot WORK_MT/world`), next to the cpu world's backbone.
+set -euo pipefail
+log=${1:-runs/cpu-benchmarks.log}
+work=${WORK:-runs/p4}
+work_mt=${WORK_MT:-runs/p4mt}
+mkdir -p "$(dirname "$log")"
+step() { echo "== $(date -u '+%F %H:%M') $*" >> "$log"; "$@" >> "$log" 2>&1; }
+# 1. the cpu protocol's methods (issue 11)
+step bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --out results/accuracy-cpu \
+    --methods baseline direct feature_kd logit_kd bridgeta fixed_epsilon
+# 2. the full cpu preset: MonoTAKD's rows and ablations (issue 13)
+step bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --out results/accuracy-cpu
+# 3. the detection table (issue 14)
+step bridgeta bench accuracy --preset cpu-mt --jobs 1 --work "$work_mt" --out results/accuracy-mt
+# 4. TinyBEV's multi-task table (issue 15)
+step bridgeta bench accuracy --preset cpu-tinybev --jobs 1 --work "$work_mt" --out results/accuracy-tinybev
+# 5. seed 0 of the headline methods trained again on this commit (issue 11's reproducibility)
+step bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --out results/accuracy-cpu --reproduce
+echo "== $(date -u '+%F %H:%M') done" >> "$log"
