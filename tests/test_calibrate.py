@@ -35,14 +35,27 @@ def test_platt_scaling_recovers_a_known_calibration():
     assert a == pytest.approx(0.5, abs=0.05) and b == pytest.approx(-1.0, abs=0.05)
     assert calibration_error(torch.sigmoid(a * logits + b), hits) < 0.2 * calibration_error(torch.sigmoid(logits), hits)
     assert fit_platt(logits[:5], torch.ones(5, dtype=torch.bool)) is None  # only hits: nothing to fit
+    # A separable class stays finite (Platt's smoothed targets, a bounded slope).
+    a, b = fit_platt(torch.tensor([-3.0, -2.0, -1.0, 1.0, 2.0, 3.0]), torch.tensor([False] * 3 + [True] * 3))
+    assert 0 < a <= 100 and abs(b) < 100
 
 
-def test_calibrated_scores_apply_each_class_its_own_scaling():
-    logits = torch.zeros(1, 2, 2, 2)
-    scores = calibrated_scores(logits, ((2.0, 1.0), (1.0, -1.0)))
-    torch.testing.assert_close(scores[0, 0], torch.full((2, 2), float(torch.sigmoid(torch.tensor(1.0)))))
-    torch.testing.assert_close(scores[0, 1], torch.full((2, 2), float(torch.sigmoid(torch.tensor(-1.0)))))
-    torch.testing.assert_close(calibrated_scores(logits), torch.full((1, 2, 2, 2), 0.5))
+def test_calibration_changes_the_reported_scores_only():
+    from bridgeta.geometry import BEVGrid
+    from bridgeta.models.object_head import ObjectOutputs, decode
+
+    scores = calibrated_scores(torch.zeros(2), torch.tensor([0, 1]), ((2.0, 1.0), (1.0, -1.0)))
+    torch.testing.assert_close(scores, torch.sigmoid(torch.tensor([1.0, -1.0])))
+    grid = BEVGrid((-4.0, 4.0, 1.0), (-4.0, 4.0, 1.0), (-10.0, 10.0, 20.0))
+    heatmap = torch.full((1, 2, 8, 8), -8.0)
+    heatmap[0, 0, 2, 2], heatmap[0, 1, 5, 5] = 1.0, 0.0
+    outputs = ObjectOutputs(heatmap, torch.zeros(1, 10, 8, 8))
+    raw = decode(outputs, grid, top_k=5, score_threshold=0.3)[0]
+    calibrated = decode(outputs, grid, top_k=5, score_threshold=0.3, calibration=((1.0, -3.0), (1.0, 3.0)))[0]
+    # The same boxes (selected on raw scores), with the calibrated scores reported.
+    assert torch.equal(raw["cells"], calibrated["cells"]) and raw["labels"].tolist() == [0, 1]
+    torch.testing.assert_close(raw["logits"], torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(calibrated["scores"], torch.sigmoid(torch.tensor([-2.0, 3.0])))
 
 
 def test_calibrate_detections_writes_a_calibrated_model_file(engine_world, tmp_path, capsys):

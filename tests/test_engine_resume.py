@@ -213,3 +213,34 @@ def test_resumed_fused_adamw_on_a_channels_last_model_continues_exactly(tmp_path
     step(fresh, fresh_optimizer, fresh_schedule)
     for (name, ours), theirs in zip(fresh.state_dict().items(), model.state_dict().values()):
         assert torch.equal(ours, theirs), name
+
+
+def test_resuming_an_earlier_versions_run_of_the_same_config_does_not_warn(dataroot, tmp_path, monkeypatch, caplog):
+    """A checkpoint whose config hash an earlier version computed (other key names) resumes
+    quietly when the run's config.yaml reads as the same config; a real change still warns."""
+    import logging
+
+    import yaml
+
+    import bridgeta.engine.trainer as trainer_module
+
+    config = small_config(dataroot, "train.max_steps=2", "train.checkpoint_every=1", "train.eval_every=0")
+    with monkeypatch.context() as patch, torch_threads(1):
+        patch.setattr(trainer_module, "config_hash", lambda _: "an-earlier-version")  # how it was saved
+        train(config, tmp_path / "run")
+    stored = tmp_path / "run" / "config.yaml"
+    legacy = yaml.safe_load(stored.read_text())
+    legacy["model"]["head"] = legacy["model"].pop("heads")["map"]  # the earlier key names
+    longer = small_config(dataroot, "train.max_steps=3", "train.checkpoint_every=1", "train.eval_every=0")
+    legacy["train"]["max_steps"] = 3
+    stored.write_text(yaml.safe_dump(legacy))
+    with caplog.at_level(logging.WARNING, logger="bridgeta.engine.trainer"), torch_threads(1):
+        train(longer, tmp_path / "run", resume=True)
+    assert "differs from the one it was saved with" not in caplog.text
+    # A run whose stored config is not this one warns as before.
+    changed = small_config(dataroot, "train.max_steps=4", "train.checkpoint_every=1", "train.eval_every=0",
+                           "train.optimizer.lr=0.5")
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="bridgeta.engine.trainer"), torch_threads(1):
+        patch.setattr(trainer_module, "config_hash", lambda _: "another")
+        train(changed, tmp_path / "run", resume=True)
+    assert "differs from the one it was saved with" in caplog.text

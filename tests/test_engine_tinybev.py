@@ -180,8 +180,9 @@ def test_the_motion_and_planning_heads_overfit_one_batch(engine_world):
 
 
 def test_an_oracle_motion_head_forecasts_without_error_at_true_and_detected_agents(engine_world):
-    """Object and motion maps built from each sample's own ground truth: the detection-free and
-    the matched-to-detection forecasts both have zero error, and every agent is matched."""
+    """Object and motion maps built from each sample's own ground truth, two samples a batch: the
+    detection-free and the matched-to-detection forecasts both have zero error, and every agent
+    is matched (each sample reads its own maps)."""
     from bridgeta.config import load_config
     from bridgeta.engine.evaluate import build_eval_loader, evaluate
     from bridgeta.models.bev_model import build_model
@@ -193,22 +194,24 @@ def test_an_oracle_motion_head_forecasts_without_error_at_true_and_detected_agen
              "model.heads.motion={modes: 2, steps: 3, head_channels: 8}"]
     config = load_config("tiny-c", [*SMALL_TINY_C, *heads, f"data.dataroot={engine_world}"])
     model = build_model(config).eval()
-    loader = build_eval_loader(config, model, "train", batch_size=1, num_workers=0, distributed=False)
+    loader = build_eval_loader(config, model, "train", batch_size=2, num_workers=0, distributed=False)
     samples = iter(loader.dataset)
     original = model.forward
 
     def oracle(inputs):
         outputs = original(inputs)
-        targets = build_task_targets(model, [next(samples).meta], "cpu")
+        batch = inputs.batch_size
+        targets = build_task_targets(model, [next(samples).meta for _ in range(batch)], "cpu")
         objects, motion = targets.objects, targets.motion
         heat = objects.heatmap.clamp(1e-6, 1 - 1e-6)
-        regression = torch.zeros_like(outputs.objects.regression).view(1, 10, -1)
-        trajectories = torch.zeros_like(outputs.motion.trajectories).view(1, 2, 3, 2, -1)
-        for m in range(int(objects.mask.sum())):
-            cell = objects.index[0, m]
-            regression[0, :, cell] = objects.regression[0, m]
-            # Mode 1 is the truth, relative to the cell's agent centre; mode 0 stands still.
-            trajectories[0, 1, :, :, cell] = motion.displacement[0, m]
+        regression = torch.zeros_like(outputs.objects.regression).view(batch, 10, -1)
+        trajectories = torch.zeros_like(outputs.motion.trajectories).view(batch, 2, 3, 2, -1)
+        for b in range(batch):
+            for m in range(int(objects.mask[b].sum())):
+                cell = objects.index[b, m]
+                regression[b, :, cell] = objects.regression[b, m]
+                # Mode 1 is the truth, relative to the cell's agent centre; mode 0 stands still.
+                trajectories[b, 1, :, :, cell] = motion.displacement[b, m]
         outputs.objects = ObjectOutputs(torch.log(heat / (1 - heat)), regression.view_as(outputs.objects.regression))
         outputs.motion = MotionOutputs(trajectories.view_as(outputs.motion.trajectories), outputs.motion.mode_logits)
         return outputs

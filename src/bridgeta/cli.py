@@ -276,10 +276,10 @@ def _command_calibrate_detections(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
-    print(f"{'class':<12}{'a':>8}{'b':>8}{'peaks':>8}{'matches':>9}{'ECE raw':>9}{'ECE cal':>9}")
+    print(f"{'class':<12}{'a':>8}{'b':>8}{'boxes':>8}{'matches':>9}{'ECE raw':>9}{'ECE cal':>9}  (ECE cal: in sample)")
     for name, row in report["classes"].items():
-        before, after = row["ece_before"], row["ece_after"]
-        print(f"{name:<12}{row['a']:>8.3f}{row['b']:>8.3f}{row['peaks']:>8}{row['matches']:>9}"
+        before, after = row["ece_before"], row["ece_after_in_sample"]
+        print(f"{name:<12}{row['a']:>8.3f}{row['b']:>8.3f}{row['detections']:>8}{row['matches']:>9}"
               f"{'–' if before is None else f'{before:.3f}':>9}{'–' if after is None else f'{after:.3f}':>9}"
               + ("" if row["fitted"] else "  (not fitted: only hits or only misses)"))
     print(f"wrote {report['out']} (calibrated on {report['split']})")

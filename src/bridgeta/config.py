@@ -606,6 +606,8 @@ def migrate_legacy_heads(data: dict, where: str) -> dict:
     if not isinstance(model, dict) or not any(key in model for key in LEGACY_HEAD_KEYS):
         return data
     model = dict(model)
+    if not isinstance(model.get("heads") or {}, dict):
+        raise ConfigError(f"{where}: 'model.heads' must be a mapping of heads, got {model['heads']!r}")
     heads = dict(model.get("heads") or {})
     for old, new in LEGACY_HEAD_KEYS.items():
         if old in model:
@@ -719,9 +721,9 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         if len(objects.nms_radius) != len(objects.classes):
             fail(f"model.heads.object.nms_radius must give one radius per class ({len(objects.classes)}), "
                  f"got {len(objects.nms_radius)}")
-        if objects.score_calibration and (len(objects.score_calibration) != len(objects.classes)
-                                          or any(a <= 0 for a, _ in objects.score_calibration)):
-            fail(f"model.heads.object.score_calibration must give one [a, b] with a > 0 per class "
+        if objects.score_calibration and (len(objects.score_calibration) != len(objects.classes) or any(
+                not (math.isfinite(a) and math.isfinite(b) and a > 0) for a, b in objects.score_calibration)):
+            fail(f"model.heads.object.score_calibration must give one finite [a, b] with a > 0 per class "
                  f"({len(objects.classes)}), got {list(objects.score_calibration)}")
     if heads.motion is not None and heads.object is None:
         fail("'model.heads.motion' reads the agents at the object head's centres: it needs 'model.heads.object'")

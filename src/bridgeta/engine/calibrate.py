@@ -3,17 +3,19 @@
 A CenterPoint heatmap gives each class its own sigmoid, trained with a focal loss on that class's
 Gaussians, so a score of 0.4 on a car and on a pedestrian need not mean the same chance of being
 right. Calibration fits, per class, ``score = sigmoid(a * logit + b)`` on a split the model did
-not train on (validation): every heatmap peak the decoder would return (top-K, no threshold, no
-NMS) is matched greedily by score to the unmatched true box of its class nearest its centre,
-within ``MATCH_DISTANCE`` m (the middle of nuScenes' 0.5/1/2/4 m thresholds), and ``(a, b)``
-minimise the binary cross-entropy of those matches. ``a > 0`` keeps each class's ranking, so its
-AP is unchanged; what changes is how classes compare: the top-K over classes, the score threshold,
-and any user's cut-off.
+not train on (validation): the detections the decoder returns at inference (its top-K, score
+threshold and NMS, all on raw scores) are matched greedily by score to the unmatched true box of
+their class nearest their centre, within ``MATCH_DISTANCE`` m (the middle of nuScenes' 0.5/1/2/4 m
+thresholds), and ``(a, b)`` minimise the binary cross-entropy of those matches against Platt's
+smoothed targets (``(N+ + 1) / (N+ + 2)`` and ``1 / (N- + 2)``), which keeps a separable class
+finite; ``a`` stays within ``A_RANGE``. Decoding selects boxes on raw scores and only reports the
+calibrated ones, so which boxes come out and each class's AP do not change: what changes is what a
+score means, the same across classes, for a user's cut-off or a tracker.
 
 The result is a new model file: the same weights, with ``model.heads.object.score_calibration``
 set, which ``decode`` (eval, predict, viz) then applies. The report gives, per class, the fitted
-pair, the number of peaks and of true matches, and the expected calibration error (10 bins)
-before and after.
+pair, the number of detections and of true matches, and the expected calibration error (10 bins)
+before and after; the latter on the detections it was fitted on (in sample).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 MATCH_DISTANCE = 2.0
 BINS = 10
+A_RANGE = (1e-2, 1e2)
 
 
 def match_peaks(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, true_boxes: torch.Tensor,
@@ -42,19 +45,22 @@ def fit_platt(logits: torch.Tensor, hits: torch.Tensor, steps: int = 200) -> tup
     the class has only hits or only misses (nothing to fit: its scores stay raw)."""
     if len(hits) == 0 or bool(hits.all()) or not bool(hits.any()):
         return None
-    z, y = logits.double(), hits.double()
+    z = logits.double()
+    positives, negatives = int(hits.sum()), int((~hits).sum())
+    y = torch.where(hits, (positives + 1) / (positives + 2), 1 / (negatives + 2)).double()  # Platt's targets
+    low, high = (torch.tensor(v, dtype=torch.float64).log() for v in A_RANGE)
     log_a = torch.zeros((), dtype=torch.float64, requires_grad=True)  # a = exp(log_a) > 0
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_a, b], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(log_a.exp() * z + b, y)
+        loss = F.binary_cross_entropy_with_logits(log_a.clamp(low, high).exp() * z + b, y)
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return float(log_a.detach().exp()), float(b.detach())
+    return float(log_a.detach().clamp(low, high).exp()), float(b.detach())
 
 
 def calibration_error(scores: torch.Tensor, hits: torch.Tensor, bins: int = BINS) -> float | None:
@@ -62,7 +68,7 @@ def calibration_error(scores: torch.Tensor, hits: torch.Tensor, bins: int = BINS
     between the mean score and the share of hits."""
     if len(scores) == 0:
         return None
-    index = (scores.clamp(0, 1 - 1e-9) * bins).long()
+    index = (scores * bins).long().clamp(0, bins - 1)
     error = 0.0
     for k in range(bins):
         members = index == k
@@ -72,21 +78,22 @@ def calibration_error(scores: torch.Tensor, hits: torch.Tensor, bins: int = BINS
 
 
 def collect_peaks(model, loader, device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per class: the heatmap logits of every decoded peak over the loader, and whether it matches."""
-    from bridgeta.models.object_head import decode
+    """Per class: the heatmap logit of every detection the decoder returns at inference (raw
+    scores: the calibration is being fitted), and whether it matches a true box."""
+    from bridgeta.models.object_head import decode_with
 
-    settings = model.config.heads.object
+    settings = replace(model.config.heads.object, score_calibration=())
     logits: dict[int, list[torch.Tensor]] = {k: [] for k in range(len(model.object_classes))}
     hits: dict[int, list[torch.Tensor]] = {k: [] for k in range(len(model.object_classes))}
     model.eval()
     with torch.inference_mode():
         for inputs, _, metas in loader:
             outputs = model(inputs.to(device))
-            for meta, sample in zip(metas, decode(outputs.objects, model.feature_grid, settings.top_k, 0.0)):
+            for meta, sample in zip(metas, decode_with(settings, outputs.objects, model.feature_grid)):
                 truth = meta["objects"]
                 matched = match_peaks(sample["boxes"], sample["scores"], sample["labels"], truth["boxes"].float(),
                                       truth["labels"])
-                raw = torch.logit(sample["scores"].double().clamp(1e-7, 1 - 1e-7)).cpu()
+                raw = sample["logits"].double().cpu()
                 for k in logits:
                     members = (sample["labels"] == k).cpu()
                     logits[k].append(raw[members])
@@ -98,7 +105,8 @@ def calibrate_detections(checkpoint: str | Path, out: str | Path, split: str = "
                          version: str | None = None, batch_size: int = 2,
                          device: str | torch.device | None = None) -> dict[str, Any]:
     """Fit the per-class scaling on ``split`` and write the calibrated model file ``out``; returns
-    the report (per class: ``a``, ``b``, ``peaks``, ``matches``, ``ece_before``, ``ece_after``)."""
+    the report (per class: ``a``, ``b``, ``detections``, ``matches``, ``ece_before``,
+    ``ece_after_in_sample``)."""
     from bridgeta.engine.evaluate import _model_and_loader, resolve_model_file
     from bridgeta.engine.model_file import read_model_file, save_model_file
 
@@ -116,13 +124,14 @@ def calibrate_detections(checkpoint: str | Path, out: str | Path, split: str = "
         a, b = fitted if fitted is not None else (1.0, 0.0)
         table.append([a, b])
         report[name] = {
-            "a": a, "b": b, "fitted": fitted is not None, "peaks": int(len(z)), "matches": int(y.sum()),
+            "a": a, "b": b, "fitted": fitted is not None, "detections": int(len(z)), "matches": int(y.sum()),
             "ece_before": calibration_error(torch.sigmoid(z), y),
-            "ece_after": calibration_error(torch.sigmoid(a * z + b), y),
+            "ece_after_in_sample": calibration_error(torch.sigmoid(a * z + b), y),
         }
-    config = model.config
-    heads = replace(config.heads, object=replace(config.heads.object, score_calibration=tuple(map(tuple, table))))
+    # The file's own config (it keeps the backbone-pretraining record the loaded model drops).
     experiment, _, _ = read_model_file(source)
-    experiment = replace(experiment, model=replace(config, heads=heads))
+    heads = experiment.model.heads
+    heads = replace(heads, object=replace(heads.object, score_calibration=tuple(map(tuple, table))))
+    experiment = replace(experiment, model=replace(experiment.model, heads=heads))
     path = save_model_file(out, model.cpu(), experiment, kind="model")
     return {"source": str(source), "out": str(path), "split": loader.dataset.split, "classes": report}

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from bridgeta.models.motion_head import select_command
+from bridgeta.models.motion_head import MotionOutputs, select_command
 from bridgeta.models.object_head import centre_cells, decode_with, match_detections
 from bridgeta.models.targets import build_task_targets
 from bridgeta.motion_metrics import collision_rate, forecasting_metrics, path_headings, planning_l2
@@ -78,13 +78,16 @@ class MotionPlanningMetric:
     def _forecast_detected(self, outputs, metas: list[dict], steps: int) -> None:
         """The motion head read at the detections that match true agents (see the module docstring)."""
         grid = self.model.feature_grid
-        size_y = grid.shape[1]
-        (x_min, _, dx), (y_min, _, dy) = grid.x, grid.y
         for b, (meta, sample) in enumerate(zip(metas, decode_with(self.model.config.heads.object, outputs.objects, grid))):
             truth = meta["objects"]
             if "future" not in truth or len(truth["boxes"]) == 0:
                 continue
-            mask = truth["future_mask"][:, :steps]
+            future, mask = truth["future"].float(), truth["future_mask"]
+            if future.shape[1] < steps:  # a head that looks further than the cache's tracks
+                pad = steps - future.shape[1]
+                future = torch.cat([future, future.new_zeros(len(future), pad, 2)], dim=1)
+                mask = torch.cat([mask, mask.new_zeros(len(mask), pad)], dim=1)
+            future, mask = future[:, :steps], mask[:, :steps]
             # The agents the heads can see (centre on the grid: the detection-free set), with a future.
             on_grid = torch.zeros(len(mask), dtype=torch.bool)
             on_grid[centre_cells(truth["boxes"], grid, self.model.config.heads.object.max_objects)[0].cpu()] = True
@@ -96,13 +99,12 @@ class MotionPlanningMetric:
             if not pairs:
                 continue
             detections, agents_index = torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs])
-            centres = sample["boxes"][detections, :2].float()
-            cells = ((centres[:, 0] - x_min) / dx).floor().long().clamp(0, grid.shape[0] - 1) * size_y + \
-                ((centres[:, 1] - y_min) / dy).floor().long().clamp(0, size_y - 1)
-            trajectories, _ = outputs.motion.at(cells.to(outputs.motion.mode_logits.device)[None])
-            placed = trajectories[0, ..., :steps, :].float().cpu() + centres.cpu()[:, None, None, :]
-            future = truth["future"][agents_index, :steps].float()
-            self.detected.append((placed, future, mask[agents_index]))
+            centres = sample["boxes"][detections.to(sample["boxes"].device), :2].float().cpu()
+            # This sample's motion maps, read at the detections' own peak cells.
+            motion = MotionOutputs(outputs.motion.trajectories[b:b + 1], outputs.motion.mode_logits[b:b + 1])
+            trajectories, _ = motion.at(sample["cells"][detections.to(sample["cells"].device)][None])
+            placed = trajectories[0, ..., :steps, :].float().cpu() + centres[:, None, None, :]
+            self.detected.append((placed, future[agents_index], mask[agents_index]))
 
     @staticmethod
     def _ego_boxes(path: torch.Tensor, origin: torch.Tensor, yaw: float, mask: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from bridgeta.config import ExperimentConfig, to_dict, validate
+from bridgeta.config import ConfigError, ExperimentConfig, parse_config, to_dict, validate
 from bridgeta.data.dataset import BEVMapDataset, collate_bev
 from bridgeta.precision import autocast_dtype, use_channels_last
 from bridgeta.engine.checkpoint import (
@@ -332,12 +332,24 @@ class _Trainer:
 
     # -- resume ---------------------------------------------------------------------------------
 
+    def _same_stored_config(self) -> bool:
+        """Whether the run's own config.yaml, read by this version, is this config: then a hash
+        that differs only reflects how an earlier version wrote the same config (new optional
+        sections, renamed keys), not a change."""
+        stored = self.out_dir / "config.yaml"
+        if not stored.is_file():
+            return False
+        try:
+            return to_dict(parse_config(yaml.safe_load(stored.read_text()), str(stored))) == to_dict(self.config)
+        except (ConfigError, yaml.YAMLError):
+            return False
+
     def _resume(self, checkpoint: Path) -> None:
         state = load_checkpoint(
             checkpoint, self.module, self.optimizer, self.scheduler, self.scaler,
             rank=self.ctx.rank, device=self.ctx.device,
         )
-        if state.config_hash != config_hash(self.config) and self.ctx.is_main:
+        if state.config_hash != config_hash(self.config) and self.ctx.is_main and not self._same_stored_config():
             log.warning("resuming %s with a config that differs from the one it was saved with", checkpoint)
         cfg = self.config.train
         data = state.data

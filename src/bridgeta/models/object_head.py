@@ -195,28 +195,30 @@ def object_losses(outputs: ObjectOutputs, targets: ObjectTargets,
     return losses
 
 
-def calibrated_scores(heatmap_logits: torch.Tensor, calibration=()) -> torch.Tensor:
-    """Per-class scores ``sigmoid(a_k * logit + b_k)`` of ``(B, K, X, Y)`` logits, with
-    ``calibration`` one ``(a, b)`` per class (``model.heads.object.score_calibration``); the raw
-    sigmoid without one. ``a > 0`` keeps each class's order, so its peaks and its AP are the raw
-    ones; what changes is how classes compare (top-K, thresholds, users' cut-offs)."""
-    logits = heatmap_logits.float()
+def calibrated_scores(logits: torch.Tensor, labels: torch.Tensor, calibration=()) -> torch.Tensor:
+    """The reported scores ``sigmoid(a_k * logit + b_k)`` of detections with heatmap ``logits``
+    and class ``labels`` (same shape), ``calibration`` one ``(a, b)`` per class
+    (``model.heads.object.score_calibration``); the raw sigmoid without one."""
+    logits = logits.float()
     if len(calibration) == 0:
         return logits.sigmoid()
     table = torch.as_tensor(calibration, dtype=logits.dtype, device=logits.device)
-    return (logits * table[:, 0, None, None] + table[:, 1, None, None]).sigmoid()
+    return (logits * table[labels.long(), 0] + table[labels.long(), 1]).sigmoid()
 
 
 def decode(outputs: ObjectOutputs, grid: BEVGrid, top_k: int = 100, score_threshold: float = 0.1,
            nms_radius: dict[int, float] | None = None, calibration=()) -> list[dict[str, torch.Tensor]]:
-    """Boxes per sample: ``{"boxes": (N, 9), "scores": (N,), "labels": (N,)}`` (ego frame).
+    """Boxes per sample: ``{"boxes": (N, 9), "scores": (N,), "labels": (N,), "cells": (N,),
+    "logits": (N,)}`` (ego frame; ``cells`` the flat index ``x * Y + y`` of each peak on the grid,
+    ``logits`` its heatmap logit).
 
-    Scores are :func:`calibrated_scores` (``calibration``: per-class Platt scaling). Peaks are
-    cells that equal their 3x3 max-pooled heatmap; the ``top_k`` highest over classes and cells
-    are kept, thresholded at ``score_threshold`` and, per class with a radius in ``nms_radius``
-    (metres), reduced by :func:`circle_nms`.
+    Peaks are cells that equal their 3x3 max-pooled heatmap; the ``top_k`` highest over classes
+    and cells are kept, thresholded at ``score_threshold`` and, per class with a radius in
+    ``nms_radius`` (metres), reduced by :func:`circle_nms`. All of that reads the raw sigmoid;
+    ``calibration`` (per-class Platt scaling) then changes the reported scores only, so which
+    boxes come out, and each class's ranking and AP, do not depend on it.
     """
-    heat = calibrated_scores(outputs.heatmap, calibration)
+    heat = outputs.heatmap.float().sigmoid()
     batch, classes, size_x, size_y = heat.shape
     peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
     scores, flat = peaks.reshape(batch, -1).topk(min(top_k, classes * size_x * size_y), dim=1)
@@ -234,7 +236,7 @@ def decode(outputs: ObjectOutputs, grid: BEVGrid, top_k: int = 100, score_thresh
     decoded = []
     for b in range(batch):
         keep = scores[b] >= score_threshold
-        sample = {"boxes": boxes[b][keep], "scores": scores[b][keep], "labels": label[b][keep]}
+        sample = {"boxes": boxes[b][keep], "scores": scores[b][keep], "labels": label[b][keep], "cells": cell[b][keep]}
         if nms_radius:
             kept = torch.ones(len(sample["scores"]), dtype=torch.bool, device=heat.device)
             for cls, radius in nms_radius.items():
@@ -243,6 +245,10 @@ def decode(outputs: ObjectOutputs, grid: BEVGrid, top_k: int = 100, score_thresh
                     survivors = circle_nms(sample["boxes"][members, :2], sample["scores"][members], radius)
                     kept[members] = survivors
             sample = {key: value[kept] for key, value in sample.items()}
+        heatmap = outputs.heatmap[b].float().flatten(1)  # (K, X*Y)
+        sample["logits"] = heatmap[sample["labels"], sample["cells"]]
+        if len(calibration):
+            sample["scores"] = calibrated_scores(sample["logits"], sample["labels"], calibration)
         decoded.append(sample)
     return decoded
 
