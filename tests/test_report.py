@@ -8,7 +8,7 @@ from bridgeta.provenance import environment, write_json
 from bridgeta.report import render_docs
 
 BEV_POOL = {
-    "environment": {"date": "2026-01-01 00:00 UTC", "commit": "abc1234", "torch": "2.13.0"},
+    "environment": {"date": "2026-01-01 00:00 UTC", "commit": "abc1234", "torch": "2.13.0", "device": "cpu", "cpu_threads": 2},
     "runs": [
         {"device": "cpu", "threads": 2, "num_points": 1000, "num_kept": 800, "fast_ms": 10.0,
          "reference_ms": 80.0, "speedup": 8.0, "plan_ms": 1.5}
@@ -54,9 +54,10 @@ def test_committed_docs_match_committed_results(tmp_path):
     docs = root / "docs"
     shutil.copytree(docs, tmp_path / "docs")
     render_docs(root / "results", tmp_path / "docs")
-    for page in docs.glob("*.md"):
-        assert (tmp_path / "docs" / page.name).read_text() == page.read_text(), (
-            f"{page.name}: run `bridgeta report render`"
+    for page in docs.rglob("*.md"):
+        relative = page.relative_to(docs)
+        assert (tmp_path / "docs" / relative).read_text() == page.read_text(), (
+            f"{relative}: run `bridgeta report render`"
         )
 
 
@@ -74,3 +75,33 @@ def test_deployed_cost_renders_rows_or_says_it_was_not_measured():
     ]
     text = render_deployed_cost({"environment": environment, "deployed": rows})
     assert "| `tiny-c` | onnxruntime | 40.0 | 0.50 | 60 | 7.5e-09 |" in text and "commit `abc1234`" in text
+
+
+def test_sections_in_subfolders_render_too(tmp_path):
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    (docs / "methods").mkdir(parents=True)
+    write_json(results / "bev_pool.json", BEV_POOL)
+    page = docs / "methods" / "page.md"
+    page.write_text("<!-- results:bev-pool -->\n<!-- /results:bev-pool -->\n")
+    assert render_docs(results, docs) == ["methods/page.md:bev-pool"]
+    assert "8.00×" in page.read_text()
+
+
+def test_the_multitask_section_renders_the_tinybev_table():
+    from bridgeta.report import render_multitask
+
+    def run(seed, value):
+        test = {"miou": value, "miou_at_0.5": value, "iou": {"drivable_area": value}, "by_condition": {},
+                "by_range": {"0-20": {"miou": value}},
+                "detection": {"mAP": value, "NDS": value, "per_class": {"car": {"AP": value}}, "tp_errors": {"ATE": 0.5}},
+                "motion": {"minADE": 1.0 + value, "minFDE": 2.0, "miss_rate": 0.5, "agents": 3},
+                "planning": {"L2@3s": 2.0 - value, "collision@3s": 0.1}}
+        return {"seed": seed, "train": {}, "test": test}
+
+    from bridgeta.bench.distill import aggregate
+
+    runs = {"baseline": [run(0, 0.2), run(1, 0.2)], "tinybev_s3": [run(0, 0.3), run(1, 0.3)]}
+    text = render_multitask({"environment": BEV_POOL["environment"], "table": aggregate(runs),
+                             "preset": {"name": "cpu-tinybev"}})
+    assert "| `tinybev_s3` |" in text and "--preset cpu-tinybev" in text and "commit `abc1234`" in text
+    assert "+10.0 ± 0.0" in text  # the paired NDS delta, in points

@@ -420,6 +420,20 @@ def render_precision(results: dict) -> str:
     return "\n".join(lines)
 
 
+def render_multitask(results: dict) -> str:
+    """TinyBEV's multi-task table (``bridgeta bench accuracy --preset cpu-tinybev``)."""
+    from bridgeta.bench.accuracy import format_multitask_markdown
+
+    table = format_multitask_markdown(results)
+    if table is None:
+        return "No row of these results has planning figures: not a multi-task benchmark."
+    seeds = sorted({seed for row in results["table"].values() for seed in row["seeds"]})
+    preset = results.get("preset", {}).get("name", "?")
+    return (table + "\n\n" + f"mAP, NDS and map mIoU in %, minADE (detection-free, at the true agents) and "
+            f"L2 in m, the collision rate in %; mean ± std over seeds {seeds}, test towns; Δ: paired per "
+            f"seed against the baseline. " + _measured(results, f"bridgeta bench accuracy --preset {preset}"))
+
+
 RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     # section name -> (results file, renderer)
     "model-zoo": ("model_zoo.json", render_model_zoo),
@@ -429,6 +443,8 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "distill": ("accuracy-cpu/results.json", render_distill),
     "accuracy-cpu": ("accuracy-cpu/results.json", render_accuracy),
     "accuracy-protocol": ("accuracy-cpu/results.json", render_protocol),
+    "accuracy-mt": ("accuracy-mt/results.json", render_accuracy),
+    "accuracy-tinybev": ("accuracy-tinybev/results.json", render_multitask),
     "cost": ("cost.json", render_cost),
     "deployed-cost": ("cost.json", render_deployed_cost),
     "distill-sweep": ("distill_sweep.json", render_distill_sweep),
@@ -438,9 +454,10 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
 
 
 def render_docs(results_dir: Path, docs_dir: Path) -> list[str]:
-    """Rewrite every marked section whose results file exists; returns the sections rendered."""
+    """Rewrite every marked section of the docs (``docs/**/*.md``); returns the sections rendered.
+    A section whose results file is missing is an error naming both."""
     rendered = []
-    for doc in sorted(docs_dir.glob("*.md")):
+    for doc in sorted(docs_dir.rglob("*.md")):
         text = doc.read_text()
         original = text
         for name, (filename, renderer) in RENDERERS.items():
@@ -455,7 +472,7 @@ def render_docs(results_dir: Path, docs_dir: Path) -> list[str]:
                 raise FileNotFoundError(f"{doc}: section '{name}' needs {source}; run its command first")
             body = renderer(json.loads(source.read_text()))
             text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text)
-            rendered.append(f"{doc.name}:{name}")
+            rendered.append(f"{doc.relative_to(docs_dir)}:{name}")
         if text != original:
             atomic_write_text(doc, text)
     return rendered
