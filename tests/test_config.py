@@ -157,5 +157,7 @@ def test_the_config_names_its_heads_and_reads_the_earlier_keys(tmp_path):
     path.write_text(yaml.safe_dump({"base": "tiny-c", "model": {"object_head": {}, "heads": {"object": {}}}}))
     with pytest.raises(ConfigError, match="'model.object_head' and 'model.heads.object' name the same head"):
         load_config(str(path))
-    with pytest.raises(ConfigError, match="unknown key 'model.heads.occupancy'"):
+    with pytest.raises(ConfigError, match="unknown key 'model.heads.lanes'"):
+        load_config("tiny-c", ["model.heads.lanes={}"])
+    with pytest.raises(ConfigError, match="'model.heads.occupancy' is rasterised from the annotated agents"):
         load_config("tiny-c", ["model.heads.occupancy={}"])

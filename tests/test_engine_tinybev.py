@@ -15,6 +15,7 @@ from bridgeta.engine.model_file import load_model_file, read_model_file
 
 # A narrow multi-task student, and a teacher twice as wide (the adapters bridge the widths).
 HEADS = ["model.heads.object={head_channels: 8}", "model.heads.motion={modes: 2, head_channels: 8}",
+         "model.heads.occupancy={steps: 3, head_channels: 8}",
          "model.heads.plan={steps: 3, head_channels: 8, hidden: 16}"]  # the tiny world's scenes last 2 s
 STUDENT = [*SMALL_TINY_C, *HEADS]
 TEACHER = [*SMALL_TINY_C, *HEADS, "model.lidar={pillar_channels: 8, channels: [16], out_channels: 16}",
@@ -60,9 +61,10 @@ def test_each_stage_logs_its_terms(stages):
 
     s1, s2, s3 = last(1), last(2), last(3)
     for row in (s1, s2, s3):
-        assert {"kd/feature_fld", "kd/feature_dld", "object/heatmap", "motion/trajectory", "plan/l1"} <= set(row)
+        assert {"kd/feature_fld", "kd/feature_dld", "object/heatmap", "motion/trajectory", "occupancy/focal",
+                "plan/l1"} <= set(row)
     assert not any(key.startswith("kd/out_") for key in s1)
-    assert {"kd/out_map", "kd/out_heatmap", "kd/out_box", "kd/out_motion", "kd/out_plan"} <= set(s2)
+    assert {"kd/out_map", "kd/out_heatmap", "kd/out_box", "kd/out_motion", "kd/out_occupancy", "kd/out_plan"} <= set(s2)
     assert "region/max_weight" in s3 and "region/max_weight" not in s2
 
 
@@ -130,6 +132,8 @@ def test_eval_reports_motion_and_planning(stages):
     assert planning["samples"] > 0 and planning["samples"] + planning["incomplete_skipped"] == result["samples"]
     assert set(planning) == {"L2@1s", "collision@1s", "logged_collision@1s", "samples", "incomplete_skipped"}
     assert "detection" in result
+    occupancy = result["occupancy"]
+    assert set(occupancy) == {"IoU@0.5s", "IoU@1s", "IoU@1.5s", "mIoU"}
 
 
 def test_the_tinybev_student_exports_to_onnx_with_every_head(stages, tmp_path):
@@ -137,7 +141,8 @@ def test_the_tinybev_student_exports_to_onnx_with_every_head(stages, tmp_path):
     session, inputs, expected = export_onnx_and_run(stages / "s3", tmp_path / "student.onnx")
     arrays = session.run_outputs({name: getattr(inputs.camera, name) for name in
                                   ("images", "intrinsics", "ego_T_camera", "image_aug")})
-    assert set(arrays) >= {"logits", "object_heatmap", "motion_trajectories", "motion_mode_logits", "plan"}
+    assert set(arrays) >= {"logits", "object_heatmap", "motion_trajectories", "motion_mode_logits", "occupancy", "plan"}
+    assert abs(arrays["occupancy"] - expected.occupancy.numpy()).max() < 1e-4
     assert abs(arrays["plan"] - expected.plan.numpy()).max() < 1e-4
     assert abs(arrays["motion_trajectories"] - expected.motion.trajectories.numpy()).max() < 1e-4
 
@@ -175,7 +180,7 @@ def test_the_motion_and_planning_heads_overfit_one_batch(engine_world):
             optimizer.zero_grad()
             torch.stack(list(terms.values())).sum().backward()
             optimizer.step()
-    for name in ("motion/trajectory", "plan/l1", "object/heatmap"):
+    for name in ("motion/trajectory", "plan/l1", "object/heatmap", "occupancy/focal"):
         assert history[-1][name] < 0.5 * history[0][name], (name, history[0][name], history[-1][name])
 
 

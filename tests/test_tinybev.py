@@ -147,3 +147,27 @@ def test_path_headings_follow_the_moves_and_hold_when_standing():
 def test_motion_outputs_modes_come_from_the_logits():
     out = MotionOutputs(torch.zeros(1, 2 * 3 * 2, 4, 4), torch.zeros(1, 2, 4, 4))
     assert out.modes == 2
+
+
+def test_occupancy_targets_rasterise_the_agents_future_boxes_and_iou_counts_cells():
+    from bridgeta.models.occupancy_head import OccupancyIoU, occupancy_targets, rasterise_boxes
+
+    # A 4 m x 2 m box at the origin, axis-aligned: cell centres at +-0.5, +-1.5 in x, +-0.5 in y.
+    occupied = rasterise_boxes(torch.tensor([[0.0, 0.0, 4.0, 2.0, 0.0]]), GRID)
+    assert int(occupied.sum()) == 4 * 2 and bool(occupied[8, 8]) and not bool(occupied[8, 10])
+    turned = rasterise_boxes(torch.tensor([[0.0, 0.0, 4.0, 2.0, math.pi / 2]]), GRID)
+    assert torch.equal(turned, occupied.T)  # a quarter turn swaps the axes on a square grid
+    # An agent driving 2 m per step along +y, then its track ends: its box turns with its motion.
+    objects = {"boxes": torch.tensor([_box(0.0, 0.0)]), "future": torch.tensor([[[0.0, 2.0], [0.0, 4.0], [0.0, 0.0]]]),
+               "future_mask": torch.tensor([[True, True, False]])}
+    targets = occupancy_targets([objects], GRID, steps=3)
+    assert targets.shape == (1, 3, *GRID.shape) and targets[0, 2].sum() == 0
+    expected = rasterise_boxes(torch.tensor([[0.0, 2.0, 4.0, 2.0, math.pi / 2]]), GRID)
+    assert torch.equal(targets[0, 0].bool(), expected)
+    metric = OccupancyIoU(steps=3)
+    logits = torch.where(targets > 0, 5.0, -5.0)
+    logits[0, 1, 0, 0] = 5.0  # one false positive at step 1
+    metric.update(logits, targets)
+    result = metric.compute()
+    assert result["IoU@0.5s"] == 1.0 and result["IoU@1s"] == pytest.approx(8 / 9)
+    assert math.isnan(result["IoU@1.5s"]) and result["mIoU"] == pytest.approx((1 + 8 / 9) / 2)

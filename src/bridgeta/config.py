@@ -224,16 +224,29 @@ class ResidualConfig:
 
 
 @dataclass
+class OccupancyHeadConfig:
+    """Future occupancy of agents (bridgeta/models/occupancy_head.py): per BEV cell and future
+    keyframe (2 Hz, ``steps``), whether an agent's box covers it; rasterised from the annotated
+    boxes and tracks, so it needs ``model.heads.object``. ``weight`` scales its focal loss."""
+
+    steps: int = 6
+    head_channels: int = 32
+    weight: float = 1.0
+
+
+@dataclass
 class HeadsConfig:
     """The model's heads, by name, all on the decoded BEV: ``map`` (map segmentation, always),
-    ``object`` (3D objects, CenterPoint-style), ``motion`` (the agents' futures; needs ``object``)
-    and ``plan`` (the ego's path; needs ``object``). A map-only model names ``map`` alone.
-    Each head's loss terms are named by head (``seg/...``, ``object/...``, ``motion/...``,
-    ``plan/...``) and weighted by its ``weight``."""
+    ``object`` (3D objects, CenterPoint-style), ``motion`` (the agents' futures), ``occupancy``
+    (where agents will be) and ``plan`` (the ego's path); the last three need ``object``. A
+    map-only model names ``map`` alone. Each head's loss terms are named by head (``seg/...``,
+    ``object/...``, ``motion/...``, ``occupancy/...``, ``plan/...``) and weighted by its
+    ``weight``."""
 
     map: HeadConfig
     object: ObjectHeadConfig | None = None
     motion: MotionHeadConfig | None = None
+    occupancy: OccupancyHeadConfig | None = None
     plan: PlanningHeadConfig | None = None
 
 
@@ -364,6 +377,7 @@ class TinyBEVHeadWeights:
     heatmap: float = 1.0
     box: float = 1.0
     motion: float = 1.0
+    occupancy: float = 1.0
     plan: float = 1.0
 
 
@@ -727,6 +741,8 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
                  f"({len(objects.classes)}), got {list(objects.score_calibration)}")
     if heads.motion is not None and heads.object is None:
         fail("'model.heads.motion' reads the agents at the object head's centres: it needs 'model.heads.object'")
+    if heads.occupancy is not None and heads.object is None:
+        fail("'model.heads.occupancy' is rasterised from the annotated agents: it needs 'model.heads.object'")
     if heads.plan is not None and heads.object is None:
         fail("'model.heads.plan' is scored against the annotated agents (collisions): it needs 'model.heads.object'")
     downsamples = []
@@ -828,11 +844,12 @@ def _range_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
             ("model.heads.object.score_threshold", objects.score_threshold, 0 <= objects.score_threshold <= 1, "in [0, 1]"),
         ] + [(f"model.heads.object.losses.{f.name}", getattr(objects.losses, f.name), getattr(objects.losses, f.name) >= 0, ">= 0")
              for f in dataclasses.fields(objects.losses)]
-    for name in ("motion", "plan"):
+    extra_sizes = {"motion": ("modes",), "occupancy": (), "plan": ("hidden",)}
+    for name in ("motion", "occupancy", "plan"):
         head = getattr(config.model.heads, name)
         if head is not None:
             checks += [(f"model.heads.{name}.{key}", getattr(head, key), getattr(head, key) >= 1, ">= 1")
-                       for key in ("steps", "head_channels", *(("modes",) if name == "motion" else ("hidden",)))]
+                       for key in ("steps", "head_channels", *extra_sizes[name])]
             checks += [(f"model.heads.{name}.{key}", getattr(head, key), getattr(head, key) >= 0, ">= 0")
                        for key in ("weight", *(("mode_weight",) if name == "motion" else ()))]
     weight = config.model.heads.map.weight

@@ -16,6 +16,7 @@ No code of TinyBEV is public; what follows is our reading (docs/methods/tinybev.
     heatmap with a score of at least ``confidence``);
   * motion: at the same cells, the student's modes regress the teacher's most probable
     trajectory (winner takes all, with the mode cross-entropy);
+  * occupancy: the per-cell Bernoulli KL from the teacher's occupancy logits, over the steps;
   * planning: L1 to the teacher's plan for every command.
 * **Region-aware weights** (``region``, stage S3): per BEV cell,
   ``r = (fg + d) / 2`` with ``fg`` the teacher's foreground confidence (its largest class
@@ -194,6 +195,10 @@ class TinyBEVDistiller(Distiller):
                                       cell_weights.flatten() if weights is not None else None)
             mode_weight = self.student.config.heads.motion.mode_weight if self.student.config.heads.motion else 0.5
             losses["kd/out_motion"] = scale * heads.motion * (l1 + mode_weight * ce)
+        if student.occupancy is not None and teacher.occupancy is not None and heads.occupancy > 0:
+            steps = min(student.occupancy.shape[1], teacher.occupancy.shape[1])
+            losses["kd/out_occupancy"] = scale * heads.occupancy * weighted_mean(
+                bernoulli_kl_cells(teacher.occupancy[:, :steps], student.occupancy[:, :steps], temperature), weights)
         if student.plan is not None and teacher.plan is not None and heads.plan > 0:
             steps = min(student.plan.shape[2], teacher.plan.shape[2])
             losses["kd/out_plan"] = scale * heads.plan * F.l1_loss(student.plan[:, :, :steps].float(), teacher.plan[:, :, :steps])

@@ -9,6 +9,8 @@
   localisation errors count; ``recall`` is the share of the detection-free set's agents matched. minADE/minFDE over the
   head's K modes and the miss rate at 2 m (bridgeta/motion_metrics.py, the nuScenes prediction
   definitions).
+* **Occupancy**: the IoU per future step of the thresholded (0.5) occupancy against the agents'
+  rasterised future boxes, over the split, and its mean (bridgeta/models/occupancy_head.py).
 * **Planning** (UniAD/VAD): on the samples whose every future step exists, the commanded plan
   against the logged ego path, L2 at 1, 2 and 3 s, and the box-collision rate with the annotated
   agents' future boxes, excluding the steps where the logged path collides too. Future boxes keep
@@ -26,6 +28,7 @@ import torch
 
 from bridgeta.models.motion_head import MotionOutputs, select_command
 from bridgeta.models.object_head import centre_cells, decode_with, match_detections
+from bridgeta.models.occupancy_head import OccupancyIoU
 from bridgeta.models.targets import build_task_targets
 from bridgeta.motion_metrics import collision_rate, forecasting_metrics, path_headings, planning_l2
 
@@ -38,6 +41,8 @@ class MotionPlanningMetric:
         self.model = model
         self.motion = getattr(model, "motion_head", None) is not None
         self.planning = getattr(model, "planning_head", None) is not None
+        head = getattr(model, "occupancy_head", None)
+        self.occupancy = OccupancyIoU(head.steps) if head is not None else None
         self.forecasts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.detected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.agents_seen = 0
@@ -49,7 +54,7 @@ class MotionPlanningMetric:
 
     @property
     def active(self) -> bool:
-        return self.motion or self.planning
+        return self.motion or self.planning or self.occupancy is not None
 
     def update(self, outputs, metas: list[dict], device: torch.device) -> None:
         if not self.active:
@@ -62,6 +67,8 @@ class MotionPlanningMetric:
             self.forecasts.append((trajectories[..., :steps, :][present].float().cpu(),
                                    targets.motion.displacement[present].cpu(), targets.motion.mask[present].cpu()))
             self._forecast_detected(outputs, metas, steps)
+        if self.occupancy is not None and targets is not None and targets.occupancy is not None:
+            self.occupancy.update(outputs.occupancy, targets.occupancy)
         if self.planning and targets is not None and targets.plan is not None:
             plan = targets.plan
             planned = select_command(outputs.plan.float(), plan.command)
@@ -153,6 +160,8 @@ class MotionPlanningMetric:
             else:
                 out["motion"] = {"minADE": math.nan, "minFDE": math.nan, "miss_rate": math.nan, "agents": 0,
                                  "matched_to": "ground-truth agents"}
+        if self.occupancy is not None:
+            out["occupancy"] = self.occupancy.compute()
         if self.planning and self.plans:
             planned, logged, mask = torch.stack(self.plans), torch.stack(self.logged), torch.stack(self.plan_masks)
             complete = mask.all(dim=1)  # UniAD scores the samples whose every future step exists

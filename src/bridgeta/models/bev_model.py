@@ -20,6 +20,7 @@ from bridgeta.models.decoder import BEVDecoder
 from bridgeta.models.fuser import ConvFuser
 from bridgeta.models.motion_head import MotionHead, PlanningHead
 from bridgeta.models.object_head import ObjectHead
+from bridgeta.models.occupancy_head import OccupancyHead
 from bridgeta.models.residual import FeatureFusion, ResidualBranch
 from bridgeta.models.head import MapSegmentationHead
 from bridgeta.models.lidar import PillarEncoder
@@ -163,6 +164,10 @@ class BEVModel(nn.Module):
         if config.heads.motion is not None:
             m = config.heads.motion
             self.motion_head = MotionHead(config.decoder.out_channels, m.modes, m.steps, m.head_channels)
+        self.occupancy_head: OccupancyHead | None = None
+        if config.heads.occupancy is not None:
+            o = config.heads.occupancy
+            self.occupancy_head = OccupancyHead(config.decoder.out_channels, o.steps, o.head_channels)
         self.planning_head: PlanningHead | None = None
         if config.heads.plan is not None:
             p = config.heads.plan
@@ -171,8 +176,9 @@ class BEVModel(nn.Module):
     @property
     def head_names(self) -> tuple[str, ...]:
         """The model's heads by name: ``map`` always, then ``object``, ``motion`` and ``plan`` when
-        configured (``model.heads.object``, ``.motion``, ``.plan``)."""
-        present = {"object": self.object_head, "motion": self.motion_head, "plan": self.planning_head}
+        configured (``model.heads.object``, ``.motion``, ``.occupancy``, ``.plan``)."""
+        present = {"object": self.object_head, "motion": self.motion_head, "occupancy": self.occupancy_head,
+                   "plan": self.planning_head}
         return ("map", *(name for name, head in present.items() if head is not None))
 
     @property
@@ -220,6 +226,7 @@ class BEVModel(nn.Module):
         logits = self.head(decoded)
         objects = self.object_head(decoded) if self.object_head is not None else None
         motion = self.motion_head(decoded) if self.motion_head is not None else None
+        occupancy = self.occupancy_head(decoded) if self.occupancy_head is not None else None
         plan = self.planning_head(decoded) if self.planning_head is not None else None
         return BEVOutputs(
             camera_bev=camera_bev,
@@ -231,6 +238,7 @@ class BEVModel(nn.Module):
             residual_bev=residual,
             objects=objects,
             motion=motion,
+            occupancy=occupancy,
             plan=plan,
         )
 

@@ -95,6 +95,10 @@ def output_specs(model: BEVModel, batch_size: int = 1) -> tuple[TensorSpec, ...]
             TensorSpec("motion_mode_logits", (batch_size, head.modes, grid_x, grid_y), DTYPE,
                        "per cell: a logit per mode (softmax over modes)"),
         ]
+    if model.occupancy_head is not None:
+        grid_x, grid_y = model.feature_grid.shape
+        specs.append(TensorSpec("occupancy", (batch_size, model.occupancy_head.steps, grid_x, grid_y), DTYPE,
+                                "per cell and future step (2 Hz): the logit that an agent's box covers it"))
     if model.planning_head is not None:
         specs.append(TensorSpec("plan", (batch_size, 3, model.planning_head.steps, 2), DTYPE,
                                 "ego (dx, dy) m per future step (2 Hz), one trajectory per command: left, straight, right"))
@@ -160,6 +164,8 @@ class DeployedStudent(nn.Module):
         extra: tuple[torch.Tensor, ...] = ()  # in output_specs' order
         if outputs.motion is not None:
             extra += (outputs.motion.trajectories, outputs.motion.mode_logits)
+        if outputs.occupancy is not None:
+            extra += (outputs.occupancy,)
         if outputs.plan is not None:
             extra += (outputs.plan,)
         return (outputs.logits, outputs.objects.heatmap, outputs.objects.regression, *extra)

@@ -14,6 +14,7 @@ import torch
 
 from bridgeta.models.motion_head import MotionTargets, PlanTargets, build_motion_targets, motion_losses, planning_loss
 from bridgeta.models.object_head import ObjectTargets, build_targets, object_loss_weights, object_losses
+from bridgeta.models.occupancy_head import occupancy_loss, occupancy_targets
 
 
 @dataclass
@@ -22,6 +23,7 @@ class TaskTargets:
 
     objects: ObjectTargets | None = None
     motion: MotionTargets | None = None
+    occupancy: torch.Tensor | None = None  # (B, T, X, Y) on the decoded BEV grid
     plan: PlanTargets | None = None
 
 
@@ -46,6 +48,12 @@ def build_task_targets(model, metas: list[dict], device: torch.device | str) -> 
             boxes, [a["future"].to(device) for a in annotations], [a["future_mask"].to(device) for a in annotations],
             model.feature_grid, config.heads.motion.steps, settings.max_objects,
         )
+    if config.heads.occupancy is not None:
+        missing = [m["token"] for m, a in zip(metas, annotations) if "future" not in a]
+        if missing:
+            raise ValueError(f"sample {missing[0]} has no agent futures in its cache; run bridgeta data prepare "
+                             "--force for a model with an occupancy head")
+        targets.occupancy = occupancy_targets(annotations, model.feature_grid, config.heads.occupancy.steps, device)
     if config.heads.plan is not None:  # its collisions read the agents' futures too
         missing = [m["token"] for m, a in zip(metas, annotations) if "ego_future" not in a or "future" not in a]
         if missing:
@@ -66,7 +74,7 @@ def build_task_targets(model, metas: list[dict], device: torch.device | str) -> 
 
 def task_losses(model, outputs, targets: TaskTargets | None) -> dict[str, torch.Tensor]:
     """The weighted terms of every head but the map's: ``object/<term>``, ``motion/trajectory``,
-    ``motion/mode`` and ``plan/l1``; none for a map-only model."""
+    ``motion/mode``, ``occupancy/focal`` and ``plan/l1``; none for a map-only model."""
     config = model.config
     if targets is None:
         return {}
@@ -78,6 +86,8 @@ def task_losses(model, outputs, targets: TaskTargets | None) -> dict[str, torch.
         m = config.heads.motion
         terms.update({f"motion/{name}": value
                       for name, value in motion_losses(outputs.motion, targets.motion, m.weight, m.mode_weight).items()})
+    if outputs.occupancy is not None and targets.occupancy is not None:
+        terms["occupancy/focal"] = config.heads.occupancy.weight * occupancy_loss(outputs.occupancy, targets.occupancy)
     if outputs.plan is not None and targets.plan is not None:
         terms["plan/l1"] = config.heads.plan.weight * planning_loss(outputs.plan, targets.plan)
     return terms

@@ -118,11 +118,13 @@ class BEVOutputs:
                  the decoded BEV's grid) with ``model.heads.object``, else ``None``.
     motion:      the motion head's ``MotionOutputs`` (per-cell trajectories and mode logits) with
                  ``model.heads.motion``, else ``None``.
+    occupancy:   the occupancy head's ``(B, T, X, Y)`` logits per future step with
+                 ``model.heads.occupancy``, else ``None``.
     plan:        the planning head's ``(B, 3, T, 2)`` ego displacements per command with
                  ``model.heads.plan``, else ``None``.
 
     ``heads`` gives each head's typed output by name (``map``: the logits, ``object``, ``motion``,
-    ``plan``).
+    ``occupancy``, ``plan``).
     """
 
     camera_bev: torch.Tensor | None
@@ -134,12 +136,14 @@ class BEVOutputs:
     residual_bev: torch.Tensor | None = None
     objects: Any = None
     motion: Any = None
+    occupancy: torch.Tensor | None = None
     plan: torch.Tensor | None = None
 
     @property
     def heads(self) -> dict[str, Any]:
         out: dict[str, Any] = {"map": self.logits}
-        for name, value in (("object", self.objects), ("motion", self.motion), ("plan", self.plan)):
+        for name, value in (("object", self.objects), ("motion", self.motion), ("occupancy", self.occupancy),
+                            ("plan", self.plan)):
             if value is not None:
                 out[name] = value
         return out
