@@ -22,4 +22,6 @@ step bridgeta bench accuracy --preset cpu-mt --jobs 1 --work "$work_mt" --out re
 step bridgeta bench accuracy --preset cpu-tinybev --jobs 1 --work "$work_mt" --out results/accuracy-tinybev
 # 5. seed 0 of the headline methods trained again on this commit (issue 11's reproducibility)
 step bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --out results/accuracy-cpu --reproduce
+# 6. inference cost of every pair, alone on the CPU (the tinybev pair has gained its occupancy head)
+step bridgeta bench cost --repeats 5 --out results/cost.json
 echo "== $(date -u '+%F %H:%M') done" >> "$log"
