@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from bridgeta.distill.base import bernoulli_kl
+from bridgeta.distill.base import bernoulli_kl, bernoulli_kl_cells
 from bridgeta.distill.tinybev import (
-    bernoulli_kl_cells,
     region_weights,
     teacher_detection_cells,
     weighted_mean,

@@ -53,6 +53,21 @@ def cell_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).pow(2).sum(dim=1).mean()
 
 
+def bernoulli_kl_cells(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Per-cell ``(B, X, Y)`` :func:`bernoulli_kl`: the mean over classes, times T^2 (TinyBEV
+    weighs cells by region; :func:`bernoulli_kl` is the mean over cells)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    t = teacher_logits.float() / temperature
+    s = student_logits.float() / temperature
+    log_p, log_not_p = F.logsigmoid(t), F.logsigmoid(-t)
+    log_q, log_not_q = F.logsigmoid(s), F.logsigmoid(-s)
+    kl = log_p.exp() * (log_p - log_q) + log_not_p.exp() * (log_not_p - log_not_q)
+    return kl.mean(dim=1) * temperature**2
+
+
 def bernoulli_kl(
     teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
@@ -63,14 +78,7 @@ def bernoulli_kl(
     saturated logits stay finite; the T^2 factor keeps the gradient scale independent of T
     (Hinton et al.), and is 1 at the default temperature.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    t = teacher_logits.float() / temperature
-    s = student_logits.float() / temperature
-    log_p, log_not_p = F.logsigmoid(t), F.logsigmoid(-t)
-    log_q, log_not_q = F.logsigmoid(s), F.logsigmoid(-s)
-    kl = log_p.exp() * (log_p - log_q) + log_not_p.exp() * (log_not_p - log_not_q)
-    return kl.mean() * temperature**2
+    return bernoulli_kl_cells(teacher_logits, student_logits, temperature).mean()
 
 
 def affinity_loss(student: torch.Tensor, teacher: torch.Tensor, size: int = 32) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bridgeta.config import DistillConfig, TinyBEVConfig
-from bridgeta.distill.base import Distiller, register
+from bridgeta.distill.base import Distiller, bernoulli_kl_cells, register
 from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.head import BEVGridTransform
 from bridgeta.models.motion_head import winner_takes_all
@@ -47,16 +47,6 @@ from bridgeta.models.types import BEVInputs, BEVOutputs
 
 # The most confident teacher detections per sample whose boxes and trajectories are distilled.
 MAX_TEACHER_DETECTIONS = 64
-
-
-def bernoulli_kl_cells(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Per-cell ``(B, X, Y)`` Bernoulli KL, the mean over classes, times T^2 (``bernoulli_kl``
-    is its mean over cells)."""
-    t, s = teacher_logits.float() / temperature, student_logits.float() / temperature
-    log_p, log_not_p = F.logsigmoid(t), F.logsigmoid(-t)
-    log_q, log_not_q = F.logsigmoid(s), F.logsigmoid(-s)
-    kl = log_p.exp() * (log_p - log_q) + log_not_p.exp() * (log_not_p - log_not_q)
-    return kl.mean(dim=1) * temperature**2
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:

@@ -30,7 +30,7 @@ from bridgeta.models.motion_head import MotionOutputs, select_command
 from bridgeta.models.object_head import centre_cells, decode_with, match_detections
 from bridgeta.models.occupancy_head import OccupancyIoU
 from bridgeta.models.targets import build_task_targets
-from bridgeta.motion_metrics import collision_rate, forecasting_metrics, path_headings, planning_l2
+from bridgeta.motion_metrics import collision_rate, forecasting_metrics, future_boxes, path_headings, planning_l2
 
 
 class MotionPlanningMetric:
@@ -129,12 +129,8 @@ class MotionPlanningMetric:
         count = len(boxes)
         if count == 0 or "future" not in objects:
             return torch.zeros(0, steps, 5), torch.zeros(0, steps, dtype=torch.bool)
-        future, present = objects["future"][:, :steps].float(), objects["future_mask"][:, :steps]
-        full = torch.cat([boxes[:, None, :2], future], dim=1)
-        valid = torch.cat([torch.ones(count, 1, dtype=torch.bool), present], dim=1)
-        headings = path_headings(full, boxes[:, 6], valid)[:, 1:]
-        sizes = boxes[:, None, 3:5].expand(-1, future.shape[1], -1)
-        agents = torch.cat([future, sizes, headings[..., None]], dim=-1)
+        present = objects["future_mask"][:, :steps]
+        agents = future_boxes(boxes, objects["future"][:, :steps], present)
         if agents.shape[1] < steps:  # tracks shorter than the horizon everywhere in this sample
             pad = steps - agents.shape[1]
             agents = torch.cat([agents, agents.new_zeros(count, pad, 5)], dim=1)

@@ -17,7 +17,7 @@ from torch import nn
 from bridgeta.geometry import BEVGrid
 from bridgeta.losses import sigmoid_focal_loss
 from bridgeta.models.layers import conv_bn_relu
-from bridgeta.motion_metrics import path_headings
+from bridgeta.motion_metrics import future_boxes
 
 
 class OccupancyHead(nn.Module):
@@ -61,15 +61,12 @@ def occupancy_targets(annotations: list[dict], grid: BEVGrid, steps: int,
         boxes = objects["boxes"].float()
         if len(boxes) == 0 or "future" not in objects:
             continue
-        future, present = objects["future"][:, :steps].float(), objects["future_mask"][:, :steps]
-        path = torch.cat([boxes[:, None, :2], future], dim=1)
-        valid = torch.cat([torch.ones(len(boxes), 1, dtype=torch.bool), present], dim=1)
-        headings = path_headings(path, boxes[:, 6], valid)[:, 1:]
-        for t in range(future.shape[1]):
+        present = objects["future_mask"][:, :steps]
+        agents = future_boxes(boxes, objects["future"][:, :steps], present)
+        for t in range(agents.shape[1]):
             here = present[:, t]
             if here.any():
-                frame = torch.cat([future[here, t], boxes[here, 3:5], headings[here, t, None]], dim=1)
-                out[b, t] = rasterise_boxes(frame.to(device), grid).float()
+                out[b, t] = rasterise_boxes(agents[here, t].to(device), grid).float()
     return out
 
 
