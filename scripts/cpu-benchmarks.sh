@@ -14,14 +14,17 @@ step() { echo "== $(date -u '+%F %H:%M') $*" >> "$log"; "$@" >> "$log" 2>&1; }
 # 1. the cpu protocol's methods (issue 11)
 step bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --out results/accuracy-cpu \
     --methods baseline direct feature_kd logit_kd bridgeta fixed_epsilon
-# 2. the full cpu preset: MonoTAKD's rows and ablations (issue 13)
-step bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --out results/accuracy-cpu
-# 3. the detection table (issue 14)
-step bridgeta bench accuracy --preset cpu-mt --jobs 1 --work "$work_mt" --out results/accuracy-mt
-# 4. TinyBEV's multi-task table (issue 15)
-step bridgeta bench accuracy --preset cpu-tinybev --jobs 1 --work "$work_mt" --out results/accuracy-tinybev
-# 5. seed 0 of the headline methods trained again on this commit (issue 11's reproducibility)
+# 2. seed 0 of the headline methods trained again on this commit (issue 11's reproducibility):
+#    right after their table, so that issue 11 does not wait for the later tables
+step bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --out results/accuracy-cpu --reproduce \
+    --methods baseline direct feature_kd logit_kd bridgeta fixed_epsilon
+# 3. the full cpu preset: MonoTAKD's rows and ablations (issue 13); --reproduce again, so that the
+#    table keeps the reruns above (reused) and adds MonoTAKD's
 step bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --out results/accuracy-cpu --reproduce
+# 4. the detection table (issue 14)
+step bridgeta bench accuracy --preset cpu-mt --jobs 1 --work "$work_mt" --out results/accuracy-mt
+# 5. TinyBEV's multi-task table (issue 15)
+step bridgeta bench accuracy --preset cpu-tinybev --jobs 1 --work "$work_mt" --out results/accuracy-tinybev
 # 6. inference cost of every pair, alone on the CPU (the tinybev pair has gained its occupancy head)
 step bridgeta bench cost --repeats 5 --out results/cost.json
 echo "== $(date -u '+%F %H:%M') done" >> "$log"

@@ -45,7 +45,7 @@ def test_calibration_changes_the_reported_scores_only():
     from bridgeta.models.object_head import ObjectOutputs, decode
 
     scores = calibrated_scores(torch.zeros(2), torch.tensor([0, 1]), ((2.0, 1.0), (1.0, -1.0)))
-    torch.testing.assert_close(scores, torch.sigmoid(torch.tensor([1.0, -1.0])))
+    torch.testing.assert_close(scores, torch.sigmoid(torch.tensor([1.0, -1.0], dtype=torch.float64)), atol=1e-6, rtol=0)
     grid = BEVGrid((-4.0, 4.0, 1.0), (-4.0, 4.0, 1.0), (-10.0, 10.0, 20.0))
     heatmap = torch.full((1, 2, 8, 8), -8.0)
     heatmap[0, 0, 2, 2], heatmap[0, 1, 5, 5] = 1.0, 0.0
@@ -55,7 +55,23 @@ def test_calibration_changes_the_reported_scores_only():
     # The same boxes (selected on raw scores), with the calibrated scores reported.
     assert torch.equal(raw["cells"], calibrated["cells"]) and raw["labels"].tolist() == [0, 1]
     torch.testing.assert_close(raw["logits"], torch.tensor([1.0, 0.0]))
-    torch.testing.assert_close(calibrated["scores"], torch.sigmoid(torch.tensor([-2.0, 3.0])))
+    torch.testing.assert_close(calibrated["scores"], torch.sigmoid(torch.tensor([-2.0, 3.0], dtype=torch.float64)),
+                               atol=1e-6, rtol=0)
+
+
+def test_calibrated_scores_keep_the_raw_ranking_where_the_sigmoid_saturates():
+    # A steep fit (the largest slope the fit allows): sigmoid(100 z + 5) is exactly 1.0 in
+    # float64 for every logit here above about 0.33, so without the tie-break these detections would
+    # tie, and the metric's unstable sort could reorder them and change the class's AP.
+    logits = torch.linspace(-4.0, 4.0, 801)
+    labels = torch.zeros(801, dtype=torch.long)
+    steep = ((100.0, 5.0),)
+    saturated = torch.sigmoid(100.0 * logits.double() + 5.0)
+    assert int((saturated == 1.0).sum()) > 300  # ties exist (the low end stays distinct in float64)
+    scores = calibrated_scores(logits, labels, steep)
+    assert bool((scores[1:] > scores[:-1]).all())  # strictly increasing: the raw ranking
+    assert bool(((scores > 0) & (scores < 1)).all())
+    torch.testing.assert_close(scores, saturated, atol=1e-6, rtol=0)  # the calibrated value, to 1e-6
 
 
 def test_calibrate_detections_writes_a_calibrated_model_file(engine_world, tmp_path, capsys):

@@ -68,6 +68,20 @@ def test_a_two_head_model_trains_logs_both_heads_and_saves_them(engine_world, tm
     assert model.head_names == ("map", "object") and loaded.model.heads.object is not None
 
 
+def test_training_an_object_head_without_the_devkit_fails_before_writing(engine_world, tmp_path, monkeypatch):
+    import sys
+
+    # Its validation scores detections with the devkit's DetectionEval: the run must stop at
+    # once, naming why, not at its first evaluation after minutes of training.
+    for name in [m for m in sys.modules if m == "nuscenes" or m.startswith("nuscenes.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "nuscenes", None)
+    config = small_student_config(engine_world, "model.heads.object={head_channels: 8}", "train.max_steps=3")
+    with pytest.raises(ImportError, match=r"score 3D detections.*bridgeta\[nuscenes\]"):
+        train(config, tmp_path / "run", evaluate_fn=lambda model, config, split: {"miou": 0.0})
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_unprepared_cache_is_named_with_the_fix(engine_world, tmp_path, monkeypatch):
     from bridgeta.data.cache import CacheError, LabelCache
 

@@ -115,3 +115,30 @@ def test_circle_nms_chain_keeps_the_first_and_third():
     # 0 suppresses 1; 1 would suppress 2 but is itself suppressed: greedy keeps 0 and 2.
     centres = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
     assert circle_nms(centres, torch.tensor([0.9, 0.8, 0.7]), 1.2).tolist() == [True, False, True]
+
+
+def test_default_nms_radii_are_metres_and_keep_cars_in_adjacent_lanes():
+    from bridgeta.config import ObjectHeadConfig
+    from bridgeta.models.object_head import decode_with
+
+    settings = ObjectHeadConfig()
+    # CenterPoint's squared-distance thresholds 4, 12, 10, 0.175 (m^2), as metres.
+    assert settings.nms_radius == pytest.approx([math.sqrt(v) for v in (4.0, 12.0, 10.0, 0.175)], abs=0.01)
+    heatmap = torch.full((1, 4, 128, 128), -8.0)
+    # Two cars side by side in adjacent lanes (3.2 m apart, 4 cells), and a duplicate peak 1.6 m
+    # from the first (2 cells): NMS removes only the duplicate.
+    heatmap[0, 0, 70, 64], heatmap[0, 0, 70, 68], heatmap[0, 0, 72, 64] = 3.0, 2.0, 1.0
+    decoded = decode_with(settings, ObjectOutputs(heatmap, torch.zeros(1, 10, 128, 128)), GRID)[0]
+    assert sorted(decoded["cells"].tolist()) == [70 * 128 + 64, 70 * 128 + 68]
+
+
+def test_a_zero_threshold_returns_peaks_only():
+    heatmap = torch.full((1, 4, 16, 16), -30.0)  # far below any peak, still above 0 after sigmoid
+    heatmap[0, 1, 3, 4] = 2.0
+    grid = BEVGrid((-6.4, 6.4, 0.8), (-6.4, 6.4, 0.8))
+    outputs = ObjectOutputs(heatmap, torch.zeros(1, 10, 16, 16))
+    # Every other cell of class 1 is suppressed by the 3x3 max-pool; class 0, 2, 3 cells are
+    # their own plateau maxima, so they count as peaks: only cells masked to exactly 0 must go.
+    decoded = decode(outputs, grid, top_k=2000, score_threshold=0.0)[0]
+    assert bool((decoded["scores"] > 0).all())
+    assert len(decoded["scores"]) < 4 * 16 * 16

@@ -169,19 +169,21 @@ class ObjectHeadConfig:
     """A CenterPoint-style 3D object head on the decoded BEV (bridgeta/models/object_head.py).
 
     ``classes``: nuScenes detection classes (our towns have car, truck, bus, pedestrian);
-    ``nms_radius``: circle-NMS radius in metres per class (CenterPoint's nuScenes values), 0 for
-    none; ``weight`` scales the head's loss against the map head's.
+    ``nms_radius``: circle-NMS radius in metres per class, 0 for none: CenterPoint's nuScenes
+    values, whose ``min_radius`` (4, 12, 10, 0.175 for car, truck, bus, pedestrian) are thresholds
+    on the *squared* centre distance, so the metres are their square roots; ``weight`` scales the
+    head's loss against the map head's.
     """
 
     classes: tuple[str, ...] = ("car", "truck", "bus", "pedestrian")
     head_channels: int = 64
-    max_objects: int = 128
+    max_objects: int = 500  # CenterPoint's: a box past the cap gets no Gaussian (trained as background)
     min_radius: int = 2
     weight: float = 1.0
     losses: ObjectLossWeights = field(default_factory=ObjectLossWeights)
     top_k: int = 100
     score_threshold: float = 0.1
-    nms_radius: tuple[float, ...] = (4.0, 12.0, 10.0, 0.175)
+    nms_radius: tuple[float, ...] = (2.0, 3.46, 3.16, 0.42)
     # Per-class Platt scaling of the heatmap logits, ``[a, b]`` per class: the score is
     # ``sigmoid(a * logit + b)``, so that scores of different classes mean the same precision.
     # ``bridgeta calibrate-detections`` fits it on validation; empty: the raw sigmoid.

@@ -74,8 +74,7 @@ def split_sample_tokens(nusc, dataroot: str | Path, split: str) -> list[str]:
     return [s["token"] for s in nusc.sample if nusc.get("scene", s["scene_token"])["name"] in scenes]
 
 
-def check_submission(path: str | Path, sample_tokens: Sequence[str], class_names: Sequence[str],
-                     max_boxes: int = 500) -> None:
+def check_submission(path: str | Path, sample_tokens: Sequence[str], max_boxes: int = 500) -> None:
     """Raise :class:`SubmissionError` naming ``path`` and the offending key unless the file is a
     submission with a box list for every sample of the split and only well-formed boxes."""
     from nuscenes.eval.detection.constants import ATTRIBUTE_NAMES, DETECTION_NAMES
@@ -219,6 +218,9 @@ def evaluate_detections(dataroot: str | Path, version: str, split: str, results:
     predicted) whose centre lies that far from the ego, for figures per distance band. Returns ``{"mAP", "NDS", "tp_errors": {ATE...},
     "per_class": {class: {"AP", "ATE", "ASE", "AOE", "AVE", "AAE"}}, "samples", "split"}``.
     """
+    from bridgeta.data.devkit import DETECTION_PURPOSE, require_devkit
+
+    require_devkit(DETECTION_PURPOSE)
     from nuscenes import NuScenes
     from nuscenes.eval.common.loaders import add_center_dist, filter_eval_boxes, load_gt_of_sample_tokens
     from nuscenes.eval.common.loaders import load_prediction_of_sample_tokens
@@ -247,7 +249,7 @@ def evaluate_detections(dataroot: str | Path, version: str, split: str, results:
     if not tokens:
         raise ValueError(f"split '{split}' of {dataroot} has no samples")
     config = detection_config(classes)
-    check_submission(results, tokens, config.class_names, config.max_boxes_per_sample)
+    check_submission(results, tokens, config.max_boxes_per_sample)
     gt = load_gt_of_sample_tokens(nusc, tokens, DetectionBox)
     if not any(len(boxes) for boxes in gt.boxes.values()):
         raise NoTrueBoxes(f"split '{split}' of {dataroot} has no annotated box to detect")
@@ -258,6 +260,9 @@ def evaluate_detections(dataroot: str | Path, version: str, split: str, results:
         # Our towns' classes that this split has boxes of: a class absent from a small synthetic
         # split would enter the mean as AP 0 whatever the predictions.
         seen = {box.detection_name for box in gt.all}
+        if not seen:  # every box fell to the devkit's filters (no LiDAR point, past the range)
+            raise NoTrueBoxes(f"split '{split}' of {dataroot} has no box left to detect after the "
+                              "devkit's filters (points in the box, class range)")
         config = detection_config([name for name in SYNTH_DETECTION_CLASSES if name in seen])
 
     # The official class, with its loading done through the devkit's own per-sample-token loaders.

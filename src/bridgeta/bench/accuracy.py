@@ -89,7 +89,7 @@ PRESETS = {
         protocol=Protocol(teacher="tiny-lc-mt", student="tiny-c-mt", student_steps=800, teacher_steps=1600,
                           curve_points=8, teacher_seeds=1,
                           student_overrides=(*RESUMABLE, "model.heads.object={classes: [car, truck, bus, pedestrian], "
-                                             "nms_radius: [4.0, 12.0, 10.0, 0.175], head_channels: 32}"),
+                                             "nms_radius: [2.0, 3.46, 3.16, 0.42], head_channels: 32}"),
                           teacher_overrides=RESUMABLE),
         methods=("baseline", "direct", "bridgeta"),
         default_seeds=3,

@@ -15,14 +15,17 @@ from typing import Any
 INSTALL_HINT = "pip install 'bridgeta[nuscenes]'"
 
 
-def require_devkit() -> ModuleType:
-    """The ``nuscenes`` package, or an ImportError that says how to install it."""
+DETECTION_PURPOSE = ("to score 3D detections: the devkit's DetectionEval is the metric (there is no "
+                     "fallback), also for the validation of a model with an object head during training")
+
+
+def require_devkit(purpose: str = "to prepare a dataroot (not to train a map-only model)") -> ModuleType:
+    """The ``nuscenes`` package, or an ImportError that says what it is needed for
+    (``purpose``) and how to install it."""
     try:
         import nuscenes
     except ImportError as exc:
-        raise ImportError(
-            f"the nuScenes devkit is needed to prepare a dataroot (not to train): {INSTALL_HINT}"
-        ) from exc
+        raise ImportError(f"the nuScenes devkit is needed {purpose}: {INSTALL_HINT}") from exc
     return nuscenes
 
 

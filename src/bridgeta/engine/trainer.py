@@ -684,6 +684,11 @@ def train(
     Raises ``FloatingPointError`` when a loss term is NaN or infinite.
     """
     validate(config, "the run's config")  # also for configs built in code, not only loaded ones
+    if evaluate_fn is not None and config.model.heads.object is not None:
+        # Its validation scores detections with the devkit: fail now, not at the first evaluation.
+        from bridgeta.data.devkit import DETECTION_PURPOSE, require_devkit
+
+        require_devkit(DETECTION_PURPOSE)
     out_dir = Path(out_dir)
     ctx = init_distributed()
     try:

@@ -117,7 +117,7 @@ def select_command(plans: torch.Tensor, command: torch.Tensor) -> torch.Tensor:
 
 
 def build_motion_targets(boxes: list[torch.Tensor], futures: list[torch.Tensor], future_masks: list[torch.Tensor],
-                         grid: BEVGrid, steps: int, max_objects: int = 128) -> MotionTargets:
+                         grid: BEVGrid, steps: int, max_objects: int = 500) -> MotionTargets:
     """Targets in the object slots: ``boxes[b]`` ``(N, 9)`` as for ``build_targets``, ``futures[b]``
     ``(N, T', 2)`` the future centres (same frame) and ``future_masks[b]`` ``(N, T')``."""
     batch = len(boxes)

@@ -95,7 +95,7 @@ def gaussian_radius(length_cells: torch.Tensor, width_cells: torch.Tensor, min_o
 
 def build_targets(
     boxes: list[torch.Tensor], labels: list[torch.Tensor], grid: BEVGrid, num_classes: int,
-    max_objects: int = 128, min_radius: int = 2, min_overlap: float = 0.1,
+    max_objects: int = 500, min_radius: int = 2, min_overlap: float = 0.1,
 ) -> ObjectTargets:
     """Targets for a batch: ``boxes[b]`` ``(N, 9)`` (x, y, z, l, w, h, yaw, vx, vy; ego frame) and
     ``labels[b]`` ``(N,)`` class indices. Boxes whose centre is off the grid are skipped."""
@@ -195,15 +195,23 @@ def object_losses(outputs: ObjectOutputs, targets: ObjectTargets,
     return losses
 
 
+TIE_BREAK = 1e-6
+
+
 def calibrated_scores(logits: torch.Tensor, labels: torch.Tensor, calibration=()) -> torch.Tensor:
     """The reported scores ``sigmoid(a_k * logit + b_k)`` of detections with heatmap ``logits``
     and class ``labels`` (same shape), ``calibration`` one ``(a, b)`` per class
     (``model.heads.object.score_calibration``); the raw sigmoid without one."""
-    logits = logits.float()
     if len(calibration) == 0:
-        return logits.sigmoid()
-    table = torch.as_tensor(calibration, dtype=logits.dtype, device=logits.device)
-    return (logits * table[labels.long(), 0] + table[labels.long(), 1]).sigmoid()
+        return logits.float().sigmoid()
+    logits = logits.double()
+    table = torch.as_tensor(calibration, dtype=torch.float64, device=logits.device)
+    calibrated = (logits * table[labels.long(), 0] + table[labels.long(), 1]).sigmoid()
+    # A steep fit saturates the sigmoid (exactly 1.0 past a logit of about 37 in float64), and
+    # tied scores would let the metric's unstable sort reorder a class's detections, changing its
+    # AP. A 1e-6 share of the raw sigmoid keeps the scores strictly increasing in the logit
+    # within each class (``a > 0``), so the ranking, and AP, stay those of the raw scores.
+    return (1 - TIE_BREAK) * calibrated + TIE_BREAK * logits.sigmoid()
 
 
 def decode(outputs: ObjectOutputs, grid: BEVGrid, top_k: int = 100, score_threshold: float = 0.1,
@@ -235,7 +243,9 @@ def decode(outputs: ObjectOutputs, grid: BEVGrid, top_k: int = 100, score_thresh
     ], dim=-1)
     decoded = []
     for b in range(batch):
-        keep = scores[b] >= score_threshold
+        # ``> 0`` too: cells that are not peaks score exactly 0, and must not become boxes when
+        # the threshold is 0 and the top K reaches past the peaks.
+        keep = (scores[b] >= score_threshold) & (scores[b] > 0)
         sample = {"boxes": boxes[b][keep], "scores": scores[b][keep], "labels": label[b][keep], "cells": cell[b][keep]}
         if nms_radius:
             kept = torch.ones(len(sample["scores"]), dtype=torch.bool, device=heat.device)
