@@ -217,7 +217,8 @@ class PlanningHeadConfig:
 class ResidualConfig:
     """MonoTAKD's student modules (bridgeta/models/residual.py): a residual branch on the camera
     BEV (conv1x1, then SAM unless ``sam: false``) and, with ``ffm``, the fusion of the camera BEV
-    with it before the decoder. Camera-only models; they run at inference."""
+    with it before the decoder. Camera-only models; with ``ffm`` they run at inference, without
+    it the branch is a training-only module (CMRD's regressor) and exports leave it out."""
 
     sam: bool = True
     ffm: bool = True
