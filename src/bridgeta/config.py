@@ -359,6 +359,10 @@ class MonoTAKDConfig:
     lifted with the LiDAR depth (the public code's forward), as a detached target.
     threshold: CMRD keeps residual entries of at least ``threshold`` x the sample's largest.
     init_from_assistant: the student starts from the TA's weights (the public code's stage 2).
+    assistant_imitation: read by ``train-assistant`` (not by the distillation run): the weight of
+    the TA's CMKD-style imitation of the teacher's fused BEV (the ``feature_kd`` loss on the TA
+    network), which puts the TA's channels in the teacher's feature space so that CMRD's
+    channel-wise residual compares like with like; 0 trains the TA on the map labels alone.
     """
 
     assistant: str | None = None
@@ -368,6 +372,7 @@ class MonoTAKDConfig:
     threshold: float = 0.6
     ta_source: Literal["frozen", "shared"] = "frozen"
     init_from_assistant: bool = True
+    assistant_imitation: float = 1.0
 
 
 @dataclass
@@ -859,7 +864,7 @@ def _range_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
         d = config.distill
         if d.monotakd is not None:
             m = d.monotakd
-            checks += [(f"distill.monotakd.{k}", getattr(m, k), getattr(m, k) >= 0, ">= 0") for k in ("imd", "cmrd", "logit")]
+            checks += [(f"distill.monotakd.{k}", getattr(m, k), getattr(m, k) >= 0, ">= 0") for k in ("imd", "cmrd", "logit", "assistant_imitation")]
             checks.append(("distill.monotakd.threshold", m.threshold, 0 <= m.threshold < 1, "in [0, 1)"))
         if d.tinybev is not None:
             t = d.tinybev
