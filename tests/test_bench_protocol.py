@@ -287,7 +287,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_monotakd_rows_scale_their_own_weights_and_keep_ablated_terms_off(tmp_path):
-    from bridgeta.distill.monotakd import ASSISTANT_OVERRIDES, assistant_config
+    from bridgeta.distill.monotakd import assistant_config
 
     protocol = bench_distill.Protocol(student_steps=10, teacher_seeds=1)
     recipe = load_config("distill/tiny-c-monotakd").distill.monotakd
@@ -300,11 +300,44 @@ def test_monotakd_rows_scale_their_own_weights_and_keep_ablated_terms_off(tmp_pa
     ablated = load_config(preset, ["data.dataroot=/d", *overrides])
     assert ablated.distill.monotakd.cmrd == 0 and ablated.distill.monotakd.logit == 0
     assert ablated.distill.monotakd.imd == pytest.approx(3 * recipe.imd) and ablated.model.residual is None
-    # The bench's assistant is the one train-assistant derives from the recipe.
+    # The bench's assistant is the one train-assistant derives from the recipe, imitating the
+    # benchmark's own teacher: the one its MonoTAKD students learn from.
     preset, overrides = bench_distill.method_config("assistant", tmp_path, 0, protocol)
     trained = load_config(preset, ["data.dataroot=/d", *overrides])
-    derived = assistant_config(load_config("distill/tiny-c-monotakd", ["data.dataroot=/d", *overrides[1:-len(ASSISTANT_OVERRIDES)]]))
-    assert trained.model == derived.model and trained.distill is None
+    schedule = ["train.epochs=10000", "train.max_steps=10"]
+    derived = assistant_config(load_config("distill/tiny-c-monotakd", ["data.dataroot=/d", *schedule]),
+                               teacher=config.distill.teacher)
+    assert config.distill.teacher == str(tmp_path / "tiny-lc-seed0")
+    assert trained.model == derived.model and trained.distill == derived.distill and trained.train == derived.train
+    assert trained.distill.method == "feature_kd" and trained.distill.teacher == config.distill.teacher
+    assert trained.distill.weights.fld == recipe.assistant_imitation
+    # assistant_imitation = 0 (through the protocol's overrides too) is the label-only TA.
+    label_only = replace(protocol, student_overrides=("distill.monotakd.assistant_imitation=0",))
+    preset, overrides = bench_distill.method_config("assistant", tmp_path, 0, label_only)
+    assert load_config(preset, ["data.dataroot=/d", *overrides]).distill is None
+
+
+def test_the_monotakd_assistant_trains_after_the_teacher_it_imitates(tmp_path, monkeypatch):
+    """Stage 1 trains its jobs side by side: the TA, which reads the teacher's model file, must
+    wait for a wave of its own."""
+    waves = []
+
+    class Stop(Exception):
+        pass
+
+    def record(jobs, workers=1):
+        waves.append([job.label for job in jobs])
+        if len(waves) == 2:  # stage 1 is done: nothing after it matters here
+            raise Stop
+        return [None] * len(jobs)
+
+    monkeypatch.setattr(accuracy, "run_jobs", record)
+    preset = replace(accuracy.PRESETS["cpu"], protocol=bench_distill.Protocol(student_steps=2, teacher_steps=2, teacher_seeds=1),
+                     methods=("baseline", "monotakd"), seeds={}, default_seeds=1, pretrain_steps=0, lambdas=(), scratch=())
+    with pytest.raises(Stop):
+        accuracy.run_staged("test", tmp_path / "out", tmp_path / "work", tmp_path / "world", jobs=2, preset=preset)
+    assert "tiny-lc-seed0" in waves[0] and not any("assistant" in label for label in waves[0])
+    assert waves[1] == ["tiny-c-assistant-seed0"]
 
 
 def test_the_detection_table_has_map_nds_and_paired_nds():

@@ -214,6 +214,11 @@ class _Fixed(torch.nn.Module):
     classes = ("drivable_area",)
     # What the distillers read of a model's config: the map head's loss weight.
     config = SimpleNamespace(heads=SimpleNamespace(map=SimpleNamespace(weight=1.0)))
+    # What feature_kd checks when it is built: the camera and fused BEVs' channels and grid.
+    _grid = SimpleNamespace(x=(0.0, 2.0, 1.0), y=(0.0, 2.0, 1.0))
+    camera_encoder = SimpleNamespace(out_channels=3, output_grid=_grid)
+    lidar_encoder = fuser = None
+    feature_grid = _grid
 
     def __init__(self, camera: float, fused: float, decoded: float, logit: float) -> None:
         super().__init__()

@@ -1,5 +1,5 @@
-"""MonoTAKD through the CLI on the session's tiny world: train-assistant, distill with it, and
-the exported student (the baseline plus the residual branch, SAM and FFM) through eval and ONNX."""
+"""MonoTAKD through the CLI on the session's tiny world: train-assistant (imitating the teacher),
+distill with it, and the exported student (the baseline plus the residual branch, SAM and FFM) through eval and ONNX."""
 
 from __future__ import annotations
 
@@ -23,18 +23,33 @@ def runs(engine_world, tmp_path_factory):
     common = ["--config", "distill/tiny-c-monotakd", "--dataroot", str(engine_world), *SMALL,
               "--set", "train.max_steps=2", "--set", "train.eval_every=0"]
     with torch_threads(1):
-        assert cli.main(["train-assistant", *common, "--out", str(root / "assistant")]) == 0
+        assert cli.main(["train-assistant", *common, "--teacher", str(teacher), "--out", str(root / "assistant")]) == 0
         assert cli.main(["distill", *common, "--teacher", str(teacher), "--assistant", str(root / "assistant"),
                          "--out", str(root / "student")]) == 0
     return root
 
 
-def test_the_assistant_is_the_students_camera_network_lifting_with_lidar_depth(runs):
+def test_the_assistant_is_the_students_camera_network_imitating_the_teacher(runs):
     config, state, kind = read_model_file(runs / "assistant")
-    assert kind == "model" and config.distill is None and config.model.residual is None
+    # A feature_kd run on the TA network: the teacher's fused BEV aligns its channels for CMRD.
+    assert kind == "distiller" and config.distill.method == "feature_kd" and config.model.residual is None
+    assert config.distill.teacher == str(runs / "teacher.safetensors")
+    assert config.distill.weights.fld == 1.0  # distill.monotakd.assistant_imitation of the recipe
     assert config.model.camera.vtransform.depth_source == "lidar"
+    assert not any(k.startswith("teacher.") for k in state)
     model, _ = load_model_file(runs / "assistant")
     assert model.modalities == ("camera", "depth")
+    rows = [json.loads(line) for line in (runs / "assistant" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert steps and all(r["kd/feature"] > 0 for r in steps)
+
+
+def test_train_assistant_without_a_teacher_stops_at_once_naming_the_option(engine_world, tmp_path, capsys):
+    assert cli.main(["train-assistant", "--config", "distill/tiny-c-monotakd", "--dataroot", str(engine_world),
+                     *SMALL, "--out", str(tmp_path / "ta")]) == 2
+    err = capsys.readouterr().err
+    assert "--teacher" in err and "distill.monotakd.assistant_imitation" in err
+    assert not (tmp_path / "ta").exists()
 
 
 def test_distilled_student_logs_every_term_and_exports_its_branches(runs, tmp_path, capsys):

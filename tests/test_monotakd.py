@@ -1,10 +1,12 @@
 """MonoTAKD: deformable convolution against a plain reference, the LiDAR-depth lift against LSS
-with a delta depth distribution, projected depth, the residual target, and the distiller's
-gradient routing (IMD's gradient reaches the student, where the public code's sends none)."""
+with a delta depth distribution, projected depth, the residual target, the distiller's gradient
+routing (IMD's gradient reaches the student, where the public code's sends none), the TA stage's
+imitation of the teacher, and the residual branch without FFM at inference and export."""
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -12,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from bridgeta.config import DistillConfig, MonoTAKDConfig, load_config
-from bridgeta.distill import build_distiller
+from bridgeta.distill import FeatureKDDistiller, build_distiller, cell_mse
 from bridgeta.distill.monotakd import MonoTAKDDistiller, assistant_config, minmax_per_sample, residual_target
+from bridgeta.engine.model_file import export_student, read_model_file, save_model_file
 from bridgeta.geometry import BEVGrid, project_depth
 from bridgeta.models.bev_model import build_model
 from bridgeta.models.lss import LSSViewTransform, lidar_depth_distribution, pool_sparse_depth
@@ -162,12 +165,15 @@ def test_minmax_and_residual_target_on_fixed_inputs():
     scaled = minmax_per_sample(x, eps=0.0)
     assert scaled[0].flatten().tolist() == [0.0, 0.25, 0.5, 1.0]  # per sample, not per batch
     assert scaled[1].flatten().tolist() == [0.0, 0.0, 0.0, 1.0]
-    ta = torch.tensor([[[[0.0, 1.0], [2.0, 4.0]]]])
-    teacher = torch.tensor([[[[0.0, 0.0], [4.0, 4.0]]]])  # normalised: [0, 0, 1, 1]
+    # Inputs with a graph: the target must still have none (a missing no_grad would give it one).
+    ta = torch.tensor([[[[0.0, 1.0], [2.0, 4.0]]]], requires_grad=True)
+    teacher = torch.tensor([[[[0.0, 0.0], [4.0, 4.0]]]], requires_grad=True)  # normalised: [0, 0, 1, 1]
     target = residual_target(ta, teacher, threshold=0.6)
     # |[0, .25, .5, 1] - [0, 0, 1, 1]| = [0, .25, .5, 0]; peak .5, keep >= .3.
     assert target.flatten().tolist() == pytest.approx([0.0, 0.0, 0.5, 0.0], abs=1e-6)
-    assert not target.requires_grad
+    assert target.grad_fn is None and not target.requires_grad
+    # The absolute value: swapping the sides gives the same target (the public code's form).
+    assert torch.equal(residual_target(teacher, ta, threshold=0.6), target)
 
 
 # ------------------------------------------------------------------------ the distiller
@@ -179,7 +185,8 @@ def models():
     torch.manual_seed(0)
     student = build_model(student_config)
     teacher = build_model(load_config("tiny-lc"))
-    assistant = build_model(assistant_config(student_config))
+    # Only the TA's network is built here; its run's teacher is never read.
+    assistant = build_model(assistant_config(student_config, teacher="unread"))
     return student_config, student, teacher, assistant
 
 
@@ -192,10 +199,11 @@ def _batch():
     return inputs, (torch.rand(1, 6, 100, 100) > 0.7).float()
 
 
-def _distiller(models, **settings) -> MonoTAKDDistiller:
+def _distiller(models, teacher_precision: str = "auto", **settings) -> MonoTAKDDistiller:
     config, student, teacher, assistant = models
     student, teacher, assistant = (build_model(m.config) for m in (student, teacher, assistant))
-    experiment = replace(config, distill=DistillConfig(method="monotakd", monotakd=MonoTAKDConfig(**settings)))
+    experiment = replace(config, distill=DistillConfig(method="monotakd", monotakd=MonoTAKDConfig(**settings),
+                                                       teacher_precision=teacher_precision))
     distiller = build_distiller(experiment, student, teacher, assistant)
     assert isinstance(distiller, MonoTAKDDistiller)
     return distiller
@@ -213,19 +221,37 @@ def test_imd_reaches_the_students_camera_encoder(models):
     assert all(g.abs().sum() > 0 for g in grads)
 
 
-def test_residual_target_is_detached_and_cmrd_trains_the_residual_branch(models):
-    distiller = _distiller(models, imd=0.0, logit=0.0)
+@pytest.mark.parametrize("ta_source", ["frozen", "shared"])
+def test_cmrd_target_is_a_constant_and_cmrd_trains_sam_but_not_ffm(models, ta_source):
+    """In ``shared`` mode the TA BEV comes from the student's own encoder: a target that kept its
+    graph would send CMRD's gradient into the encoder through the target as well."""
+    distiller = _distiller(models, imd=0.0, logit=0.0, ta_source=ta_source, init_from_assistant=ta_source == "frozen")
     distiller.train()
     inputs, labels = _batch()
     out = distiller(inputs, labels)
     cmrd = out.losses["kd/cmrd"]
-    branch = list(distiller.student.residual_branch.parameters())
-    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(cmrd, branch[:1]))
-    # The target is a constant: CMRD's gradient equals that of the MSE with the target fixed.
+    student = distiller.student
+    encoder = [p for p in student.camera_encoder.parameters()]
+    # The same loss with the target rebuilt and detached by hand: the gradients must be equal.
     target = residual_target(distiller.assistant_bev(inputs), distiller.teacher_forward(inputs).fused_bev, 0.6)
-    student = distiller.student(inputs)
-    again = 0.2 * F.mse_loss(student.residual_bev, target)
-    assert again.item() == pytest.approx(cmrd.item(), rel=1e-4)
+    constant = 0.2 * F.mse_loss(out.student.residual_bev.float(), target.detach())
+    assert constant.item() == pytest.approx(cmrd.item(), rel=1e-5)
+    got = torch.autograd.grad(cmrd, encoder, retain_graph=True, allow_unused=True)
+    want = torch.autograd.grad(constant, encoder, retain_graph=True, allow_unused=True)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None) and (g is None or torch.allclose(g, w, rtol=1e-4, atol=1e-9))
+    # CMRD reaches the whole residual branch: the 1x1 conv and SAM's ASPP, gate and offset conv.
+    sam = student.residual_branch.sam
+    parts = {"reduce": student.residual_branch.reduce[0].weight, "aspp": sam.aspp.branches[1][0].weight,
+             "aspp_pool": sam.aspp.image_pool[1].weight, "gate": sam.gate[0].weight,
+             "offset": sam.deform.offset.weight, "deform": sam.deform.weight, "refine": sam.refine[0].weight}
+    grads = torch.autograd.grad(cmrd, list(parts.values()), retain_graph=True)
+    assert {name: bool(g.abs().sum() > 0) for name, g in zip(parts, grads)} == dict.fromkeys(parts, True)
+    # FFM sits after the residual branch: CMRD does not train it, the segmentation loss does.
+    ffm = list(student.feature_fusion.parameters())
+    assert all(g is None for g in torch.autograd.grad(cmrd, ffm, retain_graph=True, allow_unused=True))
+    ffm_weights = [p for p in ffm if p.dim() > 1]
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(out.total, ffm_weights))
 
 
 def test_teacher_and_frozen_assistant_get_no_gradient_and_no_batchnorm_update(models):
@@ -242,6 +268,53 @@ def test_teacher_and_frozen_assistant_get_no_gradient_and_no_batchnorm_update(mo
     assert all(torch.equal(b, teacher_buffers[n]) for n, b in distiller.teacher.named_buffers())
     assert {p for p in distiller.learnable_parameters()} == set(distiller.student.parameters())
     assert not any(key.startswith(("teacher.", "assistant.")) for key in distiller.state_dict())
+    # No graph even from frozen models whose weights did require gradients: the forwards run
+    # without autograd, not merely on frozen weights.
+    for module in (distiller.teacher, distiller.assistant):
+        module.requires_grad_(True)
+    try:
+        fused = distiller.teacher_forward(inputs).fused_bev
+        assistant = distiller.assistant_bev(inputs)
+    finally:
+        for module in (distiller.teacher, distiller.assistant):
+            module.requires_grad_(False)
+    assert fused.grad_fn is None and not fused.requires_grad
+    assert assistant.grad_fn is None and not assistant.requires_grad
+
+
+def test_the_frozen_ta_source_is_the_assistant_network_not_the_student(models):
+    distiller = _distiller(models, teacher_precision="fp32")
+    student, assistant = distiller.student, distiller.assistant
+    torch.manual_seed(5)
+    with torch.no_grad():  # the student starts from the TA: make its camera network differ
+        for p in student.camera_encoder.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    distiller.train()
+    inputs, _ = _batch()
+    target = distiller.assistant_bev(inputs)
+    with torch.no_grad():
+        ta, _ = assistant.camera_encoder(inputs.camera, inputs.bev_aug)
+        student.camera_encoder.eval()
+        students, _ = student.camera_encoder(inputs.camera, inputs.bev_aug, depth_source="lidar")
+    assert torch.allclose(target, ta, atol=1e-6) and target.abs().sum() > 0
+    assert not torch.allclose(target, students, atol=1e-3)
+
+
+def test_assistant_bev_runs_under_the_teachers_precision(models):
+    """Inside a bf16 training step, the TA's forward follows distill.teacher_precision."""
+    seen = []
+    inputs, _ = _batch()
+    for precision, expected in (("fp32", (False, None)), ("bf16", (True, torch.bfloat16))):
+        distiller = _distiller(models, teacher_precision=precision)
+        encoder = distiller.assistant.camera_encoder
+        hook = encoder.register_forward_pre_hook(lambda *_: seen.append(
+            (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)))
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                bev = distiller.assistant_bev(inputs)
+        finally:
+            hook.remove()
+        assert seen[-1] == expected and bev.dtype == torch.float32
 
 
 def test_the_student_starts_from_the_assistant_and_runs_its_branches_at_inference(models):
@@ -261,6 +334,29 @@ def test_the_student_starts_from_the_assistant_and_runs_its_branches_at_inferenc
     assert torch.allclose(out.fused_bev, fused)
 
 
+def test_without_ffm_the_residual_branch_trains_but_neither_runs_nor_exports_at_inference(models, tmp_path):
+    config = load_config("distill/tiny-c-monotakd", ["model.residual.ffm=false"])
+    torch.manual_seed(6)
+    model = build_model(config)
+    calls = []
+    model.residual_branch.register_forward_hook(lambda *_: calls.append(1))
+    inputs, _ = _batch()
+    model.train()
+    assert model(inputs).residual_bev is not None and calls == [1]  # CMRD reads it in training
+    model.eval()
+    with torch.no_grad():
+        out = model(inputs)
+    assert out.residual_bev is None and calls == [1]
+    # The export is the network that runs: no residual branch, in the weights or the config.
+    source = save_model_file(tmp_path / "run.safetensors", model, config)
+    exported_path, exported = export_student(source, tmp_path / "student.safetensors")
+    stored, state, _ = read_model_file(exported_path)
+    assert stored.model.residual is None and exported.residual_branch is None
+    assert not any(k.startswith("residual_branch.") for k in state) and len(state) > 100
+    with torch.no_grad():
+        assert torch.allclose(exported(inputs).logits, out.logits, atol=1e-6)
+
+
 def test_shared_source_lifts_the_students_own_features_without_touching_its_statistics(models):
     distiller = _distiller(models, ta_source="shared", init_from_assistant=False)
     assert distiller.assistant is None
@@ -268,7 +364,7 @@ def test_shared_source_lifts_the_students_own_features_without_touching_its_stat
     inputs, _ = _batch()
     before = {n: b.clone() for n, b in distiller.student.camera_encoder.named_buffers()}
     target = distiller.assistant_bev(inputs)
-    assert not target.requires_grad
+    assert target.grad_fn is None  # the student's weights require gradients: no_grad must hold
     assert all(torch.equal(b, before[n]) for n, b in distiller.student.camera_encoder.named_buffers())
     assert distiller.student.camera_encoder.training
 
@@ -285,3 +381,69 @@ def test_settings_that_cannot_work_are_refused(models):
     with pytest.raises(ValueError, match="depth_source: lidar"):
         build_distiller(replace(config, distill=DistillConfig(method="monotakd", monotakd=MonoTAKDConfig())),
                         build_model(student.config), build_model(teacher.config), build_model(load_config("tiny-c")))
+
+
+@pytest.mark.parametrize("teacher, wrong", [
+    ("tiny-l", "64 channels"),  # no fuser: the LiDAR branch's BEV is the fused BEV
+    ("tiny-lc", "32 channels on the grid x [-51.2, 51.2, 1.6]"),  # same channels, a coarser grid
+], ids=["channels-without-fuser", "grid"])
+def test_cmrd_refuses_a_teacher_bev_that_does_not_match_the_students(models, teacher, wrong):
+    config, student, _, assistant = models
+    overrides = ["model.grid.x=[-51.2,51.2,1.6]", "model.grid.y=[-51.2,51.2,1.6]"] if teacher == "tiny-lc" else []
+    experiment = replace(config, distill=DistillConfig(method="monotakd", monotakd=MonoTAKDConfig()))
+    with pytest.raises(ValueError, match=f"CMRD compares the teacher's fused BEV \\({re.escape(wrong)}"):
+        build_distiller(experiment, build_model(student.config), build_model(load_config(teacher, overrides)),
+                        build_model(assistant.config))
+    # Without CMRD nothing compares the two maps (the IMD-only row reads the teacher's logits).
+    ablated = replace(config, distill=DistillConfig(method="monotakd", monotakd=MonoTAKDConfig(cmrd=0.0)))
+    build_distiller(ablated, build_model(student.config), build_model(load_config(teacher, overrides)),
+                    build_model(assistant.config))
+
+
+# ------------------------------------------------------------------------ the TA stage
+
+
+def test_the_assistant_imitates_the_teachers_fused_bev_into_its_camera_branch_only(models):
+    """train-assistant's TA: the feature_kd loss on the TA network, so its channels learn the
+    teacher's feature space (what CMRD's channel-wise residual needs); the teacher learns nothing."""
+    _, _, teacher, _ = models
+    config = assistant_config(load_config("distill/tiny-c-monotakd", ["distill.monotakd.assistant_imitation=0.5"]),
+                              teacher="runs/teacher")
+    assert config.distill.method == "feature_kd" and config.distill.teacher == "runs/teacher"
+    assert config.distill.monotakd is None and config.model.residual is None
+    assert config.model.camera.vtransform.depth_source == "lidar"
+    torch.manual_seed(7)
+    distiller = build_distiller(replace(config, distill=replace(config.distill, teacher_precision="fp32")),
+                                build_model(config), build_model(teacher.config))
+    assert isinstance(distiller, FeatureKDDistiller)
+    distiller.train()
+    teacher_buffers = {n: b.clone() for n, b in distiller.teacher.named_buffers()}
+    inputs, labels = _batch()
+    out = distiller(inputs, labels)
+    imitation = out.losses["kd/feature"]
+    fused = distiller.teacher_forward(inputs).fused_bev
+    assert imitation.item() == pytest.approx(0.5 * cell_mse(out.student.camera_bev, fused).item(), rel=1e-5)
+    encoder = distiller.student.camera_encoder
+    branch = {"backbone": next(encoder.backbone.parameters()), "neck": next(encoder.neck.parameters()),
+              "depthnet": encoder.vtransform.depthnet.weight}
+    grads = torch.autograd.grad(imitation, list(branch.values()), retain_graph=True)
+    assert {name: bool(g.abs().sum() > 0) for name, g in zip(branch, grads)} == dict.fromkeys(branch, True)
+    # The decoder and head are after the camera BEV: the imitation term does not reach them.
+    assert all(g is None for g in torch.autograd.grad(imitation, list(distiller.student.head.parameters()),
+                                                       retain_graph=True, allow_unused=True))
+    out.total.backward()
+    assert all(p.grad is None and not p.requires_grad for p in distiller.teacher.parameters())
+    assert all(torch.equal(b, teacher_buffers[n]) for n, b in distiller.teacher.named_buffers())
+    assert set(distiller.learnable_parameters()) == set(distiller.student.parameters())
+
+
+def test_the_assistant_needs_the_teacher_unless_its_imitation_is_off():
+    recipe = load_config("distill/tiny-c-monotakd")
+    with pytest.raises(ValueError, match="assistant_imitation is 1.*pass --teacher"):
+        assistant_config(recipe)
+    label_only = assistant_config(load_config("distill/tiny-c-monotakd", ["distill.monotakd.assistant_imitation=0"]))
+    assert label_only.distill is None and label_only.model.camera.vtransform.depth_source == "lidar"
+    # A recipe that names its teacher is enough; --teacher wins over it.
+    named = load_config("distill/tiny-c-monotakd", ["distill.teacher=runs/t"])
+    assert assistant_config(named).distill.teacher == "runs/t"
+    assert assistant_config(named, teacher="runs/other").distill.teacher == "runs/other"

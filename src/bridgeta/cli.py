@@ -154,7 +154,8 @@ def _command_train_assistant(args: argparse.Namespace) -> int:
     from bridgeta.engine.evaluate import evaluate_checkpoint_model
     from bridgeta.engine.trainer import train
 
-    config = assistant_config(_training_config(args))
+    # Checked here, before any data is read: the TA's imitation term needs the teacher.
+    config = assistant_config(_training_config(args), args.teacher)
     summary = train(config, Path(args.out), resume=args.resume, evaluate_fn=evaluate_checkpoint_model, force=args.force)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2, default=str))
@@ -368,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
         "lifting with projected LiDAR depth (docs/methods/monotakd.md)",
     )
     _add_run_arguments(assistant)
+    assistant.add_argument("--teacher", default=None,
+                           help="the teacher's model file or run dir, whose fused BEV the assistant imitates "
+                           "(distill.monotakd.assistant_imitation; required unless that is 0)")
     assistant.set_defaults(handler=_command_train_assistant)
 
     pretrain = commands.add_parser(

@@ -219,7 +219,8 @@ class PlanningHeadConfig:
 class ResidualConfig:
     """MonoTAKD's student modules (bridgeta/models/residual.py): a residual branch on the camera
     BEV (conv1x1, then SAM unless ``sam: false``) and, with ``ffm``, the fusion of the camera BEV
-    with it before the decoder. Camera-only models; they run at inference."""
+    with it before the decoder. Camera-only models; with ``ffm`` they run at inference, without
+    it the branch is a training-only module (CMRD's regressor) and exports leave it out."""
 
     sam: bool = True
     ffm: bool = True
@@ -360,6 +361,10 @@ class MonoTAKDConfig:
     lifted with the LiDAR depth (the public code's forward), as a detached target.
     threshold: CMRD keeps residual entries of at least ``threshold`` x the sample's largest.
     init_from_assistant: the student starts from the TA's weights (the public code's stage 2).
+    assistant_imitation: read by ``train-assistant`` (not by the distillation run): the weight of
+    the TA's CMKD-style imitation of the teacher's fused BEV (the ``feature_kd`` loss on the TA
+    network), which puts the TA's channels in the teacher's feature space so that CMRD's
+    channel-wise residual compares like with like; 0 trains the TA on the map labels alone.
     """
 
     assistant: str | None = None
@@ -369,6 +374,7 @@ class MonoTAKDConfig:
     threshold: float = 0.6
     ta_source: Literal["frozen", "shared"] = "frozen"
     init_from_assistant: bool = True
+    assistant_imitation: float = 1.0
 
 
 @dataclass
@@ -860,7 +866,7 @@ def _range_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
         d = config.distill
         if d.monotakd is not None:
             m = d.monotakd
-            checks += [(f"distill.monotakd.{k}", getattr(m, k), getattr(m, k) >= 0, ">= 0") for k in ("imd", "cmrd", "logit")]
+            checks += [(f"distill.monotakd.{k}", getattr(m, k), getattr(m, k) >= 0, ">= 0") for k in ("imd", "cmrd", "logit", "assistant_imitation")]
             checks.append(("distill.monotakd.threshold", m.threshold, 0 <= m.threshold < 1, "in [0, 1)"))
         if d.tinybev is not None:
             t = d.tinybev

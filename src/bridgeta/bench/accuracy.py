@@ -300,9 +300,6 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     print("== stage 1: teacher and baselines", flush=True)
     stage1 = [("teacher", method_job("teacher", s, dataroot, runs_dir, protocol, None, ("val", "test")))
               for s in range(teachers)]
-    if any(is_monotakd(m) for m in methods):  # MonoTAKD's camera TA, one per teacher
-        stage1 += [("assistant", method_job("assistant", s, dataroot, runs_dir, protocol, None, ("val", "test")))
-                   for s in range(teachers)]
     stage1 += [("baseline", method_job("baseline", s, dataroot, runs_dir, protocol, None, ("val", "test")))
                for s in range(baseline_seeds)]
     scratch = replace(protocol, pretrained=None)
@@ -311,6 +308,13 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
         stage1 += [(f"{method}_scratch", method_job(method, s, dataroot, runs_dir / "scratch", scratch, None, ("val", "test")))
                    for s in range(scratch_seeds)]
     results1 = execute([job for _, job in stage1])
+    if any(is_monotakd(m) for m in methods):
+        # MonoTAKD's camera TA, one per teacher, in a second wave: it imitates that teacher's
+        # fused BEV (distill.monotakd.assistant_imitation), so the teacher must have finished.
+        assistants = [("assistant", method_job("assistant", s, dataroot, runs_dir, protocol, None, ("val", "test")))
+                      for s in range(teachers)]
+        stage1 += assistants
+        results1 += execute([job for _, job in assistants])
 
     # Stage 2: the sweep on the validation towns; every tuned method gets the same points.
     chosen: dict[str, float | None] = {m: None for m in methods}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bridgeta.bench.baselines import _mean_std, train_and_evaluate
 from bridgeta.bench.jobs import Job
-from bridgeta.distill.monotakd import ASSISTANT_OVERRIDES
+from bridgeta.distill.monotakd import assistant_overrides
 from bridgeta.provenance import environment, write_json
 
 
@@ -193,10 +193,16 @@ def method_config(
     schedule = [*protocol.student_overrides, *_schedule(protocol.student_steps, protocol.epochs)]
     if method == "baseline" or is_baseline_point(method, scale):
         return protocol.student, [*schedule, *common, *curve(protocol.student_steps)]
-    if method == "assistant":  # MonoTAKD's TA: its student's camera network, LiDAR-depth lift
-        return protocol.monotakd_recipe, [f"name={protocol.student}-assistant", *schedule, *common,
-                                          *ASSISTANT_OVERRIDES]
     teacher = runs_dir / run_name("teacher", teacher_seed(seed, protocol), protocol)
+    if method == "assistant":
+        # MonoTAKD's TA: its student's camera network, LiDAR-depth lift, imitating the fused BEV
+        # of the teacher its students learn from: the benchmark's own, so it trains after it
+        # (run_staged's stage 1 in two waves, run's order).
+        from bridgeta.config import load_config
+
+        recipe = load_config(protocol.monotakd_recipe, [*schedule, *common])
+        return protocol.monotakd_recipe, [f"name={protocol.student}-assistant", *schedule, *common,
+                                          *assistant_overrides(recipe, str(teacher))]
     name = f"name={protocol.student}-{method}"
     if is_tinybev(method):
         stage_steps = protocol.student_steps // TINYBEV_STAGES if protocol.student_steps else None
@@ -357,7 +363,9 @@ def run(
     if unknown:
         raise ValueError(f"unknown methods {unknown} (known: {', '.join(METHODS)})")
     started = environment()
-    order = list(dict.fromkeys(["teacher", "baseline", *methods]))
+    # The teacher first (everything reads it), then MonoTAKD's TA before the rows that load it.
+    assistant = ["assistant"] if any(is_monotakd(m) for m in methods) else []
+    order = list(dict.fromkeys(["teacher", *assistant, "baseline", *methods]))
     runs: dict[str, list[dict]] = {method: [] for method in order}
     for seed in range(seeds):
         for method in order:

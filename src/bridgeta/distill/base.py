@@ -4,7 +4,10 @@ A distiller owns the student (the model that is deployed), an optional frozen te
 training-only modules (e.g. BridgeTA's teacher assistant). It computes the student's own
 segmentation loss and delegates the distillation terms to :meth:`Distiller.distill`, so methods
 with a different structure (MonoTAKD's residual branch, TinyBEV's region weighting) fit the same
-interface. The student module is never modified: distillation adds no inference cost.
+interface. A distiller never changes the student module, so the deployed network is the one the
+student's config describes. For most methods that is the baseline network, and distillation adds
+no inference cost. MonoTAKD's student is a different network: its config adds the residual branch
+(SAM) and FFM, and the deployed student runs them (docs/methods/monotakd.md#inference-cost).
 """
 
 from __future__ import annotations
@@ -94,6 +97,38 @@ def affinity_loss(student: torch.Tensor, teacher: torch.Tensor, size: int = 32) 
         return cells.transpose(1, 2) @ cells  # (B, N, N)
 
     return F.mse_loss(affinity(student), affinity(teacher))
+
+
+def fused_bev_layout(model: BEVModel) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """``(channels, grid x, grid y)`` of ``model``'s fused BEV (the decoder's input): the fuser's
+    output, or the single branch's BEV."""
+    if model.fuser is not None:
+        channels = model.fuser.out_channels
+    else:
+        branch = model.camera_encoder if model.camera_encoder is not None else model.lidar_encoder
+        assert branch is not None
+        channels = branch.out_channels
+    return channels, model.feature_grid.x, model.feature_grid.y
+
+
+def check_camera_bev_matches_teacher(student: BEVModel, teacher: BEVModel, what: str) -> None:
+    """``what`` compares the student's camera BEV with the teacher's fused BEV cell by cell and
+    channel by channel: their channel counts and BEV grids must agree. Checked when the distiller
+    is built, so a mismatch stops the run before its first batch, not at the first loss."""
+    if student.camera_encoder is None:
+        raise ValueError(f"{what} reads the student's camera BEV: the student needs model.camera")
+    camera = student.camera_encoder
+    ours = (camera.out_channels, camera.output_grid.x, camera.output_grid.y)
+    theirs = fused_bev_layout(teacher)
+    if ours != theirs:
+        def describe(layout):
+            channels, x, y = layout
+            return f"{channels} channels on the grid x {list(x)}, y {list(y)}"
+        raise ValueError(
+            f"{what} compares the teacher's fused BEV ({describe(theirs)}) with the student's camera BEV "
+            f"({describe(ours)}): they must match (the student's model.camera.vtransform.out_channels and "
+            "downsample, the teacher's model.fuser.out_channels and grid)"
+        )
 
 
 @dataclass

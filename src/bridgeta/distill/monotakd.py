@@ -4,12 +4,17 @@ distillation, in our BEV map-segmentation setting.
 * **The TA** is the student's camera network lifting its image features with projected LiDAR
   depth (one-hot bins, ``model.camera.vtransform.depth_source: lidar``), trained first on the map
   labels (``bridgeta train-assistant``). It shares the student's modality, so its BEV is a small
-  step from the student's, and the student starts from its weights.
+  step from the student's, and the student starts from its weights. It also imitates the
+  teacher's fused BEV (``assistant_imitation``, the ``feature_kd`` loss on the TA network), as the
+  public code's camera network starts from a CMKD checkpoint: CMRD subtracts the teacher's
+  channel c from the TA's channel c, which means something only when the TA's channels live in
+  the teacher's feature space.
 * **IMD**: MSE between the student's camera BEV and the TA's, both min-max normalised per sample,
   with real gradients into the student (the public code's normalisation detaches both sides, so
   its IMD trains nothing: tested here as a regression).
-* **CMRD**: the residual ``|norm(TA BEV) - norm(teacher BEV)|``, entries below ``threshold`` x
-  the sample's largest set to 0, detached; the student's residual branch (``model.residual``:
+* **CMRD**: the residual ``|norm(TA BEV) - norm(teacher BEV)|`` (the public code's absolute
+  value: the branch that regresses it ends in a ReLU), entries below ``threshold`` x the
+  sample's largest set to 0, detached; the student's residual branch (``model.residual``:
   conv1x1 + SAM) regresses it, weight 0.2 as in the public code. With ``ffm`` the residual branch
   is fused into the BEV the decoder reads, so it runs at inference.
 * **Logit term**: the Bernoulli KL from the teacher's map logits (the detection code's quality
@@ -25,11 +30,15 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+import yaml
 
-from bridgeta.config import DistillConfig, ExperimentConfig, MonoTAKDConfig
-from bridgeta.distill.base import Distiller, bernoulli_kl, register
+from bridgeta.config import (
+    DistillConfig, ExperimentConfig, MonoTAKDConfig, apply_overrides, parse_config, to_dict, validate,
+)
+from bridgeta.distill.base import Distiller, bernoulli_kl, check_camera_bev_matches_teacher, register
 from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.types import BEVInputs, BEVOutputs
+from bridgeta.precision import autocast_context
 
 # What the student copies from the TA: the networks they share (not the student-only branches).
 _SHARED_PREFIXES = ("camera_encoder.", "decoder.", "head.")
@@ -49,27 +58,62 @@ def minmax_per_sample(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def residual_target(assistant_bev: torch.Tensor, teacher_bev: torch.Tensor, threshold: float) -> torch.Tensor:
     """CMRD's target: ``|norm(TA) - norm(teacher)|`` with entries below ``threshold`` x the
-    sample's largest set to 0 (the large residuals keep their value), without gradient."""
+    sample's largest set to 0 (the large residuals keep their value), without gradient.
+
+    The absolute value is the public code's form (METHOD.md writes "teacher - TA"): the residual
+    branch that regresses it ends in SAM's ReLU, so it can only produce values >= 0, and a
+    signed target's negative half could never be reached.
+    """
     with torch.no_grad():
         residual = (minmax_per_sample(assistant_bev.float()) - minmax_per_sample(teacher_bev.float())).abs()
         peak = residual.flatten(1).max(dim=1).values.view(-1, 1, 1, 1)
         return torch.where(residual >= threshold * peak, residual, torch.zeros_like(residual))
 
 
-# The same change as config overrides, for tools that train presets by name (bench accuracy).
-ASSISTANT_OVERRIDES = ("distill=null", "model.residual=null", "model.camera.vtransform.depth_source=lidar")
+def _yaml(value: object) -> str:
+    """``value`` as the YAML text of an override (floats such as 1e-05 and odd paths quoted right)."""
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
+    return text.removesuffix("...").strip()
 
 
-def assistant_config(recipe: ExperimentConfig) -> ExperimentConfig:
-    """The teaching assistant a MonoTAKD recipe needs: its student's camera network, lifting with
-    projected LiDAR depth, without the student-only branches and without distillation."""
-    model = recipe.model
-    if model.camera is None:
+def assistant_overrides(recipe: ExperimentConfig, teacher: str | None) -> list[str]:
+    """The config overrides that turn a MonoTAKD recipe into its teaching assistant: the
+    student's camera network lifting with projected LiDAR depth, without the student-only
+    branches, trained on the map labels and, with ``distill.monotakd.assistant_imitation`` > 0,
+    the ``feature_kd`` imitation of ``teacher``'s fused BEV at that weight.
+
+    One list for ``train-assistant`` (:func:`assistant_config`) and the benchmark, which trains
+    presets by name, so both train the same TA.
+    """
+    if recipe.model.camera is None:
         raise ValueError(f"config '{recipe.name}' has no camera branch: MonoTAKD's assistant is a camera model")
-    camera = replace(model.camera, vtransform=replace(model.camera.vtransform, depth_source="lidar"))
-    return replace(recipe, name=f"{recipe.name}-assistant",
-                   description=f"MonoTAKD teaching assistant of {recipe.name}: LiDAR-depth lift",
-                   model=replace(model, camera=camera, residual=None), distill=None)
+    settings = (recipe.distill.monotakd if recipe.distill is not None else None) or MonoTAKDConfig()
+    network = ["model.residual=null", "model.camera.vtransform.depth_source=lidar"]
+    weight = settings.assistant_imitation
+    if weight == 0:  # the label-only TA
+        return [*network, "distill=null"]
+    if not teacher:
+        raise ValueError(
+            f"distill.monotakd.assistant_imitation is {weight:g}: the assistant imitates the teacher's fused "
+            "BEV, so it needs the teacher: pass --teacher (its run directory or model file), or set "
+            "distill.monotakd.assistant_imitation=0 for an assistant trained on the map labels alone"
+        )
+    weights = {"fld": float(weight), "dld": 0.0, "lld": 0.0, "lld_aux": 0.0}
+    # feature_kd reads the FLD weight only; the others are zeroed so the config says what trains.
+    return [*network, "distill.method=feature_kd", f"distill.teacher={_yaml(str(teacher))}",
+            f"distill.weights={_yaml(weights)}", "distill.levels=[fld]", "distill.monotakd=null"]
+
+
+def assistant_config(recipe: ExperimentConfig, teacher: str | None = None) -> ExperimentConfig:
+    """The teaching assistant a MonoTAKD recipe needs (:func:`assistant_overrides`); ``teacher``
+    defaults to the recipe's ``distill.teacher``."""
+    if teacher is None and recipe.distill is not None:
+        teacher = recipe.distill.teacher
+    data = apply_overrides(to_dict(recipe), assistant_overrides(recipe, teacher))
+    config = parse_config(data, f"{recipe.name} (assistant)")
+    validate(config, f"{recipe.name} (assistant)")
+    return replace(config, name=f"{recipe.name}-assistant",
+                   description=f"MonoTAKD teaching assistant of {recipe.name}: LiDAR-depth lift")
 
 
 def assistant_config_check(student: BEVModel, assistant: BEVModel) -> None:
@@ -104,10 +148,8 @@ class MonoTAKDDistiller(Distiller):
                              "(or distill.monotakd.cmrd=0, the IMD-only ablation)")
         if student.camera_encoder is None:
             raise ValueError("the MonoTAKD student must have a camera branch")
-        channels = student.camera_encoder.out_channels
-        if settings.cmrd > 0 and teacher.fuser is not None and teacher.fuser.out_channels != channels:
-            raise ValueError(f"CMRD compares the teacher's fused BEV ({teacher.fuser.out_channels} channels) "
-                             f"with the student's camera BEV ({channels}): they must match")
+        if settings.cmrd > 0:  # with a fuser or without: CMRD subtracts the maps cell by cell
+            check_camera_bev_matches_teacher(student, teacher, "MonoTAKD's CMRD")
         needs_assistant = settings.ta_source == "frozen" or settings.init_from_assistant
         if needs_assistant and assistant is None:
             raise ValueError("monotakd needs its trained assistant: set distill.monotakd.assistant "
@@ -128,9 +170,14 @@ class MonoTAKDDistiller(Distiller):
         return tuple(dict.fromkeys((*super().input_modalities, "camera", "depth")))
 
     def assistant_bev(self, inputs: BEVInputs) -> torch.Tensor:
-        """The TA's camera BEV for this batch, a constant target."""
+        """The TA's camera BEV for this batch, a constant target.
+
+        Like the teacher (:meth:`Distiller.teacher_forward`), a frozen forward without autograd:
+        it runs under ``distill.teacher_precision``, not the training step's autocast.
+        """
         assert inputs.camera is not None
-        with torch.no_grad():
+        device = next(self.student.parameters()).device
+        with torch.no_grad(), autocast_context(device, self.config.teacher_precision):
             if self.assistant is not None:
                 bev, _ = self.assistant.camera_encoder(inputs.camera, inputs.bev_aug)
             else:  # "shared": the student's own image features, lifted where the LiDAR says

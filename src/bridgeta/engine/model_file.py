@@ -120,14 +120,31 @@ def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
     return model.to(map_location), config
 
 
+def deployable_config(config: ExperimentConfig) -> ExperimentConfig:
+    """``config`` less what never runs at inference: MonoTAKD's residual branch without FFM (the
+    ``ffm: false`` ablation), which only CMRD reads in training."""
+    residual = config.model.residual
+    if residual is None or residual.ffm:
+        return config
+    return replace(config, model=replace(config.model, residual=None))
+
+
 def load_deployable(source: str | Path) -> tuple[BEVModel, ExperimentConfig]:
     """The deployable network of ``source`` (any model file), in eval mode.
 
     A distiller file loses its ``student.`` prefix and every training-only tensor (teacher
     assistant); the result has exactly the keys and shapes of the baseline model its config
-    describes, which is checked here, before any export writes a file.
+    describes, which is checked here, before any export writes a file. A residual branch that
+    nothing reads at inference (:func:`deployable_config`) is left out with its config key, so
+    the exported file, its ONNX graph and its cost are those of the network that runs.
     """
     model, config = load_model_file(source)
+    deployed = deployable_config(config)
+    if deployed is not config:
+        slim = build_model(without_pretrained(deployed))
+        # Strict: everything but the unused branch must carry over.
+        slim.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("residual_branch.")})
+        model, config = slim, deployed
     expected = build_model(without_pretrained(config)).state_dict()
     exported = model.state_dict()
     if list(exported) != list(expected) or any(exported[k].shape != expected[k].shape for k in expected):

@@ -215,7 +215,9 @@ class BEVModel(nn.Module):
     def forward(self, inputs: BEVInputs) -> BEVOutputs:
         camera_bev, lidar_bev, depth = self.encode(inputs)
         residual = None
-        if self.residual_branch is not None:
+        # Without FFM (the ``ffm: false`` ablation) only CMRD reads the residual branch, and only
+        # in training: at inference nothing would read it, so it does not run.
+        if self.residual_branch is not None and (self.training or self.feature_fusion is not None):
             assert camera_bev is not None
             residual = self.residual_branch(camera_bev)
         if self.feature_fusion is not None:

@@ -113,7 +113,8 @@ class BEVOutputs:
     logits:      segmentation logits on the output grid (``L``), one channel per class.
     depth:       camera depth distribution ``(B, N, D, fH, fW)``, or ``None``.
     residual_bev: MonoTAKD's residual branch output (``model.residual``), or ``None``; with FFM
-                 on, ``fused_bev`` is the fusion of ``camera_bev`` with it.
+                 on, ``fused_bev`` is the fusion of ``camera_bev`` with it. Without FFM the
+                 branch runs in training only (CMRD reads it), so in eval mode it is ``None``.
     objects:     the object head's output (``ObjectOutputs``: heatmap logits and box regressions on
                  the decoded BEV's grid) with ``model.heads.object``, else ``None``.
     motion:      the motion head's ``MotionOutputs`` (per-cell trajectories and mode logits) with
