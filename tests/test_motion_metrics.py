@@ -11,35 +11,54 @@ import torch
 from bridgeta.motion_metrics import boxes_overlap, collision_rate, forecasting_metrics, planning_l2
 
 
-def test_min_ade_fde_and_miss_rate_by_hand():
-    truth = torch.zeros(2, 3, 2)
-    truth[:, :, 0] = torch.tensor([1.0, 2.0, 3.0])  # both agents drive 1 m per step along x
-    predicted = torch.zeros(2, 2, 3, 2)
-    predicted[0, 0, :, 0] = torch.tensor([1.0, 2.0, 3.0])  # agent 0, mode 0: exact
-    predicted[0, 1, :, 0] = torch.tensor([1.0, 2.0, 6.0])  # mode 1: 3 m off at the end
-    predicted[1, 0, :, 1] = 3.0  # agent 1: both modes 3 m to the side everywhere...
-    predicted[1, 0, :, 0] = truth[1, :, 0]
-    predicted[1, 1, :, 0] = truth[1, :, 0] + 1.0  # ...or 1 m ahead
-    mask = torch.ones(2, 3, dtype=torch.bool)
+def test_min_ade_fde_and_both_miss_rates_by_hand():
+    truth = torch.zeros(3, 3, 2)
+    truth[:, :, 0] = torch.tensor([1.0, 2.0, 3.0])  # every agent drives 1 m per step along x
+    predicted = torch.zeros(3, 2, 3, 2)
+    predicted[:, :, :, 0] = truth[:, None, :, 0]
+    # Agent 0: mode 0 exact, mode 1 3 m off at the end.
+    predicted[0, 1, 2, 0] += 3.0
+    # Agent 1: mode 0 swerves 3 m aside at step 1 and ends 0.5 m off; mode 1 is 2.5 m ahead
+    # throughout. No mode stays within 2 m at every step (nuScenes' miss), yet the best final
+    # displacement is 0.5 m (no miss for UniAD and VAD).
+    predicted[1, 0, 1, 1], predicted[1, 0, 2, 1] = 3.0, 0.5
+    predicted[1, 1, :, 0] += 2.5
+    # Agent 2: its track ends after 2 steps; 1 m off there, 100 m off at the step it lacks.
+    predicted[2, :, :2, 1] = 1.0
+    predicted[2, :, 2, 1] = 100.0
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    mask[2, 2] = False
     result = forecasting_metrics(predicted, truth, mask)
-    assert result["minADE"] == pytest.approx((0.0 + 1.0) / 2)
-    assert result["minFDE"] == pytest.approx((0.0 + 1.0) / 2)
-    assert result["miss_rate"] == pytest.approx(0.0)  # agent 1's mode 1 stays within 2 m
-    predicted[1, 1, :, 0] += 1.5  # now 2.5 m ahead: no mode within 2 m at every step
-    assert forecasting_metrics(predicted, truth, mask)["miss_rate"] == pytest.approx(0.5)
-    # A track that ends after 2 steps: its last valid step is the FDE's.
-    short = mask.clone()
-    short[0, 2] = False
-    assert forecasting_metrics(predicted, truth, short)["minFDE"] == pytest.approx((0.0 + 2.5) / 2)
+    assert result["agents"] == 3 and result["complete_agents"] == 2
+    # minADE over every agent, on its own steps: 0, min(3.5 / 3, 2.5), 1.
+    assert result["minADE"] == pytest.approx((0.0 + 3.5 / 3 + 1.0) / 3)
+    # minFDE and the miss rates over the complete agents only (agent 2's 100 m never counts).
+    assert result["minFDE"] == pytest.approx((0.0 + 0.5) / 2)
+    assert result["miss_rate_all_steps"] == pytest.approx(0.5)
+    assert result["miss_rate_fde"] == pytest.approx(0.0)
+    predicted[1, 0, 2, 1] = 2.5  # now it ends 2.5 m off too: a miss under both definitions
+    result = forecasting_metrics(predicted, truth, mask)
+    assert result["miss_rate_all_steps"] == pytest.approx(0.5) and result["miss_rate_fde"] == pytest.approx(0.5)
+    # No complete future: minADE still, the final-step figures undefined.
+    partial = forecasting_metrics(predicted[2:], truth[2:], mask[2:])
+    assert partial["minADE"] == pytest.approx(1.0) and partial["complete_agents"] == 0
+    assert math.isnan(partial["minFDE"]) and math.isnan(partial["miss_rate_fde"])
 
 
-def test_planning_l2_averages_the_steps_up_to_each_horizon():
+def test_planning_l2_at_the_horizon_and_averaged_up_to_it():
     logged = torch.zeros(1, 6, 2)
     planned = torch.zeros(1, 6, 2)
     planned[0, :, 1] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     result = planning_l2(planned, logged, torch.ones(1, 6, dtype=torch.bool))
-    assert result["L2@1s"] == pytest.approx(0.15) and result["L2@2s"] == pytest.approx(0.25)
-    assert result["L2@3s"] == pytest.approx(0.35)
+    # UniAD: the error at the horizon's step (2, 4, 6).
+    assert result["l2@1s"] == pytest.approx(0.2) and result["l2@2s"] == pytest.approx(0.4)
+    assert result["l2@3s"] == pytest.approx(0.6) and result["l2@mean"] == pytest.approx(0.4)
+    # ST-P3 / VAD: the mean over the steps up to it.
+    assert result["l2_avg@1s"] == pytest.approx(0.15) and result["l2_avg@2s"] == pytest.approx(0.25)
+    assert result["l2_avg@3s"] == pytest.approx(0.35) and result["l2_avg@mean"] == pytest.approx(0.25)
+    # The means are the protocol's 1-2-3 s average: not given for other horizons.
+    short = planning_l2(planned, logged, torch.ones(1, 6, dtype=torch.bool), horizons=(1.0, 2.0))
+    assert set(short) == {"l2@1s", "l2@2s", "l2_avg@1s", "l2_avg@2s"}
 
 
 def test_rotated_boxes_overlap_by_separating_axes():
@@ -52,7 +71,7 @@ def test_rotated_boxes_overlap_by_separating_axes():
     assert not boxes_overlap(a, torch.tensor([3.5, 0.0, 2.0, 2.0, math.pi / 4]))
 
 
-def test_collision_rate_averages_the_per_step_rates_and_skips_the_logs_own_collisions():
+def test_collision_rate_at_the_horizon_and_averaged_and_skipping_the_logs_own_collisions():
     planned = torch.zeros(2, 6, 3)
     planned[:, :, 0] = torch.arange(1, 7, dtype=torch.float32) * 2.0  # 2 m per step ahead
     logged = torch.zeros(2, 6, 3)  # the log stands still
@@ -62,13 +81,20 @@ def test_collision_rate_averages_the_per_step_rates_and_skips_the_logs_own_colli
     # The ego box spans x + 0.5 +- 2.042: it reaches the car (7 <= x <= 11) from step 2 (x = 6) on;
     # sample 1 has no agents. Per-step rates 0, 0, .5, .5, .5, .5.
     result = collision_rate(planned, logged, agents, present)
-    assert result["collision@1s"] == 0.0 and result["collision@2s"] == pytest.approx(0.25)
-    assert result["collision@3s"] == pytest.approx(2 / 6) and result["logged_collision@3s"] == 0.0
+    # UniAD: the rate at steps 2, 4 and 6.
+    assert result["collision@1s"] == 0.0 and result["collision@2s"] == pytest.approx(0.5)
+    assert result["collision@3s"] == pytest.approx(0.5) and result["collision@mean"] == pytest.approx(1 / 3)
+    # ST-P3 / VAD: the mean of the per-step rates up to the horizon.
+    assert result["collision_avg@1s"] == 0.0 and result["collision_avg@2s"] == pytest.approx(0.25)
+    assert result["collision_avg@3s"] == pytest.approx(2 / 6)
+    assert result["collision_avg@mean"] == pytest.approx((0 + 0.25 + 2 / 6) / 3)
+    assert result["logged_collision@3s"] == 0.0 and result["logged_collision_avg@3s"] == 0.0
     # A log that is itself in the car at the last step: that step is not the planner's collision.
     logged[0, 5, 0] = 9.0
     result = collision_rate(planned, logged, agents, present)
-    assert result["collision@3s"] == pytest.approx(1.5 / 6)
-    assert result["logged_collision@3s"] == pytest.approx(0.5 / 6)
+    assert result["collision@3s"] == 0.0 and result["collision_avg@3s"] == pytest.approx(1.5 / 6)
+    assert result["logged_collision@3s"] == pytest.approx(0.5)
+    assert result["logged_collision_avg@3s"] == pytest.approx(0.5 / 6)
 
 
 def test_cached_futures_follow_the_tracks_and_the_ego_poses(engine_world):

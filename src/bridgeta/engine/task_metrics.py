@@ -6,18 +6,18 @@
   the model detects the agent: every true agent matched by a detection (same class, centres
   within 2 m, greedy by score as the detection metric matches), its trajectories read at the
   detection's cell and placed at the detection's centre, against the true future positions, so
-  localisation errors count; ``recall`` is the share of the detection-free set's agents matched. minADE/minFDE over the
-  head's K modes and the miss rate at 2 m (bridgeta/motion_metrics.py, the nuScenes prediction
-  definitions).
+  localisation errors count; ``recall`` is the share of the detection-free set's agents matched.
+  minADE over the head's K modes on every agent with a future step, minFDE and the two miss rates
+  at 2 m on the agents whose future is complete (bridgeta/motion_metrics.py).
 * **Occupancy**: the IoU per future step of the thresholded (0.5) occupancy against the agents'
   rasterised future boxes, over the split, and its mean (bridgeta/models/occupancy_head.py).
 * **Planning** (UniAD/VAD): on the samples whose every future step exists, the commanded plan
-  against the logged ego path, L2 at 1, 2 and 3 s, and the box-collision rate with the annotated
-  agents' future boxes, excluding the steps where the logged path collides too. Future boxes keep
-  each agent's size and take the heading of its motion
-  (:func:`~bridgeta.motion_metrics.path_headings`); the planned ego box too. The logged ego
-  path's own rate is reported beside it (``logged_collision@...``): the floor that annotation
-  and the box approximation leave.
+  against the logged ego path, L2 and the box-collision rate at 1, 2 and 3 s in UniAD's
+  convention (at the horizon) and ST-P3's / VAD's (averaged up to it), with the annotated agents'
+  future boxes, excluding the steps where the logged path collides too. Future boxes keep each
+  agent's size and take the heading of its motion (:func:`~bridgeta.motion_metrics.path_headings`);
+  the planned ego box too. The logged ego path's own rates are reported beside them
+  (``logged_collision@...``): the floor that annotation and the box approximation leave.
 """
 
 from __future__ import annotations
@@ -30,7 +30,15 @@ from bridgeta.models.motion_head import MotionOutputs, select_command
 from bridgeta.models.object_head import centre_cells, decode_with, match_detections
 from bridgeta.models.occupancy_head import OccupancyIoU
 from bridgeta.models.targets import build_task_targets
-from bridgeta.motion_metrics import collision_rate, forecasting_metrics, future_boxes, path_headings, planning_l2
+from bridgeta.motion_metrics import (
+    FORECASTING_KEYS,
+    PLANNING_HORIZONS,
+    collision_rate,
+    forecasting_metrics,
+    future_boxes,
+    path_headings,
+    planning_l2,
+)
 
 
 class MotionPlanningMetric:
@@ -144,7 +152,7 @@ class MotionPlanningMetric:
                 predicted, truth, mask = (torch.cat([d[k] for d in self.detected]) for k in range(3))
                 matched = forecasting_metrics(predicted, truth, mask)
             else:
-                matched = {"minADE": math.nan, "minFDE": math.nan, "miss_rate": math.nan, "agents": 0}
+                matched = {**dict.fromkeys(FORECASTING_KEYS, math.nan), "agents": 0, "complete_agents": 0}
             out["motion_detected"] = {**matched, "recall": matched["agents"] / self.agents_seen,
                                       "matched_to": "detections (same class, 2 m)"}
         if self.motion:
@@ -154,7 +162,7 @@ class MotionPlanningMetric:
                 mask = torch.cat([f[2] for f in self.forecasts])
                 out["motion"] = {**forecasting_metrics(predicted, truth, mask), "matched_to": "ground-truth agents"}
             else:
-                out["motion"] = {"minADE": math.nan, "minFDE": math.nan, "miss_rate": math.nan, "agents": 0,
+                out["motion"] = {**dict.fromkeys(FORECASTING_KEYS, math.nan), "agents": 0, "complete_agents": 0,
                                  "matched_to": "ground-truth agents"}
         if self.occupancy is not None:
             out["occupancy"] = self.occupancy.compute()
@@ -163,7 +171,7 @@ class MotionPlanningMetric:
             complete = mask.all(dim=1)  # UniAD scores the samples whose every future step exists
             index = complete.nonzero().flatten().tolist()
             # The protocol's horizons (1, 2, 3 s) that the head's steps (2 Hz) reach.
-            horizons = tuple(h for h in (1.0, 2.0, 3.0) if h <= 0.5 * mask.shape[1])
+            horizons = tuple(h for h in PLANNING_HORIZONS if h <= 0.5 * mask.shape[1])
             if index and horizons:
                 out["planning"] = {
                     **planning_l2(planned[complete, :, :2], logged[complete, :, :2], mask[complete], horizons=horizons),
