@@ -1,10 +1,12 @@
 """Forecasting and planning metrics on hand-computed cases, and the trajectory targets the
-cache stores (future tracks and ego poses) against the annotation tracks and ego_pose."""
+cache stores and the loader gives (future tracks, future agent boxes, ego poses and headings)
+against the annotation tracks, the later keyframes' annotations and ego_pose."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,6 +127,9 @@ def test_cached_futures_follow_the_tracks_and_the_ego_poses(engine_world):
             current = nusc.get("sample", current["next"])
             pose = pose_matrix(nusc.get("ego_pose", nusc.get("sample_data", current["data"]["LIDAR_TOP"])["ego_pose_token"]))
             np.testing.assert_allclose(global_T_ego[:2, :2] @ [x, y] + global_T_ego[:2, 3], pose[:2, 3], atol=1e-4)
+            # The cached heading is the logged pose's, relative to this sample's ego.
+            relative = np.linalg.inv(global_T_ego) @ pose
+            assert math.cos(yaw - math.atan2(relative[1, 0], relative[0, 0])) == pytest.approx(1.0, abs=1e-8)
             egos += 1
     assert tracks > 0 and egos > 0
 
@@ -163,3 +168,87 @@ def test_the_loader_gives_future_tracks_and_ego_paths_in_the_augmented_frame(eng
     assert driving_command(path, mask) == 0
     path[-1, 1] = -2.5
     assert driving_command(path, mask) == 2
+
+
+def _heading(yaw):
+    return np.stack([np.cos(yaw), np.sin(yaw)], axis=-1)
+
+
+def test_the_future_agents_are_every_vehicle_and_pedestrian_annotated_at_each_future_keyframe(engine_world):
+    """Against the devkit: per future keyframe, every vehicle and pedestrian annotation (LiDAR
+    points or not, present now or not) with its own box and heading, in this sample's frame; the
+    logged ego headings likewise; both turn with the BEV augmentation."""
+    from nuscenes import NuScenes
+    from nuscenes.eval.detection.utils import category_to_detection_name
+
+    from engine_helpers import small_student_config
+
+    from bridgeta.data.dataset import FUTURE_AGENT_CLASSES, BEVMapDataset
+    from bridgeta.data.nuscenes_writer import quaternion_to_matrix
+    from bridgeta.data.prepare import pose_matrix
+    from bridgeta.models.bev_model import build_model
+
+    nusc = NuScenes(version="v1.0-trainval", dataroot=str(engine_world), verbose=False)
+    config = small_student_config(engine_world, "model.heads.object={}")
+    model = build_model(config)
+    plain = BEVMapDataset.for_model(config.data, model, "train")
+    moved = BEVMapDataset.for_model(config.data, model, "train", train=True, seed=5)
+    boxes = 0
+    for index in range(len(plain)):
+        sample, shifted = plain[index], moved[index]
+        a, b, aug = sample.meta["objects"], shifted.meta["objects"], shifted.bev_aug.double().numpy()
+        ego_T_global = np.linalg.inv(np.asarray(sample.meta["global_T_ego"]))
+        rows: dict[str, int] = {}
+        expected: dict[tuple[int, int], np.ndarray] = {}
+        current = nusc.get("sample", sample.meta["token"])
+        for step in range(int(a["ego_future_mask"].sum())):
+            current = nusc.get("sample", current["next"])
+            for token in current["anns"]:
+                annotation = nusc.get("sample_annotation", token)
+                if category_to_detection_name(annotation["category_name"]) not in FUTURE_AGENT_CLASSES:
+                    continue
+                row = rows.setdefault(annotation["instance_token"], len(rows))
+                centre = ego_T_global[:3, :3] @ np.asarray(annotation["translation"]) + ego_T_global[:3, 3]
+                heading = ego_T_global[:3, :3] @ quaternion_to_matrix(annotation["rotation"])[:, 0]
+                width, length, _ = annotation["size"]
+                expected[row, step] = np.array([centre[0], centre[1], length, width, math.atan2(heading[1], heading[0])])
+            pose = ego_T_global @ pose_matrix(nusc.get("ego_pose", nusc.get("sample_data", current["data"]["LIDAR_TOP"])["ego_pose_token"]))
+            np.testing.assert_allclose(_heading(float(a["ego_future_yaw"][step])), pose[:2, 0], atol=1e-4)
+        agents, present = a["future_agents"].double().numpy(), a["future_agents_mask"].numpy()
+        assert agents.shape == (len(rows), 6, 5) and int(present.sum()) == len(expected)
+        for (row, step), box in expected.items():
+            assert present[row, step]
+            np.testing.assert_allclose(agents[row, step, :4], box[:4], atol=1e-3)
+            np.testing.assert_allclose(_heading(agents[row, step, 4]), _heading(box[4]), atol=1e-4)
+        boxes += len(expected)
+        # Augmented: centres moved, headings turned (and mirrored by a flip) by the augmentation.
+        assert torch.equal(b["future_agents_mask"], a["future_agents_mask"])
+        turned = b["future_agents"].double().numpy()
+        np.testing.assert_allclose(turned[present][:, :2], agents[present][:, :2] @ aug[:2, :2].T + aug[:2, 3], atol=1e-3)
+        planar = aug[:2, :2] / math.sqrt(abs(np.linalg.det(aug[:2, :2])))
+        np.testing.assert_allclose(_heading(turned[present][:, 4]), _heading(agents[present][:, 4]) @ planar.T, atol=1e-4)
+        valid = a["ego_future_mask"].numpy()
+        np.testing.assert_allclose(_heading(b["ego_future_yaw"].double().numpy()[valid]),
+                                   _heading(a["ego_future_yaw"].double().numpy()[valid]) @ planar.T, atol=1e-4)
+    assert boxes > 0
+
+
+def test_future_agents_refuse_a_cache_whose_records_are_not_in_keyframe_order(engine_world, monkeypatch):
+    from engine_helpers import small_student_config
+
+    from bridgeta.data.cache import CacheError
+    from bridgeta.data.dataset import BEVMapDataset
+    from bridgeta.models.bev_model import build_model
+
+    config = small_student_config(engine_world, "model.heads.object={}")
+    dataset = BEVMapDataset.for_model(config.data, build_model(config), "train")
+    first = int(dataset.indices[0])
+    original = dataset.cache.record
+
+    def shuffled(index):  # the record after the first sample claims another scene
+        record = original(index)
+        return {**record, "scene": "elsewhere"} if index == first + 1 else record
+
+    monkeypatch.setattr(dataset.cache, "record", shuffled)
+    with pytest.raises(CacheError, match="not its next keyframe"):
+        dataset[0]

@@ -160,20 +160,26 @@ def test_occupancy_targets_rasterise_the_agents_future_boxes_and_iou_counts_cell
     assert int(occupied.sum()) == 4 * 2 and bool(occupied[8, 8]) and not bool(occupied[8, 10])
     turned = rasterise_boxes(torch.tensor([[0.0, 0.0, 4.0, 2.0, math.pi / 2]]), GRID)
     assert torch.equal(turned, occupied.T)  # a quarter turn swaps the axes on a square grid
-    # An agent driving 2 m per step along +y, then its track ends: its box turns with its motion.
-    objects = {"boxes": torch.tensor([_box(0.0, 0.0)]), "future": torch.tensor([[[0.0, 2.0], [0.0, 4.0], [0.0, 0.0]]]),
-               "future_mask": torch.tensor([[True, True, False]])}
+    # Agent 0 is annotated at steps 0 and 1 (turned a quarter at step 0), then leaves; agent 1
+    # enters at step 1. Each box is drawn with its own annotated size and heading.
+    agents = torch.zeros(2, 3, 5)
+    agents[0, 0] = torch.tensor([0.0, 2.0, 4.0, 2.0, math.pi / 2])
+    agents[0, 1] = torch.tensor([0.0, 4.0, 4.0, 2.0, 0.0])
+    agents[1, 1] = torch.tensor([-5.0, -5.0, 2.0, 2.0, 0.0])
+    objects = {"future_agents": agents, "future_agents_mask": torch.tensor([[True, True, False], [False, True, False]])}
     targets = occupancy_targets([objects], GRID, steps=3)
     assert targets.shape == (1, 3, *GRID.shape) and targets[0, 2].sum() == 0
-    expected = rasterise_boxes(torch.tensor([[0.0, 2.0, 4.0, 2.0, math.pi / 2]]), GRID)
-    assert torch.equal(targets[0, 0].bool(), expected)
+    assert torch.equal(targets[0, 0].bool(), rasterise_boxes(agents[0, :1], GRID))
+    assert torch.equal(targets[0, 1].bool(), rasterise_boxes(agents[:, 1], GRID))
+    assert int(targets[0, 1].sum()) == 8 + 4
     metric = OccupancyIoU(steps=3)
     logits = torch.where(targets > 0, 5.0, -5.0)
     logits[0, 1, 0, 0] = 5.0  # one false positive at step 1
     metric.update(logits, targets)
     result = metric.compute()
-    assert result["IoU@0.5s"] == 1.0 and result["IoU@1s"] == pytest.approx(8 / 9)
-    assert math.isnan(result["IoU@1.5s"]) and result["mIoU"] == pytest.approx((1 + 8 / 9) / 2)
+    assert result["IoU@0.5s"] == 1.0 and result["IoU@1s"] == pytest.approx(12 / 13)
+    assert math.isnan(result["IoU@1.5s"]) and result["mIoU"] == pytest.approx((1 + 12 / 13) / 2)
+
 
 # -- the distiller's output-level terms on hand-built outputs ---------------------------------
 

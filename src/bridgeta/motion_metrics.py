@@ -166,26 +166,14 @@ def collision_rate(planned: torch.Tensor, logged: torch.Tensor, agents: list[tor
     return _with_means(out, ("collision", "collision_avg", "logged_collision", "logged_collision_avg"), horizons)
 
 
-def future_boxes(boxes: torch.Tensor, future: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """``(A, T, 5)`` BEV boxes (x, y, length, width, yaw) of agents at their future centres:
-    ``boxes`` ``(A, 9)`` now, ``future`` ``(A, T, 2)`` with ``present`` ``(A, T)``. Each keeps its
-    size and takes the heading of its motion (:func:`path_headings`, from its yaw now): what the
-    collision metric and the occupancy targets need, since annotations give only centres."""
-    boxes, future = boxes.float(), future.float()
-    path = torch.cat([boxes[:, None, :2], future], dim=1)
-    valid = torch.cat([torch.ones(len(boxes), 1, dtype=torch.bool, device=present.device), present], dim=1)
-    headings = path_headings(path, boxes[:, 6], valid)[:, 1:]
-    sizes = boxes[:, None, 3:5].expand(-1, future.shape[1], -1)
-    return torch.cat([future, sizes, headings[..., None]], dim=-1)
-
-
 def path_headings(path: torch.Tensor, initial: torch.Tensor, mask: torch.Tensor | None = None,
                   min_step: float = 0.2) -> torch.Tensor:
     """The yaw at every point of paths ``(N, T, 2)`` whose point 0 is the current position, with
     ``initial`` ``(N,)`` the yaw there: each later point's yaw is the direction of the move into it
     when that move is at least ``min_step`` m (and both points are valid in ``mask`` ``(N, T)``),
-    else the previous yaw, so a standing agent keeps its heading. The collision metric needs boxes
-    at future steps, and annotations give only their centres."""
+    else the previous yaw, so a standing ego keeps its heading. A planned path is positions only,
+    and the collision metric needs its boxes; the logged path and the agents have their annotated
+    headings."""
     yaw = [initial]
     for t in range(1, path.shape[1]):
         step = path[:, t] - path[:, t - 1]
