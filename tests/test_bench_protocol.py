@@ -383,17 +383,24 @@ def test_the_multitask_table_has_every_task_and_paired_deltas():
         test = {"miou": miou, "miou_at_0.5": miou, "iou": {"drivable_area": miou}, "by_condition": {},
                 "by_range": {"0-20": {"miou": miou}},
                 "detection": {"mAP": nds / 2, "NDS": nds, "per_class": {"car": {"AP": nds}}, "tp_errors": {"ATE": 0.5}},
-                "motion": {"minADE": ade, "minFDE": 2 * ade, "miss_rate": 0.5, "agents": 10},
-                "planning": {"L2@1s": l2 / 3, "L2@2s": l2 / 2, "L2@3s": l2, "collision@1s": 0.0,
-                             "collision@2s": collision / 2, "collision@3s": collision, "samples": 5}}
+                "motion": {"minADE": ade, "minFDE": 2 * ade, "miss_rate_all_steps": 0.5, "miss_rate_fde": 0.25,
+                           "agents": 10, "complete_agents": 8, "matched_to": "ground-truth agents"},
+                "planning": {"l2@1s": l2 / 3, "l2@2s": l2 / 2, "l2@3s": l2, "l2@mean": l2,
+                             "l2_avg@3s": l2 / 2, "l2_avg@mean": l2 / 3, "collision@1s": 0.0,
+                             "collision@2s": collision / 2, "collision@3s": collision, "collision@mean": collision,
+                             "collision_avg@mean": collision / 2, "logged_collision@3s": 0.0, "samples": 5}}
         return {"seed": seed, "train": {}, "test": test}
 
     runs = {"baseline": [run(0, 0.2, 0.2, 2.0, 3.0, 0.1), run(1, 0.2, 0.3, 2.2, 3.2, 0.1)],
             "tinybev_s3": [run(0, 0.25, 0.3, 1.5, 2.5, 0.05), run(1, 0.2, 0.3, 1.9, 3.0, 0.1)]}
     table = bench_distill.aggregate(runs)
     paired = table["tinybev_s3"]["paired_multitask_vs_baseline"]
-    assert paired["minADE"]["mean"] == pytest.approx(-0.4) and paired["L2@3s"]["mean"] == pytest.approx(-0.35)
-    assert paired["collision@3s"]["mean"] == pytest.approx(-0.025) and paired["NDS"]["n"] == 2
+    assert paired["minADE"]["mean"] == pytest.approx(-0.4) and paired["l2@mean"]["mean"] == pytest.approx(-0.35)
+    assert paired["collision@mean"]["mean"] == pytest.approx(-0.025) and paired["NDS"]["n"] == 2
+    # Every figure of both conventions is kept, counts and labels are not.
+    planning, motion = table["tinybev_s3"]["planning"], table["tinybev_s3"]["motion"]
+    assert {"l2@3s", "l2_avg@3s", "l2_avg@mean", "collision_avg@mean", "logged_collision@3s"} <= set(planning)
+    assert "samples" not in planning and set(motion) == {"minADE", "minFDE", "miss_rate_all_steps", "miss_rate_fde"}
     text = format_multitask_markdown({"table": table})
     row = next(line for line in text.splitlines() if line.startswith("| `tinybev_s3`"))
     assert "1.70 ± 0.28" in row and "-0.40 ± 0.14" in row and "-2.5 ± 3.5" in row

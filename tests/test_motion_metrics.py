@@ -1,45 +1,66 @@
 """Forecasting and planning metrics on hand-computed cases, and the trajectory targets the
-cache stores (future tracks and ego poses) against the annotation tracks and ego_pose."""
+cache stores and the loader gives (future tracks, future agent boxes, ego poses and headings)
+against the annotation tracks, the later keyframes' annotations and ego_pose."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from bridgeta.motion_metrics import boxes_overlap, collision_rate, forecasting_metrics, planning_l2
 
 
-def test_min_ade_fde_and_miss_rate_by_hand():
-    truth = torch.zeros(2, 3, 2)
-    truth[:, :, 0] = torch.tensor([1.0, 2.0, 3.0])  # both agents drive 1 m per step along x
-    predicted = torch.zeros(2, 2, 3, 2)
-    predicted[0, 0, :, 0] = torch.tensor([1.0, 2.0, 3.0])  # agent 0, mode 0: exact
-    predicted[0, 1, :, 0] = torch.tensor([1.0, 2.0, 6.0])  # mode 1: 3 m off at the end
-    predicted[1, 0, :, 1] = 3.0  # agent 1: both modes 3 m to the side everywhere...
-    predicted[1, 0, :, 0] = truth[1, :, 0]
-    predicted[1, 1, :, 0] = truth[1, :, 0] + 1.0  # ...or 1 m ahead
-    mask = torch.ones(2, 3, dtype=torch.bool)
+def test_min_ade_fde_and_both_miss_rates_by_hand():
+    truth = torch.zeros(3, 3, 2)
+    truth[:, :, 0] = torch.tensor([1.0, 2.0, 3.0])  # every agent drives 1 m per step along x
+    predicted = torch.zeros(3, 2, 3, 2)
+    predicted[:, :, :, 0] = truth[:, None, :, 0]
+    # Agent 0: mode 0 exact, mode 1 3 m off at the end.
+    predicted[0, 1, 2, 0] += 3.0
+    # Agent 1: mode 0 swerves 3 m aside at step 1 and ends 0.5 m off; mode 1 is 2.5 m ahead
+    # throughout. No mode stays within 2 m at every step (nuScenes' miss), yet the best final
+    # displacement is 0.5 m (no miss for UniAD and VAD).
+    predicted[1, 0, 1, 1], predicted[1, 0, 2, 1] = 3.0, 0.5
+    predicted[1, 1, :, 0] += 2.5
+    # Agent 2: its track ends after 2 steps; 1 m off there, 100 m off at the step it lacks.
+    predicted[2, :, :2, 1] = 1.0
+    predicted[2, :, 2, 1] = 100.0
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    mask[2, 2] = False
     result = forecasting_metrics(predicted, truth, mask)
-    assert result["minADE"] == pytest.approx((0.0 + 1.0) / 2)
-    assert result["minFDE"] == pytest.approx((0.0 + 1.0) / 2)
-    assert result["miss_rate"] == pytest.approx(0.0)  # agent 1's mode 1 stays within 2 m
-    predicted[1, 1, :, 0] += 1.5  # now 2.5 m ahead: no mode within 2 m at every step
-    assert forecasting_metrics(predicted, truth, mask)["miss_rate"] == pytest.approx(0.5)
-    # A track that ends after 2 steps: its last valid step is the FDE's.
-    short = mask.clone()
-    short[0, 2] = False
-    assert forecasting_metrics(predicted, truth, short)["minFDE"] == pytest.approx((0.0 + 2.5) / 2)
+    assert result["agents"] == 3 and result["complete_agents"] == 2
+    # minADE over every agent, on its own steps: 0, min(3.5 / 3, 2.5), 1.
+    assert result["minADE"] == pytest.approx((0.0 + 3.5 / 3 + 1.0) / 3)
+    # minFDE and the miss rates over the complete agents only (agent 2's 100 m never counts).
+    assert result["minFDE"] == pytest.approx((0.0 + 0.5) / 2)
+    assert result["miss_rate_all_steps"] == pytest.approx(0.5)
+    assert result["miss_rate_fde"] == pytest.approx(0.0)
+    predicted[1, 0, 2, 1] = 2.5  # now it ends 2.5 m off too: a miss under both definitions
+    result = forecasting_metrics(predicted, truth, mask)
+    assert result["miss_rate_all_steps"] == pytest.approx(0.5) and result["miss_rate_fde"] == pytest.approx(0.5)
+    # No complete future: minADE still, the final-step figures undefined.
+    partial = forecasting_metrics(predicted[2:], truth[2:], mask[2:])
+    assert partial["minADE"] == pytest.approx(1.0) and partial["complete_agents"] == 0
+    assert math.isnan(partial["minFDE"]) and math.isnan(partial["miss_rate_fde"])
 
 
-def test_planning_l2_averages_the_steps_up_to_each_horizon():
+def test_planning_l2_at_the_horizon_and_averaged_up_to_it():
     logged = torch.zeros(1, 6, 2)
     planned = torch.zeros(1, 6, 2)
     planned[0, :, 1] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     result = planning_l2(planned, logged, torch.ones(1, 6, dtype=torch.bool))
-    assert result["L2@1s"] == pytest.approx(0.15) and result["L2@2s"] == pytest.approx(0.25)
-    assert result["L2@3s"] == pytest.approx(0.35)
+    # UniAD: the error at the horizon's step (2, 4, 6).
+    assert result["l2@1s"] == pytest.approx(0.2) and result["l2@2s"] == pytest.approx(0.4)
+    assert result["l2@3s"] == pytest.approx(0.6) and result["l2@mean"] == pytest.approx(0.4)
+    # ST-P3 / VAD: the mean over the steps up to it.
+    assert result["l2_avg@1s"] == pytest.approx(0.15) and result["l2_avg@2s"] == pytest.approx(0.25)
+    assert result["l2_avg@3s"] == pytest.approx(0.35) and result["l2_avg@mean"] == pytest.approx(0.25)
+    # The means are the protocol's 1-2-3 s average: not given for other horizons.
+    short = planning_l2(planned, logged, torch.ones(1, 6, dtype=torch.bool), horizons=(1.0, 2.0))
+    assert set(short) == {"l2@1s", "l2@2s", "l2_avg@1s", "l2_avg@2s"}
 
 
 def test_rotated_boxes_overlap_by_separating_axes():
@@ -52,7 +73,7 @@ def test_rotated_boxes_overlap_by_separating_axes():
     assert not boxes_overlap(a, torch.tensor([3.5, 0.0, 2.0, 2.0, math.pi / 4]))
 
 
-def test_collision_rate_averages_the_per_step_rates_and_skips_the_logs_own_collisions():
+def test_collision_rate_at_the_horizon_and_averaged_and_skipping_the_logs_own_collisions():
     planned = torch.zeros(2, 6, 3)
     planned[:, :, 0] = torch.arange(1, 7, dtype=torch.float32) * 2.0  # 2 m per step ahead
     logged = torch.zeros(2, 6, 3)  # the log stands still
@@ -62,13 +83,20 @@ def test_collision_rate_averages_the_per_step_rates_and_skips_the_logs_own_colli
     # The ego box spans x + 0.5 +- 2.042: it reaches the car (7 <= x <= 11) from step 2 (x = 6) on;
     # sample 1 has no agents. Per-step rates 0, 0, .5, .5, .5, .5.
     result = collision_rate(planned, logged, agents, present)
-    assert result["collision@1s"] == 0.0 and result["collision@2s"] == pytest.approx(0.25)
-    assert result["collision@3s"] == pytest.approx(2 / 6) and result["logged_collision@3s"] == 0.0
+    # UniAD: the rate at steps 2, 4 and 6.
+    assert result["collision@1s"] == 0.0 and result["collision@2s"] == pytest.approx(0.5)
+    assert result["collision@3s"] == pytest.approx(0.5) and result["collision@mean"] == pytest.approx(1 / 3)
+    # ST-P3 / VAD: the mean of the per-step rates up to the horizon.
+    assert result["collision_avg@1s"] == 0.0 and result["collision_avg@2s"] == pytest.approx(0.25)
+    assert result["collision_avg@3s"] == pytest.approx(2 / 6)
+    assert result["collision_avg@mean"] == pytest.approx((0 + 0.25 + 2 / 6) / 3)
+    assert result["logged_collision@3s"] == 0.0 and result["logged_collision_avg@3s"] == 0.0
     # A log that is itself in the car at the last step: that step is not the planner's collision.
     logged[0, 5, 0] = 9.0
     result = collision_rate(planned, logged, agents, present)
-    assert result["collision@3s"] == pytest.approx(1.5 / 6)
-    assert result["logged_collision@3s"] == pytest.approx(0.5 / 6)
+    assert result["collision@3s"] == 0.0 and result["collision_avg@3s"] == pytest.approx(1.5 / 6)
+    assert result["logged_collision@3s"] == pytest.approx(0.5)
+    assert result["logged_collision_avg@3s"] == pytest.approx(0.5 / 6)
 
 
 def test_cached_futures_follow_the_tracks_and_the_ego_poses(engine_world):
@@ -99,6 +127,9 @@ def test_cached_futures_follow_the_tracks_and_the_ego_poses(engine_world):
             current = nusc.get("sample", current["next"])
             pose = pose_matrix(nusc.get("ego_pose", nusc.get("sample_data", current["data"]["LIDAR_TOP"])["ego_pose_token"]))
             np.testing.assert_allclose(global_T_ego[:2, :2] @ [x, y] + global_T_ego[:2, 3], pose[:2, 3], atol=1e-4)
+            # The cached heading is the logged pose's, relative to this sample's ego.
+            relative = np.linalg.inv(global_T_ego) @ pose
+            assert math.cos(yaw - math.atan2(relative[1, 0], relative[0, 0])) == pytest.approx(1.0, abs=1e-8)
             egos += 1
     assert tracks > 0 and egos > 0
 
@@ -137,3 +168,87 @@ def test_the_loader_gives_future_tracks_and_ego_paths_in_the_augmented_frame(eng
     assert driving_command(path, mask) == 0
     path[-1, 1] = -2.5
     assert driving_command(path, mask) == 2
+
+
+def _heading(yaw):
+    return np.stack([np.cos(yaw), np.sin(yaw)], axis=-1)
+
+
+def test_the_future_agents_are_every_vehicle_and_pedestrian_annotated_at_each_future_keyframe(engine_world):
+    """Against the devkit: per future keyframe, every vehicle and pedestrian annotation (LiDAR
+    points or not, present now or not) with its own box and heading, in this sample's frame; the
+    logged ego headings likewise; both turn with the BEV augmentation."""
+    from nuscenes import NuScenes
+    from nuscenes.eval.detection.utils import category_to_detection_name
+
+    from engine_helpers import small_student_config
+
+    from bridgeta.data.dataset import FUTURE_AGENT_CLASSES, BEVMapDataset
+    from bridgeta.data.nuscenes_writer import quaternion_to_matrix
+    from bridgeta.data.prepare import pose_matrix
+    from bridgeta.models.bev_model import build_model
+
+    nusc = NuScenes(version="v1.0-trainval", dataroot=str(engine_world), verbose=False)
+    config = small_student_config(engine_world, "model.heads.object={}")
+    model = build_model(config)
+    plain = BEVMapDataset.for_model(config.data, model, "train")
+    moved = BEVMapDataset.for_model(config.data, model, "train", train=True, seed=5)
+    boxes = 0
+    for index in range(len(plain)):
+        sample, shifted = plain[index], moved[index]
+        a, b, aug = sample.meta["objects"], shifted.meta["objects"], shifted.bev_aug.double().numpy()
+        ego_T_global = np.linalg.inv(np.asarray(sample.meta["global_T_ego"]))
+        rows: dict[str, int] = {}
+        expected: dict[tuple[int, int], np.ndarray] = {}
+        current = nusc.get("sample", sample.meta["token"])
+        for step in range(int(a["ego_future_mask"].sum())):
+            current = nusc.get("sample", current["next"])
+            for token in current["anns"]:
+                annotation = nusc.get("sample_annotation", token)
+                if category_to_detection_name(annotation["category_name"]) not in FUTURE_AGENT_CLASSES:
+                    continue
+                row = rows.setdefault(annotation["instance_token"], len(rows))
+                centre = ego_T_global[:3, :3] @ np.asarray(annotation["translation"]) + ego_T_global[:3, 3]
+                heading = ego_T_global[:3, :3] @ quaternion_to_matrix(annotation["rotation"])[:, 0]
+                width, length, _ = annotation["size"]
+                expected[row, step] = np.array([centre[0], centre[1], length, width, math.atan2(heading[1], heading[0])])
+            pose = ego_T_global @ pose_matrix(nusc.get("ego_pose", nusc.get("sample_data", current["data"]["LIDAR_TOP"])["ego_pose_token"]))
+            np.testing.assert_allclose(_heading(float(a["ego_future_yaw"][step])), pose[:2, 0], atol=1e-4)
+        agents, present = a["future_agents"].double().numpy(), a["future_agents_mask"].numpy()
+        assert agents.shape == (len(rows), 6, 5) and int(present.sum()) == len(expected)
+        for (row, step), box in expected.items():
+            assert present[row, step]
+            np.testing.assert_allclose(agents[row, step, :4], box[:4], atol=1e-3)
+            np.testing.assert_allclose(_heading(agents[row, step, 4]), _heading(box[4]), atol=1e-4)
+        boxes += len(expected)
+        # Augmented: centres moved, headings turned (and mirrored by a flip) by the augmentation.
+        assert torch.equal(b["future_agents_mask"], a["future_agents_mask"])
+        turned = b["future_agents"].double().numpy()
+        np.testing.assert_allclose(turned[present][:, :2], agents[present][:, :2] @ aug[:2, :2].T + aug[:2, 3], atol=1e-3)
+        planar = aug[:2, :2] / math.sqrt(abs(np.linalg.det(aug[:2, :2])))
+        np.testing.assert_allclose(_heading(turned[present][:, 4]), _heading(agents[present][:, 4]) @ planar.T, atol=1e-4)
+        valid = a["ego_future_mask"].numpy()
+        np.testing.assert_allclose(_heading(b["ego_future_yaw"].double().numpy()[valid]),
+                                   _heading(a["ego_future_yaw"].double().numpy()[valid]) @ planar.T, atol=1e-4)
+    assert boxes > 0
+
+
+def test_future_agents_refuse_a_cache_whose_records_are_not_in_keyframe_order(engine_world, monkeypatch):
+    from engine_helpers import small_student_config
+
+    from bridgeta.data.cache import CacheError
+    from bridgeta.data.dataset import BEVMapDataset
+    from bridgeta.models.bev_model import build_model
+
+    config = small_student_config(engine_world, "model.heads.object={}")
+    dataset = BEVMapDataset.for_model(config.data, build_model(config), "train")
+    first = int(dataset.indices[0])
+    original = dataset.cache.record
+
+    def shuffled(index):  # the record after the first sample claims another scene
+        record = original(index)
+        return {**record, "scene": "elsewhere"} if index == first + 1 else record
+
+    monkeypatch.setattr(dataset.cache, "record", shuffled)
+    with pytest.raises(CacheError, match="not its next keyframe"):
+        dataset[0]

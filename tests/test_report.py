@@ -94,8 +94,10 @@ def test_the_multitask_section_renders_the_tinybev_table():
         test = {"miou": value, "miou_at_0.5": value, "iou": {"drivable_area": value}, "by_condition": {},
                 "by_range": {"0-20": {"miou": value}},
                 "detection": {"mAP": value, "NDS": value, "per_class": {"car": {"AP": value}}, "tp_errors": {"ATE": 0.5}},
-                "motion": {"minADE": 1.0 + value, "minFDE": 2.0, "miss_rate": 0.5, "agents": 3},
-                "planning": {"L2@3s": 2.0 - value, "collision@3s": 0.1}}
+                "motion": {"minADE": 1.0 + value, "minFDE": 2.0, "miss_rate_all_steps": 0.5, "miss_rate_fde": 0.25,
+                           "agents": 3, "complete_agents": 2},
+                "planning": {"l2@mean": 2.0 - value, "l2_avg@mean": 1.0, "collision@mean": 0.1,
+                             "collision_avg@mean": 0.05}}
         return {"seed": seed, "train": {}, "test": test}
 
     from bridgeta.bench.distill import aggregate
@@ -105,3 +107,7 @@ def test_the_multitask_section_renders_the_tinybev_table():
                              "preset": {"name": "cpu-tinybev"}})
     assert "| `tinybev_s3` |" in text and "--preset cpu-tinybev" in text and "commit `abc1234`" in text
     assert "+10.0 ± 0.0" in text  # the paired NDS delta, in points
+    row = next(line for line in text.splitlines() if line.startswith("| `tinybev_s3`"))
+    # UniAD's L2 averaged over 1-2-3 s (1.70 m), its paired delta (-0.10 m), the collision rate in %.
+    assert "| 1.70 ± 0.00 |" in row and "| -0.10 ± 0.00 |" in row and "| 10.0 ± 0.0 |" in row
+    assert "`l2@mean`" in text and "`l2_avg@...`" in text  # the text says which convention is shown

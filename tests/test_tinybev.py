@@ -1,5 +1,6 @@
 """TinyBEV's pieces on fixed inputs: motion and planning targets and losses, region weights,
-the per-cell KL, the teacher's confident cells, the headings along a path."""
+the per-cell KL, the teacher's confident cells, the headings along a path, and the distiller's
+output-level terms on hand-built outputs."""
 
 from __future__ import annotations
 
@@ -107,12 +108,15 @@ def test_region_weights_sum_to_the_cells_and_favour_foreground_and_disagreement(
     disagreement = torch.zeros(2, 4, 4)
     foreground[0, 1, 1] = 1.0
     disagreement[1, 2, 3] = 1.0
+    # Inputs that carry a graph (as the student's probabilities would): the weights must not.
+    foreground.requires_grad_(True)
+    disagreement.requires_grad_(True)
     weights = region_weights(foreground, disagreement, floor=0.1)
+    assert weights.grad_fn is None and not weights.requires_grad
     assert float(weights.sum()) == pytest.approx(2 * 4 * 4)
     # r = 0.5 at the two marked cells, 0 elsewhere: (0.5 + 0.1) / (0.1) = 6 times the rest.
     assert float(weights[0, 1, 1] / weights[0, 0, 0]) == pytest.approx(6.0)
     assert float(weights[1, 2, 3]) == pytest.approx(float(weights[0, 1, 1]))
-    assert not weights.requires_grad
     values = torch.arange(32.0).reshape(2, 4, 4)
     assert float(weighted_mean(values, torch.ones_like(values))) == pytest.approx(float(values.mean()))
 
@@ -156,17 +160,137 @@ def test_occupancy_targets_rasterise_the_agents_future_boxes_and_iou_counts_cell
     assert int(occupied.sum()) == 4 * 2 and bool(occupied[8, 8]) and not bool(occupied[8, 10])
     turned = rasterise_boxes(torch.tensor([[0.0, 0.0, 4.0, 2.0, math.pi / 2]]), GRID)
     assert torch.equal(turned, occupied.T)  # a quarter turn swaps the axes on a square grid
-    # An agent driving 2 m per step along +y, then its track ends: its box turns with its motion.
-    objects = {"boxes": torch.tensor([_box(0.0, 0.0)]), "future": torch.tensor([[[0.0, 2.0], [0.0, 4.0], [0.0, 0.0]]]),
-               "future_mask": torch.tensor([[True, True, False]])}
+    # Agent 0 is annotated at steps 0 and 1 (turned a quarter at step 0), then leaves; agent 1
+    # enters at step 1. Each box is drawn with its own annotated size and heading.
+    agents = torch.zeros(2, 3, 5)
+    agents[0, 0] = torch.tensor([0.0, 2.0, 4.0, 2.0, math.pi / 2])
+    agents[0, 1] = torch.tensor([0.0, 4.0, 4.0, 2.0, 0.0])
+    agents[1, 1] = torch.tensor([-5.0, -5.0, 2.0, 2.0, 0.0])
+    objects = {"future_agents": agents, "future_agents_mask": torch.tensor([[True, True, False], [False, True, False]])}
     targets = occupancy_targets([objects], GRID, steps=3)
     assert targets.shape == (1, 3, *GRID.shape) and targets[0, 2].sum() == 0
-    expected = rasterise_boxes(torch.tensor([[0.0, 2.0, 4.0, 2.0, math.pi / 2]]), GRID)
-    assert torch.equal(targets[0, 0].bool(), expected)
+    assert torch.equal(targets[0, 0].bool(), rasterise_boxes(agents[0, :1], GRID))
+    assert torch.equal(targets[0, 1].bool(), rasterise_boxes(agents[:, 1], GRID))
+    assert int(targets[0, 1].sum()) == 8 + 4
     metric = OccupancyIoU(steps=3)
     logits = torch.where(targets > 0, 5.0, -5.0)
     logits[0, 1, 0, 0] = 5.0  # one false positive at step 1
     metric.update(logits, targets)
     result = metric.compute()
-    assert result["IoU@0.5s"] == 1.0 and result["IoU@1s"] == pytest.approx(8 / 9)
-    assert math.isnan(result["IoU@1.5s"]) and result["mIoU"] == pytest.approx((1 + 8 / 9) / 2)
+    assert result["IoU@0.5s"] == 1.0 and result["IoU@1s"] == pytest.approx(12 / 13)
+    assert math.isnan(result["IoU@1.5s"]) and result["mIoU"] == pytest.approx((1 + 12 / 13) / 2)
+
+
+# -- the distiller's output-level terms on hand-built outputs ---------------------------------
+
+STEPS, MODES = 3, 2
+DISTILL_HEADS = ["model.heads.object={head_channels: 8}", f"model.heads.motion={{modes: {MODES}, steps: {STEPS}, head_channels: 8}}",
+                 f"model.heads.occupancy={{steps: {STEPS}, head_channels: 8}}",
+                 f"model.heads.plan={{steps: {STEPS}, head_channels: 8, hidden: 16}}"]
+
+
+@pytest.fixture(scope="module")
+def distiller():
+    """A TinyBEV S2 distiller between a narrow student and a wider teacher (no data read)."""
+    from engine_helpers import SMALL_TINY_C
+
+    from bridgeta.config import load_config
+    from bridgeta.distill.tinybev import TinyBEVDistiller
+    from bridgeta.models.bev_model import build_model
+
+    config = load_config("distill/tiny-c-tinybev-s2", [*SMALL_TINY_C, *DISTILL_HEADS, "data.dataroot=/unused"])
+    teacher = load_config("tiny-lc-tinybev", [
+        *SMALL_TINY_C, *DISTILL_HEADS, "model.lidar={pillar_channels: 8, channels: [16], out_channels: 16}",
+        "model.fuser={out_channels: 32}", "model.decoder.blocks=[[1,32,2],[1,32,1]]",
+        "model.decoder.out_channels=32", "data.dataroot=/unused"])
+    return TinyBEVDistiller(build_model(config), build_model(teacher), config.distill)
+
+
+def _outputs(model, seed: int, objects: bool = True):
+    """Random outputs of every head of ``model``, shaped as its forward gives them (batch 2)."""
+    from bridgeta.models.object_head import ObjectOutputs
+    from bridgeta.models.types import BEVOutputs
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    grid, batch = model.feature_grid.shape, 2
+    bev = rand(batch, 4, *grid)
+    return BEVOutputs(
+        camera_bev=bev, lidar_bev=None, fused_bev=bev, decoded_bev=bev,
+        logits=rand(batch, len(model.classes), *model.output_grid.shape),
+        objects=ObjectOutputs(rand(batch, len(model.object_classes), *grid), rand(batch, 10, *grid)) if objects else None,
+        motion=MotionOutputs(rand(batch, MODES * STEPS * 2, *grid), rand(batch, MODES, *grid)),
+        occupancy=rand(batch, STEPS, *grid), plan=rand(batch, 3, STEPS, 2))
+
+
+def test_output_terms_without_an_object_pair_still_distil_occupancy_and_plans(distiller):
+    student, teacher = _outputs(distiller.student, 0, objects=False), _outputs(distiller.teacher, 1, objects=False)
+    terms = distiller._output_terms(student, teacher, None, {}, command=torch.tensor([0, 2]))
+    assert set(terms) == {"kd/out_map", "kd/out_occupancy", "kd/out_plan"}
+    assert all(float(v) > 0 for v in terms.values())
+    # With both object heads the object-level terms join them.
+    student, teacher = _outputs(distiller.student, 0), _outputs(distiller.teacher, 1)
+    terms = distiller._output_terms(student, teacher, None, {}, command=torch.tensor([0, 2]))
+    assert {"kd/out_heatmap", "kd/out_box", "kd/out_occupancy", "kd/out_plan"} <= set(terms)
+
+
+def test_the_plan_term_distils_only_the_commanded_plan(distiller):
+    student, teacher = _outputs(distiller.student, 0), _outputs(distiller.teacher, 1)
+    command = torch.tensor([0, 2])
+    student.plan = teacher.plan.clone()
+    student.plan[0, 1:] += 10.0  # the two plans sample 0 was not commanded to follow...
+    student.plan[1, :2] -= 10.0  # ...and sample 1's
+    plan = distiller.settings.output * distiller.settings.heads.plan
+    assert float(distiller._output_terms(student, teacher, None, {}, command)["kd/out_plan"]) == pytest.approx(0.0)
+    student.plan[0, 0] += 1.0  # 1 m off on sample 0's commanded plan: mean L1 of 1 over half the entries
+    assert float(distiller._output_terms(student, teacher, None, {}, command)["kd/out_plan"]) == pytest.approx(plan * 0.5)
+    with pytest.raises(ValueError, match="command"):
+        distiller._output_terms(student, teacher, None, {})
+
+
+def test_uniform_region_weights_reproduce_the_plain_output_terms(distiller):
+    student, teacher = _outputs(distiller.student, 0), _outputs(distiller.teacher, 1)
+    # A few confident teacher detections, so that the box and motion terms have cells to weigh.
+    teacher.objects.heatmap[:, 0, 10:40:10, 20] = 3.0
+    command = torch.tensor([1, 0])
+    plain = distiller._output_terms(student, teacher, None, {}, command)
+    ones = torch.ones(2, *distiller.student.feature_grid.shape)
+    uniform = distiller._output_terms(student, teacher, ones, {}, command)
+    assert set(plain) == set(uniform) and "kd/out_motion" in plain
+    for name in plain:
+        torch.testing.assert_close(uniform[name], plain[name], msg=name)
+    # Weights that are not uniform move the per-cell terms (so the comparison above can fail).
+    skewed = ones.clone()
+    skewed[:, :32] = 3.0
+    moved = distiller._output_terms(student, teacher, skewed / skewed.mean(), {}, command)
+    assert float((moved["kd/out_map"] - plain["kd/out_map"]).abs()) > 1e-6
+    assert float((moved["kd/out_occupancy"] - plain["kd/out_occupancy"]).abs()) > 1e-6
+
+
+def test_the_motion_term_regresses_the_teachers_most_probable_mode(distiller):
+    """One confident teacher detection: its mode 0 (the more probable) moves 1 m along x per step;
+    the student's closer mode stands still, so L1 = 0.5 per coordinate, and its uniform logits
+    give a cross-entropy of ln 2."""
+    student, teacher = _outputs(distiller.student, 0), _outputs(distiller.teacher, 1)
+    grid = distiller.student.feature_grid.shape
+    teacher.objects.heatmap.fill_(-10.0)
+    teacher.objects.heatmap[0, 1, 5, 7] = 2.0  # p = 0.88 at one cell of sample 0
+    t_traj = torch.zeros(2, MODES, STEPS, 2, *grid)
+    t_traj[0, 0, :, 0, 5, 7] = 1.0
+    t_traj[0, 1, :, :, 5, 7] = 5.0
+    t_logits = torch.zeros(2, MODES, *grid)
+    t_logits[0, 0, 5, 7] = 2.0
+    teacher.motion = MotionOutputs(t_traj.reshape(2, -1, *grid), t_logits)
+    s_traj = torch.zeros(2, MODES, STEPS, 2, *grid)
+    s_traj[0, 1, :, 0, 5, 7], s_traj[0, 1, :, 1, 5, 7] = 1.0, 3.0  # ADE 3 against mode 0's 1
+    student.motion = MotionOutputs(s_traj.reshape(2, -1, *grid), torch.zeros(2, MODES, *grid))
+    logs: dict[str, float] = {}
+    terms = distiller._output_terms(student, teacher, None, logs, torch.tensor([1, 1]))
+    assert logs["out/teacher_detections"] == pytest.approx(0.5)  # one detection over two samples
+    settings = distiller.settings
+    mode_weight = distiller.student.config.heads.motion.mode_weight
+    expected = settings.output * settings.heads.motion * (0.5 + mode_weight * math.log(2))
+    assert float(terms["kd/out_motion"]) == pytest.approx(expected)

@@ -98,6 +98,9 @@ METHODS: dict[str, tuple[str, ...] | None] = {
 # The run a staged method starts from: train it first, with the same seed.
 STAGE_AFTER = {"tinybev_s2": "tinybev_s1", "tinybev_s3": "tinybev_s2"}
 TINYBEV_STAGES = 3
+# The planning figures of TinyBEV's table: L2 and the collision rate in UniAD's convention (at
+# each horizon), averaged over 1, 2 and 3 s (bridgeta/motion_metrics.py).
+MULTITASK_PLANNING = ("l2@mean", "collision@mean")
 DEFAULT_METHODS = ("baseline", "direct", "bridgeta")
 
 
@@ -303,10 +306,13 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
             }
         motions = [t.get("motion") for t in tests]
         if all(m is not None for m in motions):
-            table[method]["motion"] = {k: _mean_std([m[k] for m in motions]) for k in ("minADE", "minFDE", "miss_rate")}
+            # Every figure the runs share (counts and labels aside), whatever the metric's version named them.
+            keys = [k for k, v in motions[0].items() if isinstance(v, float) and all(k in m for m in motions)]
+            table[method]["motion"] = {k: _mean_std([m[k] for m in motions]) for k in keys}
         plans = [t.get("planning") for t in tests]
         if all(p is not None for p in plans):
-            keys = [k for k in plans[0] if k.startswith(("L2@", "collision@"))]
+            keys = [k for k in plans[0] if k.startswith(("l2", "L2@", "collision", "logged_collision"))
+                    and all(k in p for p in plans)]
             table[method]["planning"] = {k: _mean_std([p[k] for p in plans]) for k in keys}
         if any("assistant_val" in r for r in results):
             table[method]["assistant_val_miou"] = _mean_std([r.get("assistant_val", {}).get("miou") for r in results])
@@ -323,11 +329,11 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
                 for figure in ("NDS", "mAP"):
                     table[method]["detection"][f"paired_{figure.lower()}_vs_{reference}"] = paired(
                         results, runs[reference], key=lambda t, f=figure: t["detection"][f])
-    # The multi-task table's paired deltas against the baseline (TinyBEV's rows).
+    # The multi-task table's paired deltas against the baseline (TinyBEV's rows). The planning
+    # figures are UniAD's mean over 1, 2 and 3 s, the column TinyBEV's figures compare with.
     multitask = {"NDS": lambda t: (t.get("detection") or {}).get("NDS"), "mIoU": lambda t: t["miou"],
                  "minADE": lambda t: (t.get("motion") or {}).get("minADE"),
-                 "L2@3s": lambda t: (t.get("planning") or {}).get("L2@3s"),
-                 "collision@3s": lambda t: (t.get("planning") or {}).get("collision@3s")}
+                 **{key: (lambda t, key=key: (t.get("planning") or {}).get(key)) for key in MULTITASK_PLANNING}}
     for method, results in runs.items():
         if method in ("teacher", "baseline") or "baseline" not in runs or "planning" not in table[method]:
             continue

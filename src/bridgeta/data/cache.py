@@ -13,7 +13,13 @@ Layout of a cache directory (default ``DATAROOT/.bridgeta_cache/<version>/``):
        global_T_ego,                              # LIDAR_TOP keyframe ego pose
        lidar: {path, ego_T_lidar},
        sweeps: [{path, time_lag (s), keyframe_ego_T_sweep_lidar}, ...],  # newest first
-       cameras: [{name, path, intrinsics (3x3), ego_T_camera, width, height}, ...]}
+       cameras: [{name, path, intrinsics (3x3), ego_T_camera, width, height}, ...],
+       objects: [{token, instance, name, box (x, y, z, l, w, h, yaw, vx, vy; ego frame),
+                  attribute, num_lidar_pts, future: [[x, y, seconds], ...]}, ...],
+       ego_future: [[x, y, yaw, seconds], ...]}  # next keyframes (3 s), this sample's ego frame
+
+  A scene's keyframes follow each other in order, so record ``i + k`` is the ``k``-th keyframe
+  after record ``i`` while it has the same scene (the loader reads future boxes there).
 
 * ``labels.npy``: uint8 ``(N, C, X, ceil(Y / 8))``, the bool labels ``(N, C, X, Y)`` packed with
   ``np.packbits`` along the last axis (8x smaller; read memory-mapped, unpacked per sample).

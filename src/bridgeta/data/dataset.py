@@ -171,6 +171,11 @@ def load_image(
 FUTURE_STEPS = 6
 COMMAND_LATERAL = 2.0
 COMMANDS = ("left", "straight", "right")
+# The annotations a planned ego box must not hit and the occupancy head predicts, at each future
+# keyframe: every vehicle and pedestrian (the nuScenes detection classes they map to), whatever
+# the object head detects and whether or not LiDAR saw them. ST-P3, UniAD and VAD score
+# collisions against every vehicle and pedestrian annotation of each future frame the same way.
+FUTURE_AGENT_CLASSES = ("car", "truck", "bus", "trailer", "construction_vehicle", "motorcycle", "bicycle", "pedestrian")
 
 
 def _padded_future(tracks: list[list[list[float]]]) -> tuple[np.ndarray, np.ndarray]:
@@ -181,6 +186,20 @@ def _padded_future(tracks: list[list[list[float]]]) -> tuple[np.ndarray, np.ndar
         steps = np.asarray(track[:FUTURE_STEPS], dtype=np.float32).reshape(-1, 2)
         positions[i, : len(steps)], mask[i, : len(steps)] = steps, True
     return positions, mask
+
+
+def _boxes_through(transform: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """``(N, 9)`` boxes (x, y, z, length, width, height, yaw, vx, vy) of one frame seen from
+    another: ``transform`` is ``this_T_that``, 4x4. The heading turns with the rotation about z."""
+    out = np.array(boxes, dtype=np.float64, copy=True)
+    if len(out) == 0:
+        return out
+    rotation = transform[:3, :3]
+    out[:, :3] = boxes[:, :3] @ rotation.T + transform[:3, 3]
+    heading = np.stack([np.cos(boxes[:, 6]), np.sin(boxes[:, 6]), np.zeros(len(boxes))], axis=1) @ rotation.T
+    out[:, 6] = np.arctan2(heading[:, 1], heading[:, 0])
+    out[:, 7:9] = boxes[:, 7:9] @ rotation[:2, :2].T
+    return out
 
 
 def _move_xy(points: np.ndarray, bev_aug: np.ndarray) -> np.ndarray:
@@ -344,7 +363,7 @@ class BEVMapDataset(Dataset):
             },
         )
         if self.object_classes:
-            sample.meta["objects"] = self._objects(record, bev_aug)
+            sample.meta["objects"] = self._objects(cache_index, record, bev_aug)
         if "camera" in self.modalities:
             self._add_cameras(sample, record, self._rng(cache_index, 1))
         if "depth" in self.modalities:
@@ -357,9 +376,22 @@ class BEVMapDataset(Dataset):
             sample.points = torch.from_numpy(apply_bev_aug_points(points, bev_aug))
         return sample
 
-    def _objects(self, record: dict, bev_aug: np.ndarray) -> dict[str, torch.Tensor]:
+    def _objects(self, cache_index: int, record: dict, bev_aug: np.ndarray) -> dict[str, torch.Tensor]:
         """The sample's boxes of ``object_classes`` with LiDAR support (BEVFusion's valid flag), in
-        the augmented ego frame: ``{"boxes": (N, 9), "labels": (N,)}`` (class index)."""
+        the augmented ego frame: ``{"boxes": (N, 9), "labels": (N,)}`` (class index).
+
+        With the tracks cached, also what the motion, occupancy and planning heads need (all in
+        the augmented frame of this sample):
+
+        * ``future`` ``(N, T, 2)`` and ``future_mask`` ``(N, T)``: those boxes' next annotated
+          centres along their tracks (the motion targets);
+        * ``future_agents`` ``(A, T, 5)`` (x, y, length, width, yaw) and ``future_agents_mask``
+          ``(A, T)``: every ``FUTURE_AGENT_CLASSES`` annotation of each future keyframe, one row
+          per instance, each with its own annotated box and heading then (the collision and
+          occupancy truth);
+        * ``ego_future`` ``(T, 2)``, ``ego_future_yaw`` ``(T,)`` and ``ego_future_mask`` ``(T,)``:
+          the logged ego poses, with ``ego_position``, ``ego_yaw`` and the ``command``.
+        """
         if "objects" not in record:
             raise CacheError(
                 f"{self.cache.cache_dir}: prepared before boxes were cached; run bridgeta data prepare "
@@ -382,10 +414,19 @@ class BEVMapDataset(Dataset):
             origin = _move_xy(np.zeros((1, 2), dtype=np.float32), bev_aug)[0]  # where the ego is after the augmentation
             heading = bev_aug[:2, 0]  # the ego's forward axis after it (times the scale)
             yaw = float(np.arctan2(heading[1], heading[0]))
+            # The logged headings (ego_pose's yaw, cached as step[2]), turned by the augmentation
+            # as a box's heading is.
+            logged_yaw = np.zeros((FUTURE_STEPS, 9))
+            steps = record["ego_future"][:FUTURE_STEPS]
+            logged_yaw[: len(steps), 6] = [step[2] for step in steps]
             out["ego_future"] = torch.from_numpy(moved)
+            out["ego_future_yaw"] = torch.from_numpy(apply_bev_aug_boxes(logged_yaw, bev_aug)[:, 6] * ego_mask[0])
             out["ego_position"] = torch.from_numpy(origin)
             out["ego_yaw"] = yaw
             out["ego_future_mask"] = torch.from_numpy(ego_mask[0])
+            agents, agents_mask = self._future_agents(cache_index, record, bev_aug)
+            out["future_agents"] = torch.from_numpy(agents)
+            out["future_agents_mask"] = torch.from_numpy(agents_mask)
             # The command is relative to the ego's own heading, as in ST-P3: the augmented path
             # turned back by that heading and unscaled. A rotation leaves the command as it was; a
             # flip mirrors the world, and a left turn becomes a right one with it.
@@ -393,6 +434,44 @@ class BEVMapDataset(Dataset):
             relative = (moved - origin) @ np.array([[c, s_], [-s_, c]]) / np.linalg.norm(heading)
             out["command"] = driving_command(relative, ego_mask[0])
         return out
+
+    def _future_agents(self, cache_index: int, record: dict, bev_aug: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(A, FUTURE_STEPS, 5)`` float32 boxes (x, y, length, width, yaw) in this sample's
+        augmented frame and their ``(A, FUTURE_STEPS)`` mask: the ``FUTURE_AGENT_CLASSES``
+        annotations of each future keyframe, one row per instance (in order of first appearance),
+        present at the keyframes that annotate it. So an agent that enters the scene later counts,
+        and each box has the size and heading annotated then.
+
+        The future keyframes are the records that follow this one in the cache: prepare writes a
+        scene's keyframes in order. Each is checked against the cached ego path (same scene, the
+        same time ahead)."""
+        ego_T_global = np.linalg.inv(np.asarray(record["global_T_ego"], dtype=np.float64))
+        rows: dict[str, int] = {}
+        found: list[tuple[int, np.ndarray, list[str]]] = []
+        for step, pose in enumerate(record["ego_future"][:FUTURE_STEPS]):
+            index = cache_index + step + 1
+            later = self.cache.record(index) if index < len(self.cache) else None
+            if (later is None or later["scene"] != record["scene"]
+                    or abs((later["timestamp"] - record["timestamp"]) / 1e6 - pose[-1]) > 1e-3):
+                raise CacheError(
+                    f"{self.cache.cache_dir}: the record after sample {record['token']} is not its next keyframe "
+                    f"({pose[-1]:.2f} s ahead); rebuild the cache with bridgeta data prepare --dataroot "
+                    f"{self.dataroot} --force"
+                )
+            kept = [o for o in later["objects"] if o["name"] in FUTURE_AGENT_CLASSES]
+            boxes = np.array([o["box"] for o in kept], dtype=np.float64).reshape(-1, 9)
+            boxes = _boxes_through(ego_T_global @ np.asarray(later["global_T_ego"], dtype=np.float64), boxes)
+            instances = [o["instance"] for o in kept]
+            for instance in instances:
+                rows.setdefault(instance, len(rows))
+            found.append((step, apply_bev_aug_boxes(boxes, bev_aug), instances))
+        agents = np.zeros((len(rows), FUTURE_STEPS, 5), dtype=np.float32)
+        mask = np.zeros((len(rows), FUTURE_STEPS), dtype=bool)
+        for step, boxes, instances in found:
+            where = [rows[i] for i in instances]
+            agents[where, step] = boxes[:, [0, 1, 3, 4, 6]]
+            mask[where, step] = True
+        return agents, mask
 
     def _add_cameras(self, sample: BEVSample, record: dict, rng: np.random.Generator) -> None:
         images, augs = [], []

@@ -124,7 +124,11 @@ class _Records:
     def _future_track(self, annotation: dict, ego_T_global: np.ndarray, timestamp: int,
                       steps: int = FUTURE_STEPS) -> list[list[float]]:
         """The object's next ``steps`` annotated centres along its track, in this sample's ego
-        frame, with the time ahead: ``[[x, y, seconds], ...]`` (shorter when the track ends)."""
+        frame, with the time ahead: ``[[x, y, seconds], ...]`` (shorter when the track ends).
+
+        Centres only, the motion targets: the whole boxes of those keyframes, headings included,
+        are in the later keyframes' own records, which the loader reads for the collision and
+        occupancy truth (``BEVMapDataset._future_agents``)."""
         nusc = self.nusc
         future = []
         current = annotation

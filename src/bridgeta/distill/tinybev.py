@@ -17,7 +17,8 @@ No code of TinyBEV is public; what follows is our reading (docs/methods/tinybev.
   * motion: at the same cells, the student's modes regress the teacher's most probable
     trajectory (winner takes all, with the mode cross-entropy);
   * occupancy: the per-cell Bernoulli KL from the teacher's occupancy logits, over the steps;
-  * planning: L1 to the teacher's plan for every command.
+  * planning: L1 to the teacher's commanded plan (the batch's command on both sides: the
+    teacher was trained on that plan only, its other two are untrained outputs).
 * **Region-aware weights** (``region``, stage S3): per BEV cell,
   ``r = (fg + d) / 2`` with ``fg`` the teacher's foreground confidence (its largest class
   probability over the map and object heads) and ``d`` the largest teacher-student probability
@@ -28,7 +29,11 @@ No code of TinyBEV is public; what follows is our reading (docs/methods/tinybev.
   for the map term); the box and motion terms weigh their cells by ``w`` there.
 * **Stages.** S1 (feature only), S2 (+ output) and S3 (+ region weights) are recipes
   (``distill/tiny-c-tinybev-s1..s3``); each later stage starts from the previous stage's student
-  (``init_from``), with fresh adapters.
+  (``init_from``), with fresh adapters. What each stage holds is our reading too: the paper names
+  three stages and three kinds of supervision, not this split.
+
+The object-level terms (heatmap, boxes, motion at the teacher's detections) need both models'
+object heads over the same classes; the map, occupancy and planning terms do not.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from bridgeta.config import DistillConfig, TinyBEVConfig
 from bridgeta.distill.base import Distiller, bernoulli_kl_cells, register
 from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.head import BEVGridTransform
-from bridgeta.models.motion_head import winner_takes_all
+from bridgeta.models.motion_head import select_command, winner_takes_all
 from bridgeta.models.object_head import gather_cells
 from bridgeta.models.types import BEVInputs, BEVOutputs
 
@@ -146,11 +151,15 @@ class TinyBEVDistiller(Distiller):
                 per_cell = (self.adapters[level](s.float()) - t.float()).pow(2).mean(dim=1)
                 losses[f"kd/feature_{level}"] = settings.feature * weighted_mean(per_cell, weights)
         if settings.output > 0:
-            losses.update(self._output_terms(student, teacher, weights, logs))
+            targets = getattr(self, "task_targets", None)
+            command = targets.plan.command if targets is not None and targets.plan is not None else None
+            losses.update(self._output_terms(student, teacher, weights, logs, command))
         return losses
 
     def _output_terms(self, student: BEVOutputs, teacher: BEVOutputs, weights: torch.Tensor | None,
-                      logs: dict[str, float]) -> dict[str, torch.Tensor]:
+                      logs: dict[str, float], command: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The output-level terms; ``command`` ``(B,)``: the batch's driving commands (the plan
+        term needs them)."""
         settings, heads, temperature = self.settings, self.settings.heads, self.config.temperature
         scale = settings.output
         map_weights = None
@@ -160,11 +169,32 @@ class TinyBEVDistiller(Distiller):
         losses = {"kd/out_map": scale * heads.map * weighted_mean(
             bernoulli_kl_cells(teacher.logits, student.logits, temperature), map_weights)}
         pair = self.object_pair(student, teacher)
-        if pair is None:
-            return losses
+        if pair is not None:
+            losses.update(self._object_terms(student, teacher, pair, weights, logs))
+        if student.occupancy is not None and teacher.occupancy is not None and heads.occupancy > 0:
+            steps = min(student.occupancy.shape[1], teacher.occupancy.shape[1])
+            losses["kd/out_occupancy"] = scale * heads.occupancy * weighted_mean(
+                bernoulli_kl_cells(teacher.occupancy[:, :steps], student.occupancy[:, :steps], temperature), weights)
+        if student.plan is not None and teacher.plan is not None and heads.plan > 0:
+            if command is None:
+                raise ValueError("tinybev's plan term distils the commanded plan: it needs the batch's "
+                                 "plan targets (their command)")
+            steps = min(student.plan.shape[2], teacher.plan.shape[2])
+            # The teacher learnt the commanded plan only (planning_loss): its other two are
+            # outputs no loss has shaped, nothing to teach.
+            losses["kd/out_plan"] = scale * heads.plan * F.l1_loss(
+                select_command(student.plan[:, :, :steps].float(), command),
+                select_command(teacher.plan[:, :, :steps].float(), command))
+        return losses
+
+    def _object_terms(self, student: BEVOutputs, teacher: BEVOutputs, pair, weights: torch.Tensor | None,
+                      logs: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Heatmap KL, boxes and motion at the teacher's confident detections."""
+        settings, heads, temperature = self.settings, self.settings.heads, self.config.temperature
+        scale = settings.output
         s_obj, t_obj = pair
-        losses["kd/out_heatmap"] = scale * heads.heatmap * weighted_mean(
-            bernoulli_kl_cells(t_obj.heatmap, s_obj.heatmap, temperature), weights)
+        losses = {"kd/out_heatmap": scale * heads.heatmap * weighted_mean(
+            bernoulli_kl_cells(t_obj.heatmap, s_obj.heatmap, temperature), weights)}
         cells, confident = teacher_detection_cells(t_obj.heatmap, settings.confidence)
         logs["out/teacher_detections"] = float(confident.float().sum(dim=1).mean())
         cell_weights = confident.float()
@@ -185,11 +215,4 @@ class TinyBEVDistiller(Distiller):
                                       cell_weights.flatten() if weights is not None else None)
             mode_weight = self.student.config.heads.motion.mode_weight if self.student.config.heads.motion else 0.5
             losses["kd/out_motion"] = scale * heads.motion * (l1 + mode_weight * ce)
-        if student.occupancy is not None and teacher.occupancy is not None and heads.occupancy > 0:
-            steps = min(student.occupancy.shape[1], teacher.occupancy.shape[1])
-            losses["kd/out_occupancy"] = scale * heads.occupancy * weighted_mean(
-                bernoulli_kl_cells(teacher.occupancy[:, :steps], student.occupancy[:, :steps], temperature), weights)
-        if student.plan is not None and teacher.plan is not None and heads.plan > 0:
-            steps = min(student.plan.shape[2], teacher.plan.shape[2])
-            losses["kd/out_plan"] = scale * heads.plan * F.l1_loss(student.plan[:, :, :steps].float(), teacher.plan[:, :, :steps])
         return losses

@@ -6,18 +6,20 @@
   the model detects the agent: every true agent matched by a detection (same class, centres
   within 2 m, greedy by score as the detection metric matches), its trajectories read at the
   detection's cell and placed at the detection's centre, against the true future positions, so
-  localisation errors count; ``recall`` is the share of the detection-free set's agents matched. minADE/minFDE over the
-  head's K modes and the miss rate at 2 m (bridgeta/motion_metrics.py, the nuScenes prediction
-  definitions).
-* **Occupancy**: the IoU per future step of the thresholded (0.5) occupancy against the agents'
-  rasterised future boxes, over the split, and its mean (bridgeta/models/occupancy_head.py).
+  localisation errors count; ``recall`` is the share of the detection-free set's agents matched.
+  minADE over the head's K modes on every agent with a future step, minFDE and the two miss rates
+  at 2 m on the agents whose future is complete (bridgeta/motion_metrics.py).
+* **Occupancy**: the IoU per future step of the thresholded (0.5) occupancy against every vehicle's
+  and pedestrian's annotated box at that keyframe, over the split, and its mean
+  (bridgeta/models/occupancy_head.py).
 * **Planning** (UniAD/VAD): on the samples whose every future step exists, the commanded plan
-  against the logged ego path, L2 at 1, 2 and 3 s, and the box-collision rate with the annotated
-  agents' future boxes, excluding the steps where the logged path collides too. Future boxes keep
-  each agent's size and take the heading of its motion
-  (:func:`~bridgeta.motion_metrics.path_headings`); the planned ego box too. The logged ego
-  path's own rate is reported beside it (``logged_collision@...``): the floor that annotation
-  and the box approximation leave.
+  against the logged ego path, L2 and the box-collision rate at 1, 2 and 3 s in UniAD's
+  convention (at the horizon) and ST-P3's / VAD's (averaged up to it). The truth boxes are every
+  vehicle and pedestrian annotated at each future keyframe, with the size and heading annotated
+  then; the logged ego box takes the logged heading, the planned one the heading of the plan's
+  motion (:func:`~bridgeta.motion_metrics.path_headings`). Steps where the logged path collides
+  too are not counted, and the logged path's own rates are reported beside (``logged_collision@...``):
+  the floor that annotation and the box approximation leave.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from bridgeta.models.motion_head import MotionOutputs, select_command
 from bridgeta.models.object_head import centre_cells, decode_with, match_detections
 from bridgeta.models.occupancy_head import OccupancyIoU
 from bridgeta.models.targets import build_task_targets
-from bridgeta.motion_metrics import collision_rate, forecasting_metrics, future_boxes, path_headings, planning_l2
+from bridgeta.motion_metrics import (
+    FORECASTING_KEYS,
+    PLANNING_HORIZONS,
+    collision_rate,
+    forecasting_metrics,
+    path_headings,
+    planning_l2,
+)
 
 
 class MotionPlanningMetric:
@@ -75,8 +84,8 @@ class MotionPlanningMetric:
             for b, meta in enumerate(metas):
                 objects = meta["objects"]
                 origin, yaw = objects["ego_position"].float().to(device), float(objects.get("ego_yaw", 0.0))
-                self.plans.append(self._ego_boxes(planned[b] + origin, origin, yaw, plan.mask[b]).cpu())
-                self.logged.append(self._ego_boxes(plan.displacement[b] + origin, origin, yaw, plan.mask[b]).cpu())
+                self.plans.append(self._planned_boxes(planned[b] + origin, origin, yaw, plan.mask[b]).cpu())
+                self.logged.append(self._logged_boxes(plan.displacement[b] + origin, objects, plan.mask[b]).cpu())
                 self.plan_masks.append(plan.mask[b].cpu())
                 agents, masks = self._agent_boxes(objects, plan.mask.shape[-1])
                 self.agents.append(agents)
@@ -114,27 +123,32 @@ class MotionPlanningMetric:
             self.detected.append((placed, future[agents_index], mask[agents_index]))
 
     @staticmethod
-    def _ego_boxes(path: torch.Tensor, origin: torch.Tensor, yaw: float, mask: torch.Tensor) -> torch.Tensor:
-        """``(T, 3)`` x, y, yaw of the ego along ``path`` ``(T, 2)`` (absolute, same frame)."""
+    def _planned_boxes(path: torch.Tensor, origin: torch.Tensor, yaw: float, mask: torch.Tensor) -> torch.Tensor:
+        """``(T, 3)`` x, y, yaw of the planned ego along ``path`` ``(T, 2)`` (absolute, same
+        frame): a plan is positions only, so each box takes the heading of the plan's motion."""
         full = torch.cat([origin[None], path], dim=0)[None]
         valid = torch.cat([torch.ones(1, dtype=torch.bool, device=mask.device), mask])[None]
         headings = path_headings(full, torch.tensor([yaw], device=path.device), valid)[0, 1:]
         return torch.cat([path, headings[:, None]], dim=1)
 
     @staticmethod
+    def _logged_boxes(path: torch.Tensor, objects: dict, mask: torch.Tensor) -> torch.Tensor:
+        """``(T, 3)`` x, y, yaw of the logged ego along ``path`` ``(T, 2)``: its logged headings
+        (``ego_future_yaw``), padded where the head looks further than the cache's path."""
+        steps = len(path)
+        yaw = objects["ego_future_yaw"].float()[:steps].to(path.device)
+        yaw = torch.cat([yaw, yaw.new_zeros(steps - len(yaw))]) * mask.float()
+        return torch.cat([path, yaw[:, None]], dim=1)
+
+    @staticmethod
     def _agent_boxes(objects: dict, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sample's agents as ``(A, T, 5)`` boxes (x, y, length, width, yaw) per future step,
-        with ``(A, T)`` the steps their tracks have."""
-        boxes = objects["boxes"].float()
-        count = len(boxes)
-        if count == 0 or "future" not in objects:
-            return torch.zeros(0, steps, 5), torch.zeros(0, steps, dtype=torch.bool)
-        present = objects["future_mask"][:, :steps]
-        agents = future_boxes(boxes, objects["future"][:, :steps], present)
-        if agents.shape[1] < steps:  # tracks shorter than the horizon everywhere in this sample
+        """The sample's future agents (every vehicle and pedestrian annotated at each future
+        keyframe) as ``(A, T, 5)`` boxes (x, y, length, width, yaw), present where ``(A, T)``."""
+        agents, present = objects["future_agents"][:, :steps].float(), objects["future_agents_mask"][:, :steps]
+        if agents.shape[1] < steps:  # a head that looks further than the cache's keyframes
             pad = steps - agents.shape[1]
-            agents = torch.cat([agents, agents.new_zeros(count, pad, 5)], dim=1)
-            present = torch.cat([present, present.new_zeros(count, pad)], dim=1)
+            agents = torch.cat([agents, agents.new_zeros(len(agents), pad, 5)], dim=1)
+            present = torch.cat([present, present.new_zeros(len(present), pad)], dim=1)
         return agents, present
 
     def compute(self) -> dict:
@@ -144,7 +158,7 @@ class MotionPlanningMetric:
                 predicted, truth, mask = (torch.cat([d[k] for d in self.detected]) for k in range(3))
                 matched = forecasting_metrics(predicted, truth, mask)
             else:
-                matched = {"minADE": math.nan, "minFDE": math.nan, "miss_rate": math.nan, "agents": 0}
+                matched = {**dict.fromkeys(FORECASTING_KEYS, math.nan), "agents": 0, "complete_agents": 0}
             out["motion_detected"] = {**matched, "recall": matched["agents"] / self.agents_seen,
                                       "matched_to": "detections (same class, 2 m)"}
         if self.motion:
@@ -154,7 +168,7 @@ class MotionPlanningMetric:
                 mask = torch.cat([f[2] for f in self.forecasts])
                 out["motion"] = {**forecasting_metrics(predicted, truth, mask), "matched_to": "ground-truth agents"}
             else:
-                out["motion"] = {"minADE": math.nan, "minFDE": math.nan, "miss_rate": math.nan, "agents": 0,
+                out["motion"] = {**dict.fromkeys(FORECASTING_KEYS, math.nan), "agents": 0, "complete_agents": 0,
                                  "matched_to": "ground-truth agents"}
         if self.occupancy is not None:
             out["occupancy"] = self.occupancy.compute()
@@ -163,7 +177,7 @@ class MotionPlanningMetric:
             complete = mask.all(dim=1)  # UniAD scores the samples whose every future step exists
             index = complete.nonzero().flatten().tolist()
             # The protocol's horizons (1, 2, 3 s) that the head's steps (2 Hz) reach.
-            horizons = tuple(h for h in (1.0, 2.0, 3.0) if h <= 0.5 * mask.shape[1])
+            horizons = tuple(h for h in PLANNING_HORIZONS if h <= 0.5 * mask.shape[1])
             if index and horizons:
                 out["planning"] = {
                     **planning_l2(planned[complete, :, :2], logged[complete, :, :2], mask[complete], horizons=horizons),

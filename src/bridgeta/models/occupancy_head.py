@@ -1,10 +1,11 @@
 """Future occupancy of agents on the shared BEV: TinyBEV's (and UniAD's) occupancy task.
 
 The head predicts, per BEV cell of the decoded grid and per future keyframe (2 Hz), the logit
-that an agent's box covers the cell then. Targets are rasterised from the annotations: each
-agent's box (its size; the heading of its motion, as the planning metric's boxes) at the future
-centres its track has (:func:`occupancy_targets`); a cell is occupied when its centre lies inside
-a box. The loss is the sigmoid focal loss of the map head (occupied cells are few), and the
+that an agent's box covers the cell then. Targets are rasterised from the annotations of each
+future keyframe: every vehicle and pedestrian box annotated then, with its own size and heading,
+the same boxes the planning metric's collisions read (``meta["objects"]["future_agents"]``,
+bridgeta/data/dataset.py; :func:`occupancy_targets`); a cell is occupied when its centre lies
+inside a box. The loss is the sigmoid focal loss of the map head (occupied cells are few), and the
 figure is the IoU per future step over the grid (:class:`OccupancyIoU`), as FIERY and UniAD
 report future occupancy.
 """
@@ -17,7 +18,6 @@ from torch import nn
 from bridgeta.geometry import BEVGrid
 from bridgeta.losses import sigmoid_focal_loss
 from bridgeta.models.layers import conv_bn_relu
-from bridgeta.motion_metrics import future_boxes
 
 
 class OccupancyHead(nn.Module):
@@ -55,14 +55,11 @@ def rasterise_boxes(boxes: torch.Tensor, grid: BEVGrid) -> torch.Tensor:
 def occupancy_targets(annotations: list[dict], grid: BEVGrid, steps: int,
                       device: torch.device | str = "cpu") -> torch.Tensor:
     """``(B, T, X, Y)`` float: per sample and future step, the cells the agents' boxes cover.
-    ``annotations[b]`` is a sample's ``meta["objects"]`` (boxes, future centres and mask)."""
+    ``annotations[b]`` is a sample's ``meta["objects"]``: its ``future_agents`` ``(A, T', 5)``
+    boxes and ``future_agents_mask`` ``(A, T')``; steps beyond ``T'`` stay empty."""
     out = torch.zeros(len(annotations), steps, *grid.shape, device=device)
     for b, objects in enumerate(annotations):
-        boxes = objects["boxes"].float()
-        if len(boxes) == 0 or "future" not in objects:
-            continue
-        present = objects["future_mask"][:, :steps]
-        agents = future_boxes(boxes, objects["future"][:, :steps], present)
+        agents, present = objects["future_agents"][:, :steps].float(), objects["future_agents_mask"][:, :steps]
         for t in range(agents.shape[1]):
             here = present[:, t]
             if here.any():

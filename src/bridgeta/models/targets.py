@@ -1,9 +1,10 @@
 """Every head's targets of a batch, and the student's task losses, in one place.
 
 The loader gives each sample's annotations in its metadata (``meta["objects"]``: boxes, labels,
-the agents' future centres, the ego's future path and command; bridgeta/data/dataset.py). A
-multi-task model's trainer and its distiller both need the same targets and the same task terms,
-so they are built here once per batch, for whichever heads the model has.
+the agents' future centres, every vehicle's and pedestrian's future boxes, the ego's future path
+and command; bridgeta/data/dataset.py). A multi-task model's trainer and its distiller both need
+the same targets and the same task terms, so they are built here once per batch, for whichever
+heads the model has.
 """
 
 from __future__ import annotations
@@ -49,13 +50,13 @@ def build_task_targets(model, metas: list[dict], device: torch.device | str) -> 
             model.feature_grid, config.heads.motion.steps, settings.max_objects,
         )
     if config.heads.occupancy is not None:
-        missing = [m["token"] for m, a in zip(metas, annotations) if "future" not in a]
+        missing = [m["token"] for m, a in zip(metas, annotations) if "future_agents" not in a]
         if missing:
             raise ValueError(f"sample {missing[0]} has no agent futures in its cache; run bridgeta data prepare "
                              "--force for a model with an occupancy head")
         targets.occupancy = occupancy_targets(annotations, model.feature_grid, config.heads.occupancy.steps, device)
     if config.heads.plan is not None:  # its collisions read the agents' futures too
-        missing = [m["token"] for m, a in zip(metas, annotations) if "ego_future" not in a or "future" not in a]
+        missing = [m["token"] for m, a in zip(metas, annotations) if "ego_future" not in a or "future_agents" not in a]
         if missing:
             raise ValueError(f"sample {missing[0]} has no ego or agent futures in its cache; run bridgeta data prepare "
                              "--force for a model with a planning head")
