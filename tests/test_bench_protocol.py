@@ -222,6 +222,26 @@ def test_rendered_protocol_and_paired_tables():
     assert "| 0.3 |" in rows["direct"] and rows["teacher"].endswith("| – | – | – |")
 
 
+def test_training_seconds_count_each_step_once_after_a_resume():
+    from bridgeta.engine.logging import training_seconds
+
+    rows = [{"step": 10, "step_time_s": 1.0}, {"step": 20, "step_time_s": 2.0},
+            {"step": 20, "eval": {"miou": 0.1}},
+            # killed after step 30, resumed from the checkpoint at 20: 30 is logged again, faster
+            {"step": 30, "step_time_s": 9.0}, {"step": 30, "step_time_s": 3.0}, {"step": 40, "step_time_s": 1.0}]
+    assert training_seconds(rows) == pytest.approx(10 * 1.0 + 10 * 2.0 + 10 * 3.0 + 10 * 1.0)
+    assert training_seconds([]) == 0.0
+
+
+def test_the_protocol_table_gives_the_training_time():
+    from bridgeta.report import render_protocol
+
+    results = {**_fabricated_protocol_results(), "budget": {"runs": 40, "train_hours": 5.25, "pretrain_hours": 0.1,
+                                                           "run_hours": {}}}
+    assert "| training time so far (logged step times of 40 runs; evaluation not counted) | 5.2 h, plus 6 min" \
+        in render_protocol(results)
+
+
 def test_rendered_fair_sweep_marks_each_methods_choice():
     from bridgeta.report import render_distill_sweep
 

@@ -273,6 +273,10 @@ def render_protocol(results: dict) -> str:
         delta = table["baseline"]["miou"]["mean"] - table["baseline_scratch"]["miou"]["mean"]
         lines.append(f"| baseline test mIoU, pretrained − random backbone | {points(delta)} "
                      f"(pretrained {_cell(table['baseline']['miou'])}, random {_cell(table['baseline_scratch']['miou'])}) |")
+    budget = results.get("budget")
+    if budget:
+        lines.append(f"| training time so far (logged step times of {budget['runs']} runs; evaluation not counted) | "
+                     f"{budget['train_hours']:.1f} h, plus {60 * budget['pretrain_hours']:.0f} min of backbone pretraining |")
     for method, row in results.get("reproducibility", {}).items():
         trained = (row.get("table_trained_by") or {}).get("commit", "?")
         again = (row.get("rerun_trained_by") or {}).get("commit", "?")

@@ -402,6 +402,7 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
         "camera_fusion_ratio": _camera_fusion_ratio(table),
         "diagnostics": diagnostics,
         "pretraining": _pretraining(protocol),
+        "budget": _budget(work, protocol),
         "reproducibility": reproducibility,
         "runs": runs,
         "table": table,
@@ -432,6 +433,21 @@ def _pretraining(protocol: Protocol) -> dict | None:
     return {k: summary[k] for k in keep if k in summary}
 
 
+def _budget(work: Path, protocol: Protocol) -> dict:
+    """What the protocol has cost so far: the optimiser-step time of every run under
+    ``work/runs`` (teacher, TAs, sweep, test seeds, reruns, scratch baselines; evaluation not
+    counted), and the backbone's pretraining. Step times of runs that shared the CPU with other
+    jobs are longer than alone."""
+    from bridgeta.engine.logging import read_metrics, training_seconds
+
+    per_run = {}
+    for metrics in sorted((work / "runs").rglob("metrics.jsonl")):
+        per_run[str(metrics.parent.relative_to(work / "runs"))] = training_seconds(read_metrics(metrics.parent))
+    pretrain = (_pretraining(protocol) or {}).get("seconds") or 0.0
+    return {"runs": len(per_run), "train_hours": sum(per_run.values()) / 3600, "pretrain_hours": pretrain / 3600,
+            "run_hours": {name: seconds / 3600 for name, seconds in per_run.items()}}
+
+
 def _write_summary(out: Path, started: dict, dataroot: Path, protocol: Protocol, runs: dict[str, list[dict]],
                    runs_dir: Path, preset_name: str) -> dict:
     """``partial.json``: the table over the runs finished so far, and the curves."""
@@ -445,6 +461,7 @@ def _write_summary(out: Path, started: dict, dataroot: Path, protocol: Protocol,
         "convergence_last_quarter_gain": {k: last_quarter_gain(v) for k, v in convergence.items()},
         "finished": {role: [r["seed"] for r in results] for role, results in runs.items()},
         "pretraining": _pretraining(protocol),
+        "budget": _budget(runs_dir.parent, protocol),
         "table": aggregate(runs) if runs else {},
         "preset": {"name": preset_name},
     }

@@ -125,6 +125,19 @@ def progress_bar(total: int, initial: int, enabled: bool, desc: str = "train") -
     )
 
 
+def training_seconds(rows: list[dict[str, Any]]) -> float:
+    """The optimiser-step time of a run, from its ``metrics.jsonl`` rows: each logged window's
+    mean ``step_time_s`` times the steps since the previous window. A resumed run logs the steps
+    after its checkpoint again; the last logging of a step counts, so this is the time of the
+    kept trajectory (without evaluation, and without the steps a kill threw away)."""
+    windows = {int(r["step"]): float(r["step_time_s"]) for r in rows if "step_time_s" in r and "step" in r}
+    seconds, previous = 0.0, 0
+    for step in sorted(windows):
+        seconds += (step - previous) * windows[step]
+        previous = step
+    return seconds
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of a run's ``metrics.jsonl``, in order; errors name the file and line."""
     path = Path(run_dir) / METRICS_FILE
