@@ -13,6 +13,19 @@ import torch
 from bridgeta.motion_metrics import boxes_overlap, collision_rate, forecasting_metrics, planning_l2
 
 
+
+def _plain_and_augmented(engine_world):
+    """The train split of the engine world for an object-head student, as is and augmented."""
+    from engine_helpers import small_student_config
+
+    from bridgeta.data.dataset import BEVMapDataset
+    from bridgeta.models.bev_model import build_model
+
+    config = small_student_config(engine_world, "model.heads.object={}")
+    model = build_model(config)
+    return (BEVMapDataset.for_model(config.data, model, "train"),
+            BEVMapDataset.for_model(config.data, model, "train", train=True, seed=5))
+
 def test_min_ade_fde_and_both_miss_rates_by_hand():
     truth = torch.zeros(3, 3, 2)
     truth[:, :, 0] = torch.tensor([1.0, 2.0, 3.0])  # every agent drives 1 m per step along x
@@ -137,15 +150,9 @@ def test_cached_futures_follow_the_tracks_and_the_ego_poses(engine_world):
 def test_the_loader_gives_future_tracks_and_ego_paths_in_the_augmented_frame(engine_world):
     import numpy as np
 
-    from engine_helpers import small_student_config
+    from bridgeta.data.dataset import driving_command
 
-    from bridgeta.data.dataset import BEVMapDataset, driving_command
-    from bridgeta.models.bev_model import build_model
-
-    config = small_student_config(engine_world, "model.heads.object={}")
-    model = build_model(config)
-    plain = BEVMapDataset.for_model(config.data, model, "train")
-    moved = BEVMapDataset.for_model(config.data, model, "train", train=True, seed=5)
+    plain, moved = _plain_and_augmented(engine_world)
     checked = 0
     for index in range(len(plain)):
         a, b = plain[index].meta["objects"], moved[index]
@@ -181,18 +188,12 @@ def test_the_future_agents_are_every_vehicle_and_pedestrian_annotated_at_each_fu
     from nuscenes import NuScenes
     from nuscenes.eval.detection.utils import category_to_detection_name
 
-    from engine_helpers import small_student_config
-
-    from bridgeta.data.dataset import FUTURE_AGENT_CLASSES, BEVMapDataset
+    from bridgeta.data.dataset import FUTURE_AGENT_CLASSES
     from bridgeta.data.nuscenes_writer import quaternion_to_matrix
     from bridgeta.data.prepare import pose_matrix
-    from bridgeta.models.bev_model import build_model
 
     nusc = NuScenes(version="v1.0-trainval", dataroot=str(engine_world), verbose=False)
-    config = small_student_config(engine_world, "model.heads.object={}")
-    model = build_model(config)
-    plain = BEVMapDataset.for_model(config.data, model, "train")
-    moved = BEVMapDataset.for_model(config.data, model, "train", train=True, seed=5)
+    plain, moved = _plain_and_augmented(engine_world)
     boxes = 0
     for index in range(len(plain)):
         sample, shifted = plain[index], moved[index]
