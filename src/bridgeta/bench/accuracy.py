@@ -235,6 +235,41 @@ def _capped(count: int, cap: int | None) -> int:
     return min(count, cap) if cap else count
 
 
+# The row that partners a family's ablations when the family's chosen lambda is 0.
+PARTNERS = {"bridgeta": "bridgeta_kd", "monotakd": "monotakd_kd"}
+
+
+def _family(method: str) -> str | None:
+    """The tuned method whose weights an untuned variant takes (None for tuned and other methods)."""
+    if method in ("baseline", "teacher", *TUNED_METHODS) or is_tinybev(method) or method in PARTNERS.values():
+        return None
+    return "monotakd" if is_monotakd(method) else "bridgeta"
+
+
+def ablation_lambdas(methods: Sequence[str], chosen: dict[str, float | None], points: list[dict]) -> dict[str, float | None]:
+    """The lambda of each untuned variant (an ablation such as ``fixed_epsilon`` or
+    ``monotakd_no_sam``), and of its family's partner row.
+
+    A variant takes its family's chosen lambda. When that is 0, the family's teacher terms are
+    off, and an ablation that changes or removes one of them would be the family itself: it
+    then runs at the family's best lambda > 0 on the validation sweep instead, and the family at
+    that lambda joins the table as ``PARTNERS[family]`` (``bridgeta_kd``), the run the ablation
+    is compared with (and Figure 5's BridgeTA curve)."""
+    out: dict[str, float | None] = {}
+    for method in methods:
+        family = _family(method)
+        if family is None:
+            continue
+        lam = chosen.get(family)
+        if lam == 0:
+            positive = [p for p in points if p["method"] == family and p["lambda"] > 0]
+            if positive:
+                lam = max(positive, key=lambda p: p["val_miou"])["lambda"]
+                out[PARTNERS[family]] = lam
+        out[method] = lam
+    return out
+
+
 def seeds_of(method: str, preset: AccuracyPreset, cap: int | None) -> int:
     return _capped(preset.seeds.get(method, preset.default_seeds), cap)
 
@@ -332,10 +367,8 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
         chosen.update(sweep["chosen"])
         if until == "sweep":
             return sweep
-        for method in methods:  # the other variants take their method's weights
-            if method not in ("baseline", *TUNED_METHODS) and not is_tinybev(method):
-                family = "monotakd" if is_monotakd(method) else "bridgeta"
-                chosen[method] = chosen.get(family) if family in tuned else None
+        for method, lam in ablation_lambdas(methods, chosen, sweep["points"]).items():
+            chosen[method] = lam
 
     # Stage 3: every method's seeds at its chosen lambda, evaluated on the test towns.
     print("== stage 3: test seeds", flush=True)
@@ -343,6 +376,14 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     stage3 = [(m, method_job(m, s, dataroot, runs_dir, protocol, chosen[m], ("val", "test")))
               for m in methods if m != "baseline" and not (summary and preset.lambdas and chosen[m] is None)
               for s in range(seeds_of(m, preset, seed_cap))]
+    # The partner of a family's ablations, where the family chose lambda = 0 (see
+    # ablation_lambdas): the family itself at its ablations' lambda, as many seeds as they have.
+    # Its first seeds are the sweep's own runs, so they only get evaluated on the test towns.
+    for family, partner in PARTNERS.items():
+        if partner in chosen:
+            ablations = [m for m in methods if _family(m) == family and m not in TUNED_METHODS]
+            stage3 += [(partner, method_job(family, s, dataroot, runs_dir, protocol, chosen[partner], ("val", "test")))
+                       for s in range(max(seeds_of(m, preset, seed_cap) for m in ablations))]
     # In waves: a staged method (TinyBEV's S2, S3) starts once its previous stage has finished.
     results3: list = [None] * len(stage3)
     for depth in sorted({stage_depth(m) for m, _ in stage3}):
@@ -380,9 +421,9 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     splits = json.loads((dataroot / "bridgeta_splits.json").read_text())
     convergence = _convergence(runs_dir, protocol)
     diagnostics = {}
-    for method in ("direct", "bridgeta", "fixed_epsilon"):
-        if method in methods:
-            run_dir = runs_dir / run_name(method, 0, protocol, chosen[method])
+    for method in ("direct", "bridgeta", "fixed_epsilon", "bridgeta_kd"):
+        if method in methods or method in chosen:
+            run_dir = runs_dir / run_name(_run_method(method), 0, protocol, chosen[method])
             diagnostics[method] = training_diagnostics(read_metrics(run_dir))
     result = {
         "environment": started,
@@ -393,7 +434,7 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
             "val_scenes": len(splits["val"]),
             "train_scenes": len(splits["train"]),
             "jobs": jobs,
-            "lambdas": {m: chosen[m] for m in methods if m != "baseline"},
+            "lambdas": {m: chosen[m] for m in (*methods, *PARTNERS.values()) if m != "baseline" and m in chosen},
         },
         "epochs": protocol.epochs,
         "learned_classes": learned_classes(runs),
@@ -413,6 +454,11 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     extra = [t for t in (format_detection_markdown(result), format_multitask_markdown(result)) if t]
     (out / "table.md").write_text(format_markdown(result) + "\n" + "".join(f"\n{t}\n" for t in extra))
     return result
+
+
+def _run_method(role: str) -> str:
+    """The method that trains a table row's runs (a partner row's is its family)."""
+    return next((family for family, partner in PARTNERS.items() if partner == role), role)
 
 
 def _camera_fusion_ratio(table: dict) -> float:
@@ -479,13 +525,15 @@ def _figures(out: Path, runs_dir: Path, protocol: Protocol, chosen: dict, method
     figures = {}
     if any(convergence.values()):  # a protocol without curve points draws none
         figures["convergence"] = plot_validation_curves(convergence, out / "convergence.png")
-    # A method whose chosen lambda is 0 without a TA is the baseline run: it logs no gap.
-    distilled = [m for m in ("direct", "bridgeta", "fixed_epsilon")
-                 if m in methods and not is_baseline_point(m, chosen[m])]
+    # A method whose chosen lambda is 0 without a TA is the baseline run: it logs no gap. Where
+    # BridgeTA chose 0, its curve is its partner's (the teacher terms on, the ablation's lambda).
+    bridgeta = "bridgeta_kd" if "bridgeta_kd" in chosen else "bridgeta"
+    distilled = [m for m in ("direct", bridgeta, "fixed_epsilon")
+                 if (m in methods or m in chosen) and not is_baseline_point(_run_method(m), chosen[m])]
     if distilled:
-        dirs = [runs_dir / run_name(m, 0, protocol, chosen[m]) for m in distilled]
+        dirs = [runs_dir / run_name(_run_method(m), 0, protocol, chosen[m]) for m in distilled]
         figures["gap"] = plot_gap(dirs, out / "representation_gap.png", labels=list(distilled))
-        if "bridgeta" in distilled or "fixed_epsilon" in distilled:
+        if bridgeta in distilled or "fixed_epsilon" in distilled:
             figures["epsilon"] = plot_gap(dirs, out / "epsilon.png", labels=list(distilled), quantity="epsilon")
     return {name: path.name for name, path in figures.items()}
 
