@@ -703,6 +703,14 @@ def parse_config(data: dict, source: str = "<dict>") -> ExperimentConfig:
         raise ConfigError(f"{source}: {exc}") from None
 
 
+def matches_stored(path: str | Path, config: ExperimentConfig) -> bool:
+    """Whether the config file ``path`` (a run's ``config.yaml``), read by this version, is
+    ``config``: parsed, so keys an earlier version did not write compare at their defaults and
+    legacy keys migrate. Raises ConfigError or yaml.YAMLError for a file that does not parse."""
+    path = Path(path)
+    return to_dict(parse_config(yaml.safe_load(path.read_text()), str(path))) == to_dict(config)
+
+
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load a preset name or YAML file, apply ``key=value`` overrides, validate."""
     data, path = load_raw(name_or_path)

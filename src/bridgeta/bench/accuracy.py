@@ -381,7 +381,7 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     # Its first seeds are the sweep's own runs, so they only get evaluated on the test towns.
     for family, partner in PARTNERS.items():
         if partner in chosen:
-            ablations = [m for m in methods if _family(m) == family and m not in TUNED_METHODS]
+            ablations = [m for m in methods if _family(m) == family]
             stage3 += [(partner, method_job(family, s, dataroot, runs_dir, protocol, chosen[partner], ("val", "test")))
                        for s in range(max(seeds_of(m, preset, seed_cap) for m in ablations))]
     # In waves: a staged method (TinyBEV's S2, S3) starts once its previous stage has finished.
@@ -422,7 +422,7 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     convergence = _convergence(runs_dir, protocol)
     diagnostics = {}
     for method in ("direct", "bridgeta", "fixed_epsilon", "bridgeta_kd"):
-        if method in methods or method in chosen:
+        if method in chosen:  # the methods run, and a partner row
             run_dir = runs_dir / run_name(_run_method(method), 0, protocol, chosen[method])
             diagnostics[method] = training_diagnostics(read_metrics(run_dir))
     result = {
@@ -529,7 +529,7 @@ def _figures(out: Path, runs_dir: Path, protocol: Protocol, chosen: dict, method
     # BridgeTA chose 0, its curve is its partner's (the teacher terms on, the ablation's lambda).
     bridgeta = "bridgeta_kd" if "bridgeta_kd" in chosen else "bridgeta"
     distilled = [m for m in ("direct", bridgeta, "fixed_epsilon")
-                 if (m in methods or m in chosen) and not is_baseline_point(_run_method(m), chosen[m])]
+                 if m in chosen and not is_baseline_point(_run_method(m), chosen[m])]
     if distilled:
         dirs = [runs_dir / run_name(_run_method(m), 0, protocol, chosen[m]) for m in distilled]
         figures["gap"] = plot_gap(dirs, out / "representation_gap.png", labels=list(distilled))

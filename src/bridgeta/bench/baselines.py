@@ -15,9 +15,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
-from bridgeta.config import load_config, parse_config, to_dict
+from bridgeta.config import load_config, matches_stored
 from bridgeta.provenance import environment, write_json
 
 BASELINE_PRESETS = ("tiny-lc", "tiny-c", "tiny-l")
@@ -97,9 +95,7 @@ def _check_same_run(run_dir: Path, config) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    # Parsed, so keys a run of an older version did not write compare at their defaults.
-    stored = to_dict(parse_config(yaml.safe_load(saved.read_text()), str(saved)))
-    if stored != to_dict(config):
+    if not matches_stored(saved, config):
         raise ValueError(
             f"{run_dir} holds a run with a different config (see its config.yaml): delete it or "
             "choose another output directory"

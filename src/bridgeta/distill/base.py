@@ -167,6 +167,7 @@ class Distiller(nn.Module):
         self.student = student
         self.config = config
         self.teacher = teacher
+        self.task_targets: TaskTargets | None = None  # the batch's, during forward
         if teacher is not None:
             self.freeze(teacher)
 
@@ -278,8 +279,7 @@ class Distiller(nn.Module):
 
     @property
     def object_targets(self) -> ObjectTargets | None:
-        targets = getattr(self, "task_targets", None)
-        return targets.objects if targets is not None else None
+        return self.task_targets.objects if self.task_targets is not None else None
 
     def distill(
         self, inputs: BEVInputs, labels: torch.Tensor, student: BEVOutputs, logs: dict[str, float]

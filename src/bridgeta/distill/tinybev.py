@@ -151,7 +151,7 @@ class TinyBEVDistiller(Distiller):
                 per_cell = (self.adapters[level](s.float()) - t.float()).pow(2).mean(dim=1)
                 losses[f"kd/feature_{level}"] = settings.feature * weighted_mean(per_cell, weights)
         if settings.output > 0:
-            targets = getattr(self, "task_targets", None)
+            targets = self.task_targets
             command = targets.plan.command if targets is not None and targets.plan is not None else None
             losses.update(self._output_terms(student, teacher, weights, logs, command))
         return losses

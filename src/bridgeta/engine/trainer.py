@@ -64,7 +64,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from bridgeta.config import ConfigError, ExperimentConfig, parse_config, to_dict, validate
+from bridgeta.config import ConfigError, ExperimentConfig, matches_stored, to_dict, validate
 from bridgeta.data.dataset import BEVMapDataset, collate_bev
 from bridgeta.precision import autocast_dtype, use_channels_last
 from bridgeta.engine.checkpoint import (
@@ -340,7 +340,7 @@ class _Trainer:
         if not stored.is_file():
             return False
         try:
-            return to_dict(parse_config(yaml.safe_load(stored.read_text()), str(stored))) == to_dict(self.config)
+            return matches_stored(stored, self.config)
         except (ConfigError, yaml.YAMLError):
             return False
 
