@@ -81,3 +81,27 @@ def test_distill_refuses_an_assistant_for_another_method(engine_world, tmp_path,
                      "--out", str(tmp_path / "run")]) == 2
     assert "--assistant is MonoTAKD's" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_distill_refuses_an_assistant_that_imitated_another_teacher(runs, engine_world, tmp_path, capsys):
+    other = write_teacher(tmp_path / "other.safetensors", engine_world, seed=5)
+    assert cli.main(["distill", "--config", "distill/tiny-c-monotakd", "--dataroot", str(engine_world), *SMALL,
+                     "--teacher", str(other), "--assistant", str(runs / "assistant"),
+                     "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "distill.monotakd.assistant" in err and "imitate the teacher" in err and str(other) in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_copy_of_the_imitated_teacher_is_the_same_teacher(runs, tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    from bridgeta.engine.trainer import check_assistant_teacher
+
+    config, _, _ = read_model_file(runs / "assistant")
+    copy = shutil.copy(runs / "teacher.safetensors", tmp_path / "copy.safetensors")
+    check_assistant_teacher(config, str(copy), "ta")  # the same bytes elsewhere: accepted
+    check_assistant_teacher(config, str(runs / "teacher.safetensors"), "ta")
+    moved = replace(config, distill=replace(config.distill, teacher=str(tmp_path / "gone.safetensors")))
+    check_assistant_teacher(moved, str(copy), "ta")  # a recorded teacher that is gone: only logged

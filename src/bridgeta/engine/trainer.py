@@ -146,11 +146,54 @@ def load_teacher(config: ExperimentConfig) -> BEVModel:
 
 def load_assistant(config: ExperimentConfig) -> BEVModel | None:
     """MonoTAKD's trained teaching assistant (``distill.monotakd.assistant``), or None when the
-    method reads none."""
+    method reads none. A TA that imitated another teacher is refused (:func:`check_assistant_teacher`)."""
+    from bridgeta.engine.evaluate import resolve_model_file
+
     settings = config.distill.monotakd if config.distill is not None else None
     if config.distill is None or config.distill.method != "monotakd" or settings is None or not settings.assistant:
         return None
-    return _load_input_model(settings.assistant, "distill.monotakd.assistant")
+    key = "distill.monotakd.assistant"
+    try:
+        model, assistant_config = load_model_file(resolve_model_file(settings.assistant))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"{key}: {exc}") from None
+    check_assistant_teacher(assistant_config, config.distill.teacher, settings.assistant)
+    return model
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_assistant_teacher(assistant_config: ExperimentConfig, teacher: str | None, assistant: str) -> None:
+    """MonoTAKD's CMRD subtracts the TA's BEV from the teacher's, so a TA trained to imitate one
+    teacher (``train-assistant --teacher``) is meaningless next to another: refuse the pair when the
+    two teachers' model files differ in content. A TA trained without imitation fits any teacher;
+    a recorded teacher that no longer exists (moved runs) cannot be checked and is only logged."""
+    from bridgeta.engine.evaluate import resolve_model_file
+
+    distill = assistant_config.distill
+    if distill is None or not distill.teacher or not teacher:
+        return
+    try:
+        imitated = resolve_model_file(distill.teacher)
+    except FileNotFoundError:
+        log.warning("distill.monotakd.assistant %s imitated the teacher %s, which no longer exists: "
+                    "cannot check that it is distill.teacher %s", assistant, distill.teacher, teacher)
+        return
+    current = resolve_model_file(teacher)  # load_teacher has already reported a missing one
+    if imitated.resolve() != current.resolve() and _file_digest(imitated) != _file_digest(current):
+        raise ValueError(
+            f"distill.monotakd.assistant {assistant} was trained to imitate the teacher {distill.teacher}, "
+            f"not distill.teacher {teacher}: train the assistant against this teacher "
+            "(bridgeta train-assistant --teacher ...)"
+        )
 
 
 def load_previous_stage(config: ExperimentConfig) -> BEVModel | None:
