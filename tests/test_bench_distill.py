@@ -49,7 +49,7 @@ def test_run_names_reuse_the_baselines_layout():
 
 
 def test_every_method_is_the_bridgeta_recipe_with_one_setting_changed(tmp_path):
-    protocol = bench_distill.Protocol(epochs=2, teacher_epochs=3)
+    protocol = bench_distill.Protocol(epochs=2, teacher_epochs=3, aligned_teacher="tiny-lc-mt")
     runs = tmp_path / "runs"
     configs = {}
     for method in bench_distill.METHODS:

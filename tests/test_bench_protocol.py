@@ -11,6 +11,7 @@ import pytest
 from bridgeta.bench import accuracy
 from bridgeta.bench import distill as bench_distill
 from bridgeta.config import load_config
+from bridgeta.engine.logging import read_metrics
 from engine_helpers import SMALL_TINY_C, SMALL_TINY_LC
 
 
@@ -411,6 +412,27 @@ def test_tinybev_stages_share_the_budget_and_start_from_the_previous_stage(tmp_p
     assert load_config("distill/tiny-c-tinybev-s1", ["data.dataroot=/d", *overrides]).distill.tinybev.init_from is None
 
 
+def test_bridgeta_on_the_tinybev_student_learns_from_the_detection_tables_teacher(tmp_path):
+    """BridgeTA takes no adapters: its row in TinyBEV's table reads a teacher of the student's
+    widths, the cpu-mt table's own teacher run (the same config, so the run is reused)."""
+    tinybev, mt = accuracy.PRESETS["cpu-tinybev"].protocol, accuracy.PRESETS["cpu-mt"].protocol
+    assert "tinybev_bridgeta" in accuracy.PRESETS["cpu-tinybev"].methods
+    assert bench_distill.run_name("aligned_teacher", 0, tinybev) == bench_distill.run_name("teacher", 0, mt)
+    assert (bench_distill.method_config("aligned_teacher", tmp_path, 0, tinybev)
+            == bench_distill.method_config("teacher", tmp_path, 0, mt))
+    preset, overrides = bench_distill.method_config("tinybev_bridgeta", tmp_path, 2, tinybev)
+    config = load_config(preset, ["data.dataroot=/d", *overrides])
+    assert preset == "distill/tiny-c-tinybev-bridgeta" and config.distill.method == "bridgeta"
+    assert config.distill.teacher == str(tmp_path / "tiny-lc-mt-seed0") and config.train.max_steps == 800
+    # The recipe is BridgeTA's, on TinyBEV's student with every head.
+    recipe = load_config(preset, ["data.dataroot=/d"])
+    assert recipe.distill == load_config("distill/tiny-c-bridgeta", ["data.dataroot=/d"]).distill
+    assert recipe.model == load_config("tiny-c-tinybev", ["data.dataroot=/d"]).model
+    for method in ("tinybev_bridgeta", "aligned_teacher"):  # a protocol without one
+        with pytest.raises(ValueError, match="no aligned teacher"):
+            bench_distill.method_config(method, tmp_path, 0, mt)
+
+
 def test_the_multitask_table_has_every_task_and_paired_deltas():
     from bridgeta.bench.accuracy import format_multitask_markdown
 
@@ -453,6 +475,7 @@ def test_staged_tinybev_end_to_end(engine_world, tmp_path):
                            "model.fuser={out_channels: 32}", "model.decoder.blocks=[[1,32,2],[1,32,1]]",
                            "model.decoder.out_channels=32"),
     )
+    protocol = replace(protocol, aligned_teacher="tiny-lc-mt", aligned_teacher_overrides=(*SMALL_TINY_LC, heads[0]))
     preset = replace(accuracy.PRESETS["cpu-tinybev"], protocol=protocol, default_seeds=1, pretrain_steps=0)
     out, work = tmp_path / "results", tmp_path / "work"
     result = accuracy.run_staged("test", out, work, engine_world, preset=preset)
@@ -461,6 +484,14 @@ def test_staged_tinybev_end_to_end(engine_world, tmp_path):
         config = load_config(str(runs / f"tiny-c-tinybev-tinybev_s{stage}-seed0" / "config.yaml"))
         assert config.distill.tinybev.init_from == str(runs / f"tiny-c-tinybev-{previous}-seed0")
         assert config.train.max_steps == 1
-    assert set(result["table"]) == {"teacher", "baseline", "tinybev_s1", "tinybev_s2", "tinybev_s3"}
+    assert set(result["table"]) == {"teacher", "aligned_teacher", "baseline", "tinybev_s1", "tinybev_s2",
+                                    "tinybev_s3", "tinybev_bridgeta"}
     assert "planning" in result["table"]["tinybev_s3"] and "motion" in result["table"]["tinybev_s3"]
-    assert "| `tinybev_s3` |" in (out / "table.md").read_text()
+    # BridgeTA distils the map and object heads of the same student, from the aligned teacher.
+    bridgeta = load_config(str(runs / "tiny-c-tinybev-tinybev_bridgeta-seed0" / "config.yaml"))
+    assert bridgeta.distill.teacher == str(runs / "tiny-lc-mt-seed0") and bridgeta.train.max_steps == 3
+    steps = [r for r in read_metrics(runs / "tiny-c-tinybev-tinybev_bridgeta-seed0") if "loss" in r]
+    assert {"kd/fld", "kd/lld", "kd/lld_object"} <= set(steps[-1])
+    assert "paired_vs_baseline" not in result["table"]["aligned_teacher"]
+    table = (out / "table.md").read_text()
+    assert "| `tinybev_s3` |" in table and table.count("| `tinybev_bridgeta` |") == 3  # map, detection, multi-task

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bridgeta.bench.distill import (
-    METHODS, STAGE_AFTER, TUNED_METHODS, Protocol, aggregate, is_baseline_point, is_monotakd, is_tinybev,
+    METHODS, STAGE_AFTER, TEACHER_ROLES, TUNED_METHODS, Protocol, aggregate, is_baseline_point, is_monotakd, is_tinybev,
     learned_classes, method_job, run_name, stage_depth, train_method,
 )
 from bridgeta.bench.distill import run as run_methods
@@ -96,14 +96,17 @@ PRESETS = {
         pretrain_steps=1000,
     ),
     # The multi-task table of TinyBEV (docs/methods/tinybev.md): the tiny-lc-tinybev teacher
-    # (every head, wider), the compact tiny-c-tinybev student without distillation, and the three
-    # stages, each from the previous one, sharing the student's step budget; 3 seeds.
+    # (every head, wider), the compact tiny-c-tinybev student without distillation, the three
+    # stages, each from the previous one, sharing the student's step budget, and BridgeTA on the
+    # same student from a teacher of its widths (no adapters); 3 seeds.
     "cpu-tinybev": AccuracyPreset(
         scenes=30, duration=20.0, world="tiny",
         protocol=Protocol(teacher="tiny-lc-tinybev", student="tiny-c-tinybev", student_steps=800,
                           teacher_steps=1600, curve_points=8, teacher_seeds=1,
-                          student_overrides=RESUMABLE, teacher_overrides=RESUMABLE),
-        methods=("baseline", "tinybev_s1", "tinybev_s2", "tinybev_s3"),
+                          student_overrides=RESUMABLE, teacher_overrides=RESUMABLE,
+                          # BridgeTA's row: cpu-mt's teacher (the same run when both share WORK_MT)
+                          aligned_teacher="tiny-lc-mt", aligned_teacher_overrides=RESUMABLE),
+        methods=("baseline", "tinybev_s1", "tinybev_s2", "tinybev_s3", "tinybev_bridgeta"),
         default_seeds=3,
         pretrain_steps=1000,
     ),
@@ -241,7 +244,8 @@ PARTNERS = {"bridgeta": "bridgeta_kd", "monotakd": "monotakd_kd"}
 
 def _family(method: str) -> str | None:
     """The tuned method whose weights an untuned variant takes (None for tuned and other methods)."""
-    if method in ("baseline", "teacher", *TUNED_METHODS) or is_tinybev(method) or method in PARTNERS.values():
+    if (method in ("baseline", *TEACHER_ROLES, "tinybev_bridgeta", *TUNED_METHODS) or is_tinybev(method)
+            or method in PARTNERS.values()):
         return None
     return "monotakd" if is_monotakd(method) else "bridgeta"
 
@@ -337,6 +341,9 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     print("== stage 1: teacher and baselines", flush=True)
     stage1 = [("teacher", method_job("teacher", s, dataroot, runs_dir, protocol, None, ("val", "test")))
               for s in range(teachers)]
+    if "tinybev_bridgeta" in methods:  # its teacher has the student's widths (Protocol.aligned_teacher)
+        stage1 += [("aligned_teacher", method_job("aligned_teacher", s, dataroot, runs_dir, protocol, None, ("val", "test")))
+                   for s in range(teachers)]
     stage1 += [("baseline", method_job("baseline", s, dataroot, runs_dir, protocol, None, ("val", "test")))
                for s in range(baseline_seeds)]
     scratch = replace(protocol, pretrained=None)

@@ -55,6 +55,13 @@ class Protocol:
     # Config overrides for every student run (methods included) and for the teacher.
     student_overrides: tuple[str, ...] = ()
     teacher_overrides: tuple[str, ...] = ()
+    # Where ``teacher`` is wider than the student (TinyBEV's pair), the teacher of the methods
+    # that take no adapters (BridgeTA's row, ``tinybev_bridgeta``): a fusion preset with the
+    # student's widths, trained on the teacher's schedule with these overrides. Its run is named
+    # like any teacher's (``<preset>-seed<s>``), so the detection table's teacher on the same
+    # work directory and schedule is reused.
+    aligned_teacher: str | None = None
+    aligned_teacher_overrides: tuple[str, ...] = ()
 
 
 # An epoch bound that never binds when a protocol counts steps.
@@ -94,6 +101,12 @@ METHODS: dict[str, tuple[str, ...] | None] = {
     "tinybev_s1": (),
     "tinybev_s2": (),
     "tinybev_s3": (),
+    # BridgeTA on TinyBEV's student, every head of it (``<tinybev_recipe>-bridgeta``): BridgeTA has
+    # no adapters, so it learns from ``Protocol.aligned_teacher`` ("aligned_teacher", a teacher
+    # row of its own) and distills the map and object heads; motion, occupancy and planning learn
+    # from their labels alone.
+    "aligned_teacher": None,
+    "tinybev_bridgeta": (),
 }
 # The run a staged method starts from: train it first, with the same seed.
 STAGE_AFTER = {"tinybev_s2": "tinybev_s1", "tinybev_s3": "tinybev_s2"}
@@ -131,6 +144,10 @@ def scaled_weights(method: str, scale: float, recipe: str) -> dict[str, float]:
     return {level: scale * value for level, value in weights.items()}
 
 
+# Table rows that are teachers: no paired deltas against a student.
+TEACHER_ROLES = ("teacher", "aligned_teacher")
+
+
 def is_monotakd(method: str) -> bool:
     return method == "monotakd" or method.startswith("monotakd_")
 
@@ -159,6 +176,8 @@ def run_name(method: str, seed: int, protocol: Protocol = Protocol(), scale: flo
     """
     if method == "teacher":
         return f"{protocol.teacher}-seed{seed}"
+    if method == "aligned_teacher":
+        return f"{_aligned_teacher(protocol)}-seed{seed}"
     if method == "baseline" or is_baseline_point(method, scale):
         return f"{protocol.student}-seed{seed}"
     lam = "" if scale is None else f"-lam{scale:g}"
@@ -176,6 +195,13 @@ def _schedule(steps: int | None, epochs: int | None) -> list[str]:
     return [f"train.epochs={epochs}"] if epochs else []
 
 
+def _aligned_teacher(protocol: Protocol) -> str:
+    if not protocol.aligned_teacher:
+        raise ValueError("this protocol has no aligned teacher (Protocol.aligned_teacher), which "
+                         "tinybev_bridgeta learns from: BridgeTA takes no adapters")
+    return protocol.aligned_teacher
+
+
 def method_config(
     method: str, runs_dir: Path, seed: int, protocol: Protocol, scale: float | None = None
 ) -> tuple[str, list[str]]:
@@ -190,9 +216,12 @@ def method_config(
             return []
         return ["train.eval_every=0", f"train.eval_every_steps={max(1, steps // protocol.curve_points)}"]
 
-    if method == "teacher":
+    if method in ("teacher", "aligned_teacher"):
         schedule = _schedule(protocol.teacher_steps, protocol.teacher_epochs or protocol.epochs)
-        return protocol.teacher, [*protocol.teacher_overrides, *schedule, *common, *curve(protocol.teacher_steps)]
+        if method == "teacher":
+            return protocol.teacher, [*protocol.teacher_overrides, *schedule, *common, *curve(protocol.teacher_steps)]
+        return _aligned_teacher(protocol), [*protocol.aligned_teacher_overrides, *schedule, *common,
+                                          *curve(protocol.teacher_steps)]
     schedule = [*protocol.student_overrides, *_schedule(protocol.student_steps, protocol.epochs)]
     if method == "baseline" or is_baseline_point(method, scale):
         return protocol.student, [*schedule, *common, *curve(protocol.student_steps)]
@@ -207,6 +236,11 @@ def method_config(
         return protocol.monotakd_recipe, [f"name={protocol.student}-assistant", *schedule, *common,
                                           *assistant_overrides(recipe, str(teacher))]
     name = f"name={protocol.student}-{method}"
+    if method == "tinybev_bridgeta":
+        _aligned_teacher(protocol)
+        aligned = runs_dir / run_name("aligned_teacher", teacher_seed(seed, protocol), protocol)
+        return (f"{protocol.tinybev_recipe}-bridgeta",
+                [name, *schedule, *common, *METHODS[method], f"distill.teacher={aligned}"])
     if is_tinybev(method):
         stage_steps = protocol.student_steps // TINYBEV_STAGES if protocol.student_steps else None
         schedule = [*protocol.student_overrides, *_schedule(stage_steps, protocol.epochs)]
@@ -319,11 +353,11 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
         if any("val" in r for r in results):
             table[method]["val_miou"] = _mean_std([r.get("val", {}).get("miou") for r in results])
         for reference in ("baseline", "direct"):
-            if reference in runs and method not in ("teacher", reference):
+            if reference in runs and method not in (*TEACHER_ROLES, reference):
                 table[method][f"paired_vs_{reference}"] = paired(results, runs[reference])
     for method, results in runs.items():  # the detection table's paired deltas (multi-task runs)
         for reference in ("baseline", "direct"):
-            if method in ("teacher", reference) or "detection" not in table[method]:
+            if method in (*TEACHER_ROLES, reference) or "detection" not in table[method]:
                 continue
             if reference in table and "detection" in table[reference]:
                 for figure in ("NDS", "mAP"):
@@ -335,7 +369,7 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
                  "minADE": lambda t: (t.get("motion") or {}).get("minADE"),
                  **{key: (lambda t, key=key: (t.get("planning") or {}).get(key)) for key in MULTITASK_PLANNING}}
     for method, results in runs.items():
-        if method in ("teacher", "baseline") or "baseline" not in runs or "planning" not in table[method]:
+        if method in (*TEACHER_ROLES, "baseline") or "baseline" not in runs or "planning" not in table[method]:
             continue
         table[method]["paired_multitask_vs_baseline"] = {
             name: _paired_present(results, runs["baseline"], key) for name, key in multitask.items()}
