@@ -47,3 +47,10 @@ def test_presets_lists_descriptions(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "bevfusion-c " in out and "tiny-lc" in out
+    # Each table's descriptions start in one column, however long its longest name.
+    presets, recipes = out.split("\ndistillation recipes")
+    for lines in (presets.splitlines(), recipes.splitlines()[1:]):
+        starts = {line.index("  ") + len(line[line.index("  "):]) - len(line[line.index("  "):].lstrip())
+                  for line in lines if line}
+        assert len(starts) == 1, starts
+    assert "distill/tiny-c-tinybev-bridgeta  BridgeTA on the TinyBEV student" in recipes

@@ -53,11 +53,14 @@ def _command_info(args: argparse.Namespace) -> int:
 def _command_presets(args: argparse.Namespace) -> int:
     from bridgeta.config import list_distill_presets, list_presets, load_config
 
-    for name in list_presets():
-        print(f"{name:<18} {load_config(name).description}")
+    def table(names: list[str]) -> None:
+        width = max(map(len, names), default=0)
+        for name in names:
+            print(f"{name:<{width}}  {load_config(name).description}")
+
+    table(list_presets())
     print("\ndistillation recipes (bridgeta distill --config NAME --teacher RUN):")
-    for name in list_distill_presets():
-        print(f"{name:<26} {load_config(name).description}")
+    table(list_distill_presets())
     return 0
 
 
