@@ -165,6 +165,13 @@ def test_rendered_sections_name_the_command_and_commit():
     distill = render_distill(_accuracy_result())
     assert distill.splitlines()[0] == "| | `baseline` | `direct` | `bridgeta` | `teacher` |"
     assert "teacher 3 epochs, students 2 epochs" in distill and "commit `abc1234`" in distill
+    # A step-counted protocol with BridgeTA's partner row: the column and the schedule in steps.
+    stepped = _accuracy_result()
+    stepped["protocol"] = {"student_steps": 800, "teacher_steps": 1600}
+    stepped["table"]["bridgeta_kd"] = stepped["table"]["bridgeta"]
+    stepped_text = render_distill(stepped)
+    assert stepped_text.splitlines()[0] == "| | `baseline` | `direct` | `bridgeta` | `bridgeta_kd` | `teacher` |"
+    assert "teacher 1600 steps, students 800 steps" in stepped_text
     assert "bench accuracy --preset cpu" in render_accuracy(_accuracy_result())
     sweep = {"environment": ENV, "epochs": 2, "seed": 0,
              "points": [{"stage": "scale", "lambda": 0.01, "epsilon_range": [0.01, 100.0],

@@ -181,9 +181,11 @@ def _measured(results: dict, command: str) -> str:
     )
 
 
-def render_distill(results: dict, methods: tuple[str, ...] = ("baseline", "direct", "bridgeta", "teacher")) -> str:
+def render_distill(results: dict,
+                   methods: tuple[str, ...] = ("baseline", "direct", "bridgeta", "bridgeta_kd", "teacher")) -> str:
     """Teacher, baseline, direct and BridgeTA side by side (methods as columns) from an
-    accuracy benchmark's results."""
+    accuracy benchmark's results; with BridgeTA's partner row (``bridgeta_kd``, its teacher
+    terms on) where the protocol has one."""
     table = results["table"]
     names = [n for n in methods if n in table]
     first = table[names[0]]
@@ -196,8 +198,12 @@ def render_distill(results: dict, methods: tuple[str, ...] = ("baseline", "direc
         lines.append("| gap closed (student − baseline) / (teacher − baseline) | " + " | ".join(cells) + " |")
     seeds = sorted({seed for n in names for seed in table[n]["seeds"]})
     protocol = results.get("protocol", {})
-    schedule = (f"teacher {protocol.get('teacher_epochs')} epochs, students {protocol.get('epochs')} epochs"
-                if protocol.get("epochs") else "the presets' recipes")
+    if protocol.get("student_steps"):
+        schedule = f"teacher {protocol.get('teacher_steps')} steps, students {protocol['student_steps']} steps"
+    elif protocol.get("epochs"):
+        schedule = f"teacher {protocol.get('teacher_epochs')} epochs, students {protocol.get('epochs')} epochs"
+    else:
+        schedule = "the presets' recipes"
     lines += ["", f"IoU in %, mean ± standard deviation over seeds {seeds}, test towns, {schedule}. "
               + _measured(results, "bridgeta bench accuracy --preset cpu")]
     return "\n".join(lines)
