@@ -218,10 +218,9 @@ def method_config(
 
     if method in ("teacher", "aligned_teacher"):
         schedule = _schedule(protocol.teacher_steps, protocol.teacher_epochs or protocol.epochs)
-        if method == "teacher":
-            return protocol.teacher, [*protocol.teacher_overrides, *schedule, *common, *curve(protocol.teacher_steps)]
-        return _aligned_teacher(protocol), [*protocol.aligned_teacher_overrides, *schedule, *common,
-                                          *curve(protocol.teacher_steps)]
+        preset, overrides = ((protocol.teacher, protocol.teacher_overrides) if method == "teacher"
+                             else (_aligned_teacher(protocol), protocol.aligned_teacher_overrides))
+        return preset, [*overrides, *schedule, *common, *curve(protocol.teacher_steps)]
     schedule = [*protocol.student_overrides, *_schedule(protocol.student_steps, protocol.epochs)]
     if method == "baseline" or is_baseline_point(method, scale):
         return protocol.student, [*schedule, *common, *curve(protocol.student_steps)]
@@ -237,7 +236,6 @@ def method_config(
                                           *assistant_overrides(recipe, str(teacher))]
     name = f"name={protocol.student}-{method}"
     if method == "tinybev_bridgeta":
-        _aligned_teacher(protocol)
         aligned = runs_dir / run_name("aligned_teacher", teacher_seed(seed, protocol), protocol)
         return (f"{protocol.tinybev_recipe}-bridgeta",
                 [name, *schedule, *common, *METHODS[method], f"distill.teacher={aligned}"])

@@ -44,6 +44,7 @@ Design points:
 
 from __future__ import annotations
 
+import filecmp
 import itertools
 import logging
 import math
@@ -122,16 +123,16 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [group for group in groups if group["params"]]
 
 
-def _load_input_model(source: str, key: str) -> BEVModel:
-    """A frozen input of the run (teacher, assistant, previous stage) from a model file or a run
-    / checkpoint directory; a bad one is reported under its config key."""
+def _load_input_model(source: str, key: str) -> tuple[BEVModel, ExperimentConfig]:
+    """A frozen input of the run (teacher, assistant, previous stage) and the config it was
+    trained with, from a model file or a run / checkpoint directory; a bad one is reported under
+    its config key."""
     from bridgeta.engine.evaluate import resolve_model_file  # evaluate imports this module's deps
 
     try:
-        model, _ = load_model_file(resolve_model_file(source))
+        return load_model_file(resolve_model_file(source))
     except (FileNotFoundError, ValueError) as exc:
         raise ValueError(f"{key}: {exc}") from None
-    return model
 
 
 def load_teacher(config: ExperimentConfig) -> BEVModel:
@@ -141,34 +142,18 @@ def load_teacher(config: ExperimentConfig) -> BEVModel:
         raise ValueError(
             "distill.teacher is not set: pass --teacher with the teacher's run directory or model file"
         )
-    return _load_input_model(config.distill.teacher, "distill.teacher")
+    return _load_input_model(config.distill.teacher, "distill.teacher")[0]
 
 
 def load_assistant(config: ExperimentConfig) -> BEVModel | None:
     """MonoTAKD's trained teaching assistant (``distill.monotakd.assistant``), or None when the
     method reads none. A TA that imitated another teacher is refused (:func:`check_assistant_teacher`)."""
-    from bridgeta.engine.evaluate import resolve_model_file
-
     settings = config.distill.monotakd if config.distill is not None else None
     if config.distill is None or config.distill.method != "monotakd" or settings is None or not settings.assistant:
         return None
-    key = "distill.monotakd.assistant"
-    try:
-        model, assistant_config = load_model_file(resolve_model_file(settings.assistant))
-    except (FileNotFoundError, ValueError) as exc:
-        raise ValueError(f"{key}: {exc}") from None
+    model, assistant_config = _load_input_model(settings.assistant, "distill.monotakd.assistant")
     check_assistant_teacher(assistant_config, config.distill.teacher, settings.assistant)
     return model
-
-
-def _file_digest(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_assistant_teacher(assistant_config: ExperimentConfig, teacher: str | None, assistant: str) -> None:
@@ -188,7 +173,7 @@ def check_assistant_teacher(assistant_config: ExperimentConfig, teacher: str | N
                     "cannot check that it is distill.teacher %s", assistant, distill.teacher, teacher)
         return
     current = resolve_model_file(teacher)  # load_teacher has already reported a missing one
-    if imitated.resolve() != current.resolve() and _file_digest(imitated) != _file_digest(current):
+    if imitated.resolve() != current.resolve() and not filecmp.cmp(imitated, current, shallow=False):
         raise ValueError(
             f"distill.monotakd.assistant {assistant} was trained to imitate the teacher {distill.teacher}, "
             f"not distill.teacher {teacher}: train the assistant against this teacher "
@@ -201,7 +186,7 @@ def load_previous_stage(config: ExperimentConfig) -> BEVModel | None:
     settings = config.distill.tinybev if config.distill is not None else None
     if settings is None or config.distill.method != "tinybev" or not settings.init_from:
         return None
-    return _load_input_model(settings.init_from, "distill.tinybev.init_from")
+    return _load_input_model(settings.init_from, "distill.tinybev.init_from")[0]
 
 
 def _check_eval_split(dataset: BEVMapDataset, split: str) -> None:
