@@ -144,6 +144,28 @@ def test_lidar_lift_equals_lss_with_a_delta_depth_distribution():
         lidar(features, _camera(None))
 
 
+def test_lidar_depth_goes_to_the_nearest_frustum_bin():
+    """Bin k of the frustum sits at depth min + k * step (DEPTH: 1 m, 2 m, ..., 20 m): a measured
+    depth goes to the nearest one, and more than half a step outside the bins lifts nothing."""
+    measured = torch.tensor([5.4, 5.6, 0.6, 0.4, 20.4, 20.6])
+    depth = measured.view(1, 1, -1).repeat_interleave(8, dim=2).repeat(1, 8, 1)  # one 8x8 cell each
+    distribution = lidar_depth_distribution(depth, 8, DEPTH)[0, :, 0]  # (D, cells)
+    bins = [int(d.argmax()) if d.sum() > 0 else None for d in distribution.T]
+    assert bins == [4, 5, 0, None, 19, None]
+
+
+def test_feature_fusion_starts_as_the_identity_and_learns_from_the_first_step():
+    from bridgeta.models.residual import FeatureFusion
+
+    torch.manual_seed(4)
+    ffm = FeatureFusion(6)
+    camera, residual = torch.randn(2, 6, 5, 5), torch.randn(2, 6, 5, 5)
+    fused = ffm(camera, residual)
+    assert torch.equal(fused, camera)  # the decoder the student inherits from the TA reads its own BEV
+    scale = torch.autograd.grad((fused * torch.randn_like(fused)).sum(), ffm.body[-1].weight)[0]
+    assert scale.abs().min() > 0  # every channel of the residual path can open
+
+
 def test_projected_depth_lands_on_the_expected_pixel_and_keeps_the_nearest():
     camera = _camera(None)
     # A point 10 m ahead of the camera, on its axis: pixel (23.5, 15.5) -> (row 15, column 23).
@@ -250,8 +272,10 @@ def test_cmrd_target_is_a_constant_and_cmrd_trains_sam_but_not_ffm(models, ta_so
     # FFM sits after the residual branch: CMRD does not train it, the segmentation loss does.
     ffm = list(student.feature_fusion.parameters())
     assert all(g is None for g in torch.autograd.grad(cmrd, ffm, retain_graph=True, allow_unused=True))
-    ffm_weights = [p for p in ffm if p.dim() > 1]
-    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(out.total, ffm_weights))
+    # FFM starts as the identity (its last BatchNorm's scale is zero, FeatureFusion), so at first
+    # the segmentation loss reaches only that BatchNorm; once the scale moves, the convolutions too.
+    last = student.feature_fusion.body[-1]
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(out.total, [last.weight, last.bias]))
 
 
 def test_teacher_and_frozen_assistant_get_no_gradient_and_no_batchnorm_update(models):

@@ -212,16 +212,18 @@ def lidar_depth_distribution(
 ) -> torch.Tensor:
     """One-hot depth distributions ``(M, D, fH, fW)`` from sparse depth maps ``(M, H, W)``.
 
-    The depth is pooled to the feature stride (:func:`pool_sparse_depth`) and put in the LSS bin
-    that holds it, ``floor((d - min) / step)`` over ``arange(min, max, step)`` (the frustum's own
-    bins, so the lifted feature lands where the frustum puts that bin). A cell without depth, or
-    with a depth outside the bins, gets no weight at all: it lifts nothing (no softmax).
+    The depth is pooled to the feature stride (:func:`pool_sparse_depth`) and put in the frustum
+    bin nearest to it, ``round((d - min) / step)`` over ``arange(min, max, step)``. The frustum puts
+    bin ``k`` at depth ``min + k * step`` (its near edge, :func:`create_frustum`), so the nearest
+    bin lands the feature within half a step of the measured depth; ``floor`` would put it on
+    average half a step too close to the camera. A cell without depth, or with a depth more than
+    half a step outside the bins, gets no weight at all: it lifts nothing (no softmax).
     """
     low, high, step = bounds
     num_bins = torch.arange(low, high, step).numel()
     with torch.no_grad():
         pooled = pool_sparse_depth(depth.float(), stride)
-        index = torch.floor((pooled - low) / step)
+        index = torch.round((pooled - low) / step)
         valid = (pooled > 0) & (index >= 0) & (index < num_bins)
         one_hot = torch.nn.functional.one_hot(index.clamp(0, num_bins - 1).long(), num_bins)
         return (one_hot * valid[..., None]).permute(0, 3, 1, 2).float()

@@ -151,15 +151,23 @@ class ResidualBranch(nn.Module):
 
 class FeatureFusion(nn.Module):
     """FFM: the student BEV plus the residual branch's, through conv3x3-BN-ReLU, conv1x1-BN-ReLU to
-    2C and conv3x3-BN-ReLU back to C (MonoTAKD's fusion block, with its own BatchNorm per conv)."""
+    2C and conv3x3-BN back to C (MonoTAKD's fusion block, with its own BatchNorm per conv), added
+    to the student BEV.
+
+    The skip and the last BatchNorm's zero scale make FFM the identity at initialisation. The
+    student starts from the TA's encoder, decoder and head (``init_from_assistant``). A randomly
+    initialised block between that encoder and decoder would throw away what they learned together,
+    and a short run may not recover it. The fused BEV ``camera + body(camera + residual)`` still
+    reads the residual branch from the first step: the gradient reaches the zero scale."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
             *conv_bn_relu(channels, channels, 3, 1),
             *conv_bn_relu(channels, 2 * channels, 1, 1),
-            *conv_bn_relu(2 * channels, channels, 3, 1),
+            *conv_bn_relu(2 * channels, channels, 3, 1)[:2],  # no ReLU: the sum may go either way
         )
+        nn.init.zeros_(self.body[-1].weight)
 
     def forward(self, camera_bev: torch.Tensor, residual_bev: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.body(camera_bev + residual_bev)
+        return camera_bev + self.body(camera_bev + residual_bev)
