@@ -10,7 +10,14 @@ log=${1:-runs/cpu-benchmarks.log}
 work=${WORK:-runs/p4}
 work_mt=${WORK_MT:-runs/p4mt}
 mkdir -p "$(dirname "$log")"
-step() { echo "== $(date -u '+%F %H:%M') $*" >> "$log"; "$@" >> "$log" 2>&1; }
+# A failed step is logged and the queue goes on: the later tables do not depend on it (the
+# tinybev step reuses cpu-mt's teacher run, and trains it itself if that step failed before it).
+# The script's exit status is 1 if any step failed.
+failed=0
+step() {
+    echo "== $(date -u '+%F %H:%M') $*" >> "$log"
+    "$@" >> "$log" 2>&1 || { echo "!! $(date -u '+%F %H:%M') failed ($?): $*" >> "$log"; failed=1; }
+}
 # 1. the cpu protocol's methods (issue 11)
 step bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --out results/accuracy-cpu \
     --methods baseline direct feature_kd logit_kd bridgeta fixed_epsilon
@@ -28,3 +35,4 @@ step bridgeta bench accuracy --preset cpu-tinybev --jobs 1 --work "$work_mt" --o
 # 6. inference cost of every pair, alone on the CPU (the tinybev pair has gained its occupancy head)
 step bridgeta bench cost --repeats 5 --out results/cost.json
 echo "== $(date -u '+%F %H:%M') done" >> "$log"
+exit "$failed"
