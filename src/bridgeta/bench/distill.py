@@ -73,6 +73,10 @@ _STEP_EPOCHS = 10_000
 METHODS: dict[str, tuple[str, ...] | None] = {
     "teacher": None,
     "baseline": None,
+    # The baseline trained for twice the student's schedule: as many steps of the camera network
+    # as MonoTAKD's TA plus its student (the TA has the student's schedule). Its row separates
+    # what MonoTAKD gains from its start at the TA's weights from what more training would give.
+    "baseline_long": None,
     "direct": ("distill.method=direct",),
     "feature_kd": ("distill.method=feature_kd",),
     "logit_kd": ("distill.method=logit_kd",),
@@ -224,6 +228,16 @@ def method_config(
     schedule = [*protocol.student_overrides, *_schedule(protocol.student_steps, protocol.epochs)]
     if method == "baseline" or is_baseline_point(method, scale):
         return protocol.student, [*schedule, *common, *curve(protocol.student_steps)]
+    if method == "baseline_long":
+        steps = 2 * protocol.student_steps if protocol.student_steps else None
+        if steps is None:
+            from bridgeta.config import load_config
+
+            epochs = 2 * (protocol.epochs or load_config(protocol.student).train.epochs)
+        else:
+            epochs = None
+        return protocol.student, [f"name={protocol.student}-long", *protocol.student_overrides,
+                                  *_schedule(steps, epochs), *common, *curve(steps)]
     teacher = runs_dir / run_name("teacher", teacher_seed(seed, protocol), protocol)
     if method == "assistant":
         # MonoTAKD's TA: its student's camera network, LiDAR-depth lift, imitating the fused BEV
