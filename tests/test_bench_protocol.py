@@ -354,8 +354,6 @@ def test_monotakd_rows_scale_their_own_weights_and_keep_ablated_terms_off(tmp_pa
 
 
 def test_the_long_baseline_is_the_baseline_for_as_many_steps_as_monotakds_assistant_and_student(tmp_path):
-    from dataclasses import replace as replace_config
-
     protocol = bench_distill.Protocol(student_steps=10, teacher_seeds=1, student_overrides=("train.checkpoint_every=5",))
     baseline = load_config(*_with_dataroot(bench_distill.method_config("baseline", tmp_path, 1, protocol)))
     long = load_config(*_with_dataroot(bench_distill.method_config("baseline_long", tmp_path, 1, protocol)))
@@ -363,7 +361,7 @@ def test_the_long_baseline_is_the_baseline_for_as_many_steps_as_monotakds_assist
     student = load_config(*_with_dataroot(bench_distill.method_config("monotakd", tmp_path, 1, protocol, 1.0)))
     assert long.train.max_steps == assistant.train.max_steps + student.train.max_steps == 20
     assert long.train.checkpoint_every == 5  # the protocol's student overrides, resumable
-    assert replace_config(long, name=baseline.name, train=replace_config(long.train, max_steps=10)) == baseline
+    assert replace(long, name=baseline.name, train=replace(long.train, max_steps=10)) == baseline
     assert bench_distill.run_name("baseline_long", 1, protocol) == "tiny-c-baseline_long-seed1"
     # A protocol counted in epochs doubles the epochs: the preset's own when it sets none.
     epochs = bench_distill.Protocol()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bridgeta.bench.baselines import _mean_std, train_and_evaluate
 from bridgeta.bench.jobs import Job
+from bridgeta.config import load_config
 from bridgeta.distill.monotakd import assistant_overrides
 from bridgeta.provenance import environment, write_json
 
@@ -133,8 +134,6 @@ _NO_ASSISTANT = ("direct", "feature_kd", "logit_kd")
 def scaled_weights(method: str, scale: float, recipe: str) -> dict[str, float]:
     """The loss weights of ``method`` at ``scale`` times its lambda = 1 weights (see above):
     ``distill.weights`` keys, or for MonoTAKD ``distill.monotakd`` keys (imd, cmrd, logit)."""
-    from bridgeta.config import load_config
-
     if is_monotakd(method):
         settings = load_config(recipe).distill.monotakd
         return {name: scale * getattr(settings, name) for name in ("imd", "cmrd", "logit")}
@@ -230,12 +229,7 @@ def method_config(
         return protocol.student, [*schedule, *common, *curve(protocol.student_steps)]
     if method == "baseline_long":
         steps = 2 * protocol.student_steps if protocol.student_steps else None
-        if steps is None:
-            from bridgeta.config import load_config
-
-            epochs = 2 * (protocol.epochs or load_config(protocol.student).train.epochs)
-        else:
-            epochs = None
+        epochs = None if steps else 2 * (protocol.epochs or load_config(protocol.student).train.epochs)
         return protocol.student, [f"name={protocol.student}-long", *protocol.student_overrides,
                                   *_schedule(steps, epochs), *common, *curve(steps)]
     teacher = runs_dir / run_name("teacher", teacher_seed(seed, protocol), protocol)
@@ -243,8 +237,6 @@ def method_config(
         # MonoTAKD's TA: its student's camera network, LiDAR-depth lift, imitating the fused BEV
         # of the teacher its students learn from: the benchmark's own, so it trains after it
         # (run_staged's stage 1 in two waves, run's order).
-        from bridgeta.config import load_config
-
         recipe = load_config(protocol.monotakd_recipe, [*schedule, *common])
         return protocol.monotakd_recipe, [f"name={protocol.student}-assistant", *schedule, *common,
                                           *assistant_overrides(recipe, str(teacher))]
