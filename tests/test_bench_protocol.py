@@ -363,6 +363,11 @@ def test_the_long_baseline_is_the_baseline_for_as_many_steps_as_monotakds_assist
     assert long.train.checkpoint_every == 5  # the protocol's student overrides, resumable
     assert replace(long, name=baseline.name, train=replace(long.train, max_steps=10)) == baseline
     assert bench_distill.run_name("baseline_long", 1, protocol) == "tiny-c-baseline_long-seed1"
+    # Four times the schedule: the same network and recipe, the steps (and the curve) stretched.
+    x4 = load_config(*_with_dataroot(bench_distill.method_config("baseline_x4", tmp_path, 1, protocol)))
+    assert x4.train.max_steps == 40 and x4.name == "tiny-c-x4"
+    assert replace(x4, name=baseline.name, train=replace(x4.train, max_steps=10)) == baseline
+    assert "baseline_x4" in accuracy.CPU_METHODS and accuracy.PRESETS["cpu"].seeds["baseline_x4"] == 2
     # A protocol counted in epochs doubles the epochs: the preset's own when it sets none.
     epochs = bench_distill.Protocol()
     doubled = load_config(*_with_dataroot(bench_distill.method_config("baseline_long", tmp_path, 0, epochs)))

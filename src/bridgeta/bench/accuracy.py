@@ -62,10 +62,10 @@ REPRODUCED = ("baseline", "direct", "bridgeta", "monotakd")
 RESUMABLE = ("train.checkpoint_every=200",)
 CPU_METHODS = ("baseline", "direct", "feature_kd", "logit_kd", "bridgeta", "fixed_epsilon",
                "monotakd", "monotakd_imd_only", "monotakd_cmrd_only", "monotakd_no_sam", "monotakd_no_ffm",
-               "monotakd_shared", "baseline_long")
+               "monotakd_shared", "baseline_long", "baseline_x4")
 # Ablation and control rows: 2 seeds each (seeds 0 and 1, paired with every headline method's).
 _ABLATION_SEEDS = {m: 2 for m in CPU_METHODS
-                   if m in ("fixed_epsilon", "baseline_long") or m.startswith("monotakd_")}
+                   if m in ("fixed_epsilon", "baseline_long", "baseline_x4") or m.startswith("monotakd_")}
 
 PRESETS = {
     # The paper's regime on 2 CPU cores (docs/results.md): a 30-scene world (6 test scenes: day,

@@ -78,6 +78,9 @@ METHODS: dict[str, tuple[str, ...] | None] = {
     # as MonoTAKD's TA plus its student (the TA has the student's schedule). Its row separates
     # what MonoTAKD gains from its start at the TA's weights from what more training would give.
     "baseline_long": None,
+    # The baseline for four times the student's schedule: with baseline_long, whether the
+    # protocol's schedule has reached what the student network can learn (docs/results.md).
+    "baseline_x4": None,
     "direct": ("distill.method=direct",),
     "feature_kd": ("distill.method=feature_kd",),
     "logit_kd": ("distill.method=logit_kd",),
@@ -114,6 +117,9 @@ METHODS: dict[str, tuple[str, ...] | None] = {
     "tinybev_bridgeta": (),
 }
 # The run a staged method starts from: train it first, with the same seed.
+# The baseline on a multiple of the student's schedule (same recipe, warm-up and cosine decay
+# stretched over the longer run).
+LONGER_BASELINES = {"baseline_long": 2, "baseline_x4": 4}
 STAGE_AFTER = {"tinybev_s2": "tinybev_s1", "tinybev_s3": "tinybev_s2"}
 TINYBEV_STAGES = 3
 # The planning figures of TinyBEV's table: L2 and the collision rate in UniAD's convention (at
@@ -227,11 +233,12 @@ def method_config(
     schedule = [*protocol.student_overrides, *_schedule(protocol.student_steps, protocol.epochs)]
     if method == "baseline" or is_baseline_point(method, scale):
         return protocol.student, [*schedule, *common, *curve(protocol.student_steps)]
-    if method == "baseline_long":
-        steps = 2 * protocol.student_steps if protocol.student_steps else None
-        epochs = None if steps else 2 * (protocol.epochs or load_config(protocol.student).train.epochs)
-        return protocol.student, [f"name={protocol.student}-long", *protocol.student_overrides,
-                                  *_schedule(steps, epochs), *common, *curve(steps)]
+    if method in LONGER_BASELINES:
+        times = LONGER_BASELINES[method]
+        steps = times * protocol.student_steps if protocol.student_steps else None
+        epochs = None if steps else times * (protocol.epochs or load_config(protocol.student).train.epochs)
+        return protocol.student, [f"name={protocol.student}-{'long' if times == 2 else f'x{times}'}",
+                                  *protocol.student_overrides, *_schedule(steps, epochs), *common, *curve(steps)]
     teacher = runs_dir / run_name("teacher", teacher_seed(seed, protocol), protocol)
     if method == "assistant":
         # MonoTAKD's TA: its student's camera network, LiDAR-depth lift, imitating the fused BEV
