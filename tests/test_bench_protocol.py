@@ -223,6 +223,24 @@ def test_rendered_protocol_and_paired_tables():
     assert "| 0.3 |" in rows["direct"] and rows["teacher"].endswith("| – | – | – |")
 
 
+def test_the_protocol_table_gives_the_baseline_by_schedule():
+    from bridgeta.report import render_protocol
+
+    results = _fabricated_protocol_results()
+    assert "by schedule" not in render_protocol(results)
+    steps = results["protocol"]["student_steps"]
+    baseline = results["table"]["baseline"]["miou"]
+    results["table"]["baseline_x4"] = {"miou": {"mean": baseline["mean"] + 0.05, "std": 0.01, "n": 2},
+                                       "paired_vs_baseline": {"mean": 0.05, "std": 0.002, "n": 2}}
+    results["table"]["baseline_long"] = {"miou": {"mean": baseline["mean"] + 0.03, "std": 0.0, "n": 2},
+                                         "paired_vs_baseline": {"mean": 0.03, "std": 0.001, "n": 2}}
+    row = next(line for line in render_protocol(results).splitlines() if "by schedule" in line)
+    # In schedule order whatever the table's order: 1x, 2x, 4x, each paired with the 1x baseline.
+    assert row.endswith(f"| {steps}: {100 * baseline['mean']:.1f} ± {100 * baseline['std']:.1f}, "
+                        f"{2 * steps}: {100 * baseline['mean'] + 3:.1f} ± 0.0 (Δ +3.0 ± 0.1, n=2), "
+                        f"{4 * steps}: {100 * baseline['mean'] + 5:.1f} ± 1.0 (Δ +5.0 ± 0.2, n=2) |")
+
+
 def test_training_seconds_count_each_step_once_after_a_resume():
     from bridgeta.engine.logging import training_seconds
 

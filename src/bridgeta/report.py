@@ -279,6 +279,17 @@ def render_protocol(results: dict) -> str:
         delta = table["baseline"]["miou"]["mean"] - table["baseline_scratch"]["miou"]["mean"]
         lines.append(f"| baseline test mIoU, pretrained − random backbone | {points(delta)} "
                      f"(pretrained {_cell(table['baseline']['miou'])}, random {_cell(table['baseline_scratch']['miou'])}) |")
+    from bridgeta.bench.distill import LONGER_BASELINES
+
+    longer = [(times, method) for method, times in LONGER_BASELINES.items() if method in table]
+    if longer:
+        steps = protocol["student_steps"]
+        cells = [f"{steps}: {_cell(table['baseline']['miou'])}"] + [
+            f"{times * steps}: {_cell(table[method]['miou'])} (Δ {_delta(table[method].get('paired_vs_baseline'))})"
+            .replace(" (n=", ", n=").replace("))", ")")
+            for times, method in sorted(longer)]
+        lines.append(f"| baseline test mIoU by schedule (steps: %; Δ paired with the {steps}-step baseline, "
+                     f"points) | {', '.join(cells)} |")
     budget = results.get("budget")
     if budget:
         lines.append(f"| training time so far (logged step times of {budget['runs']} runs; evaluation not counted) | "
