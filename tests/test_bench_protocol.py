@@ -264,11 +264,13 @@ def test_the_protocol_table_gives_the_training_time():
 def test_ablations_of_a_family_that_chose_lambda_zero_run_at_its_best_positive_lambda():
     points = [{"method": "bridgeta", "lambda": lam, "val_miou": v} for lam, v in ((0.0, 0.30), (0.3, 0.29), (1.0, 0.295), (3.0, 0.2))]
     points += [{"method": "monotakd", "lambda": lam, "val_miou": v} for lam, v in ((0.0, 0.1), (1.0, 0.3))]
-    methods = ("baseline", "direct", "bridgeta", "fixed_epsilon", "fld", "monotakd", "monotakd_no_sam")
+    methods = ("baseline", "direct", "bridgeta", "fixed_epsilon", "fld", "monotakd", "monotakd_no_sam",
+               "baseline_long", "baseline_x4", "assistant")
     # BridgeTA chose 0: its teacher terms are off, so fixed eps* would be BridgeTA itself. Its
     # ablations take its best lambda > 0 (1, not 0.3), and BridgeTA at that lambda partners them.
     lambdas = accuracy.ablation_lambdas(methods, {"bridgeta": 0.0, "direct": 0.3, "monotakd": 1.0}, points)
     assert lambdas == {"fixed_epsilon": 1.0, "fld": 1.0, "bridgeta_kd": 1.0, "monotakd_no_sam": 1.0}
+    # The longer baselines and the TA have no teacher weights: no lambda (their runs keep their names).
     # A family with a lambda > 0 keeps it for its ablations, and gets no partner row.
     assert accuracy.ablation_lambdas(methods, {"bridgeta": 0.3, "monotakd": 1.0}, points) == {
         "fixed_epsilon": 0.3, "fld": 0.3, "monotakd_no_sam": 1.0}

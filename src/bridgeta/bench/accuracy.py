@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bridgeta.bench.distill import (
-    METHODS, STAGE_AFTER, TEACHER_ROLES, TUNED_METHODS, Protocol, aggregate, is_baseline_point, is_monotakd, is_tinybev,
+    METHODS, STAGE_AFTER, TUNED_METHODS, Protocol, aggregate, is_baseline_point, is_monotakd, is_tinybev,
     learned_classes, method_job, run_name, stage_depth, train_method,
 )
 from bridgeta.bench.distill import run as run_methods
@@ -244,8 +244,9 @@ PARTNERS = {"bridgeta": "bridgeta_kd", "monotakd": "monotakd_kd"}
 
 
 def _family(method: str) -> str | None:
-    """The tuned method whose weights an untuned variant takes (None for tuned and other methods)."""
-    if (method in ("baseline", *TEACHER_ROLES, "tinybev_bridgeta", *TUNED_METHODS) or is_tinybev(method)
+    """The tuned method whose weights an untuned variant takes (None for tuned methods, and for
+    runs without teacher terms: the teachers, every baseline, MonoTAKD's TA)."""
+    if (METHODS[method] is None or method in ("tinybev_bridgeta", *TUNED_METHODS) or is_tinybev(method)
             or method in PARTNERS.values()):
         return None
     return "monotakd" if is_monotakd(method) else "bridgeta"
