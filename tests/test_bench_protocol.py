@@ -394,6 +394,40 @@ def test_the_long_baseline_is_the_baseline_for_as_many_steps_as_monotakds_assist
     assert doubled.train.epochs == 2 * load_config("tiny-c").train.epochs
 
 
+def test_longer_distillation_rows_are_their_method_on_twice_the_steps_paired_with_the_long_baseline(tmp_path):
+    from bridgeta.report import render_accuracy
+
+    protocol = bench_distill.Protocol(student_steps=10, teacher_seeds=1)
+    for method in ("direct", "bridgeta"):
+        short = load_config(*_with_dataroot(bench_distill.method_config(method, tmp_path, 1, protocol, 0.3)))
+        long = load_config(*_with_dataroot(bench_distill.method_config(f"{method}_long", tmp_path, 1, protocol, 0.3)))
+        assert long.train.max_steps == 20 and long.distill.weights == short.distill.weights
+        assert replace(long, name=short.name, train=replace(long.train, max_steps=10)) == short
+    # direct_long takes direct's lambda; bridgeta_long, whose family chose 0, its best lambda > 0.
+    points = [{"method": "bridgeta", "lambda": lam, "val_miou": v} for lam, v in ((0.0, 0.3), (0.3, 0.29), (1.0, 0.2))]
+    lambdas = accuracy.ablation_lambdas(("direct_long", "bridgeta_long", "baseline_long"),
+                                        {"bridgeta": 0.0, "direct": 1.0}, points)
+    assert lambdas == {"direct_long": 1.0, "bridgeta_long": 0.3, "bridgeta_kd": 0.3}
+    assert accuracy.ablation_lambdas(("direct_long",), {"direct": 0.0}, points) == {"direct_long": 0.0}
+
+    def run(seed, miou):
+        return {"seed": seed, "train": {}, "test": {"miou": miou, "miou_at_0.5": miou, "iou": {"drivable_area": miou},
+                                                    "by_condition": {"night": {"miou": miou}},
+                                                    "by_range": {"35-50": {"miou": miou}}}}
+
+    table = bench_distill.aggregate({"baseline": [run(0, 0.10), run(1, 0.12)],
+                                     "baseline_long": [run(0, 0.16), run(1, 0.17)],
+                                     "direct_long": [run(0, 0.18), run(1, 0.18)]})
+    same = table["direct_long"]["paired_vs_same_schedule"]
+    assert same["reference"] == "baseline_long" and same["mean"] == pytest.approx(0.015) and same["n"] == 2
+    assert table["direct_long"]["paired_vs_baseline"]["mean"] == pytest.approx(0.07)
+    assert "paired_vs_same_schedule" not in table["baseline_long"] and "paired_vs_same_schedule" not in table["baseline"]
+    results = _fabricated_protocol_results()
+    text = render_accuracy({**results, "table": table, "learned_classes": ["drivable_area"],
+                            "protocol": {**results["protocol"], "student_steps": 800}})
+    assert "| `direct_long` | 1600 | 2 | 18.0 ± 0.0 | +1.5 ± 0.7 (n=2) vs `baseline_long` |" in text
+
+
 def _with_dataroot(config: tuple[str, list[str]]) -> tuple[str, list[str]]:
     preset, overrides = config
     return preset, ["data.dataroot=/d", *overrides]

@@ -226,6 +226,7 @@ def render_accuracy(results: dict) -> str:
     text = (format_markdown(results) + "\n\n" + f"IoU in %, mean ± standard deviation over seeds {seeds}, "
             f"test towns. " + _measured(results, f"bridgeta bench accuracy --preset {preset}"))
     from bridgeta.bench.accuracy import format_detection_markdown
+    from bridgeta.bench.distill import schedule_times
 
     detection = format_detection_markdown(results)
     if detection:
@@ -249,6 +250,16 @@ def render_accuracy(results: dict) -> str:
               f"above 10 % ({learned}). λ: the scale of the method's recipe weights chosen on the "
               f"validation towns ([distill.md](distill.md)). TA val mIoU: BridgeTA's teacher assistant "
               f"(teacher LiDAR BEV + student camera BEV) on the validation towns."]
+    longer = [(m, row) for m, row in table.items() if "paired_vs_same_schedule" in row]
+    if longer:
+        steps = results["protocol"].get("student_steps")
+        lines += ["", "Longer schedules, each paired per seed with the baseline trained for as many steps:", "",
+                  "| method | steps | seeds | test mIoU | Δ mIoU vs the baseline of its steps |", "|---|---:|---:|---:|---:|"]
+        for method, row in longer:
+            reference = row["paired_vs_same_schedule"]
+            times = schedule_times(method)
+            lines.append(f"| `{method}` | {times * steps if steps else f'{times} ×'} | {len(row['seeds'])} | "
+                         f"{_cell(row['miou'])} | {_delta(reference)} vs `{reference['reference']}` |")
     return text + "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bridgeta.bench.distill import (
-    METHODS, STAGE_AFTER, TUNED_METHODS, Protocol, aggregate, is_baseline_point, is_monotakd, is_tinybev,
+    LONGER_METHODS, METHODS, STAGE_AFTER, TUNED_METHODS, Protocol, aggregate, is_baseline_point, is_monotakd, is_tinybev,
     learned_classes, method_job, run_name, stage_depth, train_method,
 )
 from bridgeta.bench.distill import run as run_methods
@@ -62,10 +62,11 @@ REPRODUCED = ("baseline", "direct", "bridgeta", "monotakd")
 RESUMABLE = ("train.checkpoint_every=200",)
 CPU_METHODS = ("baseline", "direct", "feature_kd", "logit_kd", "bridgeta", "fixed_epsilon",
                "monotakd", "monotakd_imd_only", "monotakd_cmrd_only", "monotakd_no_sam", "monotakd_no_ffm",
-               "monotakd_shared", "baseline_long", "baseline_x4")
+               "monotakd_shared", "baseline_long", "baseline_x4", "direct_long", "bridgeta_long")
 # Ablation and control rows: 2 seeds each (seeds 0 and 1, paired with every headline method's).
 _ABLATION_SEEDS = {m: 2 for m in CPU_METHODS
-                   if m in ("fixed_epsilon", "baseline_long", "baseline_x4") or m.startswith("monotakd_")}
+                   if m in ("fixed_epsilon", "baseline_long", "baseline_x4", "direct_long", "bridgeta_long")
+                   or m.startswith("monotakd_")}
 
 PRESETS = {
     # The paper's regime on 2 CPU cores (docs/results.md): a 30-scene world (6 test scenes: day,
@@ -249,6 +250,8 @@ def _family(method: str) -> str | None:
     if (METHODS[method] is None or method in ("tinybev_bridgeta", *TUNED_METHODS) or is_tinybev(method)
             or method in PARTNERS.values()):
         return None
+    if method in LONGER_METHODS:
+        return LONGER_METHODS[method][0]
     return "monotakd" if is_monotakd(method) else "bridgeta"
 
 
@@ -260,14 +263,16 @@ def ablation_lambdas(methods: Sequence[str], chosen: dict[str, float | None], po
     off, and an ablation that changes or removes one of them would be the family itself: it
     then runs at the family's best lambda > 0 on the validation sweep instead, and the family at
     that lambda joins the table as ``PARTNERS[family]`` (``bridgeta_kd``), the run the ablation
-    is compared with (and Figure 5's BridgeTA curve)."""
+    is compared with (and Figure 5's BridgeTA curve). A family's longer-schedule row
+    (``bridgeta_long``) follows the same rule: the question it answers is whether the teacher's
+    terms help with more steps, which needs them on."""
     out: dict[str, float | None] = {}
     for method in methods:
         family = _family(method)
         if family is None:
             continue
         lam = chosen.get(family)
-        if lam == 0:
+        if lam == 0 and family in PARTNERS:
             positive = [p for p in points if p["method"] == family and p["lambda"] > 0]
             if positive:
                 lam = max(positive, key=lambda p: p["val_miou"])["lambda"]

@@ -82,6 +82,10 @@ METHODS: dict[str, tuple[str, ...] | None] = {
     # protocol's schedule has reached what the student network can learn (docs/results.md).
     "baseline_x4": None,
     "direct": ("distill.method=direct",),
+    # Two distillation methods on twice the student's schedule, against baseline_long: whether
+    # a teacher's terms help once the student trains longer (docs/results.md).
+    "direct_long": ("distill.method=direct",),
+    "bridgeta_long": (),
     "feature_kd": ("distill.method=feature_kd",),
     "logit_kd": ("distill.method=logit_kd",),
     "bridgeta": (),
@@ -120,6 +124,22 @@ METHODS: dict[str, tuple[str, ...] | None] = {
 # The baseline on a multiple of the student's schedule (same recipe, warm-up and cosine decay
 # stretched over the longer run).
 LONGER_BASELINES = {"baseline_long": 2, "baseline_x4": 4}
+# Distillation methods on a longer schedule: (the method they are, the multiple). Each is paired
+# with the baseline of its own schedule (``paired_vs_same_schedule``).
+LONGER_METHODS = {"direct_long": ("direct", 2), "bridgeta_long": ("bridgeta", 2)}
+
+
+def schedule_times(method: str) -> int:
+    """How many times the student's schedule ``method`` trains for (1 for most rows)."""
+    return LONGER_BASELINES.get(method) or LONGER_METHODS.get(method, (method, 1))[1]
+
+
+def same_schedule_baseline(method: str) -> str | None:
+    """The baseline a longer row is paired with: the one trained for as many steps."""
+    times = schedule_times(method)
+    if times == 1 or method in LONGER_BASELINES:
+        return None
+    return next((b for b, t in LONGER_BASELINES.items() if t == times), None)
 STAGE_AFTER = {"tinybev_s2": "tinybev_s1", "tinybev_s3": "tinybev_s2"}
 TINYBEV_STAGES = 3
 # The planning figures of TinyBEV's table: L2 and the collision rate in UniAD's convention (at
@@ -230,7 +250,12 @@ def method_config(
         preset, overrides = ((protocol.teacher, protocol.teacher_overrides) if method == "teacher"
                              else (_aligned_teacher(protocol), protocol.aligned_teacher_overrides))
         return preset, [*overrides, *schedule, *common, *curve(protocol.teacher_steps)]
-    schedule = [*protocol.student_overrides, *_schedule(protocol.student_steps, protocol.epochs)]
+    times = schedule_times(method)
+    student_steps = times * protocol.student_steps if protocol.student_steps else None
+    student_epochs = None
+    if not student_steps and (protocol.epochs or times > 1):  # counted in epochs: the recipe's own when unset
+        student_epochs = times * (protocol.epochs or load_config(protocol.recipe).train.epochs)
+    schedule = [*protocol.student_overrides, *_schedule(student_steps, student_epochs)]
     if method == "baseline" or is_baseline_point(method, scale):
         return protocol.student, [*schedule, *common, *curve(protocol.student_steps)]
     if method in LONGER_BASELINES:
@@ -262,7 +287,8 @@ def method_config(
     recipe = protocol.monotakd_recipe if is_monotakd(method) else protocol.recipe
     weights = []
     if scale is not None:
-        tuned = method if method in TUNED_METHODS else ("monotakd" if is_monotakd(method) else "bridgeta")
+        family = LONGER_METHODS.get(method, (method, 1))[0]
+        tuned = family if family in TUNED_METHODS else ("monotakd" if is_monotakd(method) else "bridgeta")
         scaled = scaled_weights(tuned, scale, recipe)
         if is_monotakd(method):
             weights = [f"distill.monotakd.{k}={v:.6g}" for k, v in scaled.items()]
@@ -366,6 +392,9 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
         for reference in ("baseline", "direct"):
             if reference in runs and method not in (*TEACHER_ROLES, reference):
                 table[method][f"paired_vs_{reference}"] = paired(results, runs[reference])
+        reference = same_schedule_baseline(method)
+        if reference in runs:
+            table[method]["paired_vs_same_schedule"] = {"reference": reference, **paired(results, runs[reference])}
     for method, results in runs.items():  # the detection table's paired deltas (multi-task runs)
         for reference in ("baseline", "direct"):
             if method in (*TEACHER_ROLES, reference) or "detection" not in table[method]:
