@@ -276,6 +276,11 @@ def test_ablations_of_a_family_that_chose_lambda_zero_run_at_its_best_positive_l
         "fixed_epsilon": 0.3, "fld": 0.3, "monotakd_no_sam": 1.0}
     # A sweep still running (nothing chosen): nothing to take.
     assert accuracy.ablation_lambdas(methods, {}, points)["fixed_epsilon"] is None
+    # Until then a summary leaves the weighted rows out, not the longer baselines.
+    cpu = accuracy.PRESETS["cpu"]
+    assert [m for m in methods if accuracy.awaits_lambda(m, {"direct": 0.3}, cpu)] == [
+        "bridgeta", "fixed_epsilon", "fld", "monotakd", "monotakd_no_sam"]
+    assert not accuracy.awaits_lambda("bridgeta", {}, replace(cpu, lambdas=()))
 
 
 def test_rendered_fair_sweep_marks_each_methods_choice():

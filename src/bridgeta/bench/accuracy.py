@@ -281,6 +281,12 @@ def ablation_lambdas(methods: Sequence[str], chosen: dict[str, float | None], po
     return out
 
 
+def awaits_lambda(method: str, chosen: dict[str, float | None], preset: AccuracyPreset) -> bool:
+    """Whether ``method``'s runs wait for the sweep: a summary leaves such a method out while its
+    lambda is not chosen. The rows without teacher weights (the longer baselines) never wait."""
+    return bool(preset.lambdas) and chosen.get(method) is None and METHODS[method] is not None
+
+
 def seeds_of(method: str, preset: AccuracyPreset, cap: int | None) -> int:
     return _capped(preset.seeds.get(method, preset.default_seeds), cap)
 
@@ -386,9 +392,8 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
 
     # Stage 3: every method's seeds at its chosen lambda, evaluated on the test towns.
     print("== stage 3: test seeds", flush=True)
-    # (A summary leaves out the methods whose sweep has not finished: their lambda is not chosen.)
     stage3 = [(m, method_job(m, s, dataroot, runs_dir, protocol, chosen[m], ("val", "test")))
-              for m in methods if m != "baseline" and not (summary and preset.lambdas and chosen[m] is None)
+              for m in methods if m != "baseline" and not (summary and awaits_lambda(m, chosen, preset))
               for s in range(seeds_of(m, preset, seed_cap))]
     # The partner of a family's ablations, where the family chose lambda = 0 (see
     # ablation_lambdas): the family itself at its ablations' lambda, as many seeds as they have.
