@@ -226,7 +226,7 @@ def render_accuracy(results: dict) -> str:
     text = (format_markdown(results) + "\n\n" + f"IoU in %, mean ± standard deviation over seeds {seeds}, "
             f"test towns. " + _measured(results, f"bridgeta bench accuracy --preset {preset}"))
     from bridgeta.bench.accuracy import format_detection_markdown
-    from bridgeta.bench.distill import schedule_times
+    from bridgeta.bench.distill import camera_network_steps, is_monotakd
 
     detection = format_detection_markdown(results)
     if detection:
@@ -253,12 +253,19 @@ def render_accuracy(results: dict) -> str:
     longer = [(m, row) for m, row in table.items() if "paired_vs_same_schedule" in row]
     if longer:
         steps = results["protocol"].get("student_steps")
-        lines += ["", "Longer schedules, each paired per seed with the baseline trained for as many steps:", "",
+        lines += ["", "Rows whose camera network trains for more than the student's steps, each paired per "
+                  "seed with the baseline trained for as many (MonoTAKD's: its TA's steps, then its student's):", "",
                   "| method | steps | seeds | test mIoU | Δ mIoU vs the baseline of its steps |", "|---|---:|---:|---:|---:|"]
         for method, row in longer:
             reference = row["paired_vs_same_schedule"]
-            times = schedule_times(method)
-            lines.append(f"| `{method}` | {times * steps if steps else f'{times} ×'} | {len(row['seeds'])} | "
+            times = camera_network_steps(method)
+            if not steps:
+                count = f"{times} ×"
+            elif is_monotakd(method):
+                count = f"{steps} + {steps}"
+            else:
+                count = str(times * steps)
+            lines.append(f"| `{method}` | {count} | {len(row['seeds'])} | "
                          f"{_cell(row['miou'])} | {_delta(reference)} vs `{reference['reference']}` |")
     return text + "\n".join(lines)
 

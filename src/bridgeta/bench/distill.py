@@ -134,9 +134,16 @@ def schedule_times(method: str) -> int:
     return LONGER_BASELINES.get(method) or LONGER_METHODS.get(method, (method, 1))[1]
 
 
+def camera_network_steps(method: str) -> int:
+    """How many student schedules the deployed camera network has trained for: a MonoTAKD
+    student starts from its TA, the same network trained on the student's schedule first."""
+    return 2 if is_monotakd(method) else schedule_times(method)
+
+
 def same_schedule_baseline(method: str) -> str | None:
-    """The baseline a longer row is paired with: the one trained for as many steps."""
-    times = schedule_times(method)
+    """The baseline a row trained for more than the student's schedule is paired with: the one
+    trained for as many steps (``baseline_long`` for MonoTAKD and the 2x rows)."""
+    times = camera_network_steps(method)
     if times == 1 or method in LONGER_BASELINES:
         return None
     return next((b for b, t in LONGER_BASELINES.items() if t == times), None)
