@@ -400,7 +400,7 @@ def test_the_long_baseline_is_the_baseline_for_as_many_steps_as_monotakds_assist
 
 
 def test_longer_distillation_rows_are_their_method_on_twice_the_steps_paired_with_the_long_baseline(tmp_path):
-    from bridgeta.report import render_accuracy
+    from bridgeta.report import render_accuracy, render_partial
 
     protocol = bench_distill.Protocol(student_steps=10, teacher_seeds=1)
     for method in ("direct", "bridgeta"):
@@ -432,6 +432,10 @@ def test_longer_distillation_rows_are_their_method_on_twice_the_steps_paired_wit
     text = render_accuracy({**results, "table": table, "learned_classes": ["drivable_area"],
                             "protocol": {**results["protocol"], "student_steps": 800}})
     assert "| `direct_long` | 1600 | 2 | 18.0 ± 0.0 | +1.5 ± 0.7 (n=2) vs `baseline_long` |" in text
+    # A benchmark still running: its finished rows, each with the steps of its camera network.
+    partial = render_partial({**results, "table": table, "protocol": {**results["protocol"], "student_steps": 800}})
+    assert "| `monotakd` | 2 | 1600 | 15.5 ± 0.7 | +4.5 ± 0.7 (n=2) | -1.0 ± 0.0 (n=2) vs `baseline_long` |" in partial
+    assert "| `baseline` | 2 | 800 | 11.0 ± 1.4 | – | – |" in partial and "--summary" in partial
     # MonoTAKD's camera network trains twice too: its TA's schedule, then its student's.
     assert "| `monotakd` | 800 + 800 | 2 | 15.5 ± 0.7 | -1.0 ± 0.0 (n=2) vs `baseline_long` |" in text
 

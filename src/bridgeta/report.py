@@ -270,6 +270,27 @@ def render_accuracy(results: dict) -> str:
     return text + "\n".join(lines)
 
 
+def render_partial(results: dict) -> str:
+    """The runs of a benchmark still running (``--summary``'s partial.json): each row's seeds,
+    test mIoU and paired deltas against the baseline and against the baseline of its steps."""
+    from bridgeta.bench.distill import camera_network_steps
+
+    steps = results.get("protocol", {}).get("student_steps")
+    lines = ["| method | seeds | steps | test mIoU | Δ mIoU vs baseline | Δ mIoU vs the baseline of its steps |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for method, row in results["table"].items():
+        same = row.get("paired_vs_same_schedule")
+        count = "–" if method in ("teacher", "assistant") or not steps else camera_network_steps(method) * steps
+        against_steps = f"{_delta(same)} vs `{same['reference']}`" if same else "–"
+        lines.append(f"| `{method}` | {len(row['seeds'])} | {count} | {_cell(row['miou'])} | "
+                     f"{_delta(row.get('paired_vs_baseline'))} | {against_steps} |")
+    preset = results.get("preset", {}).get("name", "?")
+    lines += ["", "Test towns, mean ± std over the finished seeds; Δ paired per seed, in points. Steps: of the "
+              "camera network (MonoTAKD's: its TA's, then its student's). "
+              + _measured(results, f"bridgeta bench accuracy --preset {preset} --summary")]
+    return "\n".join(lines)
+
+
 def render_protocol(results: dict) -> str:
     """The cpu protocol's vital signs: data, schedule, convergence, camera/fusion ratio, pretraining."""
     protocol, table = results["protocol"], results["table"]
@@ -485,6 +506,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "distill": ("accuracy-cpu/results.json", render_distill),
     "accuracy-cpu": ("accuracy-cpu/results.json", render_accuracy),
     "accuracy-protocol": ("accuracy-cpu/results.json", render_protocol),
+    "accuracy-cpu-partial": ("accuracy-cpu/partial.json", render_partial),
     "accuracy-mt": ("accuracy-mt/results.json", render_accuracy),
     "accuracy-tinybev": ("accuracy-tinybev/results.json", render_multitask),
     "cost": ("cost.json", render_cost),
