@@ -70,7 +70,8 @@ _ABLATION_SEEDS = {m: 2 for m in CPU_METHODS
 
 PRESETS = {
     # The paper's regime on 2 CPU cores (docs/results.md): a 30-scene world (6 test scenes: day,
-    # night and rain), pretrained backbones, students trained to a plateau, every method's
+    # night and rain), pretrained backbones, students on a fixed step budget (and the baseline
+    # on 2x and 4x of it: the budget is below what the network can learn), every method's
     # weights chosen on validation with the same budget, 5 seeds for the headline methods.
     "cpu": AccuracyPreset(
         scenes=30, duration=20.0, world="tiny",
