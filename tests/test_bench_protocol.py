@@ -414,6 +414,13 @@ def test_longer_distillation_rows_are_their_method_on_twice_the_steps_paired_wit
                                         {"bridgeta": 0.0, "direct": 1.0}, points)
     assert lambdas == {"direct_long": 1.0, "bridgeta_long": 0.3, "bridgeta_kd": 0.3}
     assert accuracy.ablation_lambdas(("direct_long",), {"direct": 0.0}, points) == {"direct_long": 0.0}
+    # ... which is baseline_long itself, reused rather than trained again under another name.
+    assert bench_distill.run_name("direct_long", 1, protocol, 0.0) == "tiny-c-baseline_long-seed1"
+    assert (bench_distill.method_config("direct_long", tmp_path, 1, protocol, 0.0)
+            == bench_distill.method_config("baseline_long", tmp_path, 1, protocol))
+    with pytest.raises(ValueError, match="unknown method 'bridgeta_kd'"):  # before anything trains
+        accuracy.run_staged("cpu", tmp_path / "out", tmp_path / "work", tmp_path / "world", methods=("bridgeta_kd",))
+    assert not (tmp_path / "work").exists()
 
     def run(seed, miou):
         return {"seed": seed, "train": {}, "test": {"miou": miou, "miou_at_0.5": miou, "iou": {"drivable_area": miou},
@@ -423,7 +430,8 @@ def test_longer_distillation_rows_are_their_method_on_twice_the_steps_paired_wit
     table = bench_distill.aggregate({"baseline": [run(0, 0.10), run(1, 0.12)],
                                      "baseline_long": [run(0, 0.16), run(1, 0.17)],
                                      "direct_long": [run(0, 0.18), run(1, 0.18)],
-                                     "monotakd": [run(0, 0.15), run(1, 0.16)]})
+                                     "monotakd": [run(0, 0.15), run(1, 0.16)],
+                                     "assistant": [run(0, 0.3)]})
     same = table["direct_long"]["paired_vs_same_schedule"]
     assert same["reference"] == "baseline_long" and same["mean"] == pytest.approx(0.015) and same["n"] == 2
     assert table["direct_long"]["paired_vs_baseline"]["mean"] == pytest.approx(0.07)
@@ -436,6 +444,7 @@ def test_longer_distillation_rows_are_their_method_on_twice_the_steps_paired_wit
     partial = render_partial({**results, "table": table, "protocol": {**results["protocol"], "student_steps": 800}})
     assert "| `monotakd` | 2 | 1600 | 15.5 ± 0.7 | +4.5 ± 0.7 (n=2) | -1.0 ± 0.0 (n=2) vs `baseline_long` |" in partial
     assert "| `baseline` | 2 | 800 | 11.0 ± 1.4 | – | – |" in partial and "--summary" in partial
+    assert "| `assistant` | 1 | – | 30.0 ± 0.0 | – | – |" in partial  # the TA lifts with LiDAR depth
     # MonoTAKD's camera network trains twice too: its TA's schedule, then its student's.
     assert "| `monotakd` | 800 + 800 | 2 | 15.5 ± 0.7 | -1.0 ± 0.0 (n=2) vs `baseline_long` |" in text
 

@@ -273,14 +273,17 @@ def render_accuracy(results: dict) -> str:
 def render_partial(results: dict) -> str:
     """The runs of a benchmark still running (``--summary``'s partial.json): each row's seeds,
     test mIoU and paired deltas against the baseline and against the baseline of its steps."""
-    from bridgeta.bench.distill import camera_network_steps
+    from bridgeta.bench.distill import TEACHER_ROLES, camera_network_steps
 
     steps = results.get("protocol", {}).get("student_steps")
     lines = ["| method | seeds | steps | test mIoU | Δ mIoU vs baseline | Δ mIoU vs the baseline of its steps |",
              "|---|---:|---:|---:|---:|---:|"]
     for method, row in results["table"].items():
         same = row.get("paired_vs_same_schedule")
-        count = "–" if method in ("teacher", "assistant") or not steps else camera_network_steps(method) * steps
+        if method in (*TEACHER_ROLES, "assistant"):  # not camera students: no steps, no delta against one
+            lines.append(f"| `{method}` | {len(row['seeds'])} | – | {_cell(row['miou'])} | – | – |")
+            continue
+        count = camera_network_steps(method) * steps if steps else "–"
         against_steps = f"{_delta(same)} vs `{same['reference']}`" if same else "–"
         lines.append(f"| `{method}` | {len(row['seeds'])} | {count} | {_cell(row['miou'])} | "
                      f"{_delta(row.get('paired_vs_baseline'))} | {against_steps} |")
@@ -321,7 +324,7 @@ def render_protocol(results: dict) -> str:
     from bridgeta.bench.distill import LONGER_BASELINES
 
     longer = [(times, method) for method, times in LONGER_BASELINES.items() if method in table]
-    if longer:
+    if longer and protocol.get("student_steps"):
         steps = protocol["student_steps"]
         cells = [f"{steps}: {_cell(table['baseline']['miou'])}"] + [
             f"{times * steps}: {_cell(table[method]['miou'])} (Δ {_delta(table[method].get('paired_vs_baseline'))})"

@@ -248,8 +248,8 @@ PARTNERS = {"bridgeta": "bridgeta_kd", "monotakd": "monotakd_kd"}
 def _family(method: str) -> str | None:
     """The tuned method whose weights an untuned variant takes (None for tuned methods, and for
     runs without teacher terms: the teachers, every baseline, MonoTAKD's TA)."""
-    if (METHODS[method] is None or method in ("tinybev_bridgeta", *TUNED_METHODS) or is_tinybev(method)
-            or method in PARTNERS.values()):
+    if (method in PARTNERS.values() or METHODS[method] is None or method in ("tinybev_bridgeta", *TUNED_METHODS)
+            or is_tinybev(method)):
         return None
     if method in LONGER_METHODS:
         return LONGER_METHODS[method][0]
@@ -285,7 +285,7 @@ def ablation_lambdas(methods: Sequence[str], chosen: dict[str, float | None], po
 def awaits_lambda(method: str, chosen: dict[str, float | None], preset: AccuracyPreset) -> bool:
     """Whether ``method``'s runs wait for the sweep: a summary leaves such a method out while its
     lambda is not chosen. The rows without teacher weights (the longer baselines) never wait."""
-    return bool(preset.lambdas) and chosen.get(method) is None and METHODS[method] is not None
+    return bool(preset.lambdas) and chosen.get(method) is None and METHODS.get(method) is not None
 
 
 def seeds_of(method: str, preset: AccuracyPreset, cap: int | None) -> int:
@@ -332,6 +332,9 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
 
     preset = preset or PRESETS[preset_name]
     methods = tuple(methods or preset.methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:  # before any training, not after the sweep
+        raise ValueError(f"unknown method '{unknown[0]}' (known: {', '.join(METHODS)})")
     unstaged = [m for m in methods if m in STAGE_AFTER and STAGE_AFTER[m] not in methods]
     if unstaged:  # a later stage starts from its previous stage's run, which must be trained too
         raise ValueError(f"--methods {unstaged[0]} needs {STAGE_AFTER[unstaged[0]]} (the stage it starts from)")

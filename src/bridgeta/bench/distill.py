@@ -205,11 +205,19 @@ def is_baseline_point(method: str, scale: float | None) -> bool:
     return scale == 0 and method in _NO_ASSISTANT
 
 
+def _as_baseline(method: str, scale: float | None) -> tuple[str, float | None]:
+    """A longer row of a method without a TA at lambda = 0 is the baseline of its schedule."""
+    if scale == 0 and method in LONGER_METHODS and LONGER_METHODS[method][0] in _NO_ASSISTANT:
+        return same_schedule_baseline(method), None
+    return method, scale
+
+
 def run_name(method: str, seed: int, protocol: Protocol = Protocol(), scale: float | None = None) -> str:
     """Run directory name; teacher and baseline keep the preset names ``bench baselines`` uses.
 
     ``scale``: the method's loss weights scaled by lambda (``scaled_weights``), named ``-lam<l>``.
     """
+    method, scale = _as_baseline(method, scale)
     if method == "teacher":
         return f"{protocol.teacher}-seed{seed}"
     if method == "aligned_teacher":
@@ -245,6 +253,7 @@ def method_config(
     ``scale``: its loss weights at lambda = ``scale`` (None: the recipe's)."""
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
+    method, scale = _as_baseline(method, scale)
     common = [f"model.camera.backbone.pretrained={protocol.pretrained}"] if protocol.pretrained else []
 
     def curve(steps: int | None) -> list[str]:
