@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bridgeta.bench.distill import (
-    LONGER_METHODS, METHODS, STAGE_AFTER, TUNED_METHODS, Protocol, aggregate, is_baseline_point, is_monotakd, is_tinybev,
+    LONGER_BASELINES, LONGER_METHODS, METHODS, STAGE_AFTER, TUNED_METHODS, Protocol, aggregate, is_baseline_point, is_monotakd, is_tinybev,
     learned_classes, method_job, run_name, stage_depth, train_method,
 )
 from bridgeta.bench.distill import run as run_methods
@@ -65,8 +65,7 @@ CPU_METHODS = ("baseline", "direct", "feature_kd", "logit_kd", "bridgeta", "fixe
                "monotakd_shared", "baseline_long", "baseline_x4", "direct_long", "bridgeta_long")
 # Ablation and control rows: 2 seeds each (seeds 0 and 1, paired with every headline method's).
 _ABLATION_SEEDS = {m: 2 for m in CPU_METHODS
-                   if m in ("fixed_epsilon", "baseline_long", "baseline_x4", "direct_long", "bridgeta_long")
-                   or m.startswith("monotakd_")}
+                   if m in ("fixed_epsilon", *LONGER_BASELINES, *LONGER_METHODS) or m.startswith("monotakd_")}
 
 PRESETS = {
     # The paper's regime on 2 CPU cores (docs/results.md): a 30-scene world (6 test scenes: day,

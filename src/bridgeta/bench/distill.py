@@ -120,7 +120,6 @@ METHODS: dict[str, tuple[str, ...] | None] = {
     "aligned_teacher": None,
     "tinybev_bridgeta": (),
 }
-# The run a staged method starts from: train it first, with the same seed.
 # The baseline on a multiple of the student's schedule (same recipe, warm-up and cosine decay
 # stretched over the longer run).
 LONGER_BASELINES = {"baseline_long": 2, "baseline_x4": 4}
@@ -147,6 +146,9 @@ def same_schedule_baseline(method: str) -> str | None:
     if times == 1 or method in LONGER_BASELINES:
         return None
     return next((b for b, t in LONGER_BASELINES.items() if t == times), None)
+
+
+# The run a staged method starts from: train it first, with the same seed.
 STAGE_AFTER = {"tinybev_s2": "tinybev_s1", "tinybev_s3": "tinybev_s2"}
 TINYBEV_STAGES = 3
 # The planning figures of TinyBEV's table: L2 and the collision rate in UniAD's convention (at
@@ -269,17 +271,15 @@ def method_config(
     times = schedule_times(method)
     student_steps = times * protocol.student_steps if protocol.student_steps else None
     student_epochs = None
-    if not student_steps and (protocol.epochs or times > 1):  # counted in epochs: the recipe's own when unset
-        student_epochs = times * (protocol.epochs or load_config(protocol.recipe).train.epochs)
+    if not student_steps and (protocol.epochs or times > 1):  # counted in epochs: the preset's own when unset
+        own = protocol.student if method in LONGER_BASELINES else protocol.recipe
+        student_epochs = times * (protocol.epochs or load_config(own).train.epochs)
     schedule = [*protocol.student_overrides, *_schedule(student_steps, student_epochs)]
     if method == "baseline" or is_baseline_point(method, scale):
         return protocol.student, [*schedule, *common, *curve(protocol.student_steps)]
     if method in LONGER_BASELINES:
-        times = LONGER_BASELINES[method]
-        steps = times * protocol.student_steps if protocol.student_steps else None
-        epochs = None if steps else times * (protocol.epochs or load_config(protocol.student).train.epochs)
         return protocol.student, [f"name={protocol.student}-{'long' if times == 2 else f'x{times}'}",
-                                  *protocol.student_overrides, *_schedule(steps, epochs), *common, *curve(steps)]
+                                  *schedule, *common, *curve(student_steps)]
     teacher = runs_dir / run_name("teacher", teacher_seed(seed, protocol), protocol)
     if method == "assistant":
         # MonoTAKD's TA: its student's camera network, LiDAR-depth lift, imitating the fused BEV
