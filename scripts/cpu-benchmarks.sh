@@ -1,10 +1,10 @@
 #!/bin/bash
 # Every cpu benchmark of docs/results.md, docs/detection.md and docs/methods/*.md, one job at a
-# time (2 cores), in the order of the issues. Each step resumes: finished runs are reused, killed
-# runs continue from their last checkpoint, so run this again after any interruption.
+# time (2 cores), the open issues' tables first. Each step resumes: runs recorded in the ledgers
+# (results/ledger/p4, results/ledger/p4mt; commit them as they come) are not trained again on any
+# machine, killed runs continue from their last checkpoint on the machine that holds it. So run
+# this again after any interruption, in this session or a later one (docs/results.md, "the ledger").
 #   usage: scripts/cpu-benchmarks.sh [LOG]   (from the repository root, with bridgeta installed)
-# The multi-task steps read a copy of the cpu world prepared with boxes and tracks (WORK_MT/world:
-# `bridgeta data prepare --dataroot WORK_MT/world`), next to the cpu world's backbone.
 set -euo pipefail
 log=${1:-runs/cpu-benchmarks.log}
 work=${WORK:-runs/p4}
@@ -18,21 +18,29 @@ step() {
     echo "== $(date -u '+%F %H:%M') $*" >> "$log"
     "$@" >> "$log" 2>&1 || { echo "!! $(date -u '+%F %H:%M') failed ($?): $*" >> "$log"; failed=1; }
 }
-# 1. the cpu protocol's methods (issue 11)
-step bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --out results/accuracy-cpu \
-    --methods baseline direct feature_kd logit_kd bridgeta fixed_epsilon
-# 2. seed 0 of the headline methods trained again on this commit (issue 11's reproducibility):
-#    right after their table, so that issue 11 does not wait for the later tables
-step bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --out results/accuracy-cpu --reproduce \
-    --methods baseline direct feature_kd logit_kd bridgeta fixed_epsilon
-# 3. the full cpu preset: MonoTAKD's rows and ablations (issue 13); --reproduce again, so that the
-#    table keeps the reruns above (reused) and adds MonoTAKD's
-step bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --out results/accuracy-cpu --reproduce
-# 4. the detection table (issue 14)
-step bridgeta bench accuracy --preset cpu-mt --jobs 1 --work "$work_mt" --out results/accuracy-mt
-# 5. TinyBEV's multi-task table (issue 15)
-step bridgeta bench accuracy --preset cpu-tinybev --jobs 1 --work "$work_mt" --out results/accuracy-tinybev
-# 6. inference cost of every pair, alone on the CPU (the tinybev pair has gained its occupancy head)
+cpu=(bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --ledger results/ledger/p4)
+# 1. MonoTAKD's rows, ablations and compute control on the cpu protocol (issue 13), with the
+#    teacher, baselines and TA they are paired with; its own sweep, beside its table
+step "${cpu[@]}" --out results/accuracy-cpu-monotakd \
+    --methods monotakd monotakd_imd_only monotakd_cmrd_only monotakd_no_sam monotakd_no_ffm monotakd_shared baseline_long
+# The multi-task world: a copy of the cpu world (hard links), prepared with boxes and tracks,
+# next to the cpu world's backbone.
+mt_world() {
+    [ -e "$work_mt/world/v1.0-trainval" ] && [ -e "$work_mt/backbone/backbone.safetensors" ] && return 0
+    mkdir -p "$work_mt" && rm -rf "$work_mt/world" && cp -al "$work/world" "$work_mt/world"
+    rm -rf "$work_mt/backbone" && cp -r "$work/backbone" "$work_mt/backbone"
+    bridgeta data prepare --dataroot "$work_mt/world" --force
+}
+step mt_world
+mt=(bridgeta bench accuracy --jobs 1 --work "$work_mt" --ledger results/ledger/p4mt)
+# 2. the detection table (issue 14)
+step "${mt[@]}" --preset cpu-mt --out results/accuracy-mt
+# 3. TinyBEV's multi-task table (issue 15)
+step "${mt[@]}" --preset cpu-tinybev --out results/accuracy-tinybev
+# 4. inference cost of every pair, alone on the CPU
 step bridgeta bench cost --repeats 5 --out results/cost.json
+# 5. the whole cpu protocol's table on this commit (issue 11's, first measured at 2dcd721), with
+#    the reruns of seed 0 of the headline methods; it reuses every run above
+step "${cpu[@]}" --out results/accuracy-cpu --reproduce
 echo "== $(date -u '+%F %H:%M') done" >> "$log"
 exit "$failed"

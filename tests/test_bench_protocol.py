@@ -4,6 +4,7 @@ validation curves, the fair sweep, test seeds at the chosen lambda, and the fiel
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -109,6 +110,26 @@ def test_staged_protocol_end_to_end(engine_world, tmp_path, monkeypatch):
     for method, row in repro.items():
         assert row["delta"] == pytest.approx(row["rerun"] - row["table"])
         assert row["rerun_trained_by"]["commit"]
+
+    # A --methods list without the baseline leaves its scratch rows out.
+    subset = accuracy.run_staged("test", out, work, engine_world, preset=preset, methods=("monotakd",), summary=True)
+    assert "baseline_scratch" not in subset["finished"] and subset["finished"]["monotakd"] == [0]
+    # Its sweep (one tuned method of the preset's three) is written beside its table, not over the preset's.
+    assert {p["method"] for p in json.loads((out / "partial_sweep.json").read_text())["points"]} == {"monotakd"}
+    assert {p["method"] for p in json.loads((tmp_path / "results" / "partial_sweep.json").read_text())["points"]} == {
+        "bridgeta", "direct", "monotakd"}
+
+    # A new machine: the work directory is gone, the ledger (OUT/runs) was kept. The table comes
+    # back from the records alone, nothing trains, and the backbone is pretrained again to its
+    # recorded digest.
+    assert (out / "runs" / "scratch" / "tiny-c-seed0" / "weights.json").is_file()
+    shutil.rmtree(work)
+    monkeypatch.setattr("bridgeta.engine.trainer.train", refuse)
+    restored = accuracy.run_staged("test", out, work, engine_world, preset=preset)
+    for method in ("teacher", "baseline", "baseline_scratch", "bridgeta", "monotakd", "assistant"):
+        assert restored["table"][method]["miou"] == table[method]["miou"], method
+    assert restored["convergence"] == result["convergence"]
+    assert not (runs / "tiny-lc-seed0" / "model.safetensors").exists()  # no dependent had to train
 
 
 def test_lambda_scales_each_methods_recipe_weights():

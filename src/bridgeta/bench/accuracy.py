@@ -52,7 +52,8 @@ class AccuracyPreset:
     lambdas: tuple[float, ...] = ()
     sweep_seeds: int = 2
     # Methods trained without the pretrained backbone too (suffix ``_scratch``, ``default_seeds``
-    # seeds), for the effect of pretraining.
+    # seeds), for the effect of pretraining; only when the method is among those run (a
+    # ``--methods`` list for other rows leaves them out).
     scratch: tuple[str, ...] = ()
 
 
@@ -126,14 +127,23 @@ PRESETS = {
 }
 
 
-def ensure_world(work: Path, preset: AccuracyPreset, seed: int = 0) -> Path:
-    """The preset's world under ``work/world``: generated and prepared once, then reused."""
+# What the synthetic world's generator writes (the prepared label cache aside): the tables, the
+# maps, the sensor files and the per-pixel camera labels.
+WORLD_FILES = ("v1.0-*/*.json", "maps/**/*", "samples/**/*", "sweeps/**/*", "camera_labels/**/*")
+
+
+def ensure_world(work: Path, preset: AccuracyPreset, seed: int = 0, ledger: Path | None = None) -> Path:
+    """The preset's world under ``work/world``: generated and prepared once, then reused. With a
+    ``ledger``, the world must be the one its recorded runs were trained on (its digest)."""
+    from bridgeta.bench import ledger as run_ledger
     from bridgeta.data.prepare import prepare_dataroot
     from bridgeta.data.synth.generate import VERSION, generate_dataroot
 
     dataroot = work / "world"
     if not (dataroot / VERSION).exists():  # no complete world: what a killed generation left is replaced
         generate_dataroot(dataroot, preset.scenes, seed=seed, preset=preset.world, duration=preset.duration, force=True)
+    if ledger is not None:
+        run_ledger.check_or_record(ledger, "world", run_ledger.tree_digest(dataroot, WORLD_FILES), f"the world {dataroot}")
     prepare_dataroot(dataroot, VERSION, progress=False)
     return dataroot
 
@@ -220,8 +230,10 @@ def backbone_file(work: Path) -> Path:
     return work / "backbone" / BACKBONE_FILE
 
 
-def ensure_backbone(work: Path, dataroot: Path, preset: AccuracyPreset) -> Path:
-    """The world's pretrained image backbone under ``work/backbone``: trained once, then reused."""
+def ensure_backbone(work: Path, dataroot: Path, preset: AccuracyPreset, ledger: Path | None = None) -> Path:
+    """The world's pretrained image backbone under ``work/backbone``: trained once, then reused.
+    With a ``ledger``, it must be the one its recorded runs started from (its digest)."""
+    from bridgeta.bench import ledger as run_ledger
     from bridgeta.config import load_config
     from bridgeta.engine.pretrain import pretrain_backbone
 
@@ -233,6 +245,8 @@ def ensure_backbone(work: Path, dataroot: Path, preset: AccuracyPreset) -> Path:
         ])
         print(f"== pretraining the {preset.protocol.student} image backbone ({preset.pretrain_steps} steps)", flush=True)
         pretrain_backbone(config, path.parent, force=True)
+    if ledger is not None:
+        run_ledger.check_or_record(ledger, "backbone", run_ledger.weights_digest(path), f"the pretrained backbone {path}")
     return path
 
 
@@ -318,14 +332,18 @@ def last_quarter_gain(curve: list[list[float]]) -> float | None:
 def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: int = 1,
                seed_cap: int | None = None, methods: Sequence[str] | None = None,
                sweep_out: Path | None = None, preset: AccuracyPreset | None = None,
-               until: str = "test", reproduce: bool = False, summary: bool = False) -> dict:
+               until: str = "test", reproduce: bool = False, summary: bool = False,
+               ledger: Path | None = None) -> dict:
     """The cpu protocol: pretraining, teacher and baselines, the validation sweep, then the test
     seeds of every method at its chosen lambda. Every run is reused when finished. ``until``
     "sweep" stops after the sweep and returns its result. ``reproduce`` trains seed 0 of each
     headline method again (``REPRODUCED``, same config, a ``-rerun`` run) and reports how far it
     lands from the table's run: what a seed's figure is worth across commits and machines.
     ``summary`` trains nothing: it reads the runs finished so far and writes ``partial.json``
-    (and the sweep's points so far to ``partial_sweep.json``) for a benchmark still running."""
+    (and the sweep's points so far to ``partial_sweep.json``) for a benchmark still running.
+    ``ledger`` (default ``out/runs``) records every finished run, and a run recorded there is
+    not trained again (bench/ledger.py): commit it with the results, and the benchmark goes on
+    where it stopped on any machine that reproduces its world, backbone and teachers."""
     from bridgeta.bench import distill_sweep
     from bridgeta.engine.logging import read_metrics, training_diagnostics
 
@@ -339,15 +357,16 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
         raise ValueError(f"--methods {unstaged[0]} needs {STAGE_AFTER[unstaged[0]]} (the stage it starts from)")
     started = environment()
     runs_dir = work / "runs"
+    ledger = ledger or out / "runs"
     protocol = preset.protocol
     if summary:
         def execute(job_list):
-            return [train_method(*job.args, read_only=True) for job in job_list]
+            return [train_method(*job.args, **job.kwargs, read_only=True) for job in job_list]
     else:
         def execute(job_list):
             return run_jobs(job_list, jobs)
     if preset.pretrain_steps:
-        backbone = backbone_file(work) if summary else ensure_backbone(work, dataroot, preset)
+        backbone = backbone_file(work) if summary else ensure_backbone(work, dataroot, preset, ledger)
         protocol = replace(protocol, pretrained=str(backbone))
     sweep_seeds = _capped(preset.sweep_seeds, seed_cap)
     baseline_seeds = max(seeds_of("baseline", preset, seed_cap), sweep_seeds)
@@ -355,23 +374,25 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
 
     # Stage 1: the teacher(s) and the baselines (evaluated on val too: lambda = 0 of the sweep).
     print("== stage 1: teacher and baselines", flush=True)
-    stage1 = [("teacher", method_job("teacher", s, dataroot, runs_dir, protocol, None, ("val", "test")))
+    stage1 = [("teacher", method_job("teacher", s, dataroot, runs_dir, protocol, None, ("val", "test"), ledger=ledger))
               for s in range(teachers)]
     if "tinybev_bridgeta" in methods:  # its teacher has the student's widths (Protocol.aligned_teacher)
-        stage1 += [("aligned_teacher", method_job("aligned_teacher", s, dataroot, runs_dir, protocol, None, ("val", "test")))
+        stage1 += [("aligned_teacher", method_job("aligned_teacher", s, dataroot, runs_dir, protocol, None, ("val", "test"),
+                                                  ledger=ledger))
                    for s in range(teachers)]
-    stage1 += [("baseline", method_job("baseline", s, dataroot, runs_dir, protocol, None, ("val", "test")))
+    stage1 += [("baseline", method_job("baseline", s, dataroot, runs_dir, protocol, None, ("val", "test"), ledger=ledger))
                for s in range(baseline_seeds)]
     scratch = replace(protocol, pretrained=None)
     scratch_seeds = _capped(preset.default_seeds, seed_cap)
-    for method in preset.scratch:
-        stage1 += [(f"{method}_scratch", method_job(method, s, dataroot, runs_dir / "scratch", scratch, None, ("val", "test")))
+    for method in (m for m in preset.scratch if m in methods):  # a --methods list without it: none
+        stage1 += [(f"{method}_scratch", method_job(method, s, dataroot, runs_dir / "scratch", scratch, None, ("val", "test"),
+                                                     ledger=ledger / "scratch"))
                    for s in range(scratch_seeds)]
     results1 = execute([job for _, job in stage1])
     if any(is_monotakd(m) for m in methods):
         # MonoTAKD's camera TA, one per teacher, in a second wave: it imitates that teacher's
         # fused BEV (distill.monotakd.assistant_imitation), so the teacher must have finished.
-        assistants = [("assistant", method_job("assistant", s, dataroot, runs_dir, protocol, None, ("val", "test")))
+        assistants = [("assistant", method_job("assistant", s, dataroot, runs_dir, protocol, None, ("val", "test"), ledger=ledger))
                       for s in range(teachers)]
         stage1 += assistants
         results1 += execute([job for _, job in assistants])
@@ -382,10 +403,13 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     sweep = None
     if preset.lambdas and tuned:
         print("== stage 2: loss weights on the validation towns", flush=True)
-        sweep_path = sweep_out or out.parent / "distill_sweep.json"
+        # The preset's sweep sits beside the results folders (results/distill_sweep.json); a
+        # --methods list that tunes fewer methods writes its own beside its table instead.
+        every_tuned = [m for m in TUNED_METHODS if m in preset.methods]
+        sweep_path = sweep_out or (out.parent if tuned == every_tuned else out) / "distill_sweep.json"
         sweep = distill_sweep.run(
             dataroot, runs_dir, sweep_path.with_name("partial_sweep.json") if summary else sweep_path, protocol,
-            tuned, preset.lambdas, sweep_seeds, jobs, execute=execute,
+            tuned, preset.lambdas, sweep_seeds, jobs, execute=execute, ledger=ledger,
         )
         chosen.update(sweep["chosen"])
         if until == "sweep":
@@ -395,7 +419,7 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
 
     # Stage 3: every method's seeds at its chosen lambda, evaluated on the test towns.
     print("== stage 3: test seeds", flush=True)
-    stage3 = [(m, method_job(m, s, dataroot, runs_dir, protocol, chosen[m], ("val", "test")))
+    stage3 = [(m, method_job(m, s, dataroot, runs_dir, protocol, chosen[m], ("val", "test"), ledger=ledger))
               for m in methods if m != "baseline" and not (summary and awaits_lambda(m, chosen, preset))
               for s in range(seeds_of(m, preset, seed_cap))]
     # The partner of a family's ablations, where the family chose lambda = 0 (see
@@ -404,7 +428,8 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     for family, partner in PARTNERS.items():
         if partner in chosen:
             ablations = [m for m in methods if _family(m) == family]
-            stage3 += [(partner, method_job(family, s, dataroot, runs_dir, protocol, chosen[partner], ("val", "test")))
+            stage3 += [(partner, method_job(family, s, dataroot, runs_dir, protocol, chosen[partner], ("val", "test"),
+                                            ledger=ledger))
                        for s in range(max(seeds_of(m, preset, seed_cap) for m in ablations))]
     # In waves: a staged method (TinyBEV's S2, S3) starts once its previous stage has finished.
     results3: list = [None] * len(stage3)
@@ -417,7 +442,7 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     if reproduce and not summary:
         print("== reproducibility: seed 0 of the headline methods, trained again", flush=True)
         headline = [m for m in REPRODUCED if m in methods]
-        again = run_jobs([method_job(m, 0, dataroot, runs_dir, protocol, chosen.get(m), ("test",), "-rerun")
+        again = run_jobs([method_job(m, 0, dataroot, runs_dir, protocol, chosen.get(m), ("test",), "-rerun", ledger)
                           for m in headline], jobs)
         for method, rerun in zip(headline, again):
             first = next(r for (role, _), r in zip(stage1 + stage3, results1 + results3)
@@ -561,9 +586,11 @@ def _figures(out: Path, runs_dir: Path, protocol: Protocol, chosen: dict, method
 
 
 def run(preset_name: str, seeds: int | None, out: Path, work: Path, dataroot: Path | None,
-        methods: Sequence[str] | None = None, jobs: int = 1, reproduce: bool = False, summary: bool = False) -> dict:
+        methods: Sequence[str] | None = None, jobs: int = 1, reproduce: bool = False, summary: bool = False,
+        ledger: Path | None = None) -> dict:
     preset = PRESETS[preset_name]
     out.mkdir(parents=True, exist_ok=True)
+    staged = bool(preset.lambdas or preset.pretrain_steps or preset.seeds)
     if summary:  # reads what exists: it neither generates nor prepares a world
         dataroot = dataroot or work / "world"
         if not (dataroot / "bridgeta_splits.json").is_file():
@@ -571,9 +598,10 @@ def run(preset_name: str, seeds: int | None, out: Path, work: Path, dataroot: Pa
                                     "reads a benchmark's finished runs and trains nothing")
     else:
         work.mkdir(parents=True, exist_ok=True)
-        dataroot = dataroot or ensure_world(work, preset)
-    if preset.lambdas or preset.pretrain_steps or preset.seeds:
-        return run_staged(preset_name, out, work, dataroot, jobs, seeds, methods, reproduce=reproduce, summary=summary)
+        dataroot = dataroot or ensure_world(work, preset, ledger=(ledger or out / "runs") if staged else None)
+    if staged:
+        return run_staged(preset_name, out, work, dataroot, jobs, seeds, methods, reproduce=reproduce, summary=summary,
+                          ledger=ledger)
     result = run_methods(
         dataroot, work / "runs", out / "results.json", seeds or preset.default_seeds, methods or preset.methods,
         preset.protocol, metadata={"preset": {"name": preset_name, **asdict(preset)}},
@@ -593,11 +621,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {', '.join(METHODS)}")
     parser.add_argument("--reproduce", action="store_true",
                         help="cpu protocol: train seed 0 of the headline methods again and report the difference")
+    parser.add_argument("--ledger", type=Path, default=None,
+                        help="staged presets: the finished runs' records, reused on any machine (default: OUT/runs)")
     parser.add_argument("--summary", action="store_true",
                         help="cpu protocol: train nothing; OUT/partial.json over the runs finished so far")
     args = parser.parse_args(argv)
     result = run(args.preset, args.seeds, args.out, args.work or args.out, args.dataroot, args.methods, args.jobs,
-                 args.reproduce, args.summary)
+                 args.reproduce, args.summary, args.ledger)
     if args.summary:
         print(json.dumps({"finished": result["finished"], "convergence": result["convergence"]}, indent=1))
         print(format_markdown(result) if result["table"] else "no finished runs yet")

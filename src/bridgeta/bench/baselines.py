@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from bridgeta.bench import ledger
 from bridgeta.config import load_config, matches_stored
 from bridgeta.provenance import environment, write_json
 
@@ -29,6 +30,9 @@ def train_and_evaluate(
     overrides: Sequence[str] = (),
     split: str | Sequence[str] = "test",
     read_only: bool = False,
+    record: Path | None = None,
+    weights_needed: bool = False,
+    before_training: Callable[[], None] | None = None,
 ) -> dict | None:
     """Train ``preset`` (unless already done) and evaluate it on ``split`` (one or several); returns both.
 
@@ -40,18 +44,33 @@ def train_and_evaluate(
     validation split (``eval_assistant_val.json``, under ``assistant_val``). ``read_only`` trains
     and evaluates nothing: the stored result of a run finished and evaluated on every split, or
     None (``bench accuracy --summary``).
+
+    ``record``: the run's place in a benchmark's ledger (:mod:`bridgeta.bench.ledger`). A run
+    recorded there with every split is finished without its weights (they are trained again,
+    and must have the recorded digest, only when ``weights_needed``: another run reads them);
+    a run finished here is recorded. ``before_training`` runs just before a training starts
+    (the benchmark makes sure the run's inputs, a teacher or a TA, have their weights).
     """
     from bridgeta.engine.evaluate import evaluate_assistant, evaluate_checkpoint, evaluate_checkpoint_model
     from bridgeta.engine.trainer import train
 
     splits = [split] if isinstance(split, str) else list(split)
     config = load_config(preset, [f"data.dataroot={dataroot}", f"train.seed={seed}", *overrides])
+    if record is not None and (record / "config.yaml").is_file() and not matches_stored(record / "config.yaml", config):
+        raise ValueError(f"{record} records a run with a different config (see its config.yaml) than "
+                         f"{run_dir} would train: move the record aside, or keep the benchmark's settings")
+    if record is not None:
+        ledger.restore(record, run_dir)
     _check_same_run(run_dir, config)
     model_file = run_dir / "model.safetensors"
-    if read_only and not (model_file.is_file() and all((run_dir / f"eval_{n}.json").is_file() for n in splits)):
+    evaluated = all((run_dir / f"eval_{n}.json").is_file() for n in splits)
+    recorded = record is not None and ledger.is_recorded(record, splits) and evaluated
+    if read_only and not ((model_file.is_file() or recorded) and evaluated):
         return None
     summary = None
-    if not model_file.is_file():
+    if not model_file.is_file() and (weights_needed or not recorded):
+        if before_training is not None:
+            before_training()
         # The run directory holds this config (checked above): continue it, or restart one that
         # was stopped before its first checkpoint.
         resume = (run_dir / "checkpoints" / "latest").is_file()
@@ -59,6 +78,8 @@ def train_and_evaluate(
         trained_by = environment()  # the code that trains (a resumed run: the code that finished it)
         summary = _jsonable(train(config, run_dir, resume=resume, force=not resume, evaluate_fn=evaluate_fn))
         summary["environment"] = trained_by
+    if record is not None:
+        ledger.check_weights(model_file, record)
     result: dict = {"preset": preset, "seed": seed, "overrides": list(overrides)}
     for name in splits:
         path = run_dir / f"eval_{name}.json"
@@ -74,10 +95,12 @@ def train_and_evaluate(
         result[name] = stored[name]
     if config.distill is not None and config.distill.method == "bridgeta":
         path = run_dir / "eval_assistant_val.json"
-        if not path.is_file() and not read_only:
+        if not path.is_file() and not read_only and model_file.is_file():
             write_json(path, {"assistant_val": evaluate_assistant(model_file, split="val")})
         if path.is_file():
             result["assistant_val"] = json.loads(path.read_text())["assistant_val"]
+    if record is not None and not read_only:
+        ledger.save(run_dir, record)
     return result
 
 

@@ -319,25 +319,55 @@ def method_config(
     return recipe, [name, *schedule, *common, *METHODS[method], *weights, *extra, f"distill.teacher={teacher}"]
 
 
+def run_inputs(method: str, seed: int, scale: float | None) -> list[tuple[str, int | None, float | None]]:
+    """The runs whose weights ``method``'s run reads, as (method, seed, scale); a seed of None is
+    the teacher seed of ``seed`` (:func:`teacher_seed`). In dependency order."""
+    method, scale = _as_baseline(method, scale)
+    if METHODS[method] is None and method != "assistant":  # teachers, baselines: the backbone only
+        return []
+    if method == "baseline" or is_baseline_point(method, scale) or method in LONGER_BASELINES:
+        return []
+    if method == "tinybev_bridgeta":
+        return [("aligned_teacher", None, None)]
+    inputs: list[tuple[str, int | None, float | None]] = [("teacher", None, None)]
+    if is_monotakd(method):
+        inputs.append(("assistant", None, None))
+    if method in STAGE_AFTER:
+        inputs.append((STAGE_AFTER[method], seed, scale))
+    return inputs
+
+
 def train_method(
     method: str, dataroot: Path, runs_dir: Path, seed: int, protocol: Protocol = Protocol(),
     scale: float | None = None, split: str | Sequence[str] = "test", suffix: str = "",
-    read_only: bool = False,
+    read_only: bool = False, ledger: Path | None = None, weights_needed: bool = False,
 ) -> dict | None:
     """Train (or reuse) and evaluate one run; ``suffix`` names a second run of the same config
     (``-rerun``: the reproducibility check); ``read_only`` returns a finished run's stored result
-    or None, training nothing (``--summary``)."""
+    or None, training nothing (``--summary``). ``ledger``: the benchmark's record of finished
+    runs (:mod:`bridgeta.bench.ledger`); a run recorded there is reused without its weights, and
+    before a run trains, the runs it reads (:func:`run_inputs`) get theirs back, trained again
+    to their recorded digests where this machine has lost them."""
     preset, overrides = method_config(method, runs_dir, seed, protocol, scale)
-    run_dir = runs_dir / (run_name(method, seed, protocol, scale) + suffix)
-    return train_and_evaluate(preset, dataroot, run_dir, seed, overrides, split, read_only=read_only)
+    name = run_name(method, seed, protocol, scale) + suffix
+
+    def inputs_with_weights() -> None:
+        for input_method, input_seed, input_scale in run_inputs(method, seed, scale):
+            input_seed = teacher_seed(seed, protocol) if input_seed is None else input_seed
+            train_method(input_method, dataroot, runs_dir, input_seed, protocol, input_scale, ("val", "test"),
+                         ledger=ledger, weights_needed=True)
+
+    return train_and_evaluate(preset, dataroot, runs_dir / name, seed, overrides, split, read_only=read_only,
+                              record=ledger / name if ledger is not None else None, weights_needed=weights_needed,
+                              before_training=inputs_with_weights if ledger is not None else None)
 
 
 def method_job(method: str, seed: int, dataroot: Path, runs_dir: Path, protocol: Protocol,
-               scale: float | None, splits: Sequence[str], suffix: str = "") -> Job:
+               scale: float | None, splits: Sequence[str], suffix: str = "", ledger: Path | None = None) -> Job:
     """:func:`train_method` as a :class:`~bridgeta.bench.jobs.Job`, logged to ``runs/logs/<run>.log``."""
     name = run_name(method, seed, protocol, scale) + suffix
     return Job(train_method, (method, dataroot, runs_dir, seed, protocol, scale, tuple(splits), suffix),
-               log=runs_dir / "logs" / f"{name}.log", label=name)
+               kwargs={"ledger": ledger}, log=runs_dir / "logs" / f"{name}.log", label=name)
 
 
 def paired(results: list[dict], reference: list[dict], key=lambda test: test["miou"]) -> dict:

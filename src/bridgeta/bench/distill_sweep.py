@@ -29,19 +29,21 @@ def run(
     seeds: int,
     jobs: int = 1,
     execute=None,
+    ledger: Path | None = None,
 ) -> dict:
     """Every method in ``methods`` at every lambda in ``lambdas`` (a scale of its recipe weights,
     ``bench.distill.scaled_weights``) for ``seeds`` seeds, on the validation towns; the lambda with
     the highest mean validation mIoU is chosen per method. The same budget for every method:
     points, seeds, schedule and teacher. lambda = 0 of a method without a TA is the baseline
-    (its runs are reused); BridgeTA's lambda = 0 still trains its TA. Runs are resumable."""
+    (its runs are reused); BridgeTA's lambda = 0 still trains its TA. Runs are resumable, and
+    recorded in ``ledger`` when one is given (bench/ledger.py)."""
     from bridgeta.bench.baselines import _mean_std
     from bridgeta.bench.distill import method_job, run_name
     from bridgeta.bench.jobs import run_jobs
 
     started = environment()
     grid = [(m, float(lam), s) for m in methods for lam in lambdas for s in range(seeds)]
-    jobs_list = [method_job(m, s, dataroot, runs_dir, protocol, lam, ("val",)) for m, lam, s in grid]
+    jobs_list = [method_job(m, s, dataroot, runs_dir, protocol, lam, ("val",), ledger=ledger) for m, lam, s in grid]
     results = execute(jobs_list) if execute is not None else run_jobs(jobs_list, jobs)
     points = []
     for method in methods:
@@ -91,11 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained side by side")
     parser.add_argument("--seeds", type=int, default=None, help="at most this many seeds per point")
     parser.add_argument("--out", type=Path, default=Path("results/distill_sweep.json"))
+    parser.add_argument("--ledger", type=Path, default=None,
+                        help="the finished runs' records, shared with bench accuracy (default: "
+                             "results/accuracy-PRESET/runs, bench accuracy's with --out results/accuracy-PRESET)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    dataroot = args.dataroot or ensure_world(args.work, preset)
+    ledger = args.ledger or Path("results") / f"accuracy-{args.preset}" / "runs"
+    dataroot = args.dataroot or ensure_world(args.work, preset, ledger=ledger)
     result = run_staged(args.preset, args.out.parent, args.work, dataroot, args.jobs, args.seeds,
-                        sweep_out=args.out, until="sweep")
+                        sweep_out=args.out, until="sweep", ledger=ledger)
     for method, lam in result["chosen"].items():
         print(f"{method}: lambda {lam:g}")
     print(f"wrote {args.out}")

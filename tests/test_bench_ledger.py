@@ -1,0 +1,96 @@
+"""The benchmark ledger: finished runs recorded beside the results are reused on a machine that
+has lost their weights, inputs are trained again to their recorded digests, and a record of
+another config or of other weights is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+
+from bridgeta.bench import distill as bench_distill
+from bridgeta.bench import ledger
+from engine_helpers import SMALL_TINY_C, SMALL_TINY_LC
+
+PROTOCOL = bench_distill.Protocol(student_steps=2, teacher_steps=2, teacher_seeds=1,
+                                  student_overrides=tuple(SMALL_TINY_C), teacher_overrides=tuple(SMALL_TINY_LC))
+
+
+def _refuse_training(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a recorded run was trained again")
+
+    monkeypatch.setattr("bridgeta.engine.trainer.train", refuse)
+
+
+def test_recorded_runs_are_reused_without_weights_and_inputs_come_back_to_their_digest(engine_world, tmp_path, monkeypatch):
+    runs, book = tmp_path / "work" / "runs", tmp_path / "results" / "runs"
+    first = bench_distill.train_method("direct", engine_world, runs, 0, PROTOCOL, 1.0, ("val", "test"), ledger=book)
+    teacher = bench_distill.run_name("teacher", 0, PROTOCOL)
+    student = bench_distill.run_name("direct", 0, PROTOCOL, 1.0)
+    # The student trained its teacher first; both are recorded, without weights.
+    for name in (teacher, student):
+        assert ledger.is_recorded(book / name, ["val", "test"]), name
+        assert {p.name for p in (book / name).iterdir()} >= {"config.yaml", "metrics.jsonl", "weights.json", "eval_test.json"}
+        assert not list((book / name).glob("*.safetensors"))
+    assert ledger.recorded_digest(book / student) == ledger.weights_digest(runs / student / "model.safetensors")
+
+    # A new machine: no work directory. The recorded run is read back, nothing trains.
+    shutil.rmtree(tmp_path / "work")
+    _refuse_training(monkeypatch)
+    again = bench_distill.train_method("direct", engine_world, runs, 0, PROTOCOL, 1.0, ("val", "test"), ledger=book)
+    assert again["test"] == first["test"] and again["val"] == first["val"]
+    assert (runs / student / "metrics.jsonl").is_file() and not (runs / teacher).exists()
+    # Summary mode reads it too.
+    assert bench_distill.train_method("direct", engine_world, runs, 0, PROTOCOL, 1.0, ("val", "test"),
+                                      read_only=True, ledger=book)["test"] == first["test"]
+    # An unrecorded split needs the weights: training starts (refused here) instead of a silent gap.
+    with pytest.raises(AssertionError, match="trained again"):
+        bench_distill.train_method("direct", engine_world, runs, 0, PROTOCOL, 1.0, ("val", "test", "train"), ledger=book)
+    monkeypatch.undo()
+
+    # A new run that learns from the recorded teacher trains the teacher again first, and the
+    # teacher's new weights are the recorded ones (training is deterministic here).
+    bench_distill.train_method("direct", engine_world, runs, 1, PROTOCOL, 1.0, ("val", "test"), ledger=book)
+    assert ledger.weights_digest(runs / teacher / "model.safetensors") == ledger.recorded_digest(book / teacher)
+    assert ledger.is_recorded(book / bench_distill.run_name("direct", 1, PROTOCOL, 1.0), ["val", "test"])
+
+
+def test_a_teacher_that_trains_to_other_weights_than_recorded_is_refused(engine_world, tmp_path):
+    runs, book = tmp_path / "work" / "runs", tmp_path / "results" / "runs"
+    bench_distill.train_method("teacher", engine_world, runs, 0, PROTOCOL, None, ("val",), ledger=book)
+    record = book / bench_distill.run_name("teacher", 0, PROTOCOL)
+    (record / ledger.DIGEST_FILE).write_text(json.dumps({"sha256": "0" * 64, "file": "model.safetensors"}))
+    before = (record / ledger.DIGEST_FILE).read_text()
+    shutil.rmtree(runs)
+    with pytest.raises(ledger.LedgerMismatch, match="other weights than the ledger's record"):
+        bench_distill.train_method("teacher", engine_world, runs, 0, PROTOCOL, None, ("val",), ledger=book,
+                                   weights_needed=True)
+    assert (record / ledger.DIGEST_FILE).read_text() == before  # the record is never overwritten
+
+
+def test_a_record_of_another_config_is_refused_before_training(engine_world, tmp_path, monkeypatch):
+    runs, book = tmp_path / "work" / "runs", tmp_path / "results" / "runs"
+    bench_distill.train_method("teacher", engine_world, runs, 0, PROTOCOL, None, ("val",), ledger=book)
+    shutil.rmtree(runs)
+    _refuse_training(monkeypatch)
+    longer = replace(PROTOCOL, teacher_steps=3)
+    with pytest.raises(ValueError, match="records a run with a different config"):
+        bench_distill.train_method("teacher", engine_world, runs, 0, longer, None, ("val",), ledger=book)
+
+
+def test_world_and_backbone_digests_are_recorded_once_then_checked(tmp_path):
+    world = tmp_path / "world"
+    (world / "samples").mkdir(parents=True)
+    (world / "samples" / "a.bin").write_bytes(b"abc")
+    (world / "cache.npy").write_bytes(b"not generated")
+    book = tmp_path / "runs"
+    digest = ledger.tree_digest(world, ("samples/**/*",))
+    ledger.check_or_record(book, "world", digest, "the world")
+    (world / "cache.npy").write_bytes(b"prepared again")  # outside the patterns: no change
+    ledger.check_or_record(book, "world", ledger.tree_digest(world, ("samples/**/*",)), "the world")
+    (world / "samples" / "a.bin").write_bytes(b"abd")
+    with pytest.raises(ledger.LedgerMismatch, match="the world differs"):
+        ledger.check_or_record(book, "world", ledger.tree_digest(world, ("samples/**/*",)), "the world")
