@@ -510,6 +510,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "accuracy-cpu": ("accuracy-cpu/results.json", render_accuracy),
     "accuracy-protocol": ("accuracy-cpu/results.json", render_protocol),
     "accuracy-cpu-partial": ("accuracy-cpu/partial.json", render_partial),
+    "accuracy-cpu-monotakd-partial": ("accuracy-cpu-monotakd/partial.json", render_partial),
     "accuracy-mt": ("accuracy-mt/results.json", render_accuracy),
     "accuracy-tinybev": ("accuracy-tinybev/results.json", render_multitask),
     "cost": ("cost.json", render_cost),
