@@ -23,13 +23,19 @@ cpu=(bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --ledger resul
 #    teacher, baselines and TA they are paired with; its own sweep, beside its table
 step "${cpu[@]}" --out results/accuracy-cpu-monotakd \
     --methods monotakd monotakd_imd_only monotakd_cmrd_only monotakd_no_sam monotakd_no_ffm monotakd_shared baseline_long
-# The multi-task world: a copy of the cpu world (hard links), prepared with boxes and tracks,
-# next to the cpu world's backbone.
+# The multi-task world: a copy of the cpu world (hard links) without its label cache, which
+# bench accuracy prepares again for this path (boxes and tracks included), next to the cpu
+# world's backbone. Each copy lands under its final name only once complete.
 mt_world() {
-    [ -e "$work_mt/world/v1.0-trainval" ] && [ -e "$work_mt/backbone/backbone.safetensors" ] && return 0
-    mkdir -p "$work_mt" && rm -rf "$work_mt/world" && cp -al "$work/world" "$work_mt/world"
-    rm -rf "$work_mt/backbone" && cp -r "$work/backbone" "$work_mt/backbone"
-    bridgeta data prepare --dataroot "$work_mt/world" --force
+    mkdir -p "$work_mt" || return
+    if [ ! -e "$work_mt/world/v1.0-trainval" ]; then
+        rm -rf "$work_mt/world" "$work_mt/world.partial" && cp -al "$work/world" "$work_mt/world.partial" &&
+            rm -rf "$work_mt/world.partial/.bridgeta_cache" && mv "$work_mt/world.partial" "$work_mt/world" || return
+    fi
+    if [ ! -e "$work_mt/backbone/backbone.safetensors" ]; then
+        rm -rf "$work_mt/backbone" "$work_mt/backbone.partial" && cp -r "$work/backbone" "$work_mt/backbone.partial" &&
+            mv "$work_mt/backbone.partial" "$work_mt/backbone" || return
+    fi
 }
 step mt_world
 mt=(bridgeta bench accuracy --jobs 1 --work "$work_mt" --ledger results/ledger/p4mt)

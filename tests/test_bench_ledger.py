@@ -49,13 +49,24 @@ def test_recorded_runs_are_reused_without_weights_and_inputs_come_back_to_their_
     # An unrecorded split needs the weights: training starts (refused here) instead of a silent gap.
     with pytest.raises(AssertionError, match="trained again"):
         bench_distill.train_method("direct", engine_world, runs, 0, PROTOCOL, 1.0, ("val", "test", "train"), ledger=book)
+    # Before runs train side by side (--jobs > 1), the inputs of those that will train get their
+    # weights in this process; a recorded run's inputs are left alone.
+    bench_distill.prepare_inputs("direct", engine_world, runs, 0, PROTOCOL, 1.0, ("val", "test"), ledger=book)
+    assert not (runs / teacher / "model.safetensors").exists()
     monkeypatch.undo()
+    teacher_record = (book / teacher / "metrics.jsonl").read_bytes()
+    second = bench_distill.run_name("direct", 1, PROTOCOL, 1.0)
+    bench_distill.prepare_inputs("direct", engine_world, runs, 1, PROTOCOL, 1.0, ("val", "test"), ledger=book)
+    assert (runs / teacher / "model.safetensors").is_file() and not (runs / second).exists()
 
     # A new run that learns from the recorded teacher trains the teacher again first, and the
     # teacher's new weights are the recorded ones (training is deterministic here).
-    bench_distill.train_method("direct", engine_world, runs, 1, PROTOCOL, 1.0, ("val", "test"), ledger=book)
     assert ledger.weights_digest(runs / teacher / "model.safetensors") == ledger.recorded_digest(book / teacher)
-    assert ledger.is_recorded(book / bench_distill.run_name("direct", 1, PROTOCOL, 1.0), ["val", "test"])
+    bench_distill.train_method("direct", engine_world, runs, 1, PROTOCOL, 1.0, ("val", "test"), ledger=book)
+    assert ledger.is_recorded(book / second, ["val", "test"])
+    # The teacher's record is still the run the first student read (not the retraining's step times).
+    assert (book / teacher / "metrics.jsonl").read_bytes() == teacher_record
+    assert (runs / teacher / "metrics.jsonl").read_bytes() != teacher_record
 
 
 def test_a_teacher_that_trains_to_other_weights_than_recorded_is_refused(engine_world, tmp_path):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bridgeta.bench.distill import (
     LONGER_BASELINES, LONGER_METHODS, METHODS, STAGE_AFTER, TUNED_METHODS, Protocol, aggregate, is_baseline_point, is_monotakd, is_tinybev,
-    learned_classes, method_job, run_name, stage_depth, train_method,
+    learned_classes, method_job, prepare_inputs, run_name, stage_depth, train_method,
 )
 from bridgeta.bench.distill import run as run_methods
 from bridgeta.bench.jobs import run_jobs
@@ -364,6 +364,9 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
             return [train_method(*job.args, **job.kwargs, read_only=True) for job in job_list]
     else:
         def execute(job_list):
+            if jobs > 1:  # inputs first, here on every core, then the runs side by side (bench/ledger.py)
+                for job in job_list:
+                    prepare_inputs(*job.args, **job.kwargs)
             return run_jobs(job_list, jobs)
     if preset.pretrain_steps:
         backbone = backbone_file(work) if summary else ensure_backbone(work, dataroot, preset, ledger)
@@ -442,8 +445,8 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
     if reproduce and not summary:
         print("== reproducibility: seed 0 of the headline methods, trained again", flush=True)
         headline = [m for m in REPRODUCED if m in methods]
-        again = run_jobs([method_job(m, 0, dataroot, runs_dir, protocol, chosen.get(m), ("test",), "-rerun", ledger)
-                          for m in headline], jobs)
+        again = execute([method_job(m, 0, dataroot, runs_dir, protocol, chosen.get(m), ("test",), "-rerun", ledger)
+                         for m in headline])
         for method, rerun in zip(headline, again):
             first = next(r for (role, _), r in zip(stage1 + stage3, results1 + results3)
                          if role == method and r["seed"] == 0)

@@ -352,14 +352,38 @@ def train_method(
     name = run_name(method, seed, protocol, scale) + suffix
 
     def inputs_with_weights() -> None:
-        for input_method, input_seed, input_scale in run_inputs(method, seed, scale):
-            input_seed = teacher_seed(seed, protocol) if input_seed is None else input_seed
-            train_method(input_method, dataroot, runs_dir, input_seed, protocol, input_scale, ("val", "test"),
-                         ledger=ledger, weights_needed=True)
+        _train_inputs(method, dataroot, runs_dir, seed, protocol, scale, ledger)
 
     return train_and_evaluate(preset, dataroot, runs_dir / name, seed, overrides, split, read_only=read_only,
                               record=ledger / name if ledger is not None else None, weights_needed=weights_needed,
                               before_training=inputs_with_weights if ledger is not None else None)
+
+
+def _train_inputs(method: str, dataroot: Path, runs_dir: Path, seed: int, protocol: Protocol,
+                  scale: float | None, ledger: Path | None) -> None:
+    """The runs ``method``'s run reads get their weights: reused here, or trained again to their
+    recorded digests (and, for an input that has inputs, theirs first)."""
+    for input_method, input_seed, input_scale in run_inputs(method, seed, scale):
+        input_seed = teacher_seed(seed, protocol) if input_seed is None else input_seed
+        train_method(input_method, dataroot, runs_dir, input_seed, protocol, input_scale, ("val", "test"),
+                     ledger=ledger, weights_needed=True)
+
+
+def prepare_inputs(method: str, dataroot: Path, runs_dir: Path, seed: int, protocol: Protocol = Protocol(),
+                   scale: float | None = None, split: str | Sequence[str] = "test", suffix: str = "",
+                   ledger: Path | None = None) -> None:
+    """:func:`train_method`'s arguments: where that run will train and reads runs whose weights
+    this machine lacks, train them here first. Before runs train side by side (``--jobs`` > 1),
+    so that workers neither train one input at once nor train it on fewer threads than it was
+    recorded with (another digest)."""
+    if ledger is None:
+        return
+    from bridgeta.bench.ledger import needs_training
+
+    name = run_name(method, seed, protocol, scale) + suffix
+    splits = [split] if isinstance(split, str) else list(split)
+    if needs_training(runs_dir / name, ledger / name, splits):
+        _train_inputs(method, dataroot, runs_dir, seed, protocol, scale, ledger)
 
 
 def method_job(method: str, seed: int, dataroot: Path, runs_dir: Path, protocol: Protocol,

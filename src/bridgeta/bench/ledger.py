@@ -89,18 +89,26 @@ def check_weights(model_file: Path, record: Path) -> None:
             f"Finish the table where it was started, or move {record.parent} aside to start it again")
 
 
+def needs_training(run_dir: Path, record: Path | None, splits: list[str]) -> bool:
+    """Whether a run has neither its weights here nor a record evaluated on every split."""
+    return not (run_dir / "model.safetensors").is_file() and not (record is not None and is_recorded(record, splits))
+
+
 def save(run_dir: Path, record: Path) -> None:
-    """Record a finished run: its small files (new evaluations added to an existing record) and
-    its weights' digest. An existing record is never overwritten with other weights."""
+    """Record a finished run: its small files and its weights' digest. A run already recorded
+    only gains the files its record lacks (a new split's evaluation): the record stays the run
+    the table read, even where an input was trained again on another machine (same weights,
+    other step times)."""
     model_file = run_dir / "model.safetensors"
     if not model_file.is_file():
         return
     check_weights(model_file, record)
+    recorded = recorded_digest(record) is not None
     record.mkdir(parents=True, exist_ok=True)
     for source in _record_files(run_dir):
-        if source.is_file():
+        if source.is_file() and not (recorded and (record / source.name).exists()):
             shutil.copy2(source, record / source.name)
-    if recorded_digest(record) is None:
+    if not recorded:  # last: a record with a digest is complete
         write_json(record / DIGEST_FILE, {"sha256": weights_digest(model_file), "file": model_file.name})
 
 
