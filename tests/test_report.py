@@ -45,6 +45,26 @@ def test_environment_and_atomic_json(tmp_path):
     assert not (tmp_path / "a" / "r.json.tmp").exists()
 
 
+def test_a_table_names_the_command_its_results_file_recorded(tmp_path, monkeypatch):
+    """The recorded command line (with its --out, --methods...) replaces the renderer's generic one."""
+    argv = ["bench", "accuracy", "--preset", "cpu", "--summary", "--out", "my results", "--methods", "monotakd"]
+    monkeypatch.setattr("sys.argv", ["/venv/bin/bridgeta", *argv])
+    command = environment()["command"]
+    assert command == "bridgeta bench accuracy --preset cpu --summary --out 'my results' --methods monotakd"
+    partial = {"environment": {**BEV_POOL["environment"], "command": command}, "protocol": {"student_steps": 800},
+               "preset": {"name": "cpu"}, "table": {"teacher": {"seeds": [0], "miou": {"mean": 0.5, "std": 0.0, "n": 1}}}}
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    docs.mkdir()
+    write_json(results / "accuracy-cpu" / "partial.json", partial)
+    (docs / "page.md").write_text("<!-- results:accuracy-cpu-partial -->\n<!-- /results:accuracy-cpu-partial -->\n")
+    render_docs(results, docs)
+    assert f"Measured with `{command}` on" in (docs / "page.md").read_text()
+    del partial["environment"]["command"]  # a file written before commands were recorded: the generic form
+    write_json(results / "accuracy-cpu" / "partial.json", partial)
+    render_docs(results, docs)
+    assert "Measured with `bridgeta bench accuracy --preset cpu --summary` on" in (docs / "page.md").read_text()
+
+
 def test_committed_docs_match_committed_results(tmp_path):
     """Every rendered section in docs/ is what its committed results file renders to."""
     import shutil

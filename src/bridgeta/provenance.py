@@ -9,12 +9,22 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 from bridgeta.files import atomic_write_text
+
+
+def command_line() -> str:
+    """This process's command as a user would type it (``bridgeta ...`` for the CLI, however it
+    was started), so a results file says exactly what wrote it."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    program = "bridgeta" if name in ("bridgeta", "__main__.py") else name
+    return shlex.join([program, *sys.argv[1:]])
 
 
 def environment() -> dict:
@@ -35,6 +45,7 @@ def environment() -> dict:
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit,
+        "command": command_line(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),

@@ -174,7 +174,11 @@ def render_baselines(results: dict) -> str:
 
 
 def _measured(results: dict, command: str) -> str:
+    """Where a table's figures come from: the command that wrote its results file (as recorded
+    there; ``command``, the renderer's generic form, for files that predate the record)."""
     env = results["environment"]
+    recorded = env.get("command") or ""
+    command = recorded if recorded.startswith("bridgeta ") else command
     return (
         f"Measured with `{command}` on {env['date']}, commit `{env['commit']}`, torch {env['torch']}, "
         f"{env['device']}, {env['cpu_threads']} CPU threads."
