@@ -105,3 +105,17 @@ def test_world_and_backbone_digests_are_recorded_once_then_checked(tmp_path):
     (world / "samples" / "a.bin").write_bytes(b"abd")
     with pytest.raises(ledger.LedgerMismatch, match="the world differs"):
         ledger.check_or_record(book, "world", ledger.tree_digest(world, ("samples/**/*",)), "the world")
+
+
+def test_a_summary_reads_a_ledger_without_a_world(tmp_path, monkeypatch):
+    from bridgeta.bench import accuracy
+
+    calls = []
+    monkeypatch.setattr(accuracy, "run_staged", lambda *args, **kwargs: calls.append(kwargs) or {"finished": {}})
+    work, out = tmp_path / "work", tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match="no benchmark world there yet"):
+        accuracy.run("cpu", None, out, work, None, summary=True)
+    (out / "runs").mkdir(parents=True)  # a committed ledger, on a machine without the world
+    accuracy.run("cpu", None, out, work, None, summary=True)
+    assert calls == [{"reproduce": False, "summary": True, "ledger": None}]
+    assert not work.exists()  # nothing generated

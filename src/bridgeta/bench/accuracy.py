@@ -596,7 +596,8 @@ def run(preset_name: str, seeds: int | None, out: Path, work: Path, dataroot: Pa
     staged = bool(preset.lambdas or preset.pretrain_steps or preset.seeds)
     if summary:  # reads what exists: it neither generates nor prepares a world
         dataroot = dataroot or work / "world"
-        if not (dataroot / "bridgeta_splits.json").is_file():
+        recorded = staged and (ledger or out / "runs").is_dir()  # a ledger's runs need no world
+        if not (dataroot / "bridgeta_splits.json").is_file() and not recorded:
             raise FileNotFoundError(f"{dataroot}: no benchmark world there yet (nothing has run): --summary "
                                     "reads a benchmark's finished runs and trains nothing")
     else:
