@@ -63,12 +63,11 @@ def train_and_evaluate(
         ledger.restore(record, run_dir)
     _check_same_run(run_dir, config)
     model_file = run_dir / "model.safetensors"
-    evaluated = all((run_dir / f"eval_{n}.json").is_file() for n in splits)
-    recorded = record is not None and ledger.is_recorded(record, splits) and evaluated
-    if read_only and not ((model_file.is_file() or recorded) and evaluated):
+    untrained = ledger.needs_training(run_dir, record, splits)
+    if read_only and (untrained or not all((run_dir / f"eval_{n}.json").is_file() for n in splits)):
         return None
     summary = None
-    if not model_file.is_file() and (weights_needed or not recorded):
+    if untrained or (weights_needed and not model_file.is_file()):
         if before_training is not None:
             before_training()
         # The run directory holds this config (checked above): continue it, or restart one that

@@ -18,6 +18,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from bridgeta.bench.baselines import _mean_std, train_and_evaluate
@@ -323,10 +324,8 @@ def run_inputs(method: str, seed: int, scale: float | None) -> list[tuple[str, i
     """The runs whose weights ``method``'s run reads, as (method, seed, scale); a seed of None is
     the teacher seed of ``seed`` (:func:`teacher_seed`). In dependency order."""
     method, scale = _as_baseline(method, scale)
-    if METHODS[method] is None and method != "assistant":  # teachers, baselines: the backbone only
-        return []
-    if method == "baseline" or is_baseline_point(method, scale) or method in LONGER_BASELINES:
-        return []
+    if (METHODS[method] is None and method != "assistant") or is_baseline_point(method, scale):
+        return []  # teachers and baselines: the backbone only
     if method == "tinybev_bridgeta":
         return [("aligned_teacher", None, None)]
     inputs: list[tuple[str, int | None, float | None]] = [("teacher", None, None)]
@@ -350,17 +349,15 @@ def train_method(
     to their recorded digests where this machine has lost them."""
     preset, overrides = method_config(method, runs_dir, seed, protocol, scale)
     name = run_name(method, seed, protocol, scale) + suffix
-
-    def inputs_with_weights() -> None:
-        _train_inputs(method, dataroot, runs_dir, seed, protocol, scale, ledger)
-
+    if ledger is None:
+        return train_and_evaluate(preset, dataroot, runs_dir / name, seed, overrides, split, read_only=read_only)
     return train_and_evaluate(preset, dataroot, runs_dir / name, seed, overrides, split, read_only=read_only,
-                              record=ledger / name if ledger is not None else None, weights_needed=weights_needed,
-                              before_training=inputs_with_weights if ledger is not None else None)
+                              record=ledger / name, weights_needed=weights_needed,
+                              before_training=partial(_train_inputs, method, dataroot, runs_dir, seed, protocol, scale, ledger))
 
 
 def _train_inputs(method: str, dataroot: Path, runs_dir: Path, seed: int, protocol: Protocol,
-                  scale: float | None, ledger: Path | None) -> None:
+                  scale: float | None, ledger: Path) -> None:
     """The runs ``method``'s run reads get their weights: reused here, or trained again to their
     recorded digests (and, for an input that has inputs, theirs first)."""
     for input_method, input_seed, input_scale in run_inputs(method, seed, scale):
