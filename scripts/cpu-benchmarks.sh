@@ -18,31 +18,35 @@ step() {
     echo "== $(date -u '+%F %H:%M') $*" >> "$log"
     "$@" >> "$log" 2>&1 || { echo "!! $(date -u '+%F %H:%M') failed ($?): $*" >> "$log"; failed=1; }
 }
-cpu=(bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --ledger results/ledger/p4)
-# 1. MonoTAKD's rows, ablations and compute control on the cpu protocol (issue 13), with the
-#    teacher, baselines and TA they are paired with; its own sweep, beside its table
-step "${cpu[@]}" --out results/accuracy-cpu-monotakd \
-    --methods monotakd monotakd_imd_only monotakd_cmrd_only monotakd_no_sam monotakd_no_ffm monotakd_shared baseline_long
 # The multi-task world: a copy of the cpu world (hard links) without its label cache, which
 # bench accuracy prepares again for this path (boxes and tracks included), next to the cpu
-# world's backbone. Each copy lands under its final name only once complete.
+# world's backbone. Each copy lands under its final name only once complete. On a machine without
+# the cpu world, bench accuracy generates the same world (and pretrains the same backbone) itself:
+# both are deterministic, and the ledger checks their digests.
 mt_world() {
     mkdir -p "$work_mt" || return
+    [ -e "$work/world/v1.0-trainval" ] || return 0
     if [ ! -e "$work_mt/world/v1.0-trainval" ]; then
         rm -rf "$work_mt/world" "$work_mt/world.partial" && cp -al "$work/world" "$work_mt/world.partial" &&
             rm -rf "$work_mt/world.partial/.bridgeta_cache" && mv "$work_mt/world.partial" "$work_mt/world" || return
     fi
-    if [ ! -e "$work_mt/backbone/backbone.safetensors" ]; then
+    if [ ! -e "$work_mt/backbone/backbone.safetensors" ] && [ -e "$work/backbone/backbone.safetensors" ]; then
         rm -rf "$work_mt/backbone" "$work_mt/backbone.partial" && cp -r "$work/backbone" "$work_mt/backbone.partial" &&
             mv "$work_mt/backbone.partial" "$work_mt/backbone" || return
     fi
 }
 step mt_world
 mt=(bridgeta bench accuracy --jobs 1 --work "$work_mt" --ledger results/ledger/p4mt)
-# 2. the detection table (issue 14)
+# 1. the detection table (issue 14)
 step "${mt[@]}" --preset cpu-mt --out results/accuracy-mt
-# 3. TinyBEV's multi-task table (issue 15)
+# 2. TinyBEV's multi-task table (issue 15)
 step "${mt[@]}" --preset cpu-tinybev --out results/accuracy-tinybev
+cpu=(bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --ledger results/ledger/p4)
+# 3. MonoTAKD's rows, ablations and compute control on the cpu protocol (issue 13), with the
+#    teacher, baselines, TA, direct and BridgeTA they are paired with (at their chosen weights);
+#    the sweep of these three, beside its table
+step "${cpu[@]}" --out results/accuracy-cpu-monotakd \
+    --methods direct bridgeta monotakd monotakd_imd_only monotakd_cmrd_only monotakd_no_sam monotakd_no_ffm monotakd_shared baseline_long
 # 4. inference cost of every pair, alone on the CPU
 step bridgeta bench cost --repeats 5 --out results/cost.json
 # 5. the whole cpu protocol's table on this commit (issue 11's, first measured at 2dcd721), with
