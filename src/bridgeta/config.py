@@ -93,6 +93,11 @@ class ViewTransformConfig:
     # projected LiDAR depth (CameraInputs.depth, the "depth" modality), MonoTAKD's teaching
     # assistant: the same network, lifted where the LiDAR says the surface is.
     depth_source: Literal["predicted", "lidar"] = "predicted"
+    # BEVDepth's explicit depth supervision: > 0 adds ``depth/bce``, this weight times the binary
+    # cross-entropy between the predicted depth distribution and the one-hot projected LiDAR depth
+    # (summed over bins, averaged over the feature cells with a return; BEVDepth uses 3.0). It
+    # trains the depth net; the deployed network is unchanged and reads no LiDAR.
+    depth_loss_weight: float = 0.0
 
 
 @dataclass
@@ -768,6 +773,11 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
             fail(f"model.camera.vtransform.downsample must be 1 or 2, got {vt.downsample}")
         if vt.normalize and vt.downsample != 1:
             fail("model.camera.vtransform.normalize is for downsample 1 (downsample 2 already normalises)")
+        if not (math.isfinite(vt.depth_loss_weight) and vt.depth_loss_weight >= 0):
+            fail(f"model.camera.vtransform.depth_loss_weight must be a finite number >= 0, got {vt.depth_loss_weight}")
+        if vt.depth_loss_weight > 0 and vt.depth_source == "lidar":
+            fail("model.camera.vtransform.depth_loss_weight supervises the predicted depth; with depth_source "
+                 "'lidar' the lift uses the LiDAR depth itself and predicts none")
         downsamples.append(vt.downsample)
         height, width = model.camera.image_size
         if height % vt.feature_stride or width % vt.feature_stride:

@@ -284,7 +284,7 @@ class _Trainer:
         # the model itself, or a distiller holding it with a frozen teacher.
         self.model = build_model(config).to(ctx.device).train()
         self.distiller: Distiller | None = None
-        modalities = self.model.modalities
+        modalities = self.model.training_modalities
         if config.distill is not None:
             previous = load_previous_stage(config)
             if previous is not None:  # a later stage starts from the previous stage's student
@@ -419,6 +419,7 @@ class _Trainer:
                     terms = {name: weight * value for name, value in
                              map_segmentation_loss(outputs.logits, labels, self.model.classes).items()}
                 terms.update(task_losses(self.model, outputs, targets))
+                terms.update(self.model.depth_losses(outputs, inputs))
             if not self.term_names:
                 self.term_names = list(terms)
                 self.term_groups = [loss_group(name, self.model.classes) for name in self.term_names]

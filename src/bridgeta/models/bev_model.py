@@ -24,7 +24,7 @@ from bridgeta.models.occupancy_head import OccupancyHead
 from bridgeta.models.residual import FeatureFusion, ResidualBranch
 from bridgeta.models.head import MapSegmentationHead
 from bridgeta.models.lidar import PillarEncoder
-from bridgeta.models.lss import LSSViewTransform
+from bridgeta.models.lss import LSSViewTransform, depth_supervision_loss
 from bridgeta.models.neck import GeneralizedLSSFPN
 from bridgeta.models.types import BEVInputs, BEVOutputs, CameraInputs
 
@@ -191,6 +191,32 @@ class BEVModel(nn.Module):
         if self.lidar_encoder is not None:
             names.append("lidar")
         return tuple(names)
+
+    @property
+    def training_modalities(self) -> tuple[str, ...]:
+        """What a training batch must carry: the inputs, plus the projected LiDAR depth that depth
+        supervision (``vtransform.depth_loss_weight``) reads as its target."""
+        names = self.modalities
+        if self.depth_loss_weight > 0 and "depth" not in names:
+            names = (*names, "depth")
+        return names
+
+    @property
+    def depth_loss_weight(self) -> float:
+        return self.config.camera.vtransform.depth_loss_weight if self.camera_encoder is not None else 0.0
+
+    def depth_losses(self, outputs: BEVOutputs, inputs: BEVInputs) -> dict[str, torch.Tensor]:
+        """``{"depth/bce": weight x BEVDepth's depth loss}`` of a batch with depth supervision on,
+        else ``{}``. ``outputs`` are this model's on ``inputs``."""
+        weight = self.depth_loss_weight
+        if weight <= 0:
+            return {}
+        if inputs.camera is None or inputs.camera.depth is None:
+            raise ValueError("model.camera.vtransform.depth_loss_weight > 0 needs the projected LiDAR depth "
+                             "(CameraInputs.depth) in the training batch: load the 'depth' modality")
+        lss = self.camera_encoder.vtransform
+        return {"depth/bce": weight * depth_supervision_loss(outputs.depth, inputs.camera.depth,
+                                                             lss.feature_stride, lss.depth_bounds)}
 
     def encode(self, inputs: BEVInputs) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Per-modality BEV features ``(F_cam, F_lid, depth)``."""

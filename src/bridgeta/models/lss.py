@@ -229,6 +229,30 @@ def lidar_depth_distribution(
         return (one_hot * valid[..., None]).permute(0, 3, 1, 2).float()
 
 
+def depth_supervision_loss(
+    depth: torch.Tensor, lidar_depth: torch.Tensor, stride: int, bounds: tuple[float, float, float]
+) -> torch.Tensor:
+    """BEVDepth's depth loss: the binary cross-entropy between the predicted depth distributions
+    ``depth`` ``(B, N, D, fH, fW)`` (softmax outputs) and the one-hot distributions of the sparse
+    projected LiDAR depth ``lidar_depth`` ``(B, N, H, W)`` (:func:`lidar_depth_distribution`: pooled
+    to the feature stride, nearest bin), summed over the ``D`` bins and averaged over the feature
+    cells that have a LiDAR depth within the bins. 0 (with a graph) when no cell has one."""
+    batch, cams, bins, feature_h, feature_w = depth.shape
+    target = lidar_depth_distribution(lidar_depth.reshape(batch * cams, *lidar_depth.shape[-2:]), stride, bounds)
+    if target.shape[1:] != (bins, feature_h, feature_w):
+        raise ValueError(f"LiDAR depth gives distributions {tuple(target.shape[1:])}, the model predicts "
+                         f"{(bins, feature_h, feature_w)}: depth bounds or feature stride differ")
+    valid = target.amax(dim=1) > 0  # (B*N, fH, fW)
+    cells = valid.sum()
+    # In float32 and by hand: BCE is not autocast-safe, and bf16 logs of probabilities near 0 or
+    # 1 are too coarse; the clamps bound each term as torch's BCE does (log >= -100 there).
+    probability = depth.reshape(batch * cams, bins, feature_h, feature_w).float().permute(0, 2, 3, 1)[valid]
+    labels = target.permute(0, 2, 3, 1)[valid]
+    eps = 1e-7
+    bce = -(labels * probability.clamp_min(eps).log() + (1 - labels) * (1 - probability).clamp_min(eps).log())
+    return bce.sum() / cells.clamp(min=1)
+
+
 def _downsample_block(channels: int) -> nn.Sequential:
     """BEVFusion's LSS downsample: conv3x3-BN-ReLU, strided conv3x3-BN-ReLU, conv3x3-BN-ReLU."""
 
