@@ -72,8 +72,10 @@ def test_the_depth_bins_must_match_the_prediction():
 
 
 def test_config_checks():
-    with pytest.raises(ConfigError, match="depth_loss_weight must be a finite number >= 0"):
+    with pytest.raises(ConfigError, match=r"model\.camera\.vtransform\.depth_loss_weight must be >= 0, got -1"):
         load_config("tiny-c", ["model.camera.vtransform.depth_loss_weight=-1"])
+    with pytest.raises(ConfigError, match=r"model\.camera\.vtransform\.depth_loss_weight must be >= 0, got nan"):
+        load_config("tiny-c", ["model.camera.vtransform.depth_loss_weight=.nan"])
     with pytest.raises(ConfigError, match="depth_source 'lidar'"):
         load_config("tiny-c", ["model.camera.vtransform.depth_loss_weight=3",
                                "model.camera.vtransform.depth_source=lidar"])

@@ -773,8 +773,6 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
             fail(f"model.camera.vtransform.downsample must be 1 or 2, got {vt.downsample}")
         if vt.normalize and vt.downsample != 1:
             fail("model.camera.vtransform.normalize is for downsample 1 (downsample 2 already normalises)")
-        if not (math.isfinite(vt.depth_loss_weight) and vt.depth_loss_weight >= 0):
-            fail(f"model.camera.vtransform.depth_loss_weight must be a finite number >= 0, got {vt.depth_loss_weight}")
         if vt.depth_loss_weight > 0 and vt.depth_source == "lidar":
             fail("model.camera.vtransform.depth_loss_weight supervises the predicted depth; with depth_source "
                  "'lidar' the lift uses the LiDAR depth itself and predicts none")
@@ -880,6 +878,10 @@ def _range_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
                        for key in ("weight", *(("mode_weight",) if name == "motion" else ()))]
     weight = config.model.heads.map.weight
     checks.append(("model.heads.map.weight", weight, weight >= 0, ">= 0"))
+    if config.model.camera is not None:
+        depth_weight = config.model.camera.vtransform.depth_loss_weight
+        checks.append(("model.camera.vtransform.depth_loss_weight", depth_weight,
+                       math.isfinite(depth_weight) and depth_weight >= 0, ">= 0"))
     if config.distill is not None:
         d = config.distill
         if d.monotakd is not None:
