@@ -86,9 +86,10 @@ PRESETS = {
         scratch=("baseline",),
     ),
     # The detection table (docs/detection.md): the multi-task pair, tiny-lc-mt teacher and tiny-c-mt
-    # students, on the cpu protocol's world, backbone and schedule; recipe weights, 3 seeds.
+    # students, on the cpu protocol's schedule in towns with busy streets ("tiny-traffic": in the
+    # cpu world nearly every vehicle is parked); recipe weights, 3 seeds.
     "cpu-mt": AccuracyPreset(
-        scenes=30, duration=20.0, world="tiny",
+        scenes=30, duration=20.0, world="tiny-traffic",
         protocol=Protocol(teacher="tiny-lc-mt", student="tiny-c-mt", student_steps=800, teacher_steps=1600,
                           curve_points=8, teacher_seeds=1,
                           student_overrides=(*RESUMABLE, "model.heads.object={classes: [car, truck, bus, pedestrian], "
@@ -101,9 +102,9 @@ PRESETS = {
     # The multi-task table of TinyBEV (docs/methods/tinybev.md): the tiny-lc-tinybev teacher
     # (every head, wider), the compact tiny-c-tinybev student without distillation, the three
     # stages, each from the previous one, sharing the student's step budget, and BridgeTA on the
-    # same student from a teacher of its widths (no adapters); 3 seeds.
+    # same student from a teacher of its widths (no adapters); 3 seeds; cpu-mt's world.
     "cpu-tinybev": AccuracyPreset(
-        scenes=30, duration=20.0, world="tiny",
+        scenes=30, duration=20.0, world="tiny-traffic",
         protocol=Protocol(teacher="tiny-lc-tinybev", student="tiny-c-tinybev", student_steps=800,
                           teacher_steps=1600, curve_points=8, teacher_seeds=1,
                           student_overrides=RESUMABLE, teacher_overrides=RESUMABLE,
