@@ -1,14 +1,14 @@
 #!/bin/bash
 # Every cpu benchmark of docs/results.md, docs/detection.md and docs/methods/*.md, one job at a
 # time (2 cores), the open issues' tables first. Each step resumes: runs recorded in the ledgers
-# (results/ledger/p4, results/ledger/p4mt; commit them as they come) are not trained again on any
+# (results/ledger/p4, results/ledger/mt; commit them as they come) are not trained again on any
 # machine, killed runs continue from their last checkpoint on the machine that holds it. So run
 # this again after any interruption, in this session or a later one (docs/results.md, "the ledger").
 #   usage: scripts/cpu-benchmarks.sh [LOG]   (from the repository root, with bridgeta installed)
 set -euo pipefail
 log=${1:-runs/cpu-benchmarks.log}
 work=${WORK:-runs/p4}
-work_mt=${WORK_MT:-runs/p4mt}
+work_mt=${WORK_MT:-runs/mt}
 mkdir -p "$(dirname "$log")"
 # A failed step is logged and the queue goes on: the later tables do not depend on it (the
 # tinybev step reuses cpu-mt's teacher run, and trains it itself if that step failed before it).
@@ -24,25 +24,9 @@ cpu=(bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --ledger resul
 #    the sweep of these three, beside its table
 step "${cpu[@]}" --out results/accuracy-cpu-monotakd \
     --methods direct bridgeta monotakd monotakd_imd_only monotakd_cmrd_only monotakd_no_sam monotakd_no_ffm monotakd_shared baseline_long
-# The multi-task world: a copy of the cpu world (hard links) without its label cache, which
-# bench accuracy prepares again for this path (boxes and tracks included), next to the cpu
-# world's backbone. Each copy lands under its final name only once complete. On a machine without
-# the cpu world, bench accuracy generates the same world (and pretrains the same backbone) itself:
-# both are deterministic, and the ledger checks their digests.
-mt_world() {
-    mkdir -p "$work_mt" || return
-    [ -e "$work/world/v1.0-trainval" ] || return 0
-    if [ ! -e "$work_mt/world/v1.0-trainval" ]; then
-        rm -rf "$work_mt/world" "$work_mt/world.partial" && cp -al "$work/world" "$work_mt/world.partial" &&
-            rm -rf "$work_mt/world.partial/.bridgeta_cache" && mv "$work_mt/world.partial" "$work_mt/world" || return
-    fi
-    if [ ! -e "$work_mt/backbone/backbone.safetensors" ] && [ -e "$work/backbone/backbone.safetensors" ]; then
-        rm -rf "$work_mt/backbone" "$work_mt/backbone.partial" && cp -r "$work/backbone" "$work_mt/backbone.partial" &&
-            mv "$work_mt/backbone.partial" "$work_mt/backbone" || return
-    fi
-}
-step mt_world
-mt=(bridgeta bench accuracy --jobs 1 --work "$work_mt" --ledger results/ledger/p4mt)
+# The detection presets' world is its own (synth preset tiny-traffic, busy streets), with its own
+# backbone: bench accuracy generates and pretrains them under $work_mt the first time.
+mt=(bridgeta bench accuracy --jobs 1 --work "$work_mt" --ledger results/ledger/mt)
 # 2. the detection table (issue 14). At 800 steps a camera student detects nothing yet (mAP 0 on
 #    every row, docs/detection.md): its preset changes before this step is worth its hours
 step "${mt[@]}" --preset cpu-mt --out results/accuracy-mt

@@ -11,7 +11,7 @@ import pytest
 import shapely
 from shapely.geometry import Polygon
 
-from bridgeta.data.synth.world import PEDESTRIAN_CATEGORY, SAMPLE_RATE_HZ, VEHICLE_TYPES, TownSettings, generate_town
+from bridgeta.data.synth.world import PEDESTRIAN_CATEGORY, SAMPLE_RATE_HZ, VEHICLE_TYPES, TownSettings, _footprint, generate_town
 from bridgeta.data.synth.world_types import Box, Town
 
 
@@ -228,3 +228,34 @@ def test_tiny_town_is_small(tiny: Town) -> None:
     assert len(tiny.scenes) == 2 and all(sc.duration == 20.0 for sc in tiny.scenes)
     blocks = len(tiny.layers.drivable_area[0].interiors)
     assert 7 <= blocks <= 9  # 3 x 3, fewer where a T-junction merged two
+
+
+def test_the_traffic_preset_fills_the_streets_and_empties_the_stalls() -> None:
+    """``tiny-traffic`` (the detection tables' world): per town, several times more moving
+    vehicles than ``tiny`` and fewer parked ones, every vehicle class among the movers, and its
+    vehicles still never overlap each other (checked every 0.5 s, like the ego)."""
+    from bridgeta.data.synth.generate import synth_presets
+
+    presets = synth_presets()
+    counts = {}
+    for name in ("tiny", "tiny-traffic"):
+        moving, parked, classes = 0, 0, set()
+        for seed in range(3):
+            town = generate_town(f"t{seed}", 100 + seed, presets[name].town)
+            parked += sum(s.kind == "parked_vehicle" for s in town.statics)
+            for scene in town.scenes:
+                vehicles = [a for a in scene.agents if a.category in VEHICLE_TYPES]
+                moving += len(vehicles)
+                classes |= {a.category for a in vehicles}
+        counts[name] = (moving, parked, classes)
+    assert counts["tiny-traffic"][0] > 3 * counts["tiny"][0]
+    assert counts["tiny-traffic"][1] < 0.6 * counts["tiny"][1]
+    assert counts["tiny-traffic"][2] == set(VEHICLE_TYPES)
+    town = generate_town("busy", 7, presets["tiny-traffic"].town)
+    for scene in town.scenes:
+        vehicles = [a for a in scene.agents if a.category in VEHICLE_TYPES]
+        for time_s in scene.ego.times[:: int(SAMPLE_RATE_HZ // 2)]:
+            boxes = [_footprint(a.box_at(float(time_s))) for a in vehicles]
+            overlaps = sum(boxes[i].intersection(boxes[j]).area > 1e-6
+                           for i in range(len(boxes)) for j in range(i + 1, len(boxes)))
+            assert overlaps == 0

@@ -76,6 +76,26 @@ class NeckConfig:
 
 
 @dataclass
+class DepthNetConfig:
+    """What predicts each feature cell's depth bins and context features before the lift.
+
+    ``conv``: BEVFusion's single 1x1 conv on the neck features. ``camera_aware``: BEVDepth's
+    DepthNet (models/depth_net.py): a 3x3 reduction, then the 27 camera parameters BEVDepth
+    feeds (intrinsics, image and BEV augmentation, camera-to-ego) gate the context and depth
+    features through SE layers, and the depth branch adds ``blocks`` residual blocks, an
+    optional ASPP and an optional deformable conv before its 1x1 output. A 1x1 conv on
+    translation-invariant features must guess each pixel's viewing ray from content alone; the
+    camera parameters give it, which is what BEVDepth found depth prediction to lack.
+    """
+
+    type: Literal["conv", "camera_aware"] = "conv"
+    mid_channels: int = 64
+    blocks: int = 3
+    aspp: bool = True
+    deform: bool = True
+
+
+@dataclass
 class ViewTransformConfig:
     """LSS lift-splat: depth distribution x context features, pooled on ``model.grid``."""
 
@@ -98,6 +118,7 @@ class ViewTransformConfig:
     # (summed over bins, averaged over the feature cells with a return; BEVDepth uses 3.0). It
     # trains the depth net; the deployed network is unchanged and reads no LiDAR.
     depth_loss_weight: float = 0.0
+    depth_net: DepthNetConfig = field(default_factory=DepthNetConfig)
 
 
 @dataclass
@@ -776,6 +797,12 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         if vt.depth_loss_weight > 0 and vt.depth_source == "lidar":
             fail("model.camera.vtransform.depth_loss_weight supervises the predicted depth; with depth_source "
                  "'lidar' the lift uses the LiDAR depth itself and predicts none")
+        net = vt.depth_net
+        if net.type not in ("conv", "camera_aware"):
+            fail(f"model.camera.vtransform.depth_net.type must be 'conv' or 'camera_aware', got {net.type!r}")
+        if net.type == "camera_aware" and (net.mid_channels < 1 or net.blocks < 0):
+            fail(f"model.camera.vtransform.depth_net: mid_channels must be >= 1 and blocks >= 0, got "
+                 f"{net.mid_channels} and {net.blocks}")
         downsamples.append(vt.downsample)
         height, width = model.camera.image_size
         if height % vt.feature_stride or width % vt.feature_stride:

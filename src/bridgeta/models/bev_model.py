@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import nn
 
-from bridgeta.config import CameraEncoderConfig, ExperimentConfig, ModelConfig
+from bridgeta.config import CameraEncoderConfig, DepthNetConfig, ExperimentConfig, ModelConfig
 from bridgeta.geometry import BEVGrid
 from bridgeta.models.backbones import build_backbone
 from bridgeta.models.checkpoint import load_pretrained
@@ -29,6 +29,13 @@ from bridgeta.models.neck import GeneralizedLSSFPN
 from bridgeta.models.types import BEVInputs, BEVOutputs, CameraInputs
 
 log = logging.getLogger(__name__)
+
+
+def _depth_net_arguments(config: DepthNetConfig) -> dict | None:
+    """LSSViewTransform's ``depth_net``: None for BEVFusion's 1x1 conv."""
+    if config.type == "conv":
+        return None
+    return {"mid_channels": config.mid_channels, "blocks": config.blocks, "aspp": config.aspp, "deform": config.deform}
 
 
 class CameraEncoder(nn.Module):
@@ -61,6 +68,7 @@ class CameraEncoder(nn.Module):
             downsample=config.vtransform.downsample,
             normalize=config.vtransform.normalize,
             depth_source=config.vtransform.depth_source,
+            depth_net=_depth_net_arguments(config.vtransform.depth_net),
         )
         self.out_channels = self.vtransform.out_channels
         self.output_grid = self.vtransform.output_grid

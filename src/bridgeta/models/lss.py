@@ -14,6 +14,8 @@ Differences from BEVFusion, all deliberate:
   the first cell.
 * With more than one vertical bin the optional downsample block runs on all ``C * Z`` channels
   (BEVFusion only ever uses ``Z = 1``, where the two agree).
+* ``depth_net`` may replace the 1x1 conv with BEVDepth's camera-aware DepthNet
+  (:mod:`bridgeta.models.depth_net`), which reads the camera parameters too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 
 from bridgeta.geometry import BEVGrid, invert_3x3
 from bridgeta.models.bev_pool import bev_pool, compute_pool_plan
+from bridgeta.models.depth_net import CameraAwareDepthNet, camera_parameters
 from bridgeta.models.layers import conv_bn_relu
 from bridgeta.models.types import CameraInputs
 
@@ -113,7 +116,11 @@ class LSSViewTransform(nn.Module):
         downsample: int = 1,
         normalize: bool = False,
         depth_source: str = "predicted",
+        depth_net: dict | None = None,
     ) -> None:
+        """``depth_net``: None for BEVFusion's 1x1 conv, else the keyword arguments of
+        :class:`~bridgeta.models.depth_net.CameraAwareDepthNet` beyond its channel counts
+        (``mid_channels``, ``blocks``, ``aspp``, ``deform``)."""
         super().__init__()
         if downsample not in (1, 2):
             raise ValueError(f"LSS downsample must be 1 or 2 (BEVFusion's block), got {downsample}")
@@ -135,7 +142,12 @@ class LSSViewTransform(nn.Module):
         self.num_depth_bins = self.frustum.shape[0]
         self.context_channels = out_channels
         self.out_channels = out_channels * grid.num_z
-        self.depthnet = nn.Conv2d(in_channels, self.num_depth_bins + out_channels, 1)
+        self.camera_aware = depth_net is not None
+        if self.camera_aware:
+            self.depthnet = CameraAwareDepthNet(in_channels, depth_bins=self.num_depth_bins,
+                                                context_channels=out_channels, **depth_net)
+        else:
+            self.depthnet = nn.Conv2d(in_channels, self.num_depth_bins + out_channels, 1)
         if downsample == 2:
             self.downsample = _downsample_block(self.out_channels)
         elif normalize:
@@ -178,7 +190,12 @@ class LSSViewTransform(nn.Module):
             plan = compute_pool_plan(self.grid.point_to_cell(points), batch_index, self.grid, batch)
 
         num_depth = self.num_depth_bins
-        logits = self.depthnet(features.reshape(batch * cams, channels, feature_h, feature_w))
+        flat = features.reshape(batch * cams, channels, feature_h, feature_w)
+        if self.camera_aware:
+            parameters = camera_parameters(camera.intrinsics, camera.image_aug, camera.ego_T_camera, bev_aug)
+            logits = self.depthnet(flat, parameters.reshape(batch * cams, -1))
+        else:
+            logits = self.depthnet(flat)
         if depth_source == "lidar":
             if camera.depth is None:
                 raise ValueError("depth_source 'lidar' lifts with projected LiDAR depth: the batch has no "
