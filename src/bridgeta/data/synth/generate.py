@@ -72,10 +72,11 @@ def synth_presets() -> dict[str, SynthPreset]:
         # Small towns and 9:16 images at 0.16 of nuScenes' 1600x900: enough for the tiny presets.
         "tiny": SynthPreset(town=TownSettings.tiny(), image_size=(144, 256), scenes_per_town=2),
         # The tiny towns with busy streets, for the detection tables (docs/detection.md): in
-        # "tiny", 97 % of the annotated vehicles are parked, most of them packed in car parks
-        # (about 0.3 moving vehicle per keyframe), so a detection benchmark there mostly measures
-        # occluded rows of parked cars. Here 24 vehicles and 16 pedestrians move in each scene and
-        # fewer stalls are taken; the network, carpark and building layout is drawn the same way.
+        # "tiny" nearly every annotated vehicle is parked, most of them packed in car parks, and
+        # moving ones are rare (scripts/world_census.py counts them), so a detection benchmark
+        # there mostly measures occluded rows of parked cars. Here 24 vehicles and 16
+        # pedestrians move in each scene and fewer stalls are taken; the street network, car
+        # parks and buildings are drawn the same way.
         "tiny-traffic": SynthPreset(
             town=replace(TownSettings.tiny(), vehicles_per_scene=24, pedestrians_per_scene=16, parked_occupancy=0.3),
             image_size=(144, 256), scenes_per_town=2,
