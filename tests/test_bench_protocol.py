@@ -620,3 +620,40 @@ def test_staged_tinybev_end_to_end(engine_world, tmp_path):
     assert "paired_vs_baseline" not in result["table"]["aligned_teacher"]
     table = (out / "table.md").read_text()
     assert "| `tinybev_s3` |" in table and table.count("| `tinybev_bridgeta` |") == 3  # map, detection, multi-task
+
+
+def test_a_work_directory_keeps_the_world_it_was_generated_as(tmp_path, monkeypatch):
+    """bench accuracy reuses WORK/world; a preset of another world (cpu-mt's tiny-traffic on the
+    cpu preset's tiny world) is refused, naming the marker file, before anything trains."""
+    import json as json_module
+    from dataclasses import replace as replace_preset
+
+    import bridgeta.data.prepare as prepare_module
+    import bridgeta.data.synth.generate as generate_module
+    from bridgeta.bench.accuracy import PRESETS, WORLD_MARKER, ensure_world
+
+    generated = []
+
+    def fake_generate(out, scenes, seed, preset, duration, force):
+        generated.append(preset)
+        (out / generate_module.VERSION).mkdir(parents=True)
+
+    monkeypatch.setattr(generate_module, "generate_dataroot", fake_generate)
+    monkeypatch.setattr(prepare_module, "prepare_dataroot", lambda *args, **kwargs: None)
+    cpu, mt = PRESETS["cpu"], PRESETS["cpu-mt"]
+    assert (cpu.world, mt.world) == ("tiny", "tiny-traffic")
+
+    ensure_world(tmp_path / "cpu", cpu)
+    ensure_world(tmp_path / "cpu", cpu)  # reused, not generated again
+    assert generated == ["tiny"]
+    marker = tmp_path / "cpu" / "world" / WORLD_MARKER
+    assert json_module.loads(marker.read_text())["synth_preset"] == "tiny"
+    with pytest.raises(ValueError, match=WORLD_MARKER):
+        ensure_world(tmp_path / "cpu", mt)
+    with pytest.raises(ValueError, match="generated as"):
+        ensure_world(tmp_path / "cpu", replace_preset(cpu, scenes=cpu.scenes + 1))
+    # A world from before the marker is taken as it is (a ledger checks its digest) and marked.
+    (tmp_path / "old" / "world" / generate_module.VERSION).mkdir(parents=True)
+    ensure_world(tmp_path / "old", mt)
+    assert generated == ["tiny"]
+    assert json_module.loads((tmp_path / "old" / "world" / WORLD_MARKER).read_text())["synth_preset"] == "tiny-traffic"

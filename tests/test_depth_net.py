@@ -27,6 +27,8 @@ def _cameras(batch: int = 2, cams: int = 3, seed: int = 0):
     ego_T_camera = torch.eye(4).repeat(batch, cams, 1, 1)
     ego_T_camera[..., :3, :] += torch.rand(batch, cams, 3, 4, generator=generator)
     bev_aug = torch.eye(4).repeat(batch, 1, 1)
+    angle = torch.tensor(0.3)
+    bev_aug[:, :2, :2] = torch.tensor([[angle.cos(), -angle.sin()], [angle.sin(), angle.cos()]])
     bev_aug[:, :3, :3] *= 1.05
     return intrinsics, image_aug, ego_T_camera, bev_aug
 
@@ -71,8 +73,29 @@ def test_only_the_camera_aware_net_learns_a_depth_that_the_camera_decides():
         aware_loss = fit(aware, lambda: aware(features, parameters))
         conv = torch.nn.Conv2d(8, bins + 4, 1)
         conv_loss = fit(conv, lambda: conv(features))
+        with torch.no_grad():  # and it keeps them with the running statistics
+            predicted = aware.eval()(features, parameters)[:, :bins].argmax(dim=1)
     assert conv_loss > 1.0  # the average over 4 equally likely bins: log 4 = 1.39
     assert aware_loss < 0.1
+    assert torch.equal(predicted, target)
+
+
+def test_under_bf16_autocast_the_camera_parameters_stay_float32():
+    """The camera parameters reach BatchNorm in float32 (bf16 would round a focal length of a
+    few hundred pixels by up to a pixel): the autocast output follows the float32 one."""
+    torch.manual_seed(0)
+    net = CameraAwareDepthNet(8, 16, 5, 4, blocks=1, aspp=False, deform=False).eval()
+    intrinsics, image_aug, ego_T_camera, bev_aug = _cameras(1, 3)
+    parameters = camera_parameters(intrinsics, image_aug, ego_T_camera, bev_aug)[0]
+    seen = []
+    net.bn.register_forward_hook(lambda module, args, output: seen.append(args[0].dtype))
+    features = torch.randn(3, 8, 6, 10)
+    with torch.no_grad():
+        reference = net(features, parameters)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = net(features.bfloat16(), parameters)
+    assert seen == [torch.float32, torch.float32]
+    assert torch.allclose(low.float(), reference, atol=0.1, rtol=0.05)
 
 
 def test_gradient_reaches_both_gates_and_the_deformable_and_aspp_layers():
@@ -105,8 +128,10 @@ def test_a_camera_aware_model_runs_and_the_default_keeps_the_1x1_conv():
     inputs = reference_inputs(1, tuple(aware.config.camera.image_size))
     with torch_threads(1), torch.no_grad():
         outputs = aware.eval()(inputs)
+        inputs.camera.intrinsics[..., 1, 1] *= 1.2  # another focal length: another depth
+        refocused = aware(inputs)
     assert outputs.depth.shape[2] == aware.camera_encoder.vtransform.num_depth_bins
-    assert torch.allclose(outputs.depth.sum(dim=2), torch.ones(1))
+    assert not torch.allclose(outputs.depth, refocused.depth)
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -118,3 +143,14 @@ def test_a_camera_aware_model_runs_and_the_default_keeps_the_1x1_conv():
 def test_bad_depth_net_settings_are_config_errors(setting, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny-c", [f"model.camera.vtransform.depth_net={setting}"])
+
+
+def test_a_lidar_depth_lift_or_a_single_camera_refuses_the_camera_aware_net():
+    aware = "model.camera.vtransform.depth_net={type: camera_aware}"
+    with pytest.raises(ConfigError, match="depth_source 'lidar'"):
+        load_config("tiny-c", [aware, "model.camera.vtransform.depth_source=lidar"])
+    with pytest.raises(ConfigError, match="num_cameras >= 2"):
+        load_config("tiny-c", [aware, "model.camera.num_cameras=1"])
+    # One key by its dotted path keeps the rest of the mapping.
+    config = load_config("tiny-c", [aware, "model.camera.vtransform.depth_net.blocks=1"])
+    assert (config.model.camera.vtransform.depth_net.type, config.model.camera.vtransform.depth_net.blocks) == ("camera_aware", 1)

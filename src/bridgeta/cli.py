@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="new dataroot directory")
     synth.add_argument("--scenes", type=int, required=True, help="scenes over train/val/test towns")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--preset", default="tiny", help="world size and sensor resolution: tiny, default")
+    synth.add_argument("--preset", default="tiny", help="world size, traffic and sensor resolution: tiny, tiny-traffic (busy streets: the detection presets' world), default")
     synth.add_argument("--workers", type=int, default=None, help="rendering processes (default: cores)")
     synth.add_argument("--duration", type=float, default=None, help="scene length in s (default 20)")
     synth.add_argument("--force", action="store_true", help="replace a world already in --out")

@@ -83,9 +83,10 @@ class DepthNetConfig:
     DepthNet (models/depth_net.py): a 3x3 reduction, then the 27 camera parameters BEVDepth
     feeds (intrinsics, image and BEV augmentation, camera-to-ego) gate the context and depth
     features through SE layers, and the depth branch adds ``blocks`` residual blocks, an
-    optional ASPP and an optional deformable conv before its 1x1 output. A 1x1 conv on
-    translation-invariant features must guess each pixel's viewing ray from content alone; the
-    camera parameters give it, which is what BEVDepth found depth prediction to lack.
+    optional ASPP and an optional deformable conv before its 1x1 output. A 1x1 conv sees nothing
+    of the camera a feature came from (intrinsics, pose, augmentation); BEVDepth gives it that.
+    An override replaces the whole mapping: set one key with a dotted path
+    (``model.camera.vtransform.depth_net.blocks=2``).
     """
 
     type: Literal["conv", "camera_aware"] = "conv"
@@ -798,11 +799,18 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
             fail("model.camera.vtransform.depth_loss_weight supervises the predicted depth; with depth_source "
                  "'lidar' the lift uses the LiDAR depth itself and predicts none")
         net = vt.depth_net
-        if net.type not in ("conv", "camera_aware"):
-            fail(f"model.camera.vtransform.depth_net.type must be 'conv' or 'camera_aware', got {net.type!r}")
-        if net.type == "camera_aware" and (net.mid_channels < 1 or net.blocks < 0):
-            fail(f"model.camera.vtransform.depth_net: mid_channels must be >= 1 and blocks >= 0, got "
-                 f"{net.mid_channels} and {net.blocks}")
+        if net.type == "camera_aware":
+            if net.mid_channels < 1 or net.blocks < 0:
+                fail(f"model.camera.vtransform.depth_net: mid_channels must be >= 1 and blocks >= 0, got "
+                     f"{net.mid_channels} and {net.blocks}")
+            if vt.depth_source == "lidar":
+                # Its depth branch would get no gradient (the LiDAR depth replaces it), which
+                # DistributedDataParallel refuses, and it would run for nothing.
+                fail("model.camera.vtransform.depth_net 'camera_aware' predicts depth; with depth_source 'lidar' "
+                     "nothing uses it: keep type 'conv' for a LiDAR-depth lift (e.g. MonoTAKD's assistant)")
+            if model.camera.num_cameras < 2:
+                fail("model.camera.vtransform.depth_net 'camera_aware' batch-normalises the camera parameters over "
+                     f"the cameras of a batch: it needs num_cameras >= 2, got {model.camera.num_cameras}")
         downsamples.append(vt.downsample)
         height, width = model.camera.image_size
         if height % vt.feature_stride or width % vt.feature_stride:

@@ -131,6 +131,8 @@ PRESETS = {
 # What the synthetic world's generator writes (the prepared label cache aside): the tables, the
 # maps, the sensor files and the per-pixel camera labels.
 WORLD_FILES = ("v1.0-*/*.json", "maps/**/*", "samples/**/*", "sweeps/**/*", "camera_labels/**/*")
+# Beside them (outside the digest): the synth preset, scenes, duration and seed the world was made with.
+WORLD_MARKER = "bridgeta_bench_world.json"
 
 
 def ensure_world(work: Path, preset: AccuracyPreset, seed: int = 0, ledger: Path | None = None) -> Path:
@@ -141,10 +143,19 @@ def ensure_world(work: Path, preset: AccuracyPreset, seed: int = 0, ledger: Path
     from bridgeta.data.synth.generate import VERSION, generate_dataroot
 
     dataroot = work / "world"
+    # What the world was generated as: bench presets with other worlds (cpu: tiny, cpu-mt:
+    # tiny-traffic) must not share a work directory, and only a ledger's digest would tell.
+    made_as = {"synth_preset": preset.world, "scenes": preset.scenes, "duration": preset.duration, "seed": seed}
+    marker = dataroot / WORLD_MARKER
     if not (dataroot / VERSION).exists():  # no complete world: what a killed generation left is replaced
         generate_dataroot(dataroot, preset.scenes, seed=seed, preset=preset.world, duration=preset.duration, force=True)
+    elif marker.exists() and json.loads(marker.read_text()) != made_as:
+        raise ValueError(f"{marker}: the world in {dataroot} was generated as {marker.read_text().strip()}, this preset "
+                         f"needs {json.dumps(made_as)}; use another --work for it")
     if ledger is not None:
         run_ledger.check_or_record(ledger, "world", run_ledger.tree_digest(dataroot, WORLD_FILES), f"the world {dataroot}")
+    if not marker.exists():  # worlds from before the marker are named by the ledger's digest alone
+        marker.write_text(json.dumps(made_as) + "\n")
     prepare_dataroot(dataroot, VERSION, progress=False)
     return dataroot
 

@@ -1,11 +1,17 @@
 """BEVDepth's camera-aware DepthNet: depth bins and context features from neck features and the
 camera's parameters (``vtransform.depth_net.type: camera_aware``).
 
-BEVFusion predicts both with one 1x1 convolution. That convolution sees a feature vector and not
-where in the image (or on which camera) it sits, so it must infer each pixel's viewing ray from
-content, and image augmentation moves the rays under it. BEVDepth (Li et al., AAAI 2023) feeds
-the camera parameters through an MLP into squeeze-and-excitation gates on the context and depth
-branches, and deepens the depth branch (residual blocks, ASPP, a deformable convolution).
+BEVFusion predicts both with one 1x1 convolution, which sees a feature vector and nothing of the
+camera it came from: its intrinsics, its pose, or how augmentation resized and cropped the image.
+BEVDepth (Li et al., AAAI 2023) feeds those camera parameters through an MLP into
+squeeze-and-excitation gates on the context and depth branches (one gate per camera, the same at
+each of its pixels), and deepens the depth branch (residual blocks, ASPP, a deformable
+convolution), whose 3x3 layers see where a pixel sits relative to its neighbours.
+
+The camera parameters are batch-normalised as in BEVDepth, so the running statistics are those of
+the training rig: a parameter that never varies in training (a camera's roll, say) has a running
+variance near zero, and a rig that differs there is scaled far outside what the net has seen.
+Fine-tune on a new rig rather than deploy across rigs.
 
 The layout follows BEVDepth's ``DepthNet`` (``reduce_conv``, ``bn``, ``context_mlp``,
 ``context_se``, ``context_conv``, ``depth_mlp``, ``depth_se``, ``depth_conv``) and its 27
@@ -88,7 +94,10 @@ class CameraAwareDepthNet(nn.Module):
         if camera.shape != (features.shape[0], NUM_CAMERA_PARAMETERS):
             raise ValueError(f"camera parameters must be ({features.shape[0]}, {NUM_CAMERA_PARAMETERS}), "
                              f"got {tuple(camera.shape)}")
-        embedding = self.bn(camera.to(features.dtype))
+        # Normalised in float32 with autocast off: in bf16, focal lengths of a few hundred pixels
+        # and crop offsets would be rounded by up to a pixel before BatchNorm sees them.
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            embedding = self.bn(camera.float())
         x = self.reduce_conv(features)
         context = self.context_conv(self.context_se(x, self.context_mlp(embedding)[..., None, None]))
         depth = self.depth_conv(self.depth_se(x, self.depth_mlp(embedding)[..., None, None]))
