@@ -228,3 +228,33 @@ def test_exported_bev_pool_sums_duplicates_and_masks_out_of_grid_points(tmp_path
         actual = session.run(None, dict(zip(names, (a.numpy() for a in arrays))))[0]
         assert (torch.from_numpy(actual) - reference).abs().max().item() < 1e-5
     assert expected.shape == (2, 2 * 5, 8, 6)
+
+
+def test_a_camera_aware_depth_net_exports_with_parity(tmp_path):
+    """BEVDepth's depth net (camera-parameter MLPs, BatchNorm1d, ASPP, the grid_sample deformable
+    conv) is in the deployed graph; onnxruntime matches PyTorch on the reference rig and on one
+    with other focal lengths, which changes the output."""
+    config = load_config("tiny-c", [*SMALL_TINY_C, "model.camera.vtransform.depth_net={type: camera_aware, mid_channels: 8, blocks: 1}"])
+    torch.manual_seed(0)
+    model = build_model(config)
+    depth_net = model.camera_encoder.vtransform.depthnet
+    depth_net.bn.running_mean.copy_(torch.randn(27))
+    depth_net.bn.running_var.uniform_(0.5, 2.0)
+    source = save_model_file(tmp_path / "aware.safetensors", model, config)
+    with torch_threads(1):
+        result = export_onnx(source, tmp_path / "aware.onnx", batch_size=1)
+    assert result.parity_max_abs is not None and result.parity_max_abs < PARITY
+    session = OnnxStudent(result.path, threads=1)
+    wrapper = DeployedStudent(result.model, batch_size=1).eval()
+    reference = reference_arrays(wrapper.specs)
+    reference["images"] = torch.randn_like(reference["images"])
+    refocused = {**reference, "intrinsics": reference["intrinsics"].clone()}
+    refocused["intrinsics"][..., 0, 0] *= 1.1
+    outputs = []
+    for arrays in (reference, refocused):
+        with torch.no_grad(), torch_threads(1):
+            expected = wrapper(*(arrays[n] for n in INPUT_NAMES))
+        actual = torch.from_numpy(session.run(arrays))
+        assert (actual - expected).abs().max().item() < PARITY
+        outputs.append(actual)
+    assert not torch.allclose(outputs[0], outputs[1])
