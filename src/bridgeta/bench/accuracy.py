@@ -149,8 +149,8 @@ def ensure_world(work: Path, preset: AccuracyPreset, seed: int = 0, ledger: Path
     marker = dataroot / WORLD_MARKER
     if not (dataroot / VERSION).exists():  # no complete world: what a killed generation left is replaced
         generate_dataroot(dataroot, preset.scenes, seed=seed, preset=preset.world, duration=preset.duration, force=True)
-    elif marker.exists() and json.loads(marker.read_text()) != made_as:
-        raise ValueError(f"{marker}: the world in {dataroot} was generated as {marker.read_text().strip()}, this preset "
+    elif marker.exists() and (recorded := json.loads(marker.read_text())) != made_as:
+        raise ValueError(f"{marker}: the world in {dataroot} was generated as {json.dumps(recorded)}, this preset "
                          f"needs {json.dumps(made_as)}; use another --work for it")
     if ledger is not None:
         run_ledger.check_or_record(ledger, "world", run_ledger.tree_digest(dataroot, WORLD_FILES), f"the world {dataroot}")

@@ -8,6 +8,7 @@ LiDAR-only model; which branches exist is decided by the config. ``forward`` ret
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ def _depth_net_arguments(config: DepthNetConfig) -> dict | None:
     """LSSViewTransform's ``depth_net``: None for BEVFusion's 1x1 conv."""
     if config.type == "conv":
         return None
-    return {"mid_channels": config.mid_channels, "blocks": config.blocks, "aspp": config.aspp, "deform": config.deform}
+    return {key: value for key, value in asdict(config).items() if key != "type"}
 
 
 class CameraEncoder(nn.Module):
