@@ -129,6 +129,10 @@ class CameraEncoderConfig:
     num_cameras: int = 6
     neck: NeckConfig = field(default_factory=NeckConfig)
     vtransform: ViewTransformConfig = field(default_factory=ViewTransformConfig)
+    # A camera-encoder file (``camera_encoder.safetensors`` of ``bridgeta pretrain-backbone`` with
+    # ``pretrain.lift_depth``): backbone, neck and LSS depth net start from it. Set this or
+    # ``backbone.pretrained``, not both.
+    pretrained: str | None = None
 
 
 @dataclass
@@ -358,6 +362,12 @@ class PretrainConfig:
     head_channels: int = 64
     depth: bool = True
     depth_weight: float = 1.0
+    # Also train the neck and the LSS depth net of ``model.camera`` on the depth bins of the label
+    # depth (BEVDepth's depth BCE, weighted by ``lift_depth_weight``) and write
+    # ``camera_encoder.safetensors`` next to the backbone: a camera model then starts with a depth
+    # distribution that already points at surfaces (``model.camera.pretrained``).
+    lift_depth: bool = False
+    lift_depth_weight: float = 1.0
     log_every: int = 10
     optimizer: PretrainOptimizerConfig = field(default_factory=PretrainOptimizerConfig)
 
@@ -821,6 +831,11 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         for index in model.camera.backbone.out_indices:
             if not 0 <= index <= 3:
                 fail(f"model.camera.backbone.out_indices: {index} is not a stage index 0..3")
+        if model.camera.pretrained and model.camera.backbone.pretrained:
+            # The encoder file holds a backbone too: which one the model starts from must not
+            # depend on the order the two are loaded in.
+            fail("set model.camera.pretrained (a camera-encoder file: backbone, neck, depth net) or "
+                 "model.camera.backbone.pretrained (a backbone file), not both")
     if model.lidar is not None:
         if model.lidar.downsample not in (1, 2):
             fail(f"model.lidar.downsample must be 1 or 2, got {model.lidar.downsample}")
@@ -917,6 +932,9 @@ def _range_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
         depth_weight = config.model.camera.vtransform.depth_loss_weight
         checks.append(("model.camera.vtransform.depth_loss_weight", depth_weight,
                        math.isfinite(depth_weight) and depth_weight >= 0, ">= 0"))
+    if config.pretrain is not None:
+        lift = config.pretrain.lift_depth_weight
+        checks.append(("pretrain.lift_depth_weight", lift, math.isfinite(lift) and lift >= 0, ">= 0"))
     if config.distill is not None:
         d = config.distill
         if d.monotakd is not None:

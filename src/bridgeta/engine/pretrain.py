@@ -7,6 +7,13 @@ only** (classes by cross-entropy, log-depth by L1), and ``backbone.safetensors``
 backbone's weights under the keys ``load_pretrained`` reads, so any camera model, student or
 teacher, starts from it with ``--set model.camera.backbone.pretrained=DIR/backbone.safetensors``.
 
+With ``pretrain.lift_depth`` the camera encoder's neck and LSS depth net train beside it on the
+same images: the depth net's softmax over the depth bins learns the label depth pooled to the
+feature stride, by the depth BCE BEVDepth supervises its depth with. ``camera_encoder.safetensors``
+then holds backbone, neck and depth net, and a camera model started from it
+(``--set model.camera.pretrained=DIR/camera_encoder.safetensors``) lifts its first features to
+surfaces instead of smearing them evenly along every ray (DD3D's argument for depth pretraining).
+
 A small loop on purpose: the BEV trainer's building blocks (AdamW parameter groups, warm-up +
 cosine schedule, precision, metrics logger, output guards) are reused, while its BEV-specific
 machinery (distillers, DDP, exact resume) is not needed for a run of minutes. There is no resume:
@@ -42,8 +49,10 @@ from bridgeta.engine.schedule import WarmupCosineSchedule
 from bridgeta.engine.trainer import CONFIG_FILE, deterministic_mode, parameter_groups
 from bridgeta.files import atomic_path, atomic_write_text, check_outputs, remove_paths
 from bridgeta.models.backbones import build_backbone
+from bridgeta.models.bev_model import CameraEncoder
 from bridgeta.models.checkpoint import load_pretrained
-from bridgeta.models.pixel_head import PixelModel, PixelOutputs
+from bridgeta.models.lss import depth_supervision_loss, lidar_depth_distribution, pool_sparse_depth
+from bridgeta.models.pixel_head import PixelHead, PixelModel, PixelOutputs
 from bridgeta.pixel_metrics import PixelMetrics
 from bridgeta.precision import autocast_dtype, use_channels_last
 from bridgeta.provenance import environment, write_json
@@ -51,10 +60,15 @@ from bridgeta.provenance import environment, write_json
 log = logging.getLogger(__name__)
 
 BACKBONE_FILE = "backbone.safetensors"
+CAMERA_ENCODER_FILE = "camera_encoder.safetensors"
 SUMMARY_FILE = "summary.json"
-PRETRAIN_OUTPUTS = (BACKBONE_FILE, SUMMARY_FILE, METRICS_FILE, TENSORBOARD_DIR, CONFIG_FILE)
+PRETRAIN_OUTPUTS = (BACKBONE_FILE, CAMERA_ENCODER_FILE, SUMMARY_FILE, METRICS_FILE, TENSORBOARD_DIR, CONFIG_FILE)
 TRAIN_SPLIT = "train"
 BACKBONE_KIND = "backbone"
+CAMERA_ENCODER_KIND = "camera_encoder"
+# What a lift-depth pretraining trains of a CameraEncoder, and so what its file holds; the
+# post-pool conv (vtransform.downsample) sees no gradient there and is left to the BEV run.
+ENCODER_PARTS = ("backbone.", "neck.", "vtransform.depthnet.")
 
 
 def pixel_losses(outputs: PixelOutputs, semantic: torch.Tensor, depth: torch.Tensor, depth_weight: float) -> dict[str, torch.Tensor]:
@@ -83,17 +97,88 @@ def pixel_losses(outputs: PixelOutputs, semantic: torch.Tensor, depth: torch.Ten
     return terms
 
 
-def build_pixel_model(config: ExperimentConfig, num_classes: int) -> PixelModel:
-    """The backbone ``model.camera.backbone`` describes (from its ``pretrained`` file if set) and a head."""
+class LiftDepthModel(nn.Module):
+    """A camera encoder's backbone under the pixel head, and its neck and LSS depth net beside it.
+
+    ``forward`` returns the pixel head's outputs with ``depth_bins``: the depth net's softmax over
+    the depth bins, ``(B, D, fH, fW)``, exactly as the LSS lift computes it. The encoder is the
+    model's own :class:`CameraEncoder`, so the weights are saved under the keys it loads.
+    """
+
+    def __init__(self, encoder: CameraEncoder, num_classes: int, channels: int = 64, depth: bool = True) -> None:
+        super().__init__()
+        if encoder.vtransform.camera_aware:
+            raise ValueError("pretrain.lift_depth trains BEVFusion's 1x1 depth net (model.camera.vtransform.depth_net "
+                             "type 'conv'); the 'camera_aware' one also reads each camera's parameters, which the "
+                             "per-image camera labels do not carry")
+        self.encoder = encoder
+        self.head = PixelHead(list(encoder.backbone.out_channels), num_classes, channels, depth)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.encoder.backbone
+
+    def forward(self, images: torch.Tensor) -> PixelOutputs:
+        features = self.encoder.backbone(images)
+        outputs = self.head(features, tuple(images.shape[-2:]))
+        level = self.encoder.neck(features)[self.encoder.neck_level]
+        bins = self.encoder.vtransform.num_depth_bins
+        outputs.depth_bins = self.encoder.vtransform.depthnet(level)[:, :bins].softmax(dim=1)
+        return outputs
+
+
+def lift_depth_loss(model: LiftDepthModel, outputs: PixelOutputs, depth: torch.Tensor) -> torch.Tensor:
+    """The LSS depth BCE (:func:`~bridgeta.models.lss.depth_supervision_loss`) of ``outputs.depth_bins``
+    against the label depth ``(B, H, W)``, pooled to the feature stride as the BEV run pools LiDAR."""
+    vtransform = model.encoder.vtransform
+    return depth_supervision_loss(outputs.depth_bins[:, None], depth[:, None], vtransform.feature_stride,
+                                  vtransform.depth_bounds)
+
+
+class LiftDepthMetrics:
+    """Over the feature cells with a label depth in the bins: the mean depth BCE, and the AbsRel of
+    the distribution's expected depth (bin ``k`` at ``min + k * step``, as the frustum places it)."""
+
+    def __init__(self, stride: int, bounds: tuple[float, float, float]) -> None:
+        self.stride, self.bounds = stride, bounds
+        self.cells, self.bce, self.abs_rel = 0, 0.0, 0.0
+
+    def update(self, depth_bins: torch.Tensor, depth: torch.Tensor) -> None:
+        target = lidar_depth_distribution(depth, self.stride, self.bounds)
+        valid = target.amax(dim=1) > 0
+        cells = int(valid.sum())
+        if not cells:
+            return
+        probability = depth_bins.float()
+        self.bce += float(depth_supervision_loss(probability[:, None], depth[:, None], self.stride, self.bounds)) * cells
+        low, _, step = self.bounds
+        centres = low + step * torch.arange(probability.shape[1], dtype=torch.float32)
+        expected = (probability * centres.view(1, -1, 1, 1)).sum(dim=1)
+        pooled = pool_sparse_depth(depth.float(), self.stride)
+        self.abs_rel += float(((expected - pooled).abs() / pooled.clamp(min=1e-6))[valid].sum())
+        self.cells += cells
+
+    def summary(self) -> dict[str, float | int]:
+        cells = max(self.cells, 1)
+        return {"cells": self.cells, "bce": self.bce / cells, "abs_rel": self.abs_rel / cells}
+
+
+def build_pixel_model(config: ExperimentConfig, num_classes: int) -> PixelModel | LiftDepthModel:
+    """The backbone ``model.camera.backbone`` describes (from its ``pretrained`` file if set) and a
+    head; with ``pretrain.lift_depth``, the whole camera encoder (:class:`LiftDepthModel`)."""
     camera = config.model.camera
     if camera is None:
         raise ValueError("the config has no camera branch (model.camera): there is no image backbone to pretrain")
+    settings = config.pretrain or PretrainConfig()
+    if settings.lift_depth:
+        # CameraEncoder loads model.camera.backbone.pretrained / model.camera.pretrained itself.
+        encoder = CameraEncoder(camera, config.model.grid.build())
+        return LiftDepthModel(encoder, num_classes, settings.head_channels, settings.depth)
     spec = camera.backbone
     backbone = build_backbone(spec.type, spec.out_indices, spec.drop_path_rate)
     if spec.pretrained:  # e.g. continue from ImageNet weights
         report = load_pretrained(backbone, spec.pretrained)
         log.info("starting from %s: %s", spec.pretrained, report.summary())
-    settings = config.pretrain or PretrainConfig()
     return PixelModel(backbone, num_classes, settings.head_channels, settings.depth)
 
 
@@ -122,13 +207,38 @@ def save_backbone(path: Path, backbone: nn.Module, config: ExperimentConfig, cla
     return path
 
 
+def camera_encoder_state(encoder: CameraEncoder) -> dict[str, torch.Tensor]:
+    """The tensors of ``ENCODER_PARTS`` under the encoder's own keys (the backbone's ignore patterns out)."""
+    backbone = {f"backbone.{name}": tensor for name, tensor in backbone_state(encoder.backbone).items()}
+    rest = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in encoder.state_dict().items()
+            if name.startswith(ENCODER_PARTS[1:])}
+    return {**backbone, **rest}
+
+
+def save_camera_encoder(path: Path, encoder: CameraEncoder, config: ExperimentConfig, classes: tuple[str, ...]) -> Path:
+    """``camera_encoder.safetensors``: what ``model.camera.pretrained`` loads."""
+    metadata = {
+        "bridgeta_kind": CAMERA_ENCODER_KIND,
+        "parts": json.dumps(list(ENCODER_PARTS)),
+        "classes": json.dumps(list(classes)),
+        "bridgeta_config": yaml.safe_dump(to_dict(config), sort_keys=False),
+    }
+    with atomic_path(path) as temporary:
+        save_file(camera_encoder_state(encoder), str(temporary), metadata=metadata)
+    return path
+
+
 @torch.no_grad()
-def evaluate_pixels(model: PixelModel, dataset: CameraLabelDataset, batch_size: int, device: torch.device,
-                    precision: str, num_workers: int = 0) -> dict[str, Any]:
-    """Pixel accuracy, IoU per class, mIoU and depth AbsRel over every image of ``dataset``."""
+def evaluate_pixels(model: PixelModel | LiftDepthModel, dataset: CameraLabelDataset, batch_size: int,
+                    device: torch.device, precision: str, num_workers: int = 0) -> dict[str, Any]:
+    """Pixel accuracy, IoU per class, mIoU and depth AbsRel over every image of ``dataset``; with a
+    :class:`LiftDepthModel`, ``lift_depth``: its depth bins' :class:`LiftDepthMetrics` too."""
     was_training = model.training
     model.eval()
     metrics = PixelMetrics(dataset.classes, IGNORE_INDEX)
+    lift = None
+    if isinstance(model, LiftDepthModel):
+        lift = LiftDepthMetrics(model.encoder.vtransform.feature_stride, model.encoder.vtransform.depth_bounds)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     dtype = autocast_dtype(precision, device)
     for batch in loader:
@@ -136,8 +246,13 @@ def evaluate_pixels(model: PixelModel, dataset: CameraLabelDataset, batch_size: 
             outputs = model(batch["image"].to(device))
         metrics.update(outputs.semantic.float(), batch["semantic"], None if outputs.log_depth is None
                        else outputs.log_depth.float().cpu(), batch["depth"])
+        if lift is not None:
+            lift.update(outputs.depth_bins.float().cpu(), batch["depth"])
     model.train(was_training)
-    return {"split": dataset.split, "images": len(dataset), **metrics.summary()}
+    summary = {"split": dataset.split, "images": len(dataset), **metrics.summary()}
+    if lift is not None:
+        summary["lift_depth"] = lift.summary()
+    return summary
 
 
 def _seed_everything(seed: int) -> None:
@@ -231,6 +346,8 @@ def _run(config: ExperimentConfig, settings: PretrainConfig, out_dir: Path, repl
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                         outputs = model(images)
                     terms = pixel_losses(outputs, semantic, depth, settings.depth_weight)
+                    if settings.lift_depth:
+                        terms["lift_depth"] = settings.lift_depth_weight * lift_depth_loss(model, outputs, depth)
                     loss = sum(terms.values())
                     values = {name: float(value.detach()) for name, value in terms.items()}
                     if not math.isfinite(sum(values.values())):
@@ -273,6 +390,8 @@ def _run(config: ExperimentConfig, settings: PretrainConfig, out_dir: Path, repl
     finally:
         logger.close()
     save_backbone(out_dir / BACKBONE_FILE, model.backbone, config, train_set.classes)
+    if settings.lift_depth:
+        save_camera_encoder(out_dir / CAMERA_ENCODER_FILE, model.encoder, config, train_set.classes)
     summary = {
         "backbone": config.model.camera.backbone.type,
         "config": config.name,
@@ -289,6 +408,7 @@ def _run(config: ExperimentConfig, settings: PretrainConfig, out_dir: Path, repl
         "seconds": time.perf_counter() - started,
         "eval": evaluation,
         "backbone_file": str(out_dir / BACKBONE_FILE),
+        "camera_encoder_file": str(out_dir / CAMERA_ENCODER_FILE) if settings.lift_depth else None,
         "environment": environment(),
     }
     write_json(out_dir / SUMMARY_FILE, summary)

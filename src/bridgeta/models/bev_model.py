@@ -80,6 +80,11 @@ class CameraEncoder(nn.Module):
                 ignore=getattr(self.backbone, "pretrained_ignore", ()),
             )
             log.info("camera backbone: %s", report.summary())
+        if config.pretrained:
+            # backbone.*, neck.* and vtransform.depthnet.* of a lift-depth pretraining; the rest
+            # (the post-pool conv) has nothing to start from and is reported missing.
+            report = load_pretrained(self, config.pretrained)
+            log.info("camera encoder: %s", report.summary())
 
     def forward(
         self, camera: CameraInputs, bev_aug: torch.Tensor | None, depth_source: str | None = None

@@ -21,10 +21,12 @@ from bridgeta.models.layers import conv_bn_relu, init_conv_bn_
 
 @dataclass
 class PixelOutputs:
-    """``semantic``: ``(B, K, H, W)`` class logits; ``log_depth``: ``(B, H, W)`` log metres or None."""
+    """``semantic``: ``(B, K, H, W)`` class logits; ``log_depth``: ``(B, H, W)`` log metres or None;
+    ``depth_bins``: ``(B, D, fH, fW)`` the LSS depth distribution of a lift-depth pretraining, or None."""
 
     semantic: torch.Tensor
     log_depth: torch.Tensor | None
+    depth_bins: torch.Tensor | None = None
 
 
 class PixelHead(nn.Module):
