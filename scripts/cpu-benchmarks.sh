@@ -24,16 +24,19 @@ cpu=(bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --ledger resul
 #    the sweep of these three, beside its table
 step "${cpu[@]}" --out results/accuracy-cpu-monotakd \
     --methods direct bridgeta monotakd monotakd_imd_only monotakd_cmrd_only monotakd_no_sam monotakd_no_ffm monotakd_shared baseline_long
+# 2. inference cost of every pair (MonoTAKD's deployed student beside the baseline: issue 13's
+#    last table), alone on the CPU; it builds the networks and needs no trained run
+step bridgeta bench cost --repeats 5 --out results/cost.json
 # The detection presets' world is its own (synth preset tiny-traffic, busy streets), with its own
 # backbone: bench accuracy generates and pretrains them under $work_mt the first time.
 mt=(bridgeta bench accuracy --jobs 1 --work "$work_mt" --ledger results/ledger/mt)
-# 2. the detection table (issue 14). At 800 steps a camera student detects nothing yet (mAP 0 on
-#    every row, docs/detection.md): its preset changes before this step is worth its hours
+# 3. the detection table (issue 14). At 800 steps a camera student detects nothing (mAP 0 on the
+#    camera rows whatever we tried, docs/detection.md); the table still gives the teacher's
+#    detection and every row's map, and its teacher is TinyBEV's aligned teacher
 step "${mt[@]}" --preset cpu-mt --out results/accuracy-mt
-# 3. TinyBEV's multi-task table (issue 15)
+# 4. TinyBEV's multi-task table (issue 15): its map, motion and planning columns do not need a
+#    detecting camera
 step "${mt[@]}" --preset cpu-tinybev --out results/accuracy-tinybev
-# 4. inference cost of every pair, alone on the CPU
-step bridgeta bench cost --repeats 5 --out results/cost.json
 # 5. the whole cpu protocol's table on this commit (issue 11's, first measured at 2dcd721), with
 #    the reruns of seed 0 of the headline methods; it reuses every run above
 step "${cpu[@]}" --out results/accuracy-cpu --reproduce
