@@ -3,6 +3,10 @@ map-only model is exactly what it was (state dict, outputs)."""
 
 from __future__ import annotations
 
+import json
+import zlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,6 +18,49 @@ from bridgeta.engine.model_file import load_model_file
 from bridgeta.engine.trainer import train
 from bridgeta.models.bev_model import build_model
 from bridgeta.rig import reference_inputs
+
+
+# A map-only tiny-c, narrowed, as the code before the multi-head refactor (1e9cb57) built it:
+# its state dict's keys and shapes, and map logits on the reference inputs with every tensor
+# filled from its own name (``_fill_by_name``), so that any version with the same keys gets the
+# same weights. tests/data/map_only_reference.json was written by ``map_only_reference`` run at
+# 1e9cb57^ (the function is unchanged since), and is never regenerated from the current code.
+MAP_ONLY_REFERENCE = Path(__file__).parent / "data" / "map_only_reference.json"
+MAP_ONLY_OVERRIDES = ["model.camera.image_size=[32,88]", "model.camera.neck.out_channels=16",
+                      "model.camera.vtransform.out_channels=16"]
+
+
+def _fill_by_name(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            values = torch.randn(tensor.shape, generator=generator, dtype=torch.float64)
+            if name.endswith("running_var"):
+                values = values.abs() + 0.5
+            tensor.copy_((0.1 * values).to(tensor.dtype))
+
+
+def map_only_reference() -> dict:
+    torch.manual_seed(0)
+    model = build_model(load_config("tiny-c", MAP_ONLY_OVERRIDES)).eval()
+    _fill_by_name(model)
+    with torch.no_grad():
+        logits = model(reference_inputs(1, (32, 88), 6)).logits
+    return {"keys": {k: list(v.shape) for k, v in model.state_dict().items()}, "logits_shape": list(logits.shape),
+            "logits_sample": logits[0, :, ::9, ::9].double().flatten().tolist(),
+            "logits_abs_mean": float(logits.double().abs().mean())}
+
+
+def test_a_map_only_model_matches_the_one_before_the_multi_head_refactor():
+    reference = json.loads(MAP_ONLY_REFERENCE.read_text())
+    now = map_only_reference()
+    assert now["keys"] == reference["keys"]  # the same names, in the same order, with the same shapes
+    assert now["logits_shape"] == reference["logits_shape"]
+    assert reference["logits_abs_mean"] > 0.01  # the reference is not a degenerate all-zero output
+    torch.testing.assert_close(torch.tensor(now["logits_sample"]), torch.tensor(reference["logits_sample"]),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_a_map_only_model_is_unchanged_by_the_object_head():
@@ -130,20 +177,26 @@ def test_an_oracle_object_head_scores_map_one_through_eval(engine_world):
     assert all(row["mAP"] == pytest.approx(1.0, abs=1e-6) for row in bands)
 
 
-@pytest.mark.parametrize("recipe", ["distill/tiny-c-bridgeta", "distill/tiny-c-direct"])
-def test_a_multi_task_pair_distils_the_object_heatmaps(engine_world, tmp_path, recipe):
-    """BridgeTA and direct on a two-head teacher/student: LLD (and BridgeTA's CrossKD term and
-    its TA's own object loss) reach the object heads; the student's object loss is trained too."""
+@pytest.mark.parametrize("method", ["bridgeta", "direct", "feature_kd"])
+def test_a_multi_task_pair_distils_the_object_heatmaps(engine_world, tmp_path, method):
+    """BridgeTA, direct and feature KD on a two-head teacher/student: LLD (and BridgeTA's CrossKD
+    term and its TA's own object loss) reach the object heads; feature KD, task-agnostic, imitates
+    the fused BEV; the student's object loss is trained in every case."""
     from engine_helpers import distill_config, write_teacher
 
     teacher = write_teacher(tmp_path / "teacher.safetensors", engine_world, 2, "model.heads.object={head_channels: 8}")
+    recipe = "distill/tiny-c-direct" if method == "direct" else "distill/tiny-c-bridgeta"
     config = distill_config(engine_world, teacher, "model.heads.object={head_channels: 8}", "train.max_steps=2",
-                            "train.eval_every=0", recipe=recipe)
+                            "train.eval_every=0", f"distill.method={method}", recipe=recipe)
     with torch_threads(1):
         train(config, tmp_path / "run")
     row = [r for r in read_metrics(tmp_path / "run") if "loss" in r][-1]
-    assert {"object/heatmap", "kd/lld_object", "kd/lld"} <= set(row)
-    if recipe.endswith("bridgeta"):
+    assert "object/heatmap" in row
+    if method == "feature_kd":
+        assert "kd/feature" in row and not any(k.startswith(("kd/lld", "ta_object/")) for k in row)
+        return
+    assert {"kd/lld_object", "kd/lld"} <= set(row)
+    if method == "bridgeta":
         assert {"kd/lld_aux_object", "ta_object/heatmap", "lld_object/epsilon"} <= set(row)
     else:
         assert not any(k.startswith("ta_object/") for k in row)
