@@ -237,6 +237,31 @@ def test_cost_gives_the_student_as_a_fraction_of_its_teacher():
     assert "| tinybev | cpu-fp32 | 0.22× | 0.12× | 0.20× | 5.00× |" in table
 
 
+def test_cost_gives_monotakds_deployed_student_as_a_multiple_of_the_baseline():
+    from bridgeta.bench.cost import format_table, student_to_baseline
+    from bridgeta.report import render_cost
+
+    def cell(pair, role, preset, params, macs, ms, memory, precision="fp32", compile_model=False):
+        return {"pair": pair, "role": role, "preset": preset, "device": "cpu", "precision": precision,
+                "compile": compile_model, "params": params, "macs": macs, "latency_ms": ms,
+                "peak_memory_bytes": memory, "repeats": 3, "threads": 2, "deployed_by": []}
+
+    cells = [cell("tiny", "student", "tiny-c", 10e6, 4e9, 80.0, 50 * 2**20),
+             cell("tiny", "teacher", "tiny-lc", 11e6, 6e9, 190.0, 160 * 2**20),
+             cell("monotakd", "student", "distill/tiny-c-monotakd", 11e6, 6e9, 120.0, 75 * 2**20),
+             cell("monotakd", "student", "distill/tiny-c-monotakd", 11e6, 6e9, 60.0, 75 * 2**20, compile_model=True),
+             cell("monotakd", "student", "distill/tiny-c-monotakd", 11e6, 6e9, 90.0, 70 * 2**20, precision="bf16")]
+    ratios = student_to_baseline(cells)
+    # Eager only, and only where the baseline was measured in the same variant (no bf16 tiny-c here).
+    assert ratios == {"monotakd": {"cpu-fp32": {"baseline": "tiny-c", "params": 1.1, "macs": 1.5, "latency": 1.5,
+                                                "memory": 1.5}}}
+    row = "| monotakd | cpu-fp32 | `tiny-c` | 1.10× | 1.50× | 1.50× | 1.50× |"
+    assert row in render_cost({"environment": ENV, "methods": [], "inference": cells, "student_to_baseline": ratios})
+    # Results written before the field existed get the same row from their cells.
+    assert row in render_cost({"environment": ENV, "methods": [], "inference": cells})
+    assert "student / baseline" in format_table({"inference": cells, "student_to_baseline": ratios})
+
+
 def test_cost_deployed_rows_time_each_runtime_and_record_onnx_parity(tmp_path, monkeypatch):
     """The deployed student under PyTorch and onnxruntime (torch.compile is left to the benchmark:
     compiling takes minutes on CI's CPU), and the rows a run assembles: ratios and parity."""

@@ -380,6 +380,18 @@ def render_cost(results: dict) -> str:
             for variant, r in by_variant.items():
                 lines.append(f"| {pair} | {variant} | {r['params']:.2f}× | {r['macs']:.2f}× | {r['latency']:.2f}× | "
                              f"{r['speedup']:.2f}× |")
+    from bridgeta.bench.cost import student_to_baseline
+
+    # Results measured before this field existed: the same ratios, from their own cells.
+    against_baseline = results.get("student_to_baseline") or student_to_baseline(results["inference"])
+    if against_baseline:
+        lines += ["", "A deployed student that is not the baseline network, against the baseline (eager, same run):", "",
+                  "| pair | device, precision | baseline | params | MACs | latency | peak memory |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for pair, by_variant in against_baseline.items():
+            for variant, r in by_variant.items():
+                lines.append(f"| {pair} | {variant} | `{r['baseline']}` | {r['params']:.2f}× | {r['macs']:.2f}× | "
+                             f"{r['latency']:.2f}× | {r['memory']:.2f}× |")
     return "\n".join(lines)
 
 

@@ -49,6 +49,10 @@ METHODS = ("baseline", "direct", "feature_kd", "logit_kd", "bridgeta")
 DEPLOYED_BY = {"tiny": METHODS, "bevfusion": METHODS, "monotakd": ("monotakd",),
                "tinybev": ("baseline", "tinybev_s1", "tinybev_s2", "tinybev_s3")}
 RUNTIMES = ("pytorch", "pytorch-compile", "onnxruntime")
+# A pair whose deployed student is not the baseline network, and the pair whose student is that
+# baseline: MonoTAKD's residual branch, SAM and FFM run at inference, on top of tiny-c (the other
+# side of BridgeTA's zero inference overhead, its Table 3).
+BASELINE_OF = {"monotakd": "tiny"}
 
 
 def _time(run_once: Callable[[], object], warmup: int, repeats: int) -> list[float]:
@@ -244,7 +248,7 @@ def run(pairs: Sequence[str], devices: Sequence[str], warmup: int, repeats: int,
                     deployed_by = list(DEPLOYED_BY[pair]) if role == "student" else []
                     cells.append({"pair": pair, "role": role, "deployed_by": deployed_by, **cell})
     result = {"environment": started, "methods": list(METHODS), "inference": cells,
-              "student_to_teacher": student_to_teacher(cells)}
+              "student_to_teacher": student_to_teacher(cells), "student_to_baseline": student_to_baseline(cells)}
     if runtimes:
         result["deployed"] = run_deployed(pairs, runtimes, warmup, repeats)
     if dataroot is not None and teacher is not None:
@@ -277,6 +281,30 @@ def student_to_teacher(cells: Sequence[dict]) -> dict[str, dict]:
     return out
 
 
+def student_to_baseline(cells: Sequence[dict]) -> dict[str, dict]:
+    """Per pair of ``BASELINE_OF``, per device and precision (eager): its deployed student's
+    parameters, MACs, latency and peak memory as multiples of the baseline network's, measured in
+    the same run (pairs whose baseline was not measured are left out)."""
+    out: dict[str, dict] = {}
+    for student in cells:
+        if student["role"] != "student" or student["compile"] or student["pair"] not in BASELINE_OF:
+            continue
+        baseline = next((c for c in cells if c["pair"] == BASELINE_OF[student["pair"]] and c["role"] == "student"
+                         and c["device"] == student["device"] and c["precision"] == student["precision"]
+                         and not c["compile"]), None)
+        if baseline is None:
+            continue
+        device = "cpu" if student["device"] == "cpu" else "cuda"
+        out.setdefault(student["pair"], {})[f"{device}-{student['precision']}"] = {
+            "baseline": baseline["preset"],
+            "params": student["params"] / baseline["params"],
+            "macs": student["macs"] / baseline["macs"],
+            "latency": student["latency_ms"] / baseline["latency_ms"],
+            "memory": student["peak_memory_bytes"] / baseline["peak_memory_bytes"],
+        }
+    return out
+
+
 def format_table(result: dict) -> str:
     lines = [f"{'preset':<14}{'role':<9}{'device':<10}{'prec':<6}{'compile':<8}{'params M':>9}"
              f"{'GMACs':>9}{'ms':>10}{'MiB':>8}"]
@@ -287,6 +315,14 @@ def format_table(result: dict) -> str:
             f"{c['params'] / 1e6:>9.2f}{c['macs'] / 1e9:>9.2f}{c['latency_ms']:>10.1f}"
             f"{c['peak_memory_bytes'] / 2**20:>8.0f}"
         )
+    for title, ratios, keys in (("student / teacher", result.get("student_to_teacher"), ("params", "macs", "latency")),
+                                ("student / baseline", result.get("student_to_baseline"),
+                                 ("params", "macs", "latency", "memory"))):
+        if ratios:
+            lines += ["", f"{title:<20}{'variant':<12}" + "".join(f"{k:>9}" for k in keys)]
+            for pair, by_variant in ratios.items():
+                for variant, r in by_variant.items():
+                    lines.append(f"{pair:<20}{variant:<12}" + "".join(f"{r[k]:>8.2f}x" for k in keys))
     if result.get("deployed"):
         lines += ["", f"{'preset':<14}{'runtime':<17}{'ms':>10}{'x eager':>9}{'MiB':>8}{'parity':>10}"]
         for row in result["deployed"]:
