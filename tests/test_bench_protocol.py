@@ -579,6 +579,7 @@ def test_the_multitask_table_has_every_task_and_paired_deltas():
     paired = table["tinybev_s3"]["paired_multitask_vs_baseline"]
     assert paired["minADE"]["mean"] == pytest.approx(-0.4) and paired["l2@mean"]["mean"] == pytest.approx(-0.35)
     assert paired["collision@mean"]["mean"] == pytest.approx(-0.025) and paired["NDS"]["n"] == 2
+    assert paired["l2@3s"]["mean"] == pytest.approx(-0.35)
     # Every figure of both conventions is kept, counts and labels are not.
     planning, motion = table["tinybev_s3"]["planning"], table["tinybev_s3"]["motion"]
     assert {"l2@3s", "l2_avg@3s", "l2_avg@mean", "collision_avg@mean", "logged_collision@3s"} <= set(planning)
@@ -586,6 +587,8 @@ def test_the_multitask_table_has_every_task_and_paired_deltas():
     text = format_multitask_markdown({"table": table})
     row = next(line for line in text.splitlines() if line.startswith("| `tinybev_s3`"))
     assert "1.70 ± 0.28" in row and "-0.40 ± 0.14" in row and "-2.5 ± 3.5" in row
+    # L2 (mean of 1-3 s) and L2@3s: here equal by construction, each with its paired delta.
+    assert row.count("2.75 ± 0.35") == 2 and row.count("-0.35 ± 0.21") == 2
     assert "paired_multitask_vs_baseline" not in table["baseline"]
 
 

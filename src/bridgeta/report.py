@@ -510,7 +510,7 @@ def render_multitask(results: dict) -> str:
     preset = results.get("preset", {}).get("name", "?")
     return (table + "\n\n" + f"mAP, NDS and map mIoU in %, minADE (detection-free, at the true agents) and "
             f"L2 in m, the collision rate in %. L2 and collision are UniAD's convention (the value at "
-            f"each horizon), averaged over 1, 2 and 3 s (`l2@mean`, `collision@mean`); the ST-P3/VAD "
+            f"each horizon), averaged over 1, 2 and 3 s (`l2@mean`, `collision@mean`), and L2 at 3 s; the ST-P3/VAD "
             f"averages are in the results file as `l2_avg@...` and `collision_avg@...`. Mean ± std over "
             f"seeds {seeds}, test towns; Δ: paired per seed against the baseline. "
             + _measured(results, f"bridgeta bench accuracy --preset {preset}"))
