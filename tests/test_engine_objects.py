@@ -300,3 +300,37 @@ def test_a_two_head_model_exports_both_heads_to_onnx(engine_world, tmp_path):
     outputs = session.run_outputs(reference_arrays(session.specs))
     assert outputs["object_heatmap"].shape == (1, 4, *model.feature_grid.shape)
     assert outputs["object_regression"].shape == (1, 10, *model.feature_grid.shape)
+
+
+def test_a_multi_task_run_resumes_from_a_checkpoint_to_the_same_weights(engine_world, tmp_path):
+    """Resuming a camera model with an object head from its step-2 checkpoint (what a run killed
+    after it leaves) gives the uninterrupted run's weights and losses: the object targets, the
+    augmentation and the loader order are restored with it."""
+    import shutil
+
+    from bridgeta.engine.checkpoint import LATEST_FILE, CHECKPOINT_DIR
+
+    config = small_student_config(engine_world, "model.heads.object={head_channels: 8}", "train.max_steps=4",
+                                  "train.epochs=4", "train.checkpoint_every=2", "train.deterministic=true",
+                                  "train.eval_every=0", "train.seed=3")
+    with torch_threads(1):
+        train(config, tmp_path / "reference")
+        train(config, tmp_path / "killed")
+    # What a run killed between step 2 and step 4 leaves: the step-2 checkpoint, no final model,
+    # metrics lines past the checkpoint (dropped on resume).
+    killed = tmp_path / "killed"
+    checkpoints = killed / CHECKPOINT_DIR
+    shutil.rmtree(checkpoints / "step-00000004")
+    (checkpoints / LATEST_FILE).write_text("step-00000002\n")
+    (killed / "model.safetensors").unlink()
+    with torch_threads(1):
+        resumed = train(config, killed, resume=True)
+    assert resumed["resumed_from"] == 2 and resumed["steps"] == 4
+    ours = load_model_file(killed / "model.safetensors")[0].state_dict()
+    theirs = load_model_file(tmp_path / "reference" / "model.safetensors")[0].state_dict()
+    assert any(k.startswith("object_head.") for k in ours)
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+    rows = [r for r in read_metrics(killed) if "loss" in r]
+    reference_rows = [r for r in read_metrics(tmp_path / "reference") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["object/heatmap"] for r in rows] == [r["object/heatmap"] for r in reference_rows]
