@@ -281,6 +281,37 @@ def test_box_corners_and_a_two_head_picture(engine_world, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_boxes_are_drawn_where_the_camera_sees_them():
+    """``viz`` projects each box corner through camera-to-ego and the intrinsics: a front camera
+    (optical axis along ego X, 1 m up) sees a box 10 m ahead around its principal point, with
+    each corner where the pinhole model puts it; a box behind the camera is not drawn."""
+    import numpy as np
+
+    from bridgeta.engine.viz import BOX_EDGES, _draw_boxes_in_camera, box_corners
+
+    class Axes:
+        def __init__(self):
+            self.segments = []
+
+        def plot(self, xs, ys, **kwargs):
+            self.segments.append(tuple(zip(np.round(xs, 6), np.round(ys, 6))))
+
+    ego_T_camera = np.eye(4)
+    ego_T_camera[:3, :3] = [[0, 0, 1], [-1, 0, 0], [0, -1, 0]]  # camera x = ego -y, y = ego -z, z = ego x
+    ego_T_camera[2, 3] = 1.0
+    camera = {"ego_T_camera": ego_T_camera.tolist(), "intrinsics": [[100, 0, 50], [0, 100, 40], [0, 0, 1]],
+              "width": 100, "height": 80}
+    ahead, behind = box_corners(np.array([[10.0, 0.0, 1.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0],
+                                          [-10.0, 0.0, 1.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0]]))
+    axes = Axes()
+    _draw_boxes_in_camera(axes, np.stack([ahead, behind]), camera, "red")
+    assert len(axes.segments) == len(BOX_EDGES)  # one box's 12 edges: the one behind is left out
+    expected = {(round(50 - 100 * y / x, 6), round(40 - 100 * (z - 1.0) / x, 6)) for x, y, z in ahead}
+    drawn = {point for segment in axes.segments for point in segment}
+    assert drawn == expected
+    assert (round(50 - 100 * 1 / 9, 6), round(40 + 100 / 9, 6)) in drawn  # the near, left, bottom corner
+
+
 def test_a_two_head_model_exports_both_heads_to_onnx(engine_world, tmp_path):
     pytest.importorskip("onnxruntime")
     from bridgeta.engine.deploy import OnnxStudent, export_onnx
