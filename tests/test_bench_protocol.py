@@ -504,21 +504,31 @@ def test_the_monotakd_assistant_trains_after_the_teacher_it_imitates(tmp_path, m
 def test_the_detection_table_has_map_nds_and_paired_nds():
     from bridgeta.bench.accuracy import format_detection_markdown
 
-    def run(seed, miou, nds, ap_car):
+    def run(seed, miou, nds, ap_car, unclipped=None):
         detection = {"mAP": ap_car / 2, "NDS": nds, "per_class": {"car": {"AP": ap_car}, "pedestrian": {"AP": 0.0}},
-                     "tp_errors": {"ATE": 0.5}}
+                     "tp_errors": {"ATE": 0.5}, **({} if unclipped is None else {"mAP_unclipped": unclipped})}
         return {"seed": seed, "train": {}, "test": {"miou": miou, "miou_at_0.5": miou, "iou": {"drivable_area": miou},
                                                      "by_condition": {}, "by_range": {"0-20": {"miou": miou}},
                                                      "detection": detection}}
 
-    runs = {"teacher": [run(0, 0.4, 0.5, 0.6)], "baseline": [run(0, 0.2, 0.2, 0.3), run(1, 0.2, 0.3, 0.3)],
-            "bridgeta": [run(0, 0.2, 0.25, 0.4), run(1, 0.2, 0.33, 0.4)]}
+    runs = {"teacher": [run(0, 0.4, 0.5, 0.6)], "baseline": [run(0, 0.2, 0.2, 0.3, 0.02), run(1, 0.2, 0.3, 0.3, 0.04)],
+            "bridgeta": [run(0, 0.2, 0.25, 0.4, 0.05), run(1, 0.2, 0.33, 0.4, 0.05)]}
     table = bench_distill.aggregate(runs)
     assert table["bridgeta"]["detection"]["paired_nds_vs_baseline"]["mean"] == pytest.approx(0.04)
     assert table["bridgeta"]["detection"]["NDS"]["n"] == 2
+    assert table["bridgeta"]["detection"]["paired_map_unclipped_vs_baseline"]["mean"] == pytest.approx(0.02)
+    # The teacher was evaluated before the unclipped AP existed: no cell, rather than a mean of the rest.
+    assert table["teacher"]["detection"]["mAP_unclipped"]["mean"] is None
     text = format_detection_markdown({"table": table})
     row = next(line for line in text.splitlines() if line.startswith("| `bridgeta`"))
     assert "**20.0 ± 0.0**" in row and "+4.0 ± 1.4" in row and "40.0 ± 0.0" in row
+    # unclipped mAP 5.0 ± 0.0, and its paired delta against the baseline +2.0 ± 1.4 (3 - 2 and 1)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    header = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
+    assert cells[header.index("unclipped mAP")] == "5.0 ± 0.0"
+    assert cells[header.index("Δ unclipped mAP vs baseline")] == "+2.0 ± 1.4"
+    teacher_row = next(line for line in text.splitlines() if line.startswith("| `teacher`"))
+    assert [c.strip() for c in teacher_row.strip("|").split("|")][header.index("unclipped mAP")] == "–"
     assert format_detection_markdown({"table": bench_distill.aggregate({"baseline": [
         {**runs["baseline"][0], "test": {k: v for k, v in runs["baseline"][0]["test"].items() if k != "detection"}}]})}) is None
 

@@ -54,6 +54,37 @@ def test_ground_truth_as_predictions_scores_one_and_shifted_boxes_score_less(wor
     assert worse["mAP"] < exact["mAP"] and worse["NDS"] < exact["NDS"]
 
 
+def test_a_weak_detector_scores_official_map_zero_but_a_positive_unclipped_map(world, tmp_path, capsys):
+    """Each true box found, but behind 29 confident false boxes: precision stays below the official
+    10 % floor at every recall (at most 2 of 30 boxes can match a true one), so the devkit's AP is
+    exactly 0, while the unclipped AP (the same calc_ap without floors) sees the true boxes."""
+    from bridgeta.detection_metrics import ground_truth_submission, write_submission
+
+    dataroot, nusc, tokens = world
+    results = ground_truth_submission(nusc, tokens)
+    for token, boxes in results.items():
+        weak = []
+        for box in boxes:
+            weak.append({**box, "detection_score": 0.5})
+            # 6 m ahead: outside the 4 m threshold of its own box, inside every class range.
+            weak += [{**box, "translation": [box["translation"][0] + 6.0, *box["translation"][1:]],
+                      "detection_score": 1.0}] * 29
+        results[token] = weak
+    path = write_submission(tmp_path / "weak.json", results)
+    assert cli.main(["eval-detections", "--dataroot", str(dataroot), "--split", "test", "--results", str(path), "--json"]) == 0
+    weak = json.loads(capsys.readouterr().out)
+    exact_path = _submission(world, tmp_path)
+    assert cli.main(["eval-detections", "--dataroot", str(dataroot), "--split", "test", "--results", str(exact_path),
+                     "--json"]) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert weak["mAP"] == 0.0 and all(row["AP"] == 0.0 for row in weak["per_class"].values())
+    assert 0.0 < weak["mAP_unclipped"] < 0.1
+    # Perfect predictions: the unclipped AP is 1 less the recall-0 bin calc_ap always drops.
+    assert exact["mAP_unclipped"] == pytest.approx(1.0, abs=1e-6)
+    assert weak["mAP_unclipped"] == pytest.approx(
+        sum(row["AP_unclipped"] for row in weak["per_class"].values()) / len(weak["per_class"]))
+
+
 def test_a_submission_without_any_box_scores_zero(world, tmp_path, capsys):
     """An untrained model may detect nothing: mAP 0, not the devkit's error on an empty filter."""
     from bridgeta.detection_metrics import write_submission

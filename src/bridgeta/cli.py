@@ -239,9 +239,10 @@ def _command_eval(args: argparse.Namespace) -> int:
             print(f"{group}: " + ", ".join(parts))
         detection = result.get("detection")
         if detection is not None:
-            print(f"objects: mAP {detection['mAP']:.4f}, NDS {detection['NDS']:.4f} over {', '.join(detection['classes'])}")
+            print(f"objects: mAP {detection['mAP']:.4f}, NDS {detection['NDS']:.4f} over {', '.join(detection['classes'])} "
+                  f"(unclipped mAP {detection['mAP_unclipped']:.4f})")
             for name, row in detection["per_class"].items():
-                print(f"  {name:<14} AP {row['AP']:.4f}")
+                print(f"  {name:<14} AP {row['AP']:.4f} (unclipped {row['AP_unclipped']:.4f})")
             parts = [f"{k} {v['mAP']:.4f}/{v['NDS']:.4f}" if v else f"{k} -" for k, v in detection["by_condition"].items()]
             print("objects by_condition (mAP/NDS): " + ", ".join(parts))
     return 0
@@ -254,10 +255,12 @@ def _command_eval_detections(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"split {result['split']} ({result['samples']} samples): mAP {result['mAP']:.4f}, NDS {result['NDS']:.4f}")
-    print(f"{'class':<12}" + "".join(f"{k:>8}" for k in ("AP", "ATE", "ASE", "AOE", "AVE", "AAE")))
+    print(f"split {result['split']} ({result['samples']} samples): mAP {result['mAP']:.4f}, NDS {result['NDS']:.4f} "
+          f"(unclipped mAP {result['mAP_unclipped']:.4f}: without the 10 % precision and recall floors)")
+    columns = ("AP", "AP_unclipped", "ATE", "ASE", "AOE", "AVE", "AAE")
+    print(f"{'class':<12}" + "".join(f"{k.replace('AP_unclipped', 'AP unclip'):>10}" for k in columns))
     for name, row in result["per_class"].items():
-        print(f"{name:<12}" + "".join(f"{row[k]:>8.3f}" for k in ("AP", "ATE", "ASE", "AOE", "AVE", "AAE")))
+        print(f"{name:<12}" + "".join(f"{row[k]:>10.3f}" for k in columns))
     return 0
 
 

@@ -201,6 +201,21 @@ def ground_truth_submission(nusc, sample_tokens: Sequence[str]) -> dict[str, lis
     return out
 
 
+def unclipped_ap(metric_data, config) -> dict[str, float]:
+    """Per class, the mean over the distance thresholds of the devkit's ``calc_ap`` with its
+    floors set to 0 (``min_recall``, ``min_precision``; the official config's are 0.1).
+
+    The official AP counts only the precision above 10 % at recalls above 10 %, so a weak
+    detector, one whose precision never reaches 10 %, scores exactly 0 whatever it finds. The
+    unclipped AP is the area under the same precision curve without those floors: a diagnostic
+    that still orders weak detectors (a short CPU schedule's camera students), never a figure to
+    set beside published mAP."""
+    from nuscenes.eval.detection.algo import calc_ap
+
+    return {name: sum(calc_ap(metric_data[(name, threshold)], 0.0, 0.0) for threshold in config.dist_ths)
+            / len(config.dist_ths) for name in config.class_names}
+
+
 class NoTrueBoxes(ValueError):
     """The samples evaluated hold no annotated box: there is no detection figure to give."""
 
@@ -215,8 +230,9 @@ def evaluate_detections(dataroot: str | Path, version: str, split: str, results:
     towns' classes that the split has boxes of; all ten on official nuScenes). ``sample_tokens``
     evaluates a subset of the split (the results file still lists every sample);
     ``distance_band`` ``(near, far)`` m keeps, after the devkit's filters, only the boxes (true and
-    predicted) whose centre lies that far from the ego, for figures per distance band. Returns ``{"mAP", "NDS", "tp_errors": {ATE...},
-    "per_class": {class: {"AP", "ATE", "ASE", "AOE", "AVE", "AAE"}}, "samples", "split"}``.
+    predicted) whose centre lies that far from the ego, for figures per distance band. Returns ``{"mAP", "NDS",
+    "mAP_unclipped", "tp_errors": {ATE...}, "per_class": {class: {"AP", "AP_unclipped", "ATE", "ASE", "AOE",
+    "AVE", "AAE"}}, "samples", "split"}`` (``*_unclipped``: :func:`unclipped_ap`).
     """
     from bridgeta.data.devkit import DETECTION_PURPOSE, require_devkit
 
@@ -278,17 +294,19 @@ def evaluate_detections(dataroot: str | Path, version: str, split: str, results:
         evaluator.pred_boxes = _within(evaluator.pred_boxes, distance_band)
     evaluator.gt_boxes = gt
     evaluator.sample_tokens = evaluator.gt_boxes.sample_tokens
-    metrics, _ = evaluator.evaluate()
+    metrics, metric_data = evaluator.evaluate()
     summary = metrics.serialize()
+    unclipped = unclipped_ap(metric_data, config)
     names = {"trans_err": "ATE", "scale_err": "ASE", "orient_err": "AOE", "vel_err": "AVE", "attr_err": "AAE"}
     per_class = {
-        name: {"AP": summary["mean_dist_aps"][name],
+        name: {"AP": summary["mean_dist_aps"][name], "AP_unclipped": unclipped[name],
                **{short: summary["label_tp_errors"][name][long] for long, short in names.items()}}
         for name in config.class_names
     }
     return {
         "mAP": summary["mean_ap"],
         "NDS": summary["nd_score"],
+        "mAP_unclipped": sum(unclipped.values()) / len(unclipped) if unclipped else 0.0,
         "tp_errors": {short: summary["tp_errors"][long] for long, short in names.items()},
         "per_class": per_class,
         "classes": list(config.class_names),

@@ -182,8 +182,8 @@ def format_markdown(result: dict) -> str:
 
 
 def format_detection_markdown(result: dict) -> str | None:
-    """The detection table of a multi-task benchmark (mAP, NDS, AP per class, paired NDS deltas),
-    or None when no row has detection figures."""
+    """The detection table of a multi-task benchmark (mAP, NDS, AP per class, the unclipped mAP,
+    paired NDS and unclipped-mAP deltas), or None when no row has detection figures."""
     rows = {m: r["detection"] for m, r in result["table"].items() if "detection" in r}
     if not rows:
         return None
@@ -195,12 +195,15 @@ def format_detection_markdown(result: dict) -> str | None:
         sign = "+" if signed else ""
         return f"{scale * entry['mean']:{sign}.1f} ± {scale * entry['std']:.1f}"
 
-    header = ["method", "mAP", "NDS", *(f"AP {c}" for c in classes), "Δ NDS vs baseline", "Δ NDS vs `direct`"]
+    header = ["method", "mAP", "NDS", *(f"AP {c}" for c in classes), "unclipped mAP", "Δ NDS vs baseline",
+              "Δ NDS vs `direct`", "Δ unclipped mAP vs baseline", "Δ unclipped mAP vs `direct`"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for method, row in rows.items():
         cells = [f"`{method}`", f"**{cell(row['mAP'])}**", f"**{cell(row['NDS'])}**",
-                 *(cell(row["per_class_ap"][c]) for c in classes),
-                 cell(row.get("paired_nds_vs_baseline"), signed=True), cell(row.get("paired_nds_vs_direct"), signed=True)]
+                 *(cell(row["per_class_ap"][c]) for c in classes), cell(row.get("mAP_unclipped")),
+                 cell(row.get("paired_nds_vs_baseline"), signed=True), cell(row.get("paired_nds_vs_direct"), signed=True),
+                 cell(row.get("paired_map_unclipped_vs_baseline"), signed=True),
+                 cell(row.get("paired_map_unclipped_vs_direct"), signed=True)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -439,6 +439,9 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
             table[method]["detection"] = {
                 "mAP": _mean_std([d["mAP"] for d in detections]),
                 "NDS": _mean_std([d["NDS"] for d in detections]),
+                # Runs evaluated before the unclipped AP existed lack it: the cell stays empty then.
+                "mAP_unclipped": _mean_std([d.get("mAP_unclipped") for d in detections]
+                                           if all("mAP_unclipped" in d for d in detections) else []),
                 "per_class_ap": {c: _mean_std([d["per_class"][c]["AP"] for d in detections if c in d["per_class"]])
                                  for c in detections[0]["per_class"]},
                 "tp_errors": {k: _mean_std([d["tp_errors"][k] for d in detections]) for k in detections[0]["tp_errors"]},
@@ -468,9 +471,9 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
             if method in (*TEACHER_ROLES, reference) or "detection" not in table[method]:
                 continue
             if reference in table and "detection" in table[reference]:
-                for figure in ("NDS", "mAP"):
-                    table[method]["detection"][f"paired_{figure.lower()}_vs_{reference}"] = paired(
-                        results, runs[reference], key=lambda t, f=figure: t["detection"][f])
+                for figure in ("NDS", "mAP", "mAP_unclipped"):
+                    table[method]["detection"][f"paired_{figure.lower()}_vs_{reference}"] = _paired_present(
+                        results, runs[reference], key=lambda t, f=figure: t["detection"].get(f))
     # The multi-task table's paired deltas against the baseline (TinyBEV's rows). The planning
     # figures are UniAD's mean over 1, 2 and 3 s, the column TinyBEV's figures compare with.
     multitask = {"NDS": lambda t: (t.get("detection") or {}).get("NDS"), "mIoU": lambda t: t["miou"],

@@ -377,7 +377,7 @@ def _detection_metrics(loader: Iterable[Batch], network: nn.Module, predictions:
                 return None
             if not result["classes"]:  # no true box there: no figure rather than a mean over nothing
                 return None
-            return {k: v for k, v in result.items() if k in ("mAP", "NDS", "samples", "classes")}
+            return {k: v for k, v in result.items() if k in ("mAP", "NDS", "mAP_unclipped", "samples", "classes")}
 
         by_condition = {}
         for name in CONDITIONS:
