@@ -574,7 +574,8 @@ def test_the_multitask_table_has_every_task_and_paired_deltas():
     def run(seed, miou, nds, ade, l2, collision):
         test = {"miou": miou, "miou_at_0.5": miou, "iou": {"drivable_area": miou}, "by_condition": {},
                 "by_range": {"0-20": {"miou": miou}},
-                "detection": {"mAP": nds / 2, "NDS": nds, "per_class": {"car": {"AP": nds}}, "tp_errors": {"ATE": 0.5}},
+                "detection": {"mAP": nds / 2, "NDS": nds, "mAP_unclipped": nds / 4, "per_class": {"car": {"AP": nds}},
+                              "tp_errors": {"ATE": 0.5}},
                 "motion": {"minADE": ade, "minFDE": 2 * ade, "miss_rate_all_steps": 0.5, "miss_rate_fde": 0.25,
                            "agents": 10, "complete_agents": 8, "matched_to": "ground-truth agents"},
                 "planning": {"l2@1s": l2 / 3, "l2@2s": l2 / 2, "l2@3s": l2, "l2@mean": l2,
@@ -590,6 +591,7 @@ def test_the_multitask_table_has_every_task_and_paired_deltas():
     assert paired["minADE"]["mean"] == pytest.approx(-0.4) and paired["l2@mean"]["mean"] == pytest.approx(-0.35)
     assert paired["collision@mean"]["mean"] == pytest.approx(-0.025) and paired["NDS"]["n"] == 2
     assert paired["l2@3s"]["mean"] == pytest.approx(-0.35)
+    assert paired["mAP_unclipped"]["mean"] == pytest.approx(0.0125)  # (0.3 - 0.2) / 4 on seed 0, 0 on seed 1
     # Every figure of both conventions is kept, counts and labels are not.
     planning, motion = table["tinybev_s3"]["planning"], table["tinybev_s3"]["motion"]
     assert {"l2@3s", "l2_avg@3s", "l2_avg@mean", "collision_avg@mean", "logged_collision@3s"} <= set(planning)
@@ -599,6 +601,9 @@ def test_the_multitask_table_has_every_task_and_paired_deltas():
     assert "1.70 ± 0.28" in row and "-0.40 ± 0.14" in row and "-2.5 ± 3.5" in row
     # L2 (mean of 1-3 s) and L2@3s: here equal by construction, each with its paired delta.
     assert row.count("2.75 ± 0.35") == 2 and row.count("-0.35 ± 0.21") == 2
+    header = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[header.index("unclipped mAP")] == "7.5 ± 0.0" and cells[header.index("Δ unclipped mAP")] == "+1.2 ± 1.8"
     assert "paired_multitask_vs_baseline" not in table["baseline"]
 
 

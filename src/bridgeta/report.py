@@ -235,7 +235,9 @@ def render_accuracy(results: dict) -> str:
     detection = format_detection_markdown(results)
     if detection:
         text += ("\n\nObjects (nuScenes detection metric by the devkit, [detection.md](detection.md)), "
-                 "in %, mean ± std over seeds; Δ NDS paired per seed, in points:\n\n" + detection)
+                 "in %, mean ± std over seeds; the unclipped mAP is the devkit's AP without its 10 % "
+                 "precision and recall floors, a diagnostic for detectors the official mAP ties at 0, not "
+                 "a nuScenes figure; Δ paired per seed, in points:\n\n" + detection)
     if "learned_classes" not in results:
         return text
     lambdas = results["protocol"].get("lambdas", {})
@@ -508,7 +510,8 @@ def render_multitask(results: dict) -> str:
         return "No row of these results has planning figures: not a multi-task benchmark."
     seeds = sorted({seed for row in results["table"].values() for seed in row["seeds"]})
     preset = results.get("preset", {}).get("name", "?")
-    return (table + "\n\n" + f"mAP, NDS and map mIoU in %, minADE (detection-free, at the true agents) and "
+    return (table + "\n\n" + f"mAP, NDS, the unclipped mAP (the devkit's AP without its 10 % floors, [detection.md](detection.md)) "
+            f"and map mIoU in %, minADE (detection-free, at the true agents) and "
             f"L2 in m, the collision rate in %. L2 and collision are UniAD's convention (the value at "
             f"each horizon), averaged over 1, 2 and 3 s (`l2@mean`, `collision@mean`), and L2 at 3 s; the ST-P3/VAD "
             f"averages are in the results file as `l2_avg@...` and `collision_avg@...`. Mean ± std over "

@@ -476,7 +476,8 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
                         results, runs[reference], key=lambda t, f=figure: t["detection"].get(f))
     # The multi-task table's paired deltas against the baseline (TinyBEV's rows). The planning
     # figures are UniAD's mean over 1, 2 and 3 s, the column TinyBEV's figures compare with.
-    multitask = {"NDS": lambda t: (t.get("detection") or {}).get("NDS"), "mIoU": lambda t: t["miou"],
+    multitask = {"NDS": lambda t: (t.get("detection") or {}).get("NDS"),
+                 "mAP_unclipped": lambda t: (t.get("detection") or {}).get("mAP_unclipped"), "mIoU": lambda t: t["miou"],
                  "minADE": lambda t: (t.get("motion") or {}).get("minADE"),
                  **{key: (lambda t, key=key: (t.get("planning") or {}).get(key)) for key in MULTITASK_PLANNING}}
     for method, results in runs.items():
