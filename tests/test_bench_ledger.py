@@ -107,6 +107,30 @@ def test_world_and_backbone_digests_are_recorded_once_then_checked(tmp_path):
         ledger.check_or_record(book, "world", ledger.tree_digest(world, ("samples/**/*",)), "the world")
 
 
+def test_a_ledger_of_another_machine_type_is_refused_before_a_world_is_generated(tmp_path, monkeypatch):
+    from bridgeta.bench import accuracy
+
+    here = ledger.machine_signature()
+    assert set(here) == {"machine", "cpu_capability"} and all(here.values())
+    book = tmp_path / "out" / "runs"
+    ledger.check_machine(book)  # a new ledger records this machine
+    assert json.loads((book / ledger.MACHINE_FILE).read_text()) == here
+    ledger.check_machine(book)  # and goes on here
+    other = "AVX2" if here["cpu_capability"] != "AVX2" else "AVX512"
+    (book / ledger.MACHINE_FILE).write_text(json.dumps({**here, "cpu_capability": other}))
+    generated = []
+    monkeypatch.setattr(accuracy, "ensure_world", lambda *args, **kwargs: generated.append(args))
+    with pytest.raises(ledger.LedgerMismatch, match=f"{other} machine") as refusal:
+        accuracy.run("cpu", None, tmp_path / "out", tmp_path / "work", None)
+    assert str(book) in str(refusal.value) and not generated
+    # A ledger from before machine.json (digests only) is left to its digests: nothing recorded.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "world.json").write_text(json.dumps({"sha256": "0" * 64}))
+    ledger.check_machine(legacy)
+    assert not (legacy / ledger.MACHINE_FILE).exists()
+
+
 def test_a_summary_reads_a_ledger_without_a_world(tmp_path, monkeypatch):
     from bridgeta.bench import accuracy
 

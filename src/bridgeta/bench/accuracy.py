@@ -618,6 +618,10 @@ def run(preset_name: str, seeds: int | None, out: Path, work: Path, dataroot: Pa
             raise FileNotFoundError(f"{dataroot}: no benchmark world there yet (nothing has run): --summary "
                                     "reads a benchmark's finished runs and trains nothing")
     else:
+        if staged:  # a ledger from another machine type: say so now, not after generating a world
+            from bridgeta.bench.ledger import check_machine
+
+            check_machine(ledger or out / "runs")
         work.mkdir(parents=True, exist_ok=True)
         dataroot = dataroot or ensure_world(work, preset, ledger=(ledger or out / "runs") if staged else None)
     if staged:

@@ -26,6 +26,8 @@ from pathlib import Path
 from bridgeta.provenance import write_json
 
 DIGEST_FILE = "weights.json"
+# The machine type a ledger's world, backbone and inputs were made on (machine_signature).
+MACHINE_FILE = "machine.json"
 # What a finished run's record holds besides eval_*.json (and the digest of its weights).
 RECORDED_FILES = ("config.yaml", "metrics.jsonl")
 
@@ -110,6 +112,41 @@ def save(run_dir: Path, record: Path) -> None:
             shutil.copy2(source, record / source.name)
     if not recorded:  # last: a record with a digest is complete
         write_json(record / DIGEST_FILE, {"sha256": weights_digest(model_file), "file": model_file.name})
+
+
+def machine_signature() -> dict[str, str]:
+    """What decides whether this machine makes a recorded world and input again bit for bit,
+    besides the commit and the thread count: the architecture and the SIMD level torch dispatches
+    its kernels to (``AVX512``, ``AVX2``...). Embree, which casts the world's rays, dispatches by
+    the same instruction sets: an AVX2 machine renders another world than an AVX-512 one."""
+    import platform
+
+    import torch
+
+    return {"machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def check_machine(ledger: Path) -> None:
+    """Refuse, before any world is generated, to continue a ledger recorded on another machine
+    type (its ``machine.json``): the world, backbone and inputs made here would differ, and that
+    would only show after the world's generation. A new ledger (no ``world.json`` yet) records
+    this machine; one from before ``machine.json`` existed is left to the digests."""
+    path = ledger / MACHINE_FILE
+    here = machine_signature()
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if {key: recorded.get(key) for key in here} != here:
+            def describe(signature: dict) -> str:
+                return f"{signature.get('machine')} {signature.get('cpu_capability')}"
+
+            raise LedgerMismatch(
+                f"{ledger} records runs made on an {describe(recorded)} machine ({path}) and this one is "
+                f"{describe(here)}: it would generate another world and train other weights, so no run made "
+                f"here can join them. Continue this benchmark on an {describe(recorded)} machine, or move "
+                f"{ledger} aside to start it again here")
+        return
+    if not (ledger / "world.json").is_file():
+        write_json(path, here)
 
 
 def tree_digest(root: Path, patterns: tuple[str, ...]) -> str:
