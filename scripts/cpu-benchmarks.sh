@@ -4,6 +4,8 @@
 # (results/ledger/p4, results/ledger/mt; commit them as they come) are not trained again on any
 # machine, killed runs continue from their last checkpoint on the machine that holds it. So run
 # this again after any interruption, in this session or a later one (docs/results.md, "the ledger").
+# A ledger is tied to the machine type it was recorded on (its machine.json: AVX512 or AVX2): on
+# another type its step fails at once, before generating a world, and the queue goes on.
 #   usage: scripts/cpu-benchmarks.sh [LOG]   (from the repository root, with bridgeta installed)
 set -euo pipefail
 log=${1:-runs/cpu-benchmarks.log}
