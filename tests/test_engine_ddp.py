@@ -120,18 +120,30 @@ def test_two_processes_equal_one_process_with_accumulation(dataroot, tmp_path):
     # gradients in the same order (the runs agree to the bit on CPU; the tolerance only covers
     # float32 rounding); 2 x (batch 1 x 2 micro-batches, under no_sync) vs accumulation 4 adds
     # four gradients in another order (((g0 + g2) + (g1 + g3)) vs (((g0 + g1) + g2) + g3)).
-    pairs = [("ddp", "single", dict(rtol=1e-6, atol=1e-7)), ("ddp-acc", "single-acc", dict(rtol=1e-4, atol=1e-5))]
-    for ddp_name, single_name, tolerance in pairs:
+    # The -acc pair sums its gradients in another order, and AdamW divides each by its own running
+    # scale: where a gradient is near 0, rounding can turn its first update by up to a whole step
+    # (lr 3e-3), on a few elements (1 % seen on an AVX2 machine, none on an AVX-512 one). So
+    # there, nearly every weight must agree to 1e-5 and none may be off by more than one step per
+    # update; another sample or a skipped micro-batch moves most weights by a good part of a step.
+    lr, updates = 3e-3, 2
+    pairs = [("ddp", "single", 1e-5), ("ddp-acc", "single-acc", 1e-4)]
+    for ddp_name, single_name, logged_rtol in pairs:
         ddp_rows, single_rows = read_metrics(tmp_path / ddp_name), read_metrics(tmp_path / single_name)
         assert [r["step"] for r in ddp_rows] == [r["step"] for r in single_rows]  # rank 0 alone writes
         # Same samples per step: losses (reduced over processes) and gradient norms agree.
         for key in ("loss", "grad_norm"):
-            assert [r[key] for r in ddp_rows] == pytest.approx([r[key] for r in single_rows], rel=1e-5), key
+            assert [r[key] for r in ddp_rows] == pytest.approx([r[key] for r in single_rows], rel=logged_rtol), key
         ddp = load_file(str(tmp_path / ddp_name / "model.safetensors"))
         reference = load_file(str(tmp_path / single_name / "model.safetensors"))
         assert ddp.keys() == reference.keys()
-        for name in parameters:
-            torch.testing.assert_close(ddp[name], reference[name], **tolerance, msg=lambda m: f"{name}: {m}")
+        if ddp_name == "ddp":
+            for name in parameters:
+                torch.testing.assert_close(ddp[name], reference[name], rtol=1e-6, atol=1e-7,
+                                           msg=lambda m: f"{ddp_name} vs {single_name}, {name}: {m}")
+        else:
+            differences = torch.cat([(ddp[name] - reference[name]).abs().flatten() for name in parameters])
+            assert (differences > 1e-5).float().mean() < 0.05, f"{ddp_name}: weights apart beyond rounding"
+            assert differences.max() <= lr * updates, f"{ddp_name}: a weight further apart than its updates"
         # BatchNorm running statistics are rank 0's (its samples alone) under DDP, the single
         # process's cover every sample: those buffers differ by design, parameters only compared.
         assert any(not torch.equal(ddp[name], reference[name]) for name in ddp if "running_mean" in name)
@@ -177,4 +189,4 @@ def test_two_process_distillation_equals_one_process_with_accumulation(dataroot,
     trained = [k for k in ddp if k.startswith(("student.", "assistant.")) and "running_" not in k and "num_batches" not in k]
     assert any(k.startswith("assistant.") for k in trained)
     for name in trained:
-        torch.testing.assert_close(ddp[name], reference[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ddp[name], reference[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{ddp_name} vs {single_name}, {name}: {m}")
