@@ -37,9 +37,17 @@ def test_missing_results_file_names_the_command(tmp_path):
         render_docs(tmp_path / "results", tmp_path / "docs")
 
 
+ENV_WITHOUT_CAPABILITY = {"date": "2026-01-01 00:00 UTC", "commit": "abc1234", "torch": "2.13.0", "device": "cpu",
+                          "cpu_threads": 2}
+
+
 def test_environment_and_atomic_json(tmp_path):
     env = environment()
-    assert {"date", "commit", "torch", "cpu_threads"} <= set(env)
+    assert {"date", "commit", "torch", "cpu_threads", "cpu_capability"} <= set(env)
+    from bridgeta.report import _measured
+
+    assert f"cpu ({env['cpu_capability']}), 2 CPU threads" in _measured({"environment": {**env, "device": "cpu", "cpu_threads": 2}}, "x")
+    assert "cpu, 2 CPU threads" in _measured({"environment": {**ENV_WITHOUT_CAPABILITY}}, "x")
     write_json(tmp_path / "a" / "r.json", {"x": 1})
     assert json.loads((tmp_path / "a" / "r.json").read_text()) == {"x": 1}
     assert not (tmp_path / "a" / "r.json.tmp").exists()

@@ -51,6 +51,10 @@ def environment() -> dict:
         "machine": platform.machine(),
         "device": device,
         "cpu_threads": torch.get_num_threads(),
+        # The SIMD level torch's CPU kernels dispatch to (AVX512, AVX2...): it decides what
+        # precision "auto" trains in (bf16 only with native bf16) and which machines reproduce
+        # a run bit for bit (bench/ledger.py).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
 

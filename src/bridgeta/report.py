@@ -181,8 +181,14 @@ def _measured(results: dict, command: str) -> str:
     command = recorded if recorded.startswith("bridgeta ") else command
     return (
         f"Measured with `{command}` on {env['date']}, commit `{env['commit']}`, torch {env['torch']}, "
-        f"{env['device']}, {env['cpu_threads']} CPU threads."
+        f"{env['device']}{_capability(env)}, {env['cpu_threads']} CPU threads."
     )
+
+
+def _capability(env: dict) -> str:
+    """`` (AVX2)``: the CPU's SIMD level where the results file records it (files from before
+    it was recorded: nothing)."""
+    return f" ({env['cpu_capability']})" if env.get("cpu_capability") else ""
 
 
 def render_distill(results: dict,
