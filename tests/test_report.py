@@ -139,3 +139,26 @@ def test_the_multitask_section_renders_the_tinybev_table():
     # UniAD's L2 averaged over 1-2-3 s (1.70 m), its paired delta (-0.10 m), the collision rate in %.
     assert "| 1.70 ± 0.00 |" in row and "| -0.10 ± 0.00 |" in row and "| 10.0 ± 0.0 |" in row
     assert "`l2@mean`" in text and "`l2_avg@...`" in text  # the text says which convention is shown
+
+
+def test_a_running_multi_task_benchmark_shows_its_detection_rows():
+    from bridgeta.bench.distill import aggregate
+    from bridgeta.report import render_partial_detection
+
+    def run(seed, nds, unclipped):
+        detection = {"mAP": 0.0, "NDS": nds, "mAP_unclipped": unclipped, "per_class": {"car": {"AP": 0.0}},
+                     "tp_errors": {"ATE": 1.0}}
+        return {"seed": seed, "train": {}, "test": {"miou": 0.1, "miou_at_0.5": 0.1, "iou": {"drivable_area": 0.1},
+                                                     "by_condition": {}, "by_range": {"0-20": {"miou": 0.1}},
+                                                     "detection": detection}}
+
+    results = {"table": aggregate({"baseline": [run(0, 0.0, 0.01), run(1, 0.0, 0.02)],
+                                   "direct": [run(0, 0.0, 0.03)]}),
+               "protocol": {"student_steps": 800}, "preset": {"name": "cpu-mt"}, "environment": ENV_WITHOUT_CAPABILITY}
+    text = render_partial_detection(results)
+    assert "| `direct` | 1 | 800 |" in text and "Objects of the same runs" in text
+    direct = next(line for line in text.splitlines() if line.startswith("| `direct`") and "**" in line)
+    assert "3.0 ± 0.0" in direct and "+2.0 ± 0.0" in direct  # its unclipped mAP, and paired on seed 0
+    # No detection figures (a map-only benchmark): the partial table alone.
+    plain = {**results, "table": {m: {k: v for k, v in row.items() if k != "detection"} for m, row in results["table"].items()}}
+    assert "Objects" not in render_partial_detection(plain)

@@ -306,6 +306,20 @@ def render_partial(results: dict) -> str:
     return "\n".join(lines)
 
 
+def render_partial_detection(results: dict) -> str:
+    """:func:`render_partial` of a multi-task benchmark still running, with the detection table
+    of its finished runs (mAP, NDS, the unclipped mAP and their paired deltas) below."""
+    from bridgeta.bench.accuracy import format_detection_markdown
+
+    text = render_partial(results)
+    detection = format_detection_markdown(results)
+    if detection:
+        text += ("\n\nObjects of the same runs (nuScenes detection metric by the devkit; the unclipped mAP is its AP "
+                 "without the 10 % floors, [detection.md](detection.md)), in %, mean ± std over the finished "
+                 "seeds; Δ paired per seed, in points:\n\n" + detection)
+    return text
+
+
 def render_protocol(results: dict) -> str:
     """The cpu protocol's vital signs: data, schedule, convergence, camera/fusion ratio, pretraining."""
     protocol, table = results["protocol"], results["table"]
@@ -537,6 +551,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "accuracy-cpu-partial": ("accuracy-cpu/partial.json", render_partial),
     "accuracy-cpu-monotakd-partial": ("accuracy-cpu-monotakd/partial.json", render_partial),
     "accuracy-mt": ("accuracy-mt/results.json", render_accuracy),
+    "accuracy-mt-partial": ("accuracy-mt/partial.json", render_partial_detection),
     "accuracy-tinybev": ("accuracy-tinybev/results.json", render_multitask),
     "cost": ("cost.json", render_cost),
     "deployed-cost": ("cost.json", render_deployed_cost),
