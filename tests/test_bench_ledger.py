@@ -111,7 +111,7 @@ def test_a_ledger_of_another_machine_type_is_refused_before_a_world_is_generated
     from bridgeta.bench import accuracy
 
     here = ledger.machine_signature()
-    assert set(here) == {"machine", "cpu_capability"} and all(here.values())
+    assert set(here) == {"machine", "cpu_capability", "native_bf16"} and here["machine"] and here["cpu_capability"]
     book = tmp_path / "out" / "runs"
     ledger.check_machine(book)  # a new ledger records this machine
     assert json.loads((book / ledger.MACHINE_FILE).read_text()) == here
@@ -120,9 +120,13 @@ def test_a_ledger_of_another_machine_type_is_refused_before_a_world_is_generated
     (book / ledger.MACHINE_FILE).write_text(json.dumps({**here, "cpu_capability": other}))
     generated = []
     monkeypatch.setattr(accuracy, "ensure_world", lambda *args, **kwargs: generated.append(args))
-    with pytest.raises(ledger.LedgerMismatch, match=f"{other} machine") as refusal:
+    with pytest.raises(ledger.LedgerMismatch, match=rf"type \({here['machine']}, {other}") as refusal:
         accuracy.run("cpu", None, tmp_path / "out", tmp_path / "work", None)
     assert str(book) in str(refusal.value) and not generated
+    # The same SIMD level without the same bf16 trains in another precision: refused too.
+    (book / ledger.MACHINE_FILE).write_text(json.dumps({**here, "native_bf16": not here["native_bf16"]}))
+    with pytest.raises(ledger.LedgerMismatch, match="native bf16"):
+        ledger.check_machine(book)
     # A ledger from before machine.json (digests only) is left to its digests: nothing recorded.
     legacy = tmp_path / "legacy"
     legacy.mkdir()

@@ -512,7 +512,9 @@ def test_the_detection_table_has_map_nds_and_paired_nds():
                                                      "detection": detection}}
 
     runs = {"teacher": [run(0, 0.4, 0.5, 0.6)], "baseline": [run(0, 0.2, 0.2, 0.3, 0.02), run(1, 0.2, 0.3, 0.3, 0.04)],
-            "bridgeta": [run(0, 0.2, 0.25, 0.4, 0.05), run(1, 0.2, 0.33, 0.4, 0.05)]}
+            "bridgeta": [run(0, 0.2, 0.25, 0.4, 0.05), run(1, 0.2, 0.33, 0.4, 0.05)],
+            # seed 0 evaluated before the unclipped AP existed: no cell and no delta, not seed 1's alone
+            "direct": [run(0, 0.2, 0.2, 0.3), run(1, 0.2, 0.3, 0.3, 0.09)]}
     table = bench_distill.aggregate(runs)
     assert table["bridgeta"]["detection"]["paired_nds_vs_baseline"]["mean"] == pytest.approx(0.04)
     assert table["bridgeta"]["detection"]["NDS"]["n"] == 2
@@ -529,6 +531,10 @@ def test_the_detection_table_has_map_nds_and_paired_nds():
     assert cells[header.index("Δ unclipped mAP vs baseline")] == "+2.0 ± 1.4"
     teacher_row = next(line for line in text.splitlines() if line.startswith("| `teacher`"))
     assert [c.strip() for c in teacher_row.strip("|").split("|")][header.index("unclipped mAP")] == "–"
+    direct = [c.strip() for c in next(line for line in text.splitlines() if line.startswith("| `direct`")).strip("|").split("|")]
+    assert direct[header.index("unclipped mAP")] == "–" and direct[header.index("Δ unclipped mAP vs baseline")] == "–"
+    assert cells[header.index("Δ unclipped mAP vs `direct`")] == "–"
+    assert table["direct"]["detection"]["paired_nds_vs_baseline"]["n"] == 2
     assert format_detection_markdown({"table": bench_distill.aggregate({"baseline": [
         {**runs["baseline"][0], "test": {k: v for k, v in runs["baseline"][0]["test"].items() if k != "detection"}}]})}) is None
 
@@ -574,7 +580,7 @@ def test_the_multitask_table_has_every_task_and_paired_deltas():
     def run(seed, miou, nds, ade, l2, collision):
         test = {"miou": miou, "miou_at_0.5": miou, "iou": {"drivable_area": miou}, "by_condition": {},
                 "by_range": {"0-20": {"miou": miou}},
-                "detection": {"mAP": nds / 2, "NDS": nds, "mAP_unclipped": nds / 4, "per_class": {"car": {"AP": nds}},
+                "detection": {"mAP": nds / 2, "NDS": nds, "mAP_unclipped": nds / 5, "per_class": {"car": {"AP": nds}},
                               "tp_errors": {"ATE": 0.5}},
                 "motion": {"minADE": ade, "minFDE": 2 * ade, "miss_rate_all_steps": 0.5, "miss_rate_fde": 0.25,
                            "agents": 10, "complete_agents": 8, "matched_to": "ground-truth agents"},
@@ -591,7 +597,7 @@ def test_the_multitask_table_has_every_task_and_paired_deltas():
     assert paired["minADE"]["mean"] == pytest.approx(-0.4) and paired["l2@mean"]["mean"] == pytest.approx(-0.35)
     assert paired["collision@mean"]["mean"] == pytest.approx(-0.025) and paired["NDS"]["n"] == 2
     assert paired["l2@3s"]["mean"] == pytest.approx(-0.35)
-    assert paired["mAP_unclipped"]["mean"] == pytest.approx(0.0125)  # (0.3 - 0.2) / 4 on seed 0, 0 on seed 1
+    assert paired["mAP_unclipped"]["mean"] == pytest.approx(0.01)  # (0.3 - 0.2) / 5 on seed 0, 0 on seed 1
     # Every figure of both conventions is kept, counts and labels are not.
     planning, motion = table["tinybev_s3"]["planning"], table["tinybev_s3"]["motion"]
     assert {"l2@3s", "l2_avg@3s", "l2_avg@mean", "collision_avg@mean", "logged_collision@3s"} <= set(planning)
@@ -603,7 +609,7 @@ def test_the_multitask_table_has_every_task_and_paired_deltas():
     assert row.count("2.75 ± 0.35") == 2 and row.count("-0.35 ± 0.21") == 2
     header = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[header.index("unclipped mAP")] == "7.5 ± 0.0" and cells[header.index("Δ unclipped mAP")] == "+1.2 ± 1.8"
+    assert cells[header.index("unclipped mAP")] == "6.0 ± 0.0" and cells[header.index("Δ unclipped mAP")] == "+1.0 ± 1.4"
     assert "paired_multitask_vs_baseline" not in table["baseline"]
 
 

@@ -79,7 +79,7 @@ def test_a_weak_detector_scores_official_map_zero_but_a_positive_unclipped_map(w
     exact = json.loads(capsys.readouterr().out)
     assert weak["mAP"] == 0.0 and all(row["AP"] == 0.0 for row in weak["per_class"].values())
     assert 0.0 < weak["mAP_unclipped"] < 0.1
-    # Perfect predictions: the unclipped AP is 1 less the recall-0 bin calc_ap always drops.
+    # Perfect predictions: precision 1 at every recall, so 1 without floors too.
     assert exact["mAP_unclipped"] == pytest.approx(1.0, abs=1e-6)
     assert weak["mAP_unclipped"] == pytest.approx(
         sum(row["AP_unclipped"] for row in weak["per_class"].values()) / len(weak["per_class"]))

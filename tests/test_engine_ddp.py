@@ -121,10 +121,11 @@ def test_two_processes_equal_one_process_with_accumulation(dataroot, tmp_path):
     # float32 rounding); 2 x (batch 1 x 2 micro-batches, under no_sync) vs accumulation 4 adds
     # four gradients in another order (((g0 + g2) + (g1 + g3)) vs (((g0 + g1) + g2) + g3)).
     # The -acc pair sums its gradients in another order, and AdamW divides each by its own running
-    # scale: where a gradient is near 0, rounding can turn its first update by up to a whole step
-    # (lr 3e-3), on a few elements (1 % seen on an AVX2 machine, none on an AVX-512 one). So
-    # there, nearly every weight must agree to 1e-5 and none may be off by more than one step per
-    # update; another sample or a skipped micro-batch moves most weights by a good part of a step.
+    # scale: where a gradient is near 0, rounding can flip its first update's sign, a difference
+    # of up to two steps (lr 3e-3), on a few elements (1 % seen on an AVX2 machine, none on an
+    # AVX-512 one). So there the share of weights apart beyond rounding is what is checked: nearly
+    # every weight must agree to 1e-5, where another sample or a skipped micro-batch moves most
+    # weights by a good part of a step. The bound on the largest difference is only a sanity check.
     lr, updates = 3e-3, 2
     pairs = [("ddp", "single", 1e-5), ("ddp-acc", "single-acc", 1e-4)]
     for ddp_name, single_name, logged_rtol in pairs:
@@ -143,7 +144,7 @@ def test_two_processes_equal_one_process_with_accumulation(dataroot, tmp_path):
         else:
             differences = torch.cat([(ddp[name] - reference[name]).abs().flatten() for name in parameters])
             assert (differences > 1e-5).float().mean() < 0.05, f"{ddp_name}: weights apart beyond rounding"
-            assert differences.max() <= lr * updates, f"{ddp_name}: a weight further apart than its updates"
+            assert differences.max() <= 2 * lr * updates, f"{ddp_name}: a weight further apart than its updates allow"
         # BatchNorm running statistics are rank 0's (its samples alone) under DDP, the single
         # process's cover every sample: those buffers differ by design, parameters only compared.
         assert any(not torch.equal(ddp[name], reference[name]) for name in ddp if "running_mean" in name)
@@ -189,4 +190,4 @@ def test_two_process_distillation_equals_one_process_with_accumulation(dataroot,
     trained = [k for k in ddp if k.startswith(("student.", "assistant.")) and "running_" not in k and "num_batches" not in k]
     assert any(k.startswith("assistant.") for k in trained)
     for name in trained:
-        torch.testing.assert_close(ddp[name], reference[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{ddp_name} vs {single_name}, {name}: {m}")
+        torch.testing.assert_close(ddp[name], reference[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

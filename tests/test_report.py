@@ -46,7 +46,9 @@ def test_environment_and_atomic_json(tmp_path):
     assert {"date", "commit", "torch", "cpu_threads", "cpu_capability"} <= set(env)
     from bridgeta.report import _measured
 
-    assert f"cpu ({env['cpu_capability']}), 2 CPU threads" in _measured({"environment": {**env, "device": "cpu", "cpu_threads": 2}}, "x")
+    bf16 = "native bf16" if env["native_bf16"] else "no native bf16"
+    assert f"cpu (CPU {env['cpu_capability']}, {bf16}), 2 CPU threads" in _measured(
+        {"environment": {**env, "device": "cpu", "cpu_threads": 2}}, "x")
     assert "cpu, 2 CPU threads" in _measured({"environment": {**ENV_WITHOUT_CAPABILITY}}, "x")
     write_json(tmp_path / "a" / "r.json", {"x": 1})
     assert json.loads((tmp_path / "a" / "r.json").read_text()) == {"x": 1}

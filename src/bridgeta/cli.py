@@ -243,8 +243,9 @@ def _command_eval(args: argparse.Namespace) -> int:
                   f"(unclipped mAP {detection['mAP_unclipped']:.4f})")
             for name, row in detection["per_class"].items():
                 print(f"  {name:<14} AP {row['AP']:.4f} (unclipped {row['AP_unclipped']:.4f})")
-            parts = [f"{k} {v['mAP']:.4f}/{v['NDS']:.4f}" if v else f"{k} -" for k, v in detection["by_condition"].items()]
-            print("objects by_condition (mAP/NDS): " + ", ".join(parts))
+            parts = [f"{k} {v['mAP']:.4f}/{v['NDS']:.4f}/{v['mAP_unclipped']:.4f}" if v else f"{k} -"
+                     for k, v in detection["by_condition"].items()]
+            print("objects by_condition (mAP/NDS/unclipped mAP): " + ", ".join(parts))
     return 0
 
 

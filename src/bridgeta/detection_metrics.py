@@ -306,7 +306,7 @@ def evaluate_detections(dataroot: str | Path, version: str, split: str, results:
     return {
         "mAP": summary["mean_ap"],
         "NDS": summary["nd_score"],
-        "mAP_unclipped": sum(unclipped.values()) / len(unclipped) if unclipped else 0.0,
+        "mAP_unclipped": sum(unclipped.values()) / len(unclipped),  # classes: never empty (NoTrueBoxes)
         "tp_errors": {short: summary["tp_errors"][long] for long, short in names.items()},
         "per_class": per_class,
         "classes": list(config.class_names),

@@ -29,6 +29,8 @@ def command_line() -> str:
 
 def environment() -> dict:
     """Where and when a measurement was taken."""
+    from bridgeta.precision import cpu_has_native_bf16
+
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
@@ -51,10 +53,11 @@ def environment() -> dict:
         "machine": platform.machine(),
         "device": device,
         "cpu_threads": torch.get_num_threads(),
-        # The SIMD level torch's CPU kernels dispatch to (AVX512, AVX2...): it decides what
-        # precision "auto" trains in (bf16 only with native bf16) and which machines reproduce
-        # a run bit for bit (bench/ledger.py).
+        # The SIMD level torch's CPU kernels dispatch to (AVX512, AVX2...) and native bf16, which
+        # decides what precision "auto" trains in: which machines reproduce a run bit for bit
+        # (bench/ledger.py).
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_native_bf16(),
     }
 
 

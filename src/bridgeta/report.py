@@ -186,9 +186,12 @@ def _measured(results: dict, command: str) -> str:
 
 
 def _capability(env: dict) -> str:
-    """`` (AVX2)``: the CPU's SIMD level where the results file records it (files from before
-    it was recorded: nothing)."""
-    return f" ({env['cpu_capability']})" if env.get("cpu_capability") else ""
+    """`` (CPU AVX2, no native bf16)``: the CPU's SIMD level and bf16 where the results file
+    records them (files from before they were recorded: nothing)."""
+    if not env.get("cpu_capability"):
+        return ""
+    bf16 = {True: ", native bf16", False: ", no native bf16"}.get(env.get("native_bf16"), "")
+    return f" (CPU {env['cpu_capability']}{bf16})"
 
 
 def render_distill(results: dict,

@@ -472,8 +472,13 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
                 continue
             if reference in table and "detection" in table[reference]:
                 for figure in ("NDS", "mAP", "mAP_unclipped"):
-                    table[method]["detection"][f"paired_{figure.lower()}_vs_{reference}"] = _paired_present(
-                        results, runs[reference], key=lambda t, f=figure: t["detection"].get(f))
+                    def key(test, figure=figure):
+                        return test["detection"].get(figure)
+
+                    # As the figure's own cells: a delta only where every run of both rows has it.
+                    complete = all(key(r["test"]) is not None for r in (*results, *runs[reference]))
+                    table[method]["detection"][f"paired_{figure.lower()}_vs_{reference}"] = (
+                        paired(results, runs[reference], key=key) if complete else _mean_std([]))
     # The multi-task table's paired deltas against the baseline (TinyBEV's rows). The planning
     # figures are UniAD's mean over 1, 2 and 3 s, the column TinyBEV's figures compare with.
     multitask = {"NDS": lambda t: (t.get("detection") or {}).get("NDS"),

@@ -114,16 +114,21 @@ def save(run_dir: Path, record: Path) -> None:
         write_json(record / DIGEST_FILE, {"sha256": weights_digest(model_file), "file": model_file.name})
 
 
-def machine_signature() -> dict[str, str]:
+def machine_signature() -> dict:
     """What decides whether this machine makes a recorded world and input again bit for bit,
-    besides the commit and the thread count: the architecture and the SIMD level torch dispatches
-    its kernels to (``AVX512``, ``AVX2``...). Embree, which casts the world's rays, dispatches by
-    the same instruction sets: an AVX2 machine renders another world than an AVX-512 one."""
+    besides the commit and the thread count: the architecture, the SIMD level torch dispatches
+    its kernels to (``AVX512``, ``AVX2``...), and whether the CPU has native bf16, which decides
+    what ``precision: auto`` trains in (bf16 or fp32, bridgeta.precision). The world's rays are
+    cast by Embree, which picks its code by instruction set too: an AVX2 machine renders another
+    world than an AVX-512 one."""
     import platform
 
     import torch
 
-    return {"machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    from bridgeta.precision import cpu_has_native_bf16
+
+    return {"machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": cpu_has_native_bf16()}
 
 
 def check_machine(ledger: Path) -> None:
@@ -137,13 +142,14 @@ def check_machine(ledger: Path) -> None:
         recorded = json.loads(path.read_text())
         if {key: recorded.get(key) for key in here} != here:
             def describe(signature: dict) -> str:
-                return f"{signature.get('machine')} {signature.get('cpu_capability')}"
+                bf16 = {True: ", native bf16", False: ", no native bf16"}.get(signature.get("native_bf16"), "")
+                return f"({signature.get('machine')}, {signature.get('cpu_capability')}{bf16})"
 
             raise LedgerMismatch(
-                f"{ledger} records runs made on an {describe(recorded)} machine ({path}) and this one is "
-                f"{describe(here)}: it would generate another world and train other weights, so no run made "
-                f"here can join them. Continue this benchmark on an {describe(recorded)} machine, or move "
-                f"{ledger} aside to start it again here")
+                f"{ledger} records runs made on a machine of type {describe(recorded)} ({path}), and this one "
+                f"is {describe(here)}: it would generate another world and train other weights, so no run made "
+                f"here can join them. Continue this benchmark on a machine of type {describe(recorded)}, or "
+                f"move {ledger} aside to start it again here")
         return
     if not (ledger / "world.json").is_file():
         write_json(path, here)
