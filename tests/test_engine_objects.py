@@ -175,9 +175,12 @@ def test_an_oracle_object_head_scores_map_one_through_eval(engine_world):
     bands = [row for row in detection["by_range"].values() if row is not None]
     assert set(detection["by_range"]) == {"0-20", "20-35", "35-50"} and bands
     assert all(row["mAP"] == pytest.approx(1.0, abs=1e-6) for row in bands)
-    # The diagnostic without the devkit's 10 % floors agrees on a perfect detector, overall and per band.
-    assert detection["mAP_unclipped"] == pytest.approx(1.0, abs=1e-6)
-    assert all(row["mAP_unclipped"] == pytest.approx(1.0, abs=1e-6) for row in bands)
+    # The diagnostic without the devkit's 10 % floors, from every top-K peak (no score threshold):
+    # nearly 1 on the oracle. Not exactly: below the test's 0.5 threshold, where two boxes'
+    # Gaussians overlap, a secondary peak can outscore a faint true box.
+    assert detection["unclipped_from"] == "every top-K peak (score threshold 0)"
+    assert 0.99 <= detection["mAP_unclipped"] <= 1.0
+    assert all(row["AP_unclipped"] >= 0.98 for row in detection["per_class"].values())
 
 
 @pytest.mark.parametrize("method", ["bridgeta", "direct", "feature_kd"])

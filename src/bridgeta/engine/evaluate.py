@@ -263,6 +263,7 @@ def evaluate(
     objects = getattr(network, "object_head", None) is not None
     tasks = MotionPlanningMetric(network)  # the motion and planning heads' figures, when present
     predictions: dict[str, list[dict]] = {}
+    every_peak: dict[str, list[dict]] = {}
     conditions: dict[str, str] = {}
     was_training = network.training
     network.eval()
@@ -273,7 +274,7 @@ def evaluate(
                     outputs = network(inputs.to(device))
                 logits = outputs.logits
                 if objects:
-                    _collect_detections(network, outputs, metas, predictions, conditions)
+                    _collect_detections(network, outputs, metas, predictions, conditions, every_peak)
                 tasks.update(outputs, metas, device)
                 probabilities = logits.float().sigmoid()
                 labels = labels.to(device, non_blocking=True)
@@ -306,7 +307,7 @@ def evaluate(
     result = overall.compute()
     detection = None
     if objects and predictions:
-        detection = _detection_metrics(loader, network, predictions, conditions)
+        detection = _detection_metrics(loader, network, predictions, conditions, every_peak)
     conditions_out: dict[str, Any] = {}
     for k, name in enumerate(CONDITIONS):
         count = int(condition_samples[k])
@@ -330,22 +331,33 @@ def evaluate(
     }
 
 
-def _collect_detections(network: nn.Module, outputs: Any, metas: list[dict], predictions: dict, conditions: dict) -> None:
-    """Decode a batch's object maps into submission boxes (global frame), per sample token."""
+def _collect_detections(network: nn.Module, outputs: Any, metas: list[dict], predictions: dict, conditions: dict,
+                        every_peak: dict | None = None) -> None:
+    """Decode a batch's object maps into submission boxes (global frame), per sample token:
+    ``predictions`` at the head's score threshold (what ``predict`` writes and the official
+    figures score), ``every_peak`` (when given) with every top-K peak (score threshold 0), for
+    the unclipped mAP: a threshold cuts the precision-recall curve where a weak detector's scores
+    stop."""
     from bridgeta.detection_metrics import ego_boxes_to_submission
     from bridgeta.models.object_head import decode_with
 
-    decoded = decode_with(network.config.heads.object, outputs.objects, network.feature_grid)
-    for meta, sample in zip(metas, decoded):
-        predictions[meta["token"]] = ego_boxes_to_submission(
-            meta["token"], meta["global_T_ego"], sample["boxes"].cpu().numpy(), sample["scores"].cpu().numpy(),
-            sample["labels"].cpu().numpy(), network.object_classes,
-        )
+    settings = network.config.heads.object
+    targets = ((predictions, None),) if every_peak is None else ((predictions, None), (every_peak, 0.0))
+    for target, threshold in targets:
+        decoded = decode_with(settings, outputs.objects, network.feature_grid, score_threshold=threshold)
+        for meta, sample in zip(metas, decoded):
+            target[meta["token"]] = ego_boxes_to_submission(
+                meta["token"], meta["global_T_ego"], sample["boxes"].cpu().numpy(), sample["scores"].cpu().numpy(),
+                sample["labels"].cpu().numpy(), network.object_classes,
+            )
+    for meta in metas:
         conditions[meta["token"]] = meta["condition"]
 
 
-def _detection_metrics(loader: Iterable[Batch], network: nn.Module, predictions: dict, conditions: dict) -> dict | None:
-    """The devkit's detection metric of the collected predictions, overall and per condition.
+def _detection_metrics(loader: Iterable[Batch], network: nn.Module, predictions: dict, conditions: dict,
+                       every_peak: dict) -> dict | None:
+    """The devkit's detection metric of the collected predictions, overall and per condition;
+    the unclipped mAP (overall and per class) from every top-K peak (``every_peak``).
 
     Needs the loader's dataset (for the dataroot and split) and one process: under DDP each rank
     holds a shard of the predictions, so the detection figures are left to ``bridgeta
@@ -368,6 +380,14 @@ def _detection_metrics(loader: Iterable[Batch], network: nn.Module, predictions:
                                           sample_tokens=list(predictions))
         except NoTrueBoxes:  # no annotated box in these samples: no detection figure at all
             return None
+        peaks = write_submission(Path(scratch) / "every_peak.json", every_peak,
+                                 {"use_camera": "camera" in dataset.modalities, "use_lidar": "lidar" in dataset.modalities})
+        unclipped = evaluate_detections(dataset.dataroot, dataset.config.version, dataset.split, peaks, nusc=nusc,
+                                        sample_tokens=list(every_peak))
+        overall["mAP_unclipped"] = unclipped["mAP_unclipped"]
+        overall["unclipped_from"] = "every top-K peak (score threshold 0)"
+        for name, row in overall["per_class"].items():
+            row["AP_unclipped"] = unclipped["per_class"][name]["AP_unclipped"]
 
         def brief(**options) -> dict | None:
             try:
@@ -377,7 +397,7 @@ def _detection_metrics(loader: Iterable[Batch], network: nn.Module, predictions:
                 return None
             if not result["classes"]:  # no true box there: no figure rather than a mean over nothing
                 return None
-            return {k: v for k, v in result.items() if k in ("mAP", "NDS", "mAP_unclipped", "samples", "classes")}
+            return {k: v for k, v in result.items() if k in ("mAP", "NDS", "samples", "classes")}
 
         by_condition = {}
         for name in CONDITIONS:
