@@ -535,6 +535,12 @@ def test_the_detection_table_has_map_nds_and_paired_nds():
     assert direct[header.index("unclipped mAP")] == "–" and direct[header.index("Δ unclipped mAP vs baseline")] == "–"
     assert cells[header.index("Δ unclipped mAP vs `direct`")] == "–"
     assert table["direct"]["detection"]["paired_nds_vs_baseline"]["n"] == 2
+    # The baseline is a reference row: no delta against `direct` (it would be direct's, negated).
+    assert "paired_vs_direct" not in table["baseline"] and "paired_vs_baseline" not in table["baseline"]
+    assert not any(key.startswith("paired_") for key in table["baseline"]["detection"])
+    baseline = [c.strip() for c in next(line for line in text.splitlines() if line.startswith("| `baseline`")).strip("|").split("|")]
+    assert all(baseline[header.index(name)] == "–" for name in header if name.startswith("Δ"))
+    assert table["bridgeta"]["paired_vs_direct"]["n"] == 2
     assert format_detection_markdown({"table": bench_distill.aggregate({"baseline": [
         {**runs["baseline"][0], "test": {k: v for k, v in runs["baseline"][0]["test"].items() if k != "detection"}}]})}) is None
 
@@ -611,6 +617,13 @@ def test_the_multitask_table_has_every_task_and_paired_deltas():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[header.index("unclipped mAP")] == "6.0 ± 0.0" and cells[header.index("Δ unclipped mAP")] == "+1.0 ± 1.4"
     assert "paired_multitask_vs_baseline" not in table["baseline"]
+    # A run evaluated before a figure existed blanks that figure's delta (as the detection
+    # table does), not a delta over the other seed alone; the other figures keep theirs.
+    older = run(1, 0.2, 0.3, 1.9, 3.0, 0.1)
+    del older["test"]["detection"]["mAP_unclipped"]
+    paired = bench_distill.aggregate({**runs, "tinybev_s2": [run(0, 0.25, 0.3, 1.5, 2.5, 0.05), older]})[
+        "tinybev_s2"]["paired_multitask_vs_baseline"]
+    assert paired["mAP_unclipped"]["mean"] is None and paired["NDS"]["n"] == 2
 
 
 def test_staged_tinybev_end_to_end(engine_world, tmp_path):

@@ -399,11 +399,13 @@ def paired(results: list[dict], reference: list[dict], key=lambda test: test["mi
     return _mean_std([key(r["test"]) - by_seed[r["seed"]] for r in results if r["seed"] in by_seed])
 
 
-def _paired_present(results: list[dict], reference: list[dict], key) -> dict:
-    """:func:`paired` over the seeds where both runs have the figure."""
-    by_seed = {r["seed"]: key(r["test"]) for r in reference}
-    return _mean_std([key(r["test"]) - by_seed[r["seed"]] for r in results
-                      if by_seed.get(r["seed"]) is not None and key(r["test"]) is not None])
+def paired_where_complete(results: list[dict], reference: list[dict], key) -> dict:
+    """:func:`paired`, but only when every run of both rows has the figure (``key`` not None),
+    as the figure's own cells: runs evaluated before a figure existed blank its delta rather
+    than leave a delta over the other seeds alone."""
+    if any(key(r["test"]) is None for r in (*results, *reference)):
+        return _mean_std([])
+    return paired(results, reference, key=key)
 
 
 def learned_classes(runs: dict[str, list[dict]], threshold: float = 0.10) -> list[str]:
@@ -412,6 +414,15 @@ def learned_classes(runs: dict[str, list[dict]], threshold: float = 0.10) -> lis
         return list(next(iter(runs.values()))[0]["test"]["iou"])
     tests = [r["test"]["iou"] for r in runs["teacher"]]
     return [c for c in tests[0] if statistics.fmean(t[c] for t in tests) > threshold]
+
+
+def _references(method: str, runs: dict[str, list[dict]]) -> list[str]:
+    """The rows ``method`` gets paired deltas against: the baseline and ``direct`` where they ran,
+    except for itself, the teachers and the baseline (whose delta against ``direct`` would only
+    repeat ``direct``'s own, negated)."""
+    if method in (*TEACHER_ROLES, "baseline"):
+        return []
+    return [reference for reference in ("baseline", "direct") if reference in runs and reference != method]
 
 
 def aggregate(runs: dict[str, list[dict]]) -> dict:
@@ -460,25 +471,19 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
             table[method]["assistant_val_miou"] = _mean_std([r.get("assistant_val", {}).get("miou") for r in results])
         if any("val" in r for r in results):
             table[method]["val_miou"] = _mean_std([r.get("val", {}).get("miou") for r in results])
-        for reference in ("baseline", "direct"):
-            if reference in runs and method not in (*TEACHER_ROLES, reference):
-                table[method][f"paired_vs_{reference}"] = paired(results, runs[reference])
+        for reference in _references(method, runs):
+            table[method][f"paired_vs_{reference}"] = paired(results, runs[reference])
         reference = same_schedule_baseline(method)
         if reference in runs:
             table[method]["paired_vs_same_schedule"] = {"reference": reference, **paired(results, runs[reference])}
     for method, results in runs.items():  # the detection table's paired deltas (multi-task runs)
-        for reference in ("baseline", "direct"):
-            if method in (*TEACHER_ROLES, reference) or "detection" not in table[method]:
-                continue
-            if reference in table and "detection" in table[reference]:
+        if "detection" not in table[method]:
+            continue
+        for reference in _references(method, runs):
+            if "detection" in table[reference]:
                 for figure in ("NDS", "mAP", "mAP_unclipped"):
-                    def key(test, figure=figure):
-                        return test["detection"].get(figure)
-
-                    # As the figure's own cells: a delta only where every run of both rows has it.
-                    complete = all(key(r["test"]) is not None for r in (*results, *runs[reference]))
-                    table[method]["detection"][f"paired_{figure.lower()}_vs_{reference}"] = (
-                        paired(results, runs[reference], key=key) if complete else _mean_std([]))
+                    table[method]["detection"][f"paired_{figure.lower()}_vs_{reference}"] = paired_where_complete(
+                        results, runs[reference], key=lambda test, figure=figure: test["detection"].get(figure))
     # The multi-task table's paired deltas against the baseline (TinyBEV's rows). The planning
     # figures are UniAD's mean over 1, 2 and 3 s, the column TinyBEV's figures compare with.
     multitask = {"NDS": lambda t: (t.get("detection") or {}).get("NDS"),
@@ -489,7 +494,7 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
         if method in (*TEACHER_ROLES, "baseline") or "baseline" not in runs or "planning" not in table[method]:
             continue
         table[method]["paired_multitask_vs_baseline"] = {
-            name: _paired_present(results, runs["baseline"], key) for name, key in multitask.items()}
+            name: paired_where_complete(results, runs["baseline"], key) for name, key in multitask.items()}
     if "teacher" in runs and "baseline" in runs:
         teacher = {r["seed"]: r["test"]["miou"] for r in runs["teacher"]}
         baseline = {r["seed"]: r["test"]["miou"] for r in runs["baseline"]}
