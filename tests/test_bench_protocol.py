@@ -552,7 +552,11 @@ def test_tinybev_stages_share_the_budget_and_start_from_the_previous_stage(tmp_p
     preset, overrides = bench_distill.method_config("tinybev_s3", tmp_path, 2, protocol)
     config = load_config(preset, ["data.dataroot=/d", *overrides])
     assert preset == "distill/tiny-c-tinybev-s3" and config.distill.tinybev.region
-    assert config.train.max_steps == 266  # a third of the student's budget
+    assert config.train.max_steps == 268  # the last third of the student's budget, with its remainder
+    assert [bench_distill.tinybev_stage_steps(f"tinybev_s{k}", 800) for k in (1, 2, 3)] == [266, 266, 268]
+    # the tables' steps: each stage with the ones before it, S3 exactly the baseline's budget
+    assert [bench_distill.trained_steps(m, 800) for m in ("baseline", "tinybev_s1", "tinybev_s2", "tinybev_s3")] == [
+        800, 266, 532, 800]
     assert config.distill.tinybev.init_from == str(tmp_path / "tiny-c-tinybev-tinybev_s2-seed2")
     assert config.distill.teacher == str(tmp_path / "tiny-lc-tinybev-seed0")
     _, overrides = bench_distill.method_config("tinybev_s1", tmp_path, 2, protocol)

@@ -164,3 +164,35 @@ def test_a_running_multi_task_benchmark_shows_its_detection_rows():
     # No detection figures (a map-only benchmark): the partial table alone.
     plain = {**results, "table": {m: {k: v for k, v in row.items() if k != "detection"} for m, row in results["table"].items()}}
     assert "Objects" not in render_partial_detection(plain)
+
+
+def test_a_running_tinybev_benchmark_shows_its_finished_rows_on_every_task():
+    from bridgeta.bench.distill import aggregate
+    from bridgeta.report import render_partial_multitask
+
+    def run(seed, value, planning=True):
+        test = {"miou": value, "miou_at_0.5": value, "iou": {"drivable_area": value}, "by_condition": {},
+                "by_range": {"0-20": {"miou": value}},
+                "detection": {"mAP": 0.0, "NDS": value, "mAP_unclipped": value / 10, "per_class": {"car": {"AP": 0.0}},
+                              "tp_errors": {"ATE": 1.0}},
+                "motion": {"minADE": 1.0 + value, "minFDE": 2.0, "miss_rate_all_steps": 0.5, "miss_rate_fde": 0.25}}
+        if planning:
+            test["planning"] = {"l2@mean": 2.0 - value, "l2@3s": 3.0 - value, "collision@mean": 0.1}
+        return {"seed": seed, "train": {}, "test": test}
+
+    # the teacher and the baseline's seed 0 and 1 finished, S1's seed 0 alone so far
+    runs = {"teacher": [run(0, 0.5)], "baseline": [run(0, 0.2), run(1, 0.2)], "tinybev_s1": [run(0, 0.3)]}
+    results = {"table": aggregate(runs), "protocol": {"student_steps": 800}, "preset": {"name": "cpu-tinybev"},
+               "environment": ENV_WITHOUT_CAPABILITY}
+    text = render_partial_multitask(results)
+    # S1 trains a third of the student's budget (its steps), S2 and S3 go on from it
+    assert "| `tinybev_s1` | 1 | 266 |" in text and "Every task of the same runs" in text
+    row = next(line for line in text.splitlines() if line.startswith("| `tinybev_s1`") and "| 266 |" not in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    header = [c.strip() for c in next(line for line in text.splitlines() if line.startswith("| method | mAP")).strip("|").split("|")]
+    assert cells[header.index("Δ mIoU")] == "+10.0 ± 0.0" and cells[header.index("L2 (m)")] == "1.70 ± 0.00"
+    assert cells[header.index("Δ minADE")] == "+0.10 ± 0.00"
+    # Rows without planning figures (a map-only benchmark): the partial table alone.
+    plain = {**results, "table": aggregate({m: [run(r["seed"], r["test"]["miou"], planning=False) for r in rs]
+                                           for m, rs in runs.items()})}
+    assert "Every task" not in render_partial_multitask(plain)

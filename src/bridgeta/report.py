@@ -288,7 +288,7 @@ def render_accuracy(results: dict) -> str:
 def render_partial(results: dict) -> str:
     """The runs of a benchmark still running (``--summary``'s partial.json): each row's seeds,
     test mIoU and paired deltas against the baseline and against the baseline of its steps."""
-    from bridgeta.bench.distill import TEACHER_ROLES, camera_network_steps
+    from bridgeta.bench.distill import TEACHER_ROLES, trained_steps
 
     steps = results.get("protocol", {}).get("student_steps")
     lines = ["| method | seeds | steps | test mIoU | Δ mIoU vs baseline | Δ mIoU vs the baseline of its steps |",
@@ -298,7 +298,7 @@ def render_partial(results: dict) -> str:
         if method in (*TEACHER_ROLES, "assistant"):  # not camera students: no steps, no delta against one
             lines.append(f"| `{method}` | {len(row['seeds'])} | – | {_cell(row['miou'])} | – | – |")
             continue
-        count = camera_network_steps(method) * steps if steps else "–"
+        count = trained_steps(method, steps) if steps else "–"
         against_steps = f"{_delta(same)} vs `{same['reference']}`" if same else "–"
         lines.append(f"| `{method}` | {len(row['seeds'])} | {count} | {_cell(row['miou'])} | "
                      f"{_delta(row.get('paired_vs_baseline'))} | {against_steps} |")
@@ -320,6 +320,21 @@ def render_partial_detection(results: dict) -> str:
         text += ("\n\nObjects of the same runs (nuScenes detection metric by the devkit; the unclipped mAP is its AP "
                  "without the 10 % floors, [detection.md](detection.md)), in %, mean ± std over the finished "
                  "seeds; Δ paired per seed, in points:\n\n" + detection)
+    return text
+
+
+def render_partial_multitask(results: dict) -> str:
+    """:func:`render_partial` of TinyBEV's multi-task benchmark still running, with the
+    multi-task table of its finished runs below."""
+    from bridgeta.bench.accuracy import format_multitask_markdown
+
+    text = render_partial(results)
+    table = format_multitask_markdown(results)
+    if table:
+        text += ("\n\nEvery task of the same runs: mAP, NDS, the unclipped mAP ([detection.md](detection.md)) and map "
+                 "mIoU in %, minADE (at the true agents) and L2 in m, the collision rate in %; L2 and collision "
+                 "averaged over 1, 2 and 3 s in UniAD's convention, and L2 at 3 s. Mean ± std over the finished "
+                 "seeds; Δ paired per seed against the baseline:\n\n" + table)
     return text
 
 
@@ -556,6 +571,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "accuracy-mt": ("accuracy-mt/results.json", render_accuracy),
     "accuracy-mt-partial": ("accuracy-mt/partial.json", render_partial_detection),
     "accuracy-tinybev": ("accuracy-tinybev/results.json", render_multitask),
+    "accuracy-tinybev-partial": ("accuracy-tinybev/partial.json", render_partial_multitask),
     "cost": ("cost.json", render_cost),
     "deployed-cost": ("cost.json", render_deployed_cost),
     "distill-sweep": ("distill_sweep.json", render_distill_sweep),

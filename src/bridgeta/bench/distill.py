@@ -37,7 +37,7 @@ class Protocol:
     recipe: str = "distill/tiny-c-bridgeta"  # BridgeTA's recipe; the other methods override it
     monotakd_recipe: str = "distill/tiny-c-monotakd"  # MonoTAKD's, for its rows and its assistant
     # TinyBEV's stage recipes are ``<tinybev_recipe>-s1`` .. ``-s3``; the three stages share the
-    # student's step budget (each ``student_steps // 3``), so S3 trains as long as the baseline.
+    # student's step budget (``tinybev_stage_steps``), so S3 ends as long trained as the baseline.
     tinybev_recipe: str = "distill/tiny-c-tinybev"
     epochs: int | None = None  # None: each preset's own recipe
     teacher_epochs: int | None = None
@@ -138,6 +138,23 @@ def camera_network_steps(method: str) -> int:
     """How many student schedules the deployed camera network has trained for: a MonoTAKD
     student starts from its TA, the same network trained on the student's schedule first."""
     return 2 if is_monotakd(method) else schedule_times(method)
+
+
+def tinybev_stage_steps(method: str, student_steps: int) -> int:
+    """The steps of one TinyBEV stage: a third of the student's budget each, the last stage
+    taking the remainder, so S1 + S2 + S3 train exactly as long as the baseline."""
+    stage = int(method.removeprefix("tinybev_s"))
+    share = student_steps // TINYBEV_STAGES
+    return share if stage < TINYBEV_STAGES else student_steps - share * (TINYBEV_STAGES - 1)
+
+
+def trained_steps(method: str, student_steps: int) -> int:
+    """How many optimiser steps the deployed camera network has taken, its earlier stages and
+    MonoTAKD's TA included: the ``steps`` of the tables."""
+    if is_tinybev(method):
+        return sum(tinybev_stage_steps(f"tinybev_s{stage}", student_steps)
+                   for stage in range(1, int(method.removeprefix("tinybev_s")) + 1))
+    return camera_network_steps(method) * student_steps
 
 
 def same_schedule_baseline(method: str) -> str | None:
@@ -296,7 +313,7 @@ def method_config(
         return (f"{protocol.tinybev_recipe}-bridgeta",
                 [name, *schedule, *common, *METHODS[method], f"distill.teacher={aligned}"])
     if is_tinybev(method):
-        stage_steps = protocol.student_steps // TINYBEV_STAGES if protocol.student_steps else None
+        stage_steps = tinybev_stage_steps(method, protocol.student_steps) if protocol.student_steps else None
         schedule = [*protocol.student_overrides, *_schedule(stage_steps, protocol.epochs)]
         start = ([f"distill.tinybev.init_from={runs_dir / run_name(STAGE_AFTER[method], seed, protocol, scale)}"]
                  if method in STAGE_AFTER else [])
