@@ -573,6 +573,8 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "accuracy-tinybev": ("accuracy-tinybev/results.json", render_multitask),
     "accuracy-tinybev-partial": ("accuracy-tinybev/partial.json", render_partial_multitask),
     "cost": ("cost.json", render_cost),
+    # TinyBEV's pair alone (``bench cost --pairs tinybev``): its presets changed after cost.json
+    "cost-tinybev": ("cost-tinybev.json", render_cost),
     "deployed-cost": ("cost.json", render_deployed_cost),
     "distill-sweep": ("distill_sweep.json", render_distill_sweep),
     "train-cost": ("train_cost.json", render_train_cost),
