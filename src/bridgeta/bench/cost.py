@@ -47,7 +47,7 @@ PAIRS = {"tiny": ("tiny-c", "tiny-lc"), "bevfusion": ("bevfusion-c", "bevfusion-
 METHODS = ("baseline", "direct", "feature_kd", "logit_kd", "bridgeta")
 # Who deploys each pair's student: every method above deploys the baseline network itself.
 DEPLOYED_BY = {"tiny": METHODS, "bevfusion": METHODS, "monotakd": ("monotakd",),
-               "tinybev": ("baseline", "tinybev_s1", "tinybev_s2", "tinybev_s3")}
+               "tinybev": ("baseline", "tinybev_s1", "tinybev_s2", "tinybev_s3", "tinybev_bridgeta")}
 RUNTIMES = ("pytorch", "pytorch-compile", "onnxruntime")
 # A pair whose deployed student is not the baseline network, and the pair whose student is that
 # baseline: MonoTAKD's residual branch, SAM and FFM run at inference, on top of tiny-c (the other
