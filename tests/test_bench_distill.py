@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bridgeta.bench import distill as bench_distill
@@ -290,3 +292,54 @@ def test_cost_deployed_rows_time_each_runtime_and_record_onnx_parity(tmp_path, m
     assert [r.get("parity_max_abs") for r in rows] == [None, None, 3e-8]
     table = cost.format_table({"inference": [], "deployed": rows})
     assert "onnxruntime" in table and "3.0e-08" in table
+
+
+def test_train_cost_of_the_tinybev_pair_reads_each_rows_teacher_untrained_when_none_is_given(engine_world, tmp_path,
+                                                                                            monkeypatch):
+    """Every TinyBEV row trains against an untrained tiny-lc-tinybev, BridgeTA's against an
+    untrained tiny-lc-mt (the teacher of the student's widths), the baseline against none; the
+    results file says the teachers were untrained. The measurement itself is faked (training is
+    what the other engine tests check); the teacher files are real."""
+    from bridgeta.bench import train_cost
+    from bridgeta.engine.model_file import load_model_file
+
+    seen = {}
+
+    def in_process(module, arguments, what):
+        settings = dict(zip(arguments[::2], arguments[1::2]))
+        teacher = settings.get("--teacher")
+        seen[settings["--one"]] = None if teacher is None else load_model_file(teacher)[1].name
+        step = 2.0 if teacher else 1.0
+        return {"preset": settings["--one"], "steps": 1, "step_time_s": step, "device": "cpu",
+                "peak_memory_bytes": int(step * 2**20)}
+
+    monkeypatch.setattr(train_cost, "run_isolated", in_process)
+    result = train_cost.run(engine_world, 1, tmp_path / "cost.json", pair="tinybev")
+    assert seen == {"tiny-c-tinybev": None, "distill/tiny-c-tinybev-s1": "tiny-lc-tinybev",
+                    "distill/tiny-c-tinybev-s2": "tiny-lc-tinybev", "distill/tiny-c-tinybev-s3": "tiny-lc-tinybev",
+                    "distill/tiny-c-tinybev-bridgeta": "tiny-lc-mt"}
+    assert list(result["methods"]) == ["baseline", "tinybev_s1", "tinybev_s2", "tinybev_s3", "tinybev_bridgeta"]
+    assert result["teachers"] == {"teacher": "untrained tiny-lc-tinybev", "aligned_teacher": "untrained tiny-lc-mt"}
+    assert result["methods"]["baseline"]["step_time_ratio"] == 1.0
+    assert result["methods"]["tinybev_s3"]["step_time_ratio"] == result["methods"]["tinybev_s3"]["memory_ratio"] == 2.0
+    assert json.loads((tmp_path / "cost.json").read_text())["pair"] == "tinybev"
+    from bridgeta.report import render_train_cost
+
+    text = render_train_cost({**result, "environment": ENV})
+    assert "| `tinybev_s3` | 2.000 | 2.00 | 2 | 2.00 |" in text
+    assert "freshly initialised `tiny-lc-tinybev`, `tiny-lc-mt`" in text
+    with pytest.raises(ValueError, match="reads no teacher 'aligned_teacher'"):
+        train_cost.run(engine_world, 1, tmp_path / "other.json", pair="tiny", teachers={"aligned_teacher": "x"})
+
+
+def test_train_cost_refuses_a_missing_teacher_before_training(tmp_path, capsys):
+    from bridgeta.bench import train_cost
+
+    (tmp_path / "v1.0-trainval").mkdir()
+    with pytest.raises(SystemExit):
+        train_cost.main(["--dataroot", str(tmp_path), "--pair", "tinybev", "--teacher", str(tmp_path / "nowhere")])
+    assert f"--teacher {tmp_path / 'nowhere'}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_cost.main(["--dataroot", str(tmp_path / "empty"), "--pair", "tinybev"])
+    assert "no nuScenes tables" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))

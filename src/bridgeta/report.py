@@ -508,8 +508,12 @@ def render_train_cost(results: dict) -> str:
     device = next(iter(results["methods"].values()))["device"]
     memory = ("peak RSS of the training process above its RSS before training" if device == "cpu"
               else "torch.cuda.max_memory_allocated")
+    untrained = [name.removeprefix("untrained ") for name in (results.get("teachers") or {}).values()
+                 if name.startswith("untrained ")]
+    teachers = (f"Teachers: freshly initialised {', '.join(f'`{n}`' for n in untrained)} (the architecture, not "
+                "the weights, sets the cost). " if untrained else "")
     lines += ["", f"Median over {results['steps']} optimiser steps each (loader waits included), memory = "
-              f"{memory}; one invocation, so the ratios compare like with like. "
+              f"{memory}; one invocation, so the ratios compare like with like. " + teachers
               + _measured(results, "bridgeta bench train-cost")]
     return "\n".join(lines)
 
@@ -578,6 +582,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "deployed-cost": ("cost.json", render_deployed_cost),
     "distill-sweep": ("distill_sweep.json", render_distill_sweep),
     "train-cost": ("train_cost.json", render_train_cost),
+    "train-cost-tinybev": ("train_cost_tinybev.json", render_train_cost),
     "precision": ("precision.json", render_precision),
 }
 

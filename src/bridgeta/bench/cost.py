@@ -254,7 +254,8 @@ def run(pairs: Sequence[str], devices: Sequence[str], warmup: int, repeats: int,
     if dataroot is not None and teacher is not None:
         from bridgeta.bench.train_cost import run as train_cost_run
 
-        result["training"] = train_cost_run(dataroot, teacher, train_steps, out.with_name("train_cost.json"))
+        result["training"] = train_cost_run(dataroot, train_steps, out.with_name("train_cost.json"),
+                                            teachers={"teacher": teacher})
     write_json(out, result)
     return result
 
