@@ -558,9 +558,14 @@ def test_tinybev_stages_share_the_budget_and_start_from_the_previous_stage(tmp_p
     assert [bench_distill.trained_steps(m, 800) for m in ("baseline", "tinybev_s1", "tinybev_s2", "tinybev_s3")] == [
         800, 266, 532, 800]
     assert config.distill.tinybev.init_from == str(tmp_path / "tiny-c-tinybev-tinybev_s2-seed2")
+    # and goes on to the samples S1 and S2 (266 steps each) had not reached
+    assert config.train.data_start_step == 532
+    with pytest.raises(ValueError, match="share the student's step budget"):
+        bench_distill.method_config("tinybev_s2", tmp_path, 0, replace(protocol, student_steps=None, epochs=2))
     assert config.distill.teacher == str(tmp_path / "tiny-lc-tinybev-seed0")
     _, overrides = bench_distill.method_config("tinybev_s1", tmp_path, 2, protocol)
-    assert load_config("distill/tiny-c-tinybev-s1", ["data.dataroot=/d", *overrides]).distill.tinybev.init_from is None
+    first = load_config("distill/tiny-c-tinybev-s1", ["data.dataroot=/d", *overrides])
+    assert first.distill.tinybev.init_from is None and first.train.data_start_step == 0
 
 
 def test_bridgeta_on_the_tinybev_student_learns_from_the_detection_tables_teacher(tmp_path):

@@ -91,6 +91,12 @@ def test_a_stage_starts_from_the_previous_stages_student(engine_world, stages, t
     # Parameters, not BatchNorm's running statistics (the one training forward moves those).
     for key, value in previous.named_parameters():
         assert torch.equal(dict(continued.named_parameters())[key], value), key
+    # The adapters S1 learned go on too (S2's optimiser is off, so S2's file holds what it
+    # started from), rather than fresh random projections: S2 logs that it carried them.
+    _, s1_state, _ = read_model_file(stages / "s1")
+    _, s2_state, _ = read_model_file(out)
+    adapters = [key for key in s1_state if key.startswith("adapters.")]
+    assert adapters and all(torch.equal(s2_state[key], s1_state[key]) for key in adapters)
     other = build_model(load_config("tiny-c", [*SMALL_TINY_C, f"data.dataroot={engine_world}"]))
     with pytest.raises(ValueError, match="previous stage's model differs"):
         init_from_previous_stage(other, previous)

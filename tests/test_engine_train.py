@@ -223,3 +223,32 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dataroot, tmp
     weights = load_file(str(out / "checkpoints" / "step-00000002" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_data_position_after_steps_with_accumulation():
+    # 5 micro-batches per epoch, 2 per step: steps take 2, 2, then the 1 left (3 steps an epoch).
+    assert [trainer_module.data_position(s, 5, 2) for s in (0, 1, 2, 3, 4, 7)] == [
+        (0, 0), (0, 2), (0, 4), (1, 0), (1, 2), (2, 2)]
+    assert trainer_module.data_position(266, 360, 1) == (0, 266)
+
+
+def test_a_run_started_at_a_data_step_sees_what_a_run_from_the_start_sees_there(dataroot, tmp_path, monkeypatch):
+    """``train.data_start_step`` (a later TinyBEV stage going on to new samples): its steps take
+    the samples, in order and across an epoch's end, that a run from step 0 takes at those steps."""
+    seen: list[list[str]] = []
+    original = trainer_module._Trainer._micro_step
+
+    def recording(self, inputs, labels, group_size, sync, metas=None):
+        seen[-1].append(tuple(meta["token"] for meta in metas))
+        return original(self, inputs, labels, group_size, sync, metas=metas)
+
+    monkeypatch.setattr(trainer_module._Trainer, "_micro_step", recording)
+    common = ["train.batch_size=1", "train.eval_every=0", "train.epochs=3"]
+    seen.append([])
+    whole = train(small_config(dataroot, *common, "train.max_steps=6"), tmp_path / "whole")
+    seen.append([])
+    later = train(small_config(dataroot, *common, "train.max_steps=3", "train.data_start_step=3"), tmp_path / "later")
+    per_epoch = whole["steps"] / whole["epochs"]
+    assert per_epoch == 4 and later["steps"] == 3  # the step count and schedule still start at 0
+    assert seen[1] == seen[0][3:6]  # the last sample of epoch 0, then epoch 1's first two
+    assert len(set(seen[0][:4])) == 4  # an epoch is every sample once: the check sees a real order

@@ -332,6 +332,11 @@ class TrainConfig:
     eval_every_steps: int = 0
     checkpoint_every: int = 0  # optimiser steps between checkpoints; 0 = at the end of each epoch
     max_steps: int | None = None  # stop after this many optimiser steps (quick runs)
+    # Start the data stream (sample order and augmentation) where a run of this many optimiser
+    # steps, with the same seed, batch size and accumulation, left it: a staged recipe's later
+    # stage goes on to the samples its previous stage had not reached instead of replaying the
+    # same ones. The step count and learning-rate schedule still start at 0.
+    data_start_step: int = 0
     eval_split: str = "val"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
@@ -434,13 +439,13 @@ class TinyBEVConfig:
     feature: weight of the BEV feature MSE through the learned adapters (``levels``: ``fld`` the
     student's camera BEV to the teacher's fused BEV, ``dld`` decoded to decoded).
     output: weight of the output terms; ``heads`` scales each head's (map KL, object heatmap KL,
-    box regression, motion, planning).
+    box regression, motion, occupancy KL, planning).
     confidence: the teacher's detections above this score are the cells where boxes and
     trajectories are distilled.
     region: the adaptive region-aware weights (S3). ``region_floor`` is the weight every cell keeps
     before normalisation, so background still counts.
     init_from: the previous stage's run or model file; the student starts from it (S2 from S1,
-    S3 from S2).
+    S3 from S2), and the adapters from the previous stage's where its file has them.
     """
 
     feature: float = 1.0
@@ -882,6 +887,7 @@ def _range_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
          ">= 0 (0: at the end of each epoch)"),
         ("train.max_steps", train.max_steps, train.max_steps is None or train.max_steps >= 1, ">= 1 or null"),
         ("train.seed", train.seed, train.seed >= 0, ">= 0"),
+        ("train.data_start_step", train.data_start_step, train.data_start_step >= 0, ">= 0"),
         ("train.eval_split", train.eval_split, bool(train.eval_split.strip()), "a split name"),
     ] + _optimizer_checks("train.optimizer", opt)
     if config.pretrain is not None:

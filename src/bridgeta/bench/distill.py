@@ -313,10 +313,16 @@ def method_config(
         return (f"{protocol.tinybev_recipe}-bridgeta",
                 [name, *schedule, *common, *METHODS[method], f"distill.teacher={aligned}"])
     if is_tinybev(method):
-        stage_steps = tinybev_stage_steps(method, protocol.student_steps) if protocol.student_steps else None
+        if not protocol.student_steps:
+            raise ValueError(f"{method}: TinyBEV's stages share the student's step budget; this protocol counts "
+                             "epochs (set Protocol.student_steps)")
+        stage_steps = tinybev_stage_steps(method, protocol.student_steps)
         schedule = [*protocol.student_overrides, *_schedule(stage_steps, protocol.epochs)]
-        start = ([f"distill.tinybev.init_from={runs_dir / run_name(STAGE_AFTER[method], seed, protocol, scale)}"]
-                 if method in STAGE_AFTER else [])
+        # A later stage starts from the previous stage's student and adapters, and goes on to
+        # the samples it had not reached: S1 + S2 + S3 see the data the baseline's steps see.
+        done = trained_steps(method, protocol.student_steps) - stage_steps
+        start = ([f"distill.tinybev.init_from={runs_dir / run_name(STAGE_AFTER[method], seed, protocol, scale)}",
+                  f"train.data_start_step={done}"] if method in STAGE_AFTER else [])
         return (f"{protocol.tinybev_recipe}-s{method.removeprefix('tinybev_s')}",
                 [name, *schedule, *common, *METHODS[method], *start, f"distill.teacher={teacher}"])
     recipe = protocol.monotakd_recipe if is_monotakd(method) else protocol.recipe

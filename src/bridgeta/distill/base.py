@@ -181,6 +181,12 @@ class Distiller(nn.Module):
         """What the batch must carry beyond the student's inputs (the teacher's, and so on)."""
         return self.teacher.modalities if self.teacher is not None else ()
 
+    def continue_previous_stage(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """A staged recipe's later stage: take over the training-only modules of the previous
+        stage's file (``state``: its tensors other than the student's) where they fit; returns
+        what was carried. Methods without stages carry nothing."""
+        return []
+
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         for name in self.frozen:

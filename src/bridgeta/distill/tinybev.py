@@ -29,8 +29,9 @@ No code of TinyBEV is public; what follows is our reading (docs/methods/tinybev.
   for the map term); the box and motion terms weigh their cells by ``w`` there.
 * **Stages.** S1 (feature only), S2 (+ output) and S3 (+ region weights) are recipes
   (``distill/tiny-c-tinybev-s1..s3``); each later stage starts from the previous stage's student
-  (``init_from``), with fresh adapters. What each stage holds is our reading too: the paper names
-  three stages and three kinds of supervision, not this split.
+  and adapters (``init_from``; :meth:`TinyBEVDistiller.continue_previous_stage`). What each
+  stage holds is our reading too: the paper names three stages and three kinds of supervision,
+  not this split.
 
 The object-level terms (heatmap, boxes, motion at the teacher's detections) need both models'
 object heads over the same classes; the map, occupancy and planning terms do not.
@@ -121,6 +122,21 @@ class TinyBEVDistiller(Distiller):
                                        for level in self.settings.levels})
         self.to_output_grid = BEVGridTransform(student.feature_grid, student.output_grid)
         self.to_feature_grid = BEVGridTransform(student.output_grid, student.feature_grid)
+
+    def continue_previous_stage(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Load the adapters of the previous stage's distiller file (``state``: its tensors other
+        than the student's) for every level both stages have at the same widths, so a later stage
+        goes on from the projection its feature terms were learned through; a level the previous
+        stage lacked starts fresh. Returns the levels carried over."""
+        carried = []
+        for level, adapter in self.adapters.items():
+            prefix = f"adapters.{level}."
+            theirs = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            ours = adapter.state_dict()
+            if set(theirs) == set(ours) and all(theirs[k].shape == ours[k].shape for k in ours):
+                adapter.load_state_dict(theirs)
+                carried.append(f"adapters.{level}")
+        return carried
 
     def _region(self, student: BEVOutputs, teacher: BEVOutputs) -> torch.Tensor:
         t_map = self.to_feature_grid(teacher.logits.float().sigmoid())

@@ -110,6 +110,14 @@ RUN_OUTPUTS = (CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, CHECKPOINT_DIR, MODEL
 # Building blocks
 
 
+def data_position(steps: int, batches_per_epoch: int, accumulation: int) -> tuple[int, int]:
+    """(epoch, micro-batches consumed in it) after ``steps`` optimiser steps from the start: each
+    step takes ``accumulation`` micro-batches, the last step of an epoch what is left of it."""
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    epoch, within = divmod(steps, steps_per_epoch)
+    return epoch, within * accumulation
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weights decay; biases and norm parameters (``ndim <= 1``) do not."""
     decay, no_decay = [], []
@@ -181,12 +189,20 @@ def check_assistant_teacher(assistant_config: ExperimentConfig, teacher: str | N
         )
 
 
-def load_previous_stage(config: ExperimentConfig) -> BEVModel | None:
-    """The previous stage's student a staged recipe continues (``distill.tinybev.init_from``), or None."""
+def load_previous_stage(config: ExperimentConfig) -> tuple[BEVModel, dict[str, torch.Tensor]] | None:
+    """The previous stage a staged recipe continues (``distill.tinybev.init_from``): its student,
+    and the training-only tensors its file holds beside it (TinyBEV's adapters; empty for a plain
+    model file). None without one."""
+    from bridgeta.engine.evaluate import resolve_model_file
+    from bridgeta.engine.model_file import STUDENT_PREFIX, read_model_file
+
     settings = config.distill.tinybev if config.distill is not None else None
     if settings is None or config.distill.method != "tinybev" or not settings.init_from:
         return None
-    return _load_input_model(settings.init_from, "distill.tinybev.init_from")[0]
+    student = _load_input_model(settings.init_from, "distill.tinybev.init_from")[0]
+    _, state, kind = read_model_file(resolve_model_file(settings.init_from))
+    extra = {} if kind == "model" else {k: v for k, v in state.items() if not k.startswith(STUDENT_PREFIX)}
+    return student, extra
 
 
 def _check_eval_split(dataset: BEVMapDataset, split: str) -> None:
@@ -288,13 +304,18 @@ class _Trainer:
         if config.distill is not None:
             previous = load_previous_stage(config)
             if previous is not None:  # a later stage starts from the previous stage's student
-                init_from_previous_stage(self.model, previous)
+                init_from_previous_stage(self.model, previous[0])
             teacher = load_teacher(config)
             assistant = load_assistant(config)
             try:
                 self.distiller = build_distiller(config, self.model, teacher, assistant).to(ctx.device).train()
             except ValueError as exc:  # teacher and student do not fit together
                 raise ValueError(f"distill.teacher {config.distill.teacher}: {exc}") from None
+            if previous is not None:  # and keeps what it learned beside the student (adapters)
+                carried = self.distiller.continue_previous_stage(previous[1])
+                if ctx.is_main:
+                    log.info("distill.tinybev.init_from: student and %s carried over from %s",
+                             ", ".join(carried) or "no training-only module", config.distill.tinybev.init_from)
             modalities = tuple(dict.fromkeys(modalities + self.distiller.input_modalities))
         self.module: nn.Module = self.distiller if self.distiller is not None else self.model
         if use_channels_last(cfg.memory_format, cfg.precision, ctx.device):
@@ -345,8 +366,10 @@ class _Trainer:
 
         # Position: optimiser steps done; epoch in progress and its micro-batches consumed.
         self.step = 0
-        self.epoch = 0
-        self.batch = 0
+        self.epoch, self.batch = data_position(cfg.data_start_step, self.batches_per_epoch, cfg.grad_accumulation)
+        # ``train.epochs`` worth of steps from where the data stream starts (``train.data_start_step``):
+        # a start inside an epoch finishes that epoch first, and ``total_steps`` ends the run.
+        self.last_epoch = self.epoch + cfg.epochs + (1 if self.batch else 0)
         self.resumed_from: int | None = None
         self.last_saved_step = -1
         self.last_eval: dict[str, Any] | None = None
@@ -601,7 +624,7 @@ class _Trainer:
         self.logger = MetricsLogger(self.out_dir, self.ctx.is_main, resume_step=self.step)
         cfg = self.config.train
         with logging_redirect_tqdm(), progress_bar(self.total_steps, self.step, self.ctx.is_main) as bar:
-            while self.epoch < cfg.epochs and self.step < self.total_steps:
+            while self.epoch < self.last_epoch and self.step < self.total_steps:
                 if not self._train_epoch(bar):
                     break  # max_steps reached inside the epoch
                 epoch_eval = cfg.eval_every > 0 and (self.epoch + 1) % cfg.eval_every == 0
