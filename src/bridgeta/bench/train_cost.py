@@ -108,16 +108,18 @@ def run(dataroot: Path, steps: int, out: Path, overrides: Sequence[str] = (), pa
     file (a role not given: an untrained teacher of its preset, recorded as such)."""
     if pair not in METHODS:
         raise ValueError(f"unknown pair '{pair}' (known: {', '.join(METHODS)})")
-    unknown = sorted(set(teachers or {}) - set(TEACHERS[pair]))
+    teachers = teachers or {}
+    unknown = sorted(set(teachers) - set(TEACHERS[pair]))
     if unknown:
         raise ValueError(f"pair '{pair}' reads no teacher '{unknown[0]}' (its teachers: {', '.join(TEACHERS[pair])})")
     started = environment()
     methods = {}
     with tempfile.TemporaryDirectory() as scratch:
-        used = {}
+        used, recorded = {}, {}  # role -> what the runs read; -> what the results file names
         for role, preset in TEACHERS[pair].items():
-            given = (teachers or {}).get(role)
+            given = teachers.get(role)
             used[role] = given or untrained_teacher(preset, dataroot, Path(scratch))
+            recorded[role] = given or f"untrained {preset}"
         for method, (preset, own, role) in METHODS[pair].items():
             arguments = ["--one", preset, "--dataroot", str(dataroot), "--steps", str(steps)]
             if role is not None:
@@ -130,7 +132,6 @@ def run(dataroot: Path, steps: int, out: Path, overrides: Sequence[str] = (), pa
     for row in methods.values():
         row["step_time_ratio"] = row["step_time_s"] / base["step_time_s"]
         row["memory_ratio"] = row["peak_memory_bytes"] / base["peak_memory_bytes"]
-    recorded = {role: (teachers or {}).get(role) or f"untrained {preset}" for role, preset in TEACHERS[pair].items()}
     result = {"environment": started, "pair": pair, "dataroot": str(dataroot), "teacher": recorded["teacher"],
               "teachers": recorded, "steps": steps, "overrides": list(overrides), "methods": methods}
     write_json(out, result)

@@ -109,6 +109,14 @@ def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
     For a ``distiller`` file this is the student: the network the run deploys.
     """
     config, state, kind = read_model_file(path)
+    return build_from_state(config, state, kind, path).to(map_location), config
+
+
+def build_from_state(
+    config: ExperimentConfig, state: dict[str, torch.Tensor], kind: str, path: str | Path
+) -> BEVModel:
+    """The deployable network of a file :func:`read_model_file` has read (``path`` names it in
+    errors), so a caller that also needs the file's other tensors reads it only once."""
     state = student_state(state, kind)
     model = build_model(without_pretrained(config))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -117,7 +125,7 @@ def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: weights do not fit the embedded config "
             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
         )
-    return model.to(map_location), config
+    return model
 
 
 def deployable_config(config: ExperimentConfig) -> ExperimentConfig:

@@ -193,15 +193,19 @@ def load_previous_stage(config: ExperimentConfig) -> tuple[BEVModel, dict[str, t
     """The previous stage a staged recipe continues (``distill.tinybev.init_from``): its student,
     and the training-only tensors its file holds beside it (TinyBEV's adapters; empty for a plain
     model file). None without one."""
-    from bridgeta.engine.evaluate import resolve_model_file
-    from bridgeta.engine.model_file import STUDENT_PREFIX, read_model_file
-
     settings = config.distill.tinybev if config.distill is not None else None
     if settings is None or config.distill.method != "tinybev" or not settings.init_from:
         return None
-    student = _load_input_model(settings.init_from, "distill.tinybev.init_from")[0]
-    _, state, kind = read_model_file(resolve_model_file(settings.init_from))
-    extra = {} if kind == "model" else {k: v for k, v in state.items() if not k.startswith(STUDENT_PREFIX)}
+    from bridgeta.engine.evaluate import resolve_model_file
+    from bridgeta.engine.model_file import MODEL_KIND, STUDENT_PREFIX, build_from_state, read_model_file
+
+    try:  # read once: the student and the adapters beside it come from the same file
+        path = resolve_model_file(settings.init_from)
+        stage_config, state, kind = read_model_file(path)
+        student = build_from_state(stage_config, state, kind, path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"distill.tinybev.init_from: {exc}") from None
+    extra = {} if kind == MODEL_KIND else {k: v for k, v in state.items() if not k.startswith(STUDENT_PREFIX)}
     return student, extra
 
 
