@@ -9,8 +9,9 @@ interrupted demo continues where it stopped.
 
 World and schedule are those of ``bridgeta bench accuracy --preset demo`` (the demo is its seed 0
 for the baseline, direct and BridgeTA, so ``--work`` pointing at the demo reuses these runs),
-shorter than the presets' own recipes so that the whole job fits in about 20 minutes on 2 CPU
-cores. The benchmark's ``cpu`` preset is the long protocol (docs/results.md).
+far shorter than the presets' own recipes so that the whole job, install included, fits in 20
+minutes on 2 CPU cores of the slowest machine we measured (AVX2, fp32 training). It shows the
+pipeline, not a comparison: the benchmark's ``cpu`` preset is the long protocol (docs/results.md).
 """
 
 from __future__ import annotations
