@@ -17,6 +17,7 @@ pipeline, not a comparison: the benchmark's ``cpu`` preset is the long protocol 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from bridgeta.data.synth.generate import VERSION, generate_dataroot
 from bridgeta.engine.logging import read_metrics, training_diagnostics
 from bridgeta.engine.model_file import export_student
 from bridgeta.models.cost import measure_model_cost
+from bridgeta.provenance import environment
 
 # Methods of `bridgeta bench accuracy`, in the table's order; the teacher comes last.
 STUDENTS = ("baseline", "direct", "bridgeta")
@@ -66,6 +68,10 @@ def run_demo(
     teacher_epochs: int | None = None,
 ) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
+    started = environment()
+    # Wall seconds per phase of this invocation (a phase whose outputs were reused takes ~0).
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
     dataroot = out_dir / "world"
     runs_dir = out_dir / "runs"
     print(f"== 1/5 synthetic world: {scenes} scenes of {duration:.0f} s, train/val/test in different towns ==")
@@ -80,6 +86,7 @@ def run_demo(
     sample_picture = render_sample_picture(cache, len(cache) // 2, out_dir / "sample.png")
     print(f"samples per split {cache.meta['counts']}; one sample drawn in {sample_picture}")
 
+    seconds["world"] = time.perf_counter() - clock
     protocol = replace(
         CPU.protocol,
         epochs=epochs or CPU.protocol.epochs,
@@ -88,11 +95,13 @@ def run_demo(
     print(f"\n== 2/5 teacher: {protocol.teacher} (LiDAR + camera), {protocol.teacher_epochs} epochs "
           "on the train towns ==")
     runs = {"teacher": train_method("teacher", dataroot, runs_dir, seed, protocol)}
+    seconds["teacher"] = time.perf_counter() - clock - sum(seconds.values())
     print(f"\n== 3/5 camera-only {protocol.student} students, {protocol.epochs} epochs each: "
           "baseline, direct (w/o TA), BridgeTA ==")
     for method in STUDENTS:
         print(f"-- {method}")
         runs[method] = train_method(method, dataroot, runs_dir, seed, protocol)
+        seconds[method] = time.perf_counter() - clock - sum(seconds.values())
 
     print("\n== 4/5 deployed cost: the exported students are the baseline network ==")
     costs = _deployed_costs(out_dir, runs_dir, seed, protocol)
@@ -129,8 +138,13 @@ def run_demo(
         "diagnostics": diagnostics,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "environment": started,
     }
+    seconds["evaluation"] = time.perf_counter() - clock - sum(seconds.values())
+    seconds["total"] = time.perf_counter() - clock
+    results["seconds"] = seconds
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    print("wall time: " + ", ".join(f"{phase} {value / 60:.1f} min" for phase, value in seconds.items()))
     print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'table.txt'}, {gap}, {sample_picture}, "
           + ", ".join(str(p) for p in pictures))
     return results
