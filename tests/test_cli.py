@@ -54,3 +54,29 @@ def test_presets_lists_descriptions(capsys):
                   for line in lines if line}
         assert len(starts) == 1, starts
     assert "distill/tiny-c-tinybev-bridgeta  BridgeTA on the TinyBEV student" in recipes
+
+
+def test_demo_runs_the_demo_presets_world_unless_told_otherwise(monkeypatch, tmp_path):
+    """`bridgeta demo`'s world is the demo preset's (one place: bench/accuracy.py), and a given
+    --scenes/--duration still reaches it."""
+    import inspect
+
+    import bridgeta.demo as demo
+    from bridgeta.bench.accuracy import PRESETS
+
+    real = demo.run_demo
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, **kwargs: calls.append(kwargs))
+
+    def effective(kwargs):
+        bound = inspect.signature(real).bind(tmp_path, **kwargs)
+        bound.apply_defaults()
+        return bound.arguments
+
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    chosen = effective(calls[-1])
+    assert (chosen["scenes"], chosen["duration"]) == (PRESETS["demo"].scenes, PRESETS["demo"].duration)
+    assert (chosen["epochs"], chosen["teacher_epochs"]) == (None, None)  # None: the preset's protocol
+    assert main(["demo", "--out", str(tmp_path), "--scenes", "3", "--duration", "4"]) == 0
+    chosen = effective(calls[-1])
+    assert (chosen["scenes"], chosen["duration"]) == (3, 4.0)

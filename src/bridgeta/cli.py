@@ -327,9 +327,10 @@ def _command_data(args: argparse.Namespace) -> int:
 def _command_demo(args: argparse.Namespace) -> int:
     from bridgeta.demo import run_demo
 
+    given = {"scenes": args.scenes, "duration": args.duration}
     run_demo(
-        Path(args.out), scenes=args.scenes, duration=args.duration, seed=args.seed,
-        epochs=args.epochs, teacher_epochs=args.teacher_epochs,
+        Path(args.out), seed=args.seed, epochs=args.epochs, teacher_epochs=args.teacher_epochs,
+        **{key: value for key, value in given.items() if value is not None},
     )
     return 0
 
@@ -497,11 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--out", default="runs/demo", help="output directory")
-    demo.add_argument("--scenes", type=int, default=10, help="scenes of the synthetic world")
-    demo.add_argument("--duration", type=float, default=20.0, help="seconds per scene")
+    # Defaults None: the demo preset's (bench accuracy --preset demo), written once, in bench/accuracy.py.
+    demo.add_argument("--scenes", type=int, default=None, help="scenes of the synthetic world (default: the demo preset's)")
+    demo.add_argument("--duration", type=float, default=None, help="seconds per scene (default: the demo preset's)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--epochs", type=int, default=None, help="epochs of each student (default: the cpu benchmark's, 2)")
-    demo.add_argument("--teacher-epochs", type=int, default=None, help="epochs of the teacher (default: 3)")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs of each student (default: the demo preset's)")
+    demo.add_argument("--teacher-epochs", type=int, default=None, help="epochs of the teacher (default: the demo preset's)")
     demo.set_defaults(handler=_command_demo)
     return parser
 
