@@ -40,6 +40,10 @@ STUDENTS = ("baseline", "direct", "bridgeta")
 CPU = PRESETS["demo"]
 
 
+def _epochs(count: int) -> str:
+    return f"{count} epoch" + ("" if count == 1 else "s")
+
+
 def format_table(results: dict[str, dict]) -> str:
     names = list(results)
     classes = list(next(iter(results.values()))["iou"])
@@ -92,11 +96,11 @@ def run_demo(
         epochs=epochs or CPU.protocol.epochs,
         teacher_epochs=teacher_epochs or CPU.protocol.teacher_epochs,
     )
-    print(f"\n== 2/5 teacher: {protocol.teacher} (LiDAR + camera), {protocol.teacher_epochs} epochs "
+    print(f"\n== 2/5 teacher: {protocol.teacher} (LiDAR + camera), {_epochs(protocol.teacher_epochs)} "
           "on the train towns ==")
     runs = {"teacher": train_method("teacher", dataroot, runs_dir, seed, protocol)}
     seconds["teacher"] = time.perf_counter() - clock - sum(seconds.values())
-    print(f"\n== 3/5 camera-only {protocol.student} students, {protocol.epochs} epochs each: "
+    print(f"\n== 3/5 camera-only {protocol.student} students, {_epochs(protocol.epochs)} each: "
           "baseline, direct (w/o TA), BridgeTA ==")
     for method in STUDENTS:
         print(f"-- {method}")
