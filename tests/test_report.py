@@ -117,6 +117,33 @@ def test_sections_in_subfolders_render_too(tmp_path):
     assert "8.00×" in page.read_text()
 
 
+def test_a_sections_links_point_from_the_folder_it_is_rendered_into():
+    from pathlib import Path
+
+    from bridgeta.report import relink
+
+    body = "see [detection.md](detection.md#x), [web](https://a.b/c.md), [here](#anchor), [up](../README.md)"
+    assert relink(body, Path(".")) == body
+    assert relink(body, Path("methods")) == (
+        "see [detection.md](../detection.md#x), [web](https://a.b/c.md), [here](#anchor), [up](../../README.md)"
+    )
+
+
+def test_every_relative_link_of_the_docs_and_readme_resolves():
+    """Links between the committed docs (and the ones rendered sections write) name files that exist."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    broken = []
+    for page in [root / "README.md", *sorted((root / "docs").rglob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path = target.split("#")[0]
+            if path and not re.match(r"[a-z]+:", path) and not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(root)}: {target}")
+    assert not broken, broken
+
+
 def test_the_multitask_section_renders_the_tinybev_table():
     from bridgeta.report import render_multitask
 

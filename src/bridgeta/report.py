@@ -562,7 +562,7 @@ def render_multitask(results: dict) -> str:
 
 
 RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
-    # section name -> (results file, renderer)
+    # section name -> (results file, renderer); a renderer's links are relative to docs/ (relink)
     "model-zoo": ("model_zoo.json", render_model_zoo),
     "bev-pool": ("bev_pool.json", render_bev_pool),
     "data-throughput": ("data_throughput.json", render_data_throughput),
@@ -587,6 +587,19 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
 }
 
 
+# A Markdown link to a file: ``[text](target)`` with no scheme and no leading ``/`` or ``#``.
+_FILE_LINK = re.compile(r"(\]\()(?![a-z]+:|/|#)([^)\s]+\))")
+
+
+def relink(body: str, folder: Path) -> str:
+    """A section's links, which renderers write relative to ``docs/``, made relative to the
+    doc's ``folder`` (below ``docs/``) the section is rendered into."""
+    if folder == Path("."):
+        return body
+    up = "../" * len(folder.parts)
+    return _FILE_LINK.sub(lambda m: m.group(1) + up + m.group(2), body)
+
+
 def render_docs(results_dir: Path, docs_dir: Path) -> list[str]:
     """Rewrite every marked section of the docs (``docs/**/*.md``); returns the sections rendered.
     A section whose results file is missing is an error naming both."""
@@ -604,7 +617,7 @@ def render_docs(results_dir: Path, docs_dir: Path) -> list[str]:
             source = results_dir / filename
             if not source.is_file():
                 raise FileNotFoundError(f"{doc}: section '{name}' needs {source}; run its command first")
-            body = renderer(json.loads(source.read_text()))
+            body = relink(renderer(json.loads(source.read_text())), doc.parent.relative_to(docs_dir))
             text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text)
             rendered.append(f"{doc.relative_to(docs_dir)}:{name}")
         if text != original:
