@@ -303,8 +303,13 @@ def render_partial(results: dict) -> str:
         lines.append(f"| `{method}` | {len(row['seeds'])} | {count} | {_cell(row['miou'])} | "
                      f"{_delta(row.get('paired_vs_baseline'))} | {against_steps} |")
     preset = results.get("preset", {}).get("name", "?")
+    whose = []  # what "steps" counts for the rows that train in parts
+    if any(method.startswith("monotakd") for method in results["table"]):
+        whose.append("MonoTAKD's: its TA's, then its student's")
+    if any(method.startswith("tinybev_s") for method in results["table"]):
+        whose.append("a TinyBEV stage's: its own, with the stages before it")
     lines += ["", "Test towns, mean ± std over the finished seeds; Δ paired per seed, in points. Steps: of the "
-              "camera network (MonoTAKD's: its TA's, then its student's). "
+              "camera network" + (f" ({'; '.join(whose)})" if whose else "") + ". "
               + _measured(results, f"bridgeta bench accuracy --preset {preset} --summary")]
     return "\n".join(lines)
 
