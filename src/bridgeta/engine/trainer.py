@@ -88,7 +88,13 @@ from bridgeta.engine.distributed import (
 )
 from bridgeta.engine.logging import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, progress_bar
 from bridgeta.files import atomic_write_text, check_outputs, remove_paths, require_free_space
-from bridgeta.engine.model_file import load_model_file, save_model_file
+from bridgeta.engine.model_file import (
+    MODEL_KIND,
+    STUDENT_PREFIX,
+    build_from_state,
+    read_model_file,
+    save_model_file,
+)
 from bridgeta.engine.schedule import WarmupCosineSchedule
 from bridgeta.losses import map_segmentation_loss
 from bridgeta.models.targets import build_task_targets, task_losses
@@ -131,14 +137,19 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [group for group in groups if group["params"]]
 
 
-def _load_input_model(source: str, key: str) -> tuple[BEVModel, ExperimentConfig]:
-    """A frozen input of the run (teacher, assistant, previous stage) and the config it was
-    trained with, from a model file or a run / checkpoint directory; a bad one is reported under
-    its config key."""
+def _read_input_model(
+    source: str, key: str
+) -> tuple[BEVModel, ExperimentConfig, dict[str, torch.Tensor], str]:
+    """A frozen input of the run (teacher, assistant, previous stage), read once from a model file
+    or a run / checkpoint directory: its deployable network, the config it was trained with, the
+    file's whole state and its kind (a staged recipe also reads the training-only tensors beside
+    the network). A missing or bad file is reported under its config key ``key``."""
     from bridgeta.engine.evaluate import resolve_model_file  # evaluate imports this module's deps
 
     try:
-        return load_model_file(resolve_model_file(source))
+        path = resolve_model_file(source)
+        config, state, kind = read_model_file(path)
+        return build_from_state(config, state, kind, path), config, state, kind
     except (FileNotFoundError, ValueError) as exc:
         raise ValueError(f"{key}: {exc}") from None
 
@@ -150,7 +161,7 @@ def load_teacher(config: ExperimentConfig) -> BEVModel:
         raise ValueError(
             "distill.teacher is not set: pass --teacher with the teacher's run directory or model file"
         )
-    return _load_input_model(config.distill.teacher, "distill.teacher")[0]
+    return _read_input_model(config.distill.teacher, "distill.teacher")[0]
 
 
 def load_assistant(config: ExperimentConfig) -> BEVModel | None:
@@ -159,7 +170,7 @@ def load_assistant(config: ExperimentConfig) -> BEVModel | None:
     settings = config.distill.monotakd if config.distill is not None else None
     if config.distill is None or config.distill.method != "monotakd" or settings is None or not settings.assistant:
         return None
-    model, assistant_config = _load_input_model(settings.assistant, "distill.monotakd.assistant")
+    model, assistant_config, _, _ = _read_input_model(settings.assistant, "distill.monotakd.assistant")
     check_assistant_teacher(assistant_config, config.distill.teacher, settings.assistant)
     return model
 
@@ -196,15 +207,7 @@ def load_previous_stage(config: ExperimentConfig) -> tuple[BEVModel, dict[str, t
     settings = config.distill.tinybev if config.distill is not None else None
     if settings is None or config.distill.method != "tinybev" or not settings.init_from:
         return None
-    from bridgeta.engine.evaluate import resolve_model_file
-    from bridgeta.engine.model_file import MODEL_KIND, STUDENT_PREFIX, build_from_state, read_model_file
-
-    try:  # read once: the student and the adapters beside it come from the same file
-        path = resolve_model_file(settings.init_from)
-        stage_config, state, kind = read_model_file(path)
-        student = build_from_state(stage_config, state, kind, path)
-    except (FileNotFoundError, ValueError) as exc:
-        raise ValueError(f"distill.tinybev.init_from: {exc}") from None
+    student, _, state, kind = _read_input_model(settings.init_from, "distill.tinybev.init_from")
     extra = {} if kind == MODEL_KIND else {k: v for k, v in state.items() if not k.startswith(STUDENT_PREFIX)}
     return student, extra
 
