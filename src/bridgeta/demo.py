@@ -76,6 +76,11 @@ def run_demo(
     # Wall seconds per phase of this invocation (a phase whose outputs were reused takes ~0).
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        """Record the wall seconds since the previous phase ended as ``phase``'s."""
+        seconds[phase] = time.perf_counter() - clock - sum(seconds.values())
+
     dataroot = out_dir / "world"
     runs_dir = out_dir / "runs"
     print(f"== 1/5 synthetic world: {scenes} scenes of {duration:.0f} s, train/val/test in different towns ==")
@@ -90,7 +95,7 @@ def run_demo(
     sample_picture = render_sample_picture(cache, len(cache) // 2, out_dir / "sample.png")
     print(f"samples per split {cache.meta['counts']}; one sample drawn in {sample_picture}")
 
-    seconds["world"] = time.perf_counter() - clock
+    lap("world")
     protocol = replace(
         CPU.protocol,
         epochs=epochs or CPU.protocol.epochs,
@@ -99,13 +104,13 @@ def run_demo(
     print(f"\n== 2/5 teacher: {protocol.teacher} (LiDAR + camera), {_epochs(protocol.teacher_epochs)} "
           "on the train towns ==")
     runs = {"teacher": train_method("teacher", dataroot, runs_dir, seed, protocol)}
-    seconds["teacher"] = time.perf_counter() - clock - sum(seconds.values())
+    lap("teacher")
     print(f"\n== 3/5 camera-only {protocol.student} students, {_epochs(protocol.epochs)} each: "
           "baseline, direct (w/o TA), BridgeTA ==")
     for method in STUDENTS:
         print(f"-- {method}")
         runs[method] = train_method(method, dataroot, runs_dir, seed, protocol)
-        seconds[method] = time.perf_counter() - clock - sum(seconds.values())
+        lap(method)
 
     print("\n== 4/5 deployed cost: the exported students are the baseline network ==")
     costs = _deployed_costs(out_dir, runs_dir, seed, protocol)
@@ -144,8 +149,8 @@ def run_demo(
         "threads": torch.get_num_threads(),
         "environment": started,
     }
-    seconds["evaluation"] = time.perf_counter() - clock - sum(seconds.values())
-    seconds["total"] = time.perf_counter() - clock
+    lap("evaluation")
+    seconds["total"] = sum(seconds.values())
     results["seconds"] = seconds
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     print("wall time: " + ", ".join(f"{phase} {value / 60:.1f} min" for phase, value in seconds.items()))
