@@ -602,7 +602,9 @@ def test_the_multitask_table_has_every_task_and_paired_deltas():
                 "planning": {"l2@1s": l2 / 3, "l2@2s": l2 / 2, "l2@3s": l2, "l2@mean": l2,
                              "l2_avg@3s": l2 / 2, "l2_avg@mean": l2 / 3, "collision@1s": 0.0,
                              "collision@2s": collision / 2, "collision@3s": collision, "collision@mean": collision,
-                             "collision_avg@mean": collision / 2, "logged_collision@3s": 0.0, "samples": 5}}
+                             "collision_avg@mean": collision / 2, "logged_collision@3s": 0.0, "samples": 5,
+                             # The ego status' own path: the same for every method on a seed's samples.
+                             "constant_velocity": {"l2@mean": 4.0 + seed, "l2@3s": 6.0, "collision@mean": 0.02}}}
         return {"seed": seed, "train": {}, "test": test}
 
     runs = {"baseline": [run(0, 0.2, 0.2, 2.0, 3.0, 0.1), run(1, 0.2, 0.3, 2.2, 3.2, 0.1)],
@@ -626,6 +628,12 @@ def test_the_multitask_table_has_every_task_and_paired_deltas():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[header.index("unclipped mAP")] == "6.0 ± 0.0" and cells[header.index("Δ unclipped mAP")] == "+1.0 ± 1.4"
     assert "paired_multitask_vs_baseline" not in table["baseline"]
+    # One line for the constant-velocity reference, under L2, L2@3s and collision only.
+    reference = next(line for line in text.splitlines() if line.startswith("| constant velocity"))
+    cells = [c.strip() for c in reference.strip("|").split("|")]
+    assert cells[header.index("L2 (m)")] == "4.50 ± 0.71" and cells[header.index("L2@3s (m)")] == "6.00 ± 0.00"
+    assert cells[header.index("collision (%)")] == "2.0 ± 0.0" and cells[header.index("mAP")] == "–"
+    assert len(cells) == len(header) and cells[header.index("Δ L2")] == "–"
     # A run evaluated before a figure existed blanks that figure's delta (as the detection
     # table does), not a delta over the other seed alone; the other figures keep theirs.
     older = run(1, 0.2, 0.3, 1.9, 3.0, 0.1)

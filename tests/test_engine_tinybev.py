@@ -157,7 +157,9 @@ def test_eval_reports_motion_and_planning(stages):
     # Complete 1.5 s futures: each scene's first keyframe; horizons up to the head's 3 steps.
     assert planning["samples"] > 0 and planning["samples"] + planning["incomplete_skipped"] == result["samples"]
     assert set(planning) == {"l2@1s", "l2_avg@1s", "collision@1s", "collision_avg@1s", "logged_collision@1s",
-                             "logged_collision_avg@1s", "samples", "incomplete_skipped"}
+                             "logged_collision_avg@1s", "samples", "incomplete_skipped", "constant_velocity"}
+    assert set(planning["constant_velocity"]) == {"l2@1s", "l2_avg@1s", "collision@1s", "collision_avg@1s",
+                                                  "logged_collision@1s", "logged_collision_avg@1s"}
     assert "detection" in result
     occupancy = result["occupancy"]
     assert set(occupancy) == {"IoU@0.5s", "IoU@1s", "IoU@1.5s", "mIoU"}
@@ -166,8 +168,12 @@ def test_eval_reports_motion_and_planning(stages):
 def test_the_tinybev_student_exports_to_onnx_with_every_head(stages, tmp_path):
     pytest.importorskip("onnxruntime")
     session, inputs, expected = export_onnx_and_run(stages / "s3", tmp_path / "student.onnx")
-    arrays = session.run_outputs({name: getattr(inputs.camera, name) for name in
-                                  ("images", "intrinsics", "ego_T_camera", "image_aug")})
+    # A planning model also reads the ego's status.
+    assert [spec.name for spec in session.specs] == ["images", "intrinsics", "ego_T_camera", "image_aug", "ego_motion"]
+    arrays = session.run_outputs({**{name: getattr(inputs.camera, name) for name in
+                                     ("images", "intrinsics", "ego_T_camera", "image_aug")},
+                                  "ego_motion": inputs.ego_motion})
+    assert bool(inputs.ego_motion[:, 2].all())  # a known velocity: the plan depends on it
     assert set(arrays) >= {"logits", "object_heatmap", "motion_trajectories", "motion_mode_logits", "occupancy", "plan"}
     assert abs(arrays["occupancy"] - expected.occupancy.numpy()).max() < 1e-4
     assert abs(arrays["plan"] - expected.plan.numpy()).max() < 1e-4
@@ -209,6 +215,36 @@ def test_the_motion_and_planning_heads_overfit_one_batch(engine_world):
             optimizer.step()
     for name in ("motion/trajectory", "plan/l1", "object/heatmap", "occupancy/focal"):
         assert history[-1][name] < 0.5 * history[0][name], (name, history[0][name], history[-1][name])
+
+
+def test_an_untrained_planner_plans_the_constant_velocity_reference(engine_world):
+    """The planning head starts at the ego status' constant-velocity path (its last layer is zero),
+    so the metric scores it exactly as its constant-velocity reference."""
+    from bridgeta.config import load_config
+    from bridgeta.data.dataset import BEVMapDataset, collate_bev
+    from bridgeta.engine.task_metrics import MotionPlanningMetric
+    from bridgeta.models.bev_model import build_model
+
+    config = load_config("tiny-c-tinybev", [*STUDENT, f"data.dataroot={engine_world}"])
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    dataset = BEVMapDataset.for_model(config.data, model, "train", train=True, seed=3)  # augmented
+    metric = MotionPlanningMetric(model)
+    moving = 0
+    with torch.no_grad(), torch_threads(1):
+        for start in range(0, len(dataset), 4):
+            inputs, _, metas = collate_bev([dataset[i] for i in range(start, min(start + 4, len(dataset)))])
+            outputs = model(inputs)
+            seconds = 0.5 * torch.arange(1, outputs.plan.shape[2] + 1)
+            expected = inputs.ego_motion[:, None, :2] * seconds[None, :, None]
+            torch.testing.assert_close(outputs.plan, expected[:, None].expand(-1, 3, -1, -1))
+            moving += int((expected.abs().sum(dim=(1, 2)) > 0).sum())
+            metric.update(outputs, metas, torch.device("cpu"))
+    assert moving > 0
+    planning = metric.compute()["planning"]
+    reference = planning.pop("constant_velocity")
+    for key, value in reference.items():
+        assert planning[key] == pytest.approx(value, abs=1e-5), key
 
 
 def test_an_oracle_motion_head_forecasts_without_error_at_true_and_detected_agents(engine_world):

@@ -177,6 +177,41 @@ def test_the_loader_gives_future_tracks_and_ego_paths_in_the_augmented_frame(eng
     assert driving_command(path, mask) == 2
 
 
+def test_the_ego_motion_is_the_velocity_of_the_logged_poses_turned_by_the_augmentation(engine_world):
+    """Against the devkit: the mean velocity from the LiDAR pose up to 0.5 s earlier to the
+    keyframe's, in the keyframe's ego frame; turned (and scaled) as the plan targets are."""
+    from nuscenes import NuScenes
+
+    from bridgeta.data.dataset import EGO_MOTION_WINDOW
+    from bridgeta.data.prepare import pose_matrix
+
+    nusc = NuScenes(version="v1.0-trainval", dataroot=str(engine_world), verbose=False)
+    plain, moved = _plain_and_augmented(engine_world)
+    known = 0
+    for index in range(len(plain)):
+        sample, shifted = plain[index], moved[index]
+        lidar = nusc.get("sample_data", nusc.get("sample", sample.meta["token"])["data"]["LIDAR_TOP"])
+        keyframe = pose_matrix(nusc.get("ego_pose", lidar["ego_pose_token"]))
+        earlier = lidar
+        while earlier["prev"]:
+            previous = nusc.get("sample_data", earlier["prev"])
+            if (lidar["timestamp"] - previous["timestamp"]) / 1e6 > EGO_MOTION_WINDOW:
+                break
+            earlier = previous
+        if earlier is lidar:  # no earlier pose: unknown
+            assert sample.ego_motion.abs().sum() == 0 and shifted.ego_motion.abs().sum() == 0
+            continue
+        lag = (lidar["timestamp"] - earlier["timestamp"]) / 1e6
+        before = np.linalg.inv(keyframe) @ pose_matrix(nusc.get("ego_pose", earlier["ego_pose_token"]))
+        velocity = -before[:2, 3] / lag
+        np.testing.assert_allclose(sample.ego_motion.numpy(), [*velocity, 1.0], atol=1e-3)
+        aug = shifted.bev_aug.double().numpy()
+        np.testing.assert_allclose(shifted.ego_motion.numpy(), [*(aug[:2, :2] @ velocity), 1.0], atol=1e-3)
+        assert torch.equal(sample.meta["objects"]["ego_motion"], sample.ego_motion)
+        known += 1
+    assert known > 0
+
+
 def _heading(yaw):
     return np.stack([np.cos(yaw), np.sin(yaw)], axis=-1)
 

@@ -103,6 +103,38 @@ def test_planning_selects_the_commanded_plan_and_ignores_missing_steps():
     assert head(torch.randn(2, 8, 16, 16)).shape == (2, 3, 3, 2)
 
 
+def test_the_planner_corrects_the_constant_velocity_path_of_the_ego_status():
+    head = PlanningHead(8, steps=3, head_channels=8, hidden=16)
+    decoded = torch.randn(2, 8, 16, 16)
+    status = torch.tensor([[4.0, -2.0, 1.0], [0.0, 0.0, 0.0]])  # known velocity; unknown
+    # Untrained (last layer zero): every command plans the velocity times 0.5, 1, 1.5 s.
+    expected = torch.tensor([[2.0, -1.0], [4.0, -2.0], [6.0, -3.0]])
+    plans = head(decoded, status)
+    torch.testing.assert_close(plans[0], expected.expand(3, 3, 2))
+    assert plans[1].abs().sum() == 0 and head(decoded).abs().sum() == 0  # None: unknown
+    # The correction reads the scene and the status, and its gradient reaches the encoder.
+    torch.nn.init.normal_(head.mlp[-1].weight)
+    plans = head(decoded, status)
+    assert not torch.allclose(plans[0], expected.expand(3, 3, 2))
+    moved = head(decoded, status + torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert not torch.allclose(moved[0] - plans[0], torch.tensor([0.5, 0.0]) * torch.arange(1, 4)[:, None])
+    plans.sum().backward()
+    assert head.encoder[0].weight.grad.abs().sum() > 0
+
+
+def test_future_points_go_to_the_slot_of_their_time():
+    from bridgeta.data.dataset import FUTURE_STEPS, _padded_future
+
+    # Track 0 skips the 1 s and 1.5 s keyframes (out of range), then is annotated again at 2 s;
+    # keyframes are ~0.5 s apart, not exactly. Track 1 looks past the horizon.
+    tracks = [[(1.0, 0.0, 0.49), (5.0, 1.0, 2.02)], [(float(k), 0.0, 0.5 * k) for k in range(1, 9)]]
+    positions, mask = _padded_future(tracks)
+    assert positions.shape == (2, FUTURE_STEPS, 2)
+    assert mask[0].tolist() == [True, False, False, True, False, False]
+    assert positions[0, 3].tolist() == [5.0, 1.0] and positions[0, 1:3].sum() == 0
+    assert mask[1].all() and positions[1, :, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
 def test_region_weights_sum_to_the_cells_and_favour_foreground_and_disagreement():
     foreground = torch.zeros(2, 4, 4)
     disagreement = torch.zeros(2, 4, 4)
@@ -166,19 +198,39 @@ def test_occupancy_targets_rasterise_the_agents_future_boxes_and_iou_counts_cell
     agents[0, 0] = torch.tensor([0.0, 2.0, 4.0, 2.0, math.pi / 2])
     agents[0, 1] = torch.tensor([0.0, 4.0, 4.0, 2.0, 0.0])
     agents[1, 1] = torch.tensor([-5.0, -5.0, 2.0, 2.0, 0.0])
-    objects = {"future_agents": agents, "future_agents_mask": torch.tensor([[True, True, False], [False, True, False]])}
-    targets = occupancy_targets([objects], GRID, steps=3)
+    # The scene ends after step 1: step 2 has no keyframe, so its truth is unknown, not empty.
+    objects = {"future_agents": agents, "future_agents_mask": torch.tensor([[True, True, False], [False, True, False]]),
+               "ego_future_mask": torch.tensor([True, True, False])}
+    targets, exists = occupancy_targets([objects], GRID, steps=3)
     assert targets.shape == (1, 3, *GRID.shape) and targets[0, 2].sum() == 0
+    assert exists.tolist() == [[True, True, False]]
     assert torch.equal(targets[0, 0].bool(), rasterise_boxes(agents[0, :1], GRID))
     assert torch.equal(targets[0, 1].bool(), rasterise_boxes(agents[:, 1], GRID))
     assert int(targets[0, 1].sum()) == 8 + 4
     metric = OccupancyIoU(steps=3)
     logits = torch.where(targets > 0, 5.0, -5.0)
     logits[0, 1, 0, 0] = 5.0  # one false positive at step 1
-    metric.update(logits, targets)
+    logits[0, 2] = 5.0  # everything predicted occupied where no keyframe exists: not scored
+    metric.update(logits, targets, exists)
     result = metric.compute()
     assert result["IoU@0.5s"] == 1.0 and result["IoU@1s"] == pytest.approx(12 / 13)
     assert math.isnan(result["IoU@1.5s"]) and result["mIoU"] == pytest.approx((1 + 12 / 13) / 2)
+
+
+def test_occupancy_loss_leaves_out_the_steps_without_a_keyframe():
+    from bridgeta.losses import sigmoid_focal_loss
+    from bridgeta.models.occupancy_head import occupancy_loss
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, generator=generator, requires_grad=True)
+    targets = (torch.rand(2, 3, 4, 4, generator=generator) > 0.8).float()
+    exists = torch.tensor([[True, True, True], [True, False, False]])
+    loss = occupancy_loss(logits, targets, exists)
+    # The plain mean over the four existing (sample, step) maps.
+    kept = torch.cat([logits[0], logits[1, :1]]), torch.cat([targets[0], targets[1, :1]])
+    assert loss.item() == pytest.approx(sigmoid_focal_loss(*kept, reduction="mean").item(), rel=1e-6)
+    loss.backward()
+    assert logits.grad[1, 1:].abs().sum() == 0 and logits.grad[0].abs().sum() > 0
 
 
 # -- the distiller's output-level terms on hand-built outputs ---------------------------------
@@ -204,6 +256,28 @@ def distiller():
         "model.fuser={out_channels: 32}", "model.decoder.blocks=[[1,32,2],[1,32,1]]",
         "model.decoder.out_channels=32", "data.dataroot=/unused"])
     return TinyBEVDistiller(build_model(config), build_model(teacher), config.distill)
+
+
+@pytest.mark.parametrize("change, message", [
+    # The same shapes on other cells: the grids shifted 8 m forward; the output grid 1 m back.
+    (["model.grid.x=[-43.2,59.2,1.6]", "model.heads.map.output_grid.x=[-42.0,58.0,2.0]"], "feature_grid"),
+    (["model.heads.map.output_grid.x=[-51.0,49.0,2.0]"], "output_grid"),
+    (["model.heads.map.classes=[ped_crossing,drivable_area,walkway,stop_line,carpark_area,divider]"], "classes"),
+])
+def test_a_teacher_on_other_cells_or_classes_is_refused(change, message):
+    from engine_helpers import SMALL_TINY_C
+
+    from bridgeta.config import load_config
+    from bridgeta.distill.tinybev import TinyBEVDistiller
+    from bridgeta.models.bev_model import build_model
+
+    config = load_config("distill/tiny-c-tinybev-s2", [*SMALL_TINY_C, *DISTILL_HEADS, "data.dataroot=/unused"])
+    teacher = load_config("tiny-lc-tinybev", [
+        *SMALL_TINY_C, *DISTILL_HEADS, "model.lidar={pillar_channels: 8, channels: [16], out_channels: 16}",
+        "model.fuser={out_channels: 32}", "model.decoder.blocks=[[1,32,2],[1,32,1]]",
+        "model.decoder.out_channels=32", "data.dataroot=/unused", *change])
+    with pytest.raises(ValueError, match=message):
+        TinyBEVDistiller(build_model(config), build_model(teacher), config.distill)
 
 
 def _outputs(model, seed: int, objects: bool = True):

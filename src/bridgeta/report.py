@@ -561,7 +561,9 @@ def render_multitask(results: dict) -> str:
             f"and map mIoU in %, minADE (detection-free, at the true agents) and "
             f"L2 in m, the collision rate in %. L2 and collision are UniAD's convention (the value at "
             f"each horizon), averaged over 1, 2 and 3 s (`l2@mean`, `collision@mean`), and L2 at 3 s; the ST-P3/VAD "
-            f"averages are in the results file as `l2_avg@...` and `collision_avg@...`. Mean ± std over "
+            f"averages are in the results file as `l2_avg@...` and `collision_avg@...`. The constant-velocity "
+            f"line is the path the ego's status alone gives, where every planner starts "
+            f"([methods/tinybev.md](methods/tinybev.md)). Mean ± std over "
             f"seeds {seeds}, test towns; Δ: paired per seed against the baseline. "
             + _measured(results, f"bridgeta bench accuracy --preset {preset}"))
 

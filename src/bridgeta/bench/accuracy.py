@@ -244,6 +244,14 @@ def format_multitask_markdown(result: dict) -> str | None:
                  cell(paired.get("minADE"), signed=True), cell(paired.get("l2@mean"), signed=True),
                  cell(paired.get("l2@3s"), signed=True), cell(paired.get("collision@mean"), 100, 1, True)]
         lines.append("| " + " | ".join(cells) + " |")
+    # The path the ego's status alone gives (the planners' prior): the same test samples for every
+    # row, so one line, from the baseline's runs (or the first row's).
+    reference = rows.get("baseline", next(iter(rows.values())))["planning"]
+    if "constant_velocity/l2@mean" in reference:
+        cells = ["constant velocity (ego status, no network)", *["–"] * 5,
+                 *(cell(reference.get(f"constant_velocity/{k}"), *scale) for k, scale in
+                   (("l2@mean", ()), ("l2@3s", ()), ("collision@mean", (100, 1)))), *["–"] * 7]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

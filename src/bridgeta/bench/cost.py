@@ -152,7 +152,7 @@ def measure_deployed(preset: str, runtime: str, onnx_file: str | None, warmup: i
     import torch
 
     from bridgeta.engine.deploy import OnnxStudent, reference_arrays
-    from bridgeta.models.deploy import INPUT_NAMES
+    from bridgeta.models.deploy import input_names
 
     if runtime == "onnxruntime":
         if onnx_file is None:
@@ -165,7 +165,7 @@ def measure_deployed(preset: str, runtime: str, onnx_file: str | None, warmup: i
     else:
         _, wrapper, arrays = _deployed_student(preset)
         forward = torch.compile(wrapper) if runtime == "pytorch-compile" else wrapper
-        inputs = tuple(arrays[name] for name in INPUT_NAMES)
+        inputs = tuple(arrays[name] for name in input_names(wrapper.specs))
 
         def run_once() -> None:
             with torch.inference_mode():

@@ -490,6 +490,10 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
             keys = [k for k in plans[0] if k.startswith(("l2", "L2@", "collision", "logged_collision"))
                     and all(k in p for p in plans)]
             table[method]["planning"] = {k: _mean_std([p[k] for p in plans]) for k in keys}
+            if all("constant_velocity" in p for p in plans):  # the ego status' own path, the planner's prior
+                table[method]["planning"].update({
+                    f"constant_velocity/{k}": _mean_std([p["constant_velocity"][k] for p in plans])
+                    for k in MULTITASK_PLANNING if all(k in p["constant_velocity"] for p in plans)})
         if any("assistant_val" in r for r in results):
             table[method]["assistant_val_miou"] = _mean_std([r.get("assistant_val", {}).get("miou") for r in results])
         if any("val" in r for r in results):

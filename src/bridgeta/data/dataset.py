@@ -97,6 +97,9 @@ class BEVSample:
     bev_aug:      ``(4, 4)`` augmented_ego_T_ego.
     depth:        ``(N, H, W)`` projected keyframe LiDAR depth per augmented pixel (``depth`` modality).
     points:       ``(P, 5)`` float32: x, y, z (augmented keyframe ego frame), intensity, time lag (s).
+    ego_motion:   ``(3,)`` the ego's velocity (vx, vy, m/s, augmented frame) over the last
+                  ``EGO_MOTION_WINDOW`` s and 1, or zeros where no earlier pose is cached
+                  (:func:`ego_motion`).
     labels:       ``(C, X, Y)`` bool on the output grid, augmented frame.
     meta:         token, scene, condition, split, location, timestamp, index (in the cache).
     """
@@ -104,6 +107,7 @@ class BEVSample:
     bev_aug: torch.Tensor
     labels: torch.Tensor
     meta: dict[str, Any]
+    ego_motion: torch.Tensor
     images: torch.Tensor | None = None
     intrinsics: torch.Tensor | None = None
     ego_T_camera: torch.Tensor | None = None
@@ -178,13 +182,43 @@ COMMANDS = ("left", "straight", "right")
 FUTURE_AGENT_CLASSES = ("car", "truck", "bus", "trailer", "construction_vehicle", "motorcycle", "bicycle", "pedestrian")
 
 
-def _padded_future(tracks: list[list[list[float]]]) -> tuple[np.ndarray, np.ndarray]:
-    """``(N, FUTURE_STEPS, 2)`` positions and ``(N, FUTURE_STEPS)`` bool mask of tracks that may end early."""
+# The ego's status, an input of the planning head: its velocity over the last half second, from
+# the poses of the cached LiDAR sweeps (prepare keeps the last 10: 0.5 s of nuScenes' 20 Hz
+# LiDAR, 1 s of the synthetic world's 10 Hz). A single
+# frame cannot see how fast the ego moves, and the BEV augmentation turns its heading; the
+# velocity, turned with the augmentation, carries both (UniAD feeds the CAN bus for the same
+# reason). Poses only: the sweeps' points are not read.
+EGO_MOTION_WINDOW = 0.55
+
+
+def ego_motion(record: dict, bev_aug: np.ndarray) -> np.ndarray:
+    """``(3,)`` float32 ``(vx, vy, known)``: the ego's mean velocity (m/s) from the oldest cached
+    sweep within ``EGO_MOTION_WINDOW`` s to the keyframe, in the augmented keyframe ego frame
+    (scaled with it, as the plan targets are), and ``known`` = 1; zeros where no earlier pose is
+    cached (a scene's first keyframe in nuScenes, or a cache prepared with ``max_sweeps`` 0)."""
+    earlier = [s for s in record["sweeps"] if 0.0 < s["time_lag"] <= EGO_MOTION_WINDOW]
+    if not earlier:
+        return np.zeros(3, dtype=np.float32)
+    oldest = max(earlier, key=lambda s: s["time_lag"])
+    # keyframe_ego_T_sweep_ego: the sweep's LiDAR pose less the (fixed) LiDAR mounting.
+    keyframe_T_sweep_ego = np.asarray(oldest["keyframe_ego_T_sweep_lidar"], dtype=np.float64) @ np.linalg.inv(
+        np.asarray(record["lidar"]["ego_T_lidar"], dtype=np.float64))
+    velocity = -keyframe_T_sweep_ego[:2, 3] / oldest["time_lag"]  # where the ego was, to where it is
+    return np.array([*(bev_aug[:2, :2] @ velocity), 1.0], dtype=np.float32)
+
+
+def _padded_future(tracks: list[list[tuple[float, float, float]]], step_seconds: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, FUTURE_STEPS, 2)`` positions and ``(N, FUTURE_STEPS)`` bool mask of tracks given as
+    ``(x, y, seconds ahead)`` points. Each point goes to the keyframe slot of its time (2 Hz), not
+    of its rank: a track whose annotations skip keyframes (an agent out of range for a while)
+    keeps its later points at their own times, and the skipped slots are masked."""
     positions = np.zeros((len(tracks), FUTURE_STEPS, 2), dtype=np.float32)
     mask = np.zeros((len(tracks), FUTURE_STEPS), dtype=bool)
     for i, track in enumerate(tracks):
-        steps = np.asarray(track[:FUTURE_STEPS], dtype=np.float32).reshape(-1, 2)
-        positions[i, : len(steps)], mask[i, : len(steps)] = steps, True
+        for x, y, seconds in track:
+            slot = int(round(seconds / step_seconds)) - 1
+            if 0 <= slot < FUTURE_STEPS:
+                positions[i, slot], mask[i, slot] = (x, y), True
     return positions, mask
 
 
@@ -351,6 +385,7 @@ class BEVMapDataset(Dataset):
         sample = BEVSample(
             bev_aug=torch.from_numpy(bev_aug).float(),
             labels=torch.from_numpy(labels),
+            ego_motion=torch.from_numpy(ego_motion(record, bev_aug)),
             meta={
                 "token": record["token"],
                 "scene": record["scene"],
@@ -390,7 +425,8 @@ class BEVMapDataset(Dataset):
           per instance, each with its own annotated box and heading then (the collision and
           occupancy truth);
         * ``ego_future`` ``(T, 2)``, ``ego_future_yaw`` ``(T,)`` and ``ego_future_mask`` ``(T,)``:
-          the logged ego poses, with ``ego_position``, ``ego_yaw`` and the ``command``.
+          the logged ego poses, with ``ego_position``, ``ego_yaw``, the ``command`` and the
+          ``ego_motion`` the model reads (the constant-velocity reference of the planning metric).
         """
         if "objects" not in record:
             raise CacheError(
@@ -405,11 +441,11 @@ class BEVMapDataset(Dataset):
             "labels": torch.tensor([index[o["name"]] for o in kept], dtype=torch.long),
         }
         if all("future" in o for o in kept):  # caches prepared with the tracks (motion targets)
-            future, mask = _padded_future([[step[:2] for step in o["future"]] for o in kept])
+            future, mask = _padded_future([[(x, y, ahead) for x, y, ahead in o["future"]] for o in kept])
             out["future"] = torch.from_numpy(_move_xy(future, bev_aug))
             out["future_mask"] = torch.from_numpy(mask)
         if "ego_future" in record:
-            ego, ego_mask = _padded_future([[step[:2] for step in record["ego_future"]]])
+            ego, ego_mask = _padded_future([[(x, y, ahead) for x, y, _, ahead in record["ego_future"]]])
             moved = _move_xy(ego[0], bev_aug)
             origin = _move_xy(np.zeros((1, 2), dtype=np.float32), bev_aug)[0]  # where the ego is after the augmentation
             heading = bev_aug[:2, 0]  # the ego's forward axis after it (times the scale)
@@ -433,6 +469,7 @@ class BEVMapDataset(Dataset):
             c, s_ = np.cos(-yaw), np.sin(-yaw)
             relative = (moved - origin) @ np.array([[c, s_], [-s_, c]]) / np.linalg.norm(heading)
             out["command"] = driving_command(relative, ego_mask[0])
+            out["ego_motion"] = torch.from_numpy(ego_motion(record, bev_aug))
         return out
 
     def _future_agents(self, cache_index: int, record: dict, bev_aug: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -512,6 +549,7 @@ def collate_bev(batch: Sequence[BEVSample]) -> tuple[BEVInputs, torch.Tensor, li
             ),
         )
     inputs = BEVInputs(
-        batch_size=len(batch), camera=camera, lidar=lidar, bev_aug=torch.stack([s.bev_aug for s in batch])
+        batch_size=len(batch), camera=camera, lidar=lidar, bev_aug=torch.stack([s.bev_aug for s in batch]),
+        ego_motion=torch.stack([s.ego_motion for s in batch]),
     )
     return inputs, torch.stack([s.labels for s in batch]), [s.meta for s in batch]

@@ -110,9 +110,16 @@ class TinyBEVDistiller(Distiller):
         self.settings: TinyBEVConfig = config.tinybev or TinyBEVConfig()
         if student.camera_encoder is None:
             raise ValueError("the TinyBEV student must have a camera branch")
-        if tuple(student.feature_grid.shape) != tuple(teacher.feature_grid.shape):
-            raise ValueError(f"TinyBEV compares BEV maps cell by cell: the student's grid {student.feature_grid.shape} "
-                             f"and the teacher's {teacher.feature_grid.shape} must match")
+        # Maps are compared cell by cell and class by class: the same cells (extent and size, not
+        # only the shape) and the map classes in the same order, or every term is silently wrong.
+        for name in ("feature_grid", "output_grid"):
+            ours, theirs = getattr(student, name), getattr(teacher, name)
+            if (ours.x, ours.y) != (theirs.x, theirs.y):
+                raise ValueError(f"TinyBEV compares BEV maps cell by cell: the student's {name} x {ours.x}, "
+                                 f"y {ours.y} and the teacher's x {theirs.x}, y {theirs.y} must match")
+        if tuple(student.classes) != tuple(teacher.classes):
+            raise ValueError(f"TinyBEV distils the map class by class: the student's classes {list(student.classes)} "
+                             f"and the teacher's {list(teacher.classes)} must be the same, in the same order")
         widths = {
             "fld": (student.camera_encoder.out_channels, _fused_channels(teacher)),
             "dld": (student.config.decoder.out_channels, teacher.config.decoder.out_channels),

@@ -41,10 +41,12 @@ from bridgeta.engine.model_file import load_deployable
 from bridgeta.geometry import BEVGrid
 from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.deploy import (
+    EGO_MOTION_INPUT,
     INPUT_NAMES,
     DeployedStudent,
     TensorSpec,
     check_inputs,
+    input_names,
     input_specs,
     output_names,
     output_specs,
@@ -95,7 +97,10 @@ def reference_arrays(specs: tuple[TensorSpec, ...], seed: int = 0) -> dict[str, 
     """Inputs of the nuScenes reference rig at the specs' size (random images), keyed by name."""
     batch, cams, _, height, width = specs[0].shape
     camera = reference_camera_inputs(batch, (height, width), cams, seed=seed)
-    return {name: getattr(camera, name) for name in INPUT_NAMES}
+    arrays = {name: getattr(camera, name) for name in INPUT_NAMES}
+    if EGO_MOTION_INPUT in input_names(specs):  # driving straight ahead at 5 m/s
+        arrays[EGO_MOTION_INPUT] = torch.tensor([[5.0, 0.0, 1.0]]).expand(batch, 3).contiguous()
+    return arrays
 
 
 @dataclass
@@ -132,11 +137,11 @@ def export_onnx(source: str | Path, out: str | Path, batch_size: int = 1, verify
             choice = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
             torch.onnx.export(
                 wrapper,
-                tuple(arrays[name] for name in INPUT_NAMES),
+                tuple(arrays[name] for name in input_names(wrapper.specs)),
                 str(temporary),
                 **choice,
                 opset_version=ONNX_OPSET,
-                input_names=list(INPUT_NAMES),
+                input_names=list(input_names(wrapper.specs)),
                 output_names=list(output_names(model)),
                 do_constant_folding=True,
             )
@@ -147,7 +152,7 @@ def export_onnx(source: str | Path, out: str | Path, batch_size: int = 1, verify
         parity = None
         if verify:
             with torch.no_grad():
-                expected = wrapper(*(arrays[name] for name in INPUT_NAMES))
+                expected = wrapper(*(arrays[name] for name in input_names(wrapper.specs)))
             expected = expected if isinstance(expected, tuple) else (expected,)
             got = OnnxStudent(temporary).run_outputs(arrays)
             parity = max(max_abs_difference(got[name], value) for name, value in zip(output_names(model), expected))
@@ -229,5 +234,9 @@ class OnnxStudent(nn.Module):
             identity = torch.eye(4, device=inputs.bev_aug.device).expand_as(inputs.bev_aug)
             if not torch.allclose(inputs.bev_aug.float(), identity):
                 raise ValueError("the deployed model has no bev_aug input: evaluate without BEV augmentation")
-        logits = self.run({name: getattr(camera, name).detach().cpu() for name in INPUT_NAMES})
+        arrays = {name: getattr(camera, name).detach().cpu() for name in INPUT_NAMES}
+        if EGO_MOTION_INPUT in input_names(self.specs):
+            motion = inputs.ego_motion if inputs.ego_motion is not None else torch.zeros(inputs.batch_size, 3)
+            arrays[EGO_MOTION_INPUT] = motion.detach().float().cpu()
+        logits = self.run(arrays)
         return DeployedOutputs(logits=torch.from_numpy(logits).to(camera.images.device))

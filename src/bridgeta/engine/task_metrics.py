@@ -19,7 +19,9 @@
   then; the logged ego box takes the logged heading, the planned one the heading of the plan's
   motion (:func:`~bridgeta.motion_metrics.path_headings`). Steps where the logged path collides
   too are not counted, and the logged path's own rates are reported beside (``logged_collision@...``):
-  the floor that annotation and the box approximation leave.
+  the floor that annotation and the box approximation leave. ``planning.constant_velocity`` scores
+  the same way the path the ego's status alone gives (its velocity times the time ahead, the
+  planning head's prior): what the planner adds to it is what it read from the scene.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class MotionPlanningMetric:
         self.detected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.agents_seen = 0
         self.plans: list[torch.Tensor] = []
+        self.constant_velocity: list[torch.Tensor] = []
         self.logged: list[torch.Tensor] = []
         self.plan_masks: list[torch.Tensor] = []
         self.agents: list[torch.Tensor] = []
@@ -77,7 +80,7 @@ class MotionPlanningMetric:
                                    targets.motion.displacement[present].cpu(), targets.motion.mask[present].cpu()))
             self._forecast_detected(outputs, metas, steps)
         if self.occupancy is not None and targets is not None and targets.occupancy is not None:
-            self.occupancy.update(outputs.occupancy, targets.occupancy)
+            self.occupancy.update(outputs.occupancy, targets.occupancy, targets.occupancy_exists)
         if self.planning and targets is not None and targets.plan is not None:
             plan = targets.plan
             planned = select_command(outputs.plan.float(), plan.command)
@@ -85,6 +88,10 @@ class MotionPlanningMetric:
                 objects = meta["objects"]
                 origin, yaw = objects["ego_position"].float().to(device), float(objects.get("ego_yaw", 0.0))
                 self.plans.append(self._planned_boxes(planned[b] + origin, origin, yaw, plan.mask[b]).cpu())
+                velocity = objects["ego_motion"][:2].float().to(device)
+                seconds = 0.5 * torch.arange(1, plan.mask.shape[-1] + 1, device=device, dtype=torch.float32)
+                self.constant_velocity.append(self._planned_boxes(
+                    velocity * seconds[:, None] + origin, origin, yaw, plan.mask[b]).cpu())
                 self.logged.append(self._logged_boxes(plan.displacement[b] + origin, objects, plan.mask[b]).cpu())
                 self.plan_masks.append(plan.mask[b].cpu())
                 agents, masks = self._agent_boxes(objects, plan.mask.shape[-1])
@@ -185,5 +192,11 @@ class MotionPlanningMetric:
                                      [self.agent_masks[i] for i in index], horizons=horizons),
                     "samples": len(index),
                     "incomplete_skipped": int((~complete).sum()),
+                }
+                constant = torch.stack(self.constant_velocity)[complete]
+                out["planning"]["constant_velocity"] = {
+                    **planning_l2(constant[:, :, :2], logged[complete, :, :2], mask[complete], horizons=horizons),
+                    **collision_rate(constant, logged[complete], [self.agents[i] for i in index],
+                                     [self.agent_masks[i] for i in index], horizons=horizons),
                 }
         return out

@@ -269,7 +269,7 @@ class BEVModel(nn.Module):
         objects = self.object_head(decoded) if self.object_head is not None else None
         motion = self.motion_head(decoded) if self.motion_head is not None else None
         occupancy = self.occupancy_head(decoded) if self.occupancy_head is not None else None
-        plan = self.planning_head(decoded) if self.planning_head is not None else None
+        plan = self.planning_head(decoded, inputs.ego_motion) if self.planning_head is not None else None
         return BEVOutputs(
             camera_bev=camera_bev,
             lidar_bev=lidar_bev,

@@ -5,7 +5,8 @@ dataclasses, so :class:`DeployedStudent` wraps a camera-only :class:`BEVModel` w
 
     (images, intrinsics, ego_T_camera, image_aug) -> logits
 
-in the layouts of docs/conventions.md. The geometry is an input, not a constant of the graph: one
+in the layouts of docs/conventions.md (a model with a planning head also reads ``ego_motion``,
+the ego's velocity, and returns its heads' outputs after the logits). The geometry is an input, not a constant of the graph: one
 exported file serves any rig with the trained camera count and image size, and the frustum points
 that a given rig sends outside the BEV grid are masked inside the graph (``bev_pool`` routes them
 to a discard row), so nothing about the point count is decided at export time.
@@ -27,7 +28,8 @@ from torch import nn
 from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.types import BEVInputs, CameraInputs
 
-INPUT_NAMES = ("images", "intrinsics", "ego_T_camera", "image_aug")
+INPUT_NAMES = ("images", "intrinsics", "ego_T_camera", "image_aug")  # every deployed camera model's
+EGO_MOTION_INPUT = "ego_motion"  # and, after them, a planning model's ego status
 DTYPE = "float32"
 
 
@@ -58,7 +60,7 @@ def input_specs(model: BEVModel, batch_size: int = 1) -> tuple[TensorSpec, ...]:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cams = model.camera_encoder.num_cameras
     height, width = model.camera_encoder.image_size
-    return (
+    specs = (
         TensorSpec("images", (batch_size, cams, 3, height, width), DTYPE,
                    "normalised images after image augmentation, cameras in rig order"),
         TensorSpec("intrinsics", (batch_size, cams, 3, 3), DTYPE,
@@ -67,6 +69,11 @@ def input_specs(model: BEVModel, batch_size: int = 1) -> tuple[TensorSpec, ...]:
         TensorSpec("image_aug", (batch_size, cams, 3, 3), DTYPE,
                    "original pixels -> network-input pixels (resize, crop); identity if none"),
     )
+    if model.planning_head is not None:
+        specs += (TensorSpec(EGO_MOTION_INPUT, (batch_size, 3), DTYPE,
+                             "the ego's velocity (vx, vy) m/s in the ego frame over the last 0.5 s, and 1; "
+                             "zeros if unknown"),)
+    return specs
 
 
 def output_specs(model: BEVModel, batch_size: int = 1) -> tuple[TensorSpec, ...]:
@@ -105,6 +112,11 @@ def output_specs(model: BEVModel, batch_size: int = 1) -> tuple[TensorSpec, ...]
     return tuple(specs)
 
 
+def input_names(specs: tuple[TensorSpec, ...]) -> tuple[str, ...]:
+    """The deployed graph's input names, in its argument order."""
+    return tuple(spec.name for spec in specs)
+
+
 def output_names(model: BEVModel) -> tuple[str, ...]:
     """The deployed graph's output names, in order (``logits`` first)."""
     return tuple(spec.name for spec in output_specs(model))
@@ -138,7 +150,8 @@ def check_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, Any]) -> No
 
 
 class DeployedStudent(nn.Module):
-    """``(images, intrinsics, ego_T_camera, image_aug) -> logits`` of a camera-only ``BEVModel``.
+    """``(images, intrinsics, ego_T_camera, image_aug[, ego_motion]) -> logits[, heads]`` of a
+    camera-only ``BEVModel`` (``ego_motion`` for a model with a planning head, which reads it).
 
     Shapes are checked against :func:`input_specs` on every call, so a wrong rig fails here (and
     at export, which calls this) with the input's name rather than deep inside a matmul.
@@ -155,10 +168,14 @@ class DeployedStudent(nn.Module):
         intrinsics: torch.Tensor,
         ego_T_camera: torch.Tensor,
         image_aug: torch.Tensor,
+        ego_motion: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        check_inputs(self.specs, dict(zip(INPUT_NAMES, (images, intrinsics, ego_T_camera, image_aug))))
+        given = dict(zip(INPUT_NAMES, (images, intrinsics, ego_T_camera, image_aug)))
+        if ego_motion is not None:
+            given[EGO_MOTION_INPUT] = ego_motion
+        check_inputs(self.specs, given)
         camera = CameraInputs(images, intrinsics, ego_T_camera, image_aug)
-        outputs = self.model(BEVInputs(batch_size=images.shape[0], camera=camera))
+        outputs = self.model(BEVInputs(batch_size=images.shape[0], camera=camera, ego_motion=ego_motion))
         if outputs.objects is None:
             return outputs.logits
         extra: tuple[torch.Tensor, ...] = ()  # in output_specs' order

@@ -29,6 +29,8 @@ from bridgeta.models.layers import conv_bn_relu
 from bridgeta.models.object_head import centre_cells, gather_cells
 
 NUM_COMMANDS = 3  # left, straight, right (bridgeta.data.dataset.COMMANDS)
+EGO_MOTION_SIZE = 3  # vx, vy (m/s), known (BEVInputs.ego_motion)
+EGO_SPEED_SCALE = 0.1  # (1/(m/s)): the planner's MLP reads velocities of order 1
 
 
 @dataclass
@@ -91,24 +93,42 @@ class MotionHead(nn.Module):
 
 
 class PlanningHead(nn.Module):
-    """The ego's trajectory per command from the decoded BEV: two stride-2 convs, an average pool
-    to a ``pooled`` x ``pooled`` map (which keeps where things are relative to the ego at the
-    centre), and an MLP to ``NUM_COMMANDS`` x ``steps`` x 2 displacements."""
+    """The ego's trajectory per command from the decoded BEV and the ego's status.
 
-    def __init__(self, in_channels: int, steps: int, head_channels: int = 32, hidden: int = 128, pooled: int = 4) -> None:
+    The BEV goes through two stride-2 convs and an average pool to a ``pooled`` x ``pooled`` map
+    (which keeps where things are relative to the ego at the centre); with the ego status
+    (``BEVInputs.ego_motion``: velocity and whether it is known) an MLP gives ``NUM_COMMANDS`` x
+    ``steps`` x 2 corrections to the constant-velocity path, the velocity times each step's time
+    ahead (``step_seconds`` apart). One frame shows neither the ego's speed nor, under the BEV
+    augmentation, its heading: the status gives both, and the head learns what the scene and the
+    command change about them (turns, stops). The last layer starts at zero, so an untrained head
+    plans the constant-velocity path (no motion where the velocity is unknown)."""
+
+    def __init__(self, in_channels: int, steps: int, head_channels: int = 32, hidden: int = 128, pooled: int = 4,
+                 step_seconds: float = 0.5) -> None:
         super().__init__()
         self.steps, self.pooled = steps, pooled
         self.encoder = nn.Sequential(*conv_bn_relu(in_channels, head_channels, 3, 2),
                                      *conv_bn_relu(head_channels, head_channels, 3, 2))
-        self.mlp = nn.Sequential(nn.Linear(head_channels * pooled * pooled, hidden), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden, NUM_COMMANDS * steps * 2))
+        self.mlp = nn.Sequential(nn.Linear(head_channels * pooled * pooled + EGO_MOTION_SIZE, hidden),
+                                 nn.ReLU(inplace=True), nn.Linear(hidden, NUM_COMMANDS * steps * 2))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
+        self.register_buffer("seconds_ahead", step_seconds * torch.arange(1, steps + 1, dtype=torch.float32),
+                             persistent=False)
 
-    def forward(self, decoded: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """``(B, NUM_COMMANDS, T, 2)`` ego displacements (m)."""
+    def forward(self, decoded: torch.Tensor, ego_motion: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        """``(B, NUM_COMMANDS, T, 2)`` ego displacements (m). ``ego_motion`` ``(B, 3)``: vx, vy
+        (m/s) and known (1) or not (0); None: unknown for every sample."""
+        if ego_motion is None:
+            ego_motion = decoded.new_zeros(len(decoded), EGO_MOTION_SIZE)
+        ego_motion = ego_motion.to(decoded.dtype)
         features = F.adaptive_avg_pool2d(self.encoder(decoded), self.pooled).flatten(1)
-        return self.mlp(features).reshape(len(decoded), NUM_COMMANDS, self.steps, 2)
+        # Velocities of ~10 m/s next to post-ReLU features of ~1: scaled to the same order.
+        status = ego_motion * ego_motion.new_tensor([EGO_SPEED_SCALE, EGO_SPEED_SCALE, 1.0])
+        correction = self.mlp(torch.cat([features, status], dim=1))
+        constant_velocity = ego_motion[:, None, :2] * self.seconds_ahead[None, :, None].to(decoded.dtype)
+        return constant_velocity[:, None] + correction.reshape(len(decoded), NUM_COMMANDS, self.steps, 2)
 
 
 def select_command(plans: torch.Tensor, command: torch.Tensor) -> torch.Tensor:

@@ -53,23 +53,32 @@ def rasterise_boxes(boxes: torch.Tensor, grid: BEVGrid) -> torch.Tensor:
 
 
 def occupancy_targets(annotations: list[dict], grid: BEVGrid, steps: int,
-                      device: torch.device | str = "cpu") -> torch.Tensor:
-    """``(B, T, X, Y)`` float: per sample and future step, the cells the agents' boxes cover.
-    ``annotations[b]`` is a sample's ``meta["objects"]``: its ``future_agents`` ``(A, T', 5)``
-    boxes and ``future_agents_mask`` ``(A, T')``; steps beyond ``T'`` stay empty."""
+                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, T, X, Y)`` float: per sample and future step, the cells the agents' boxes cover, and
+    ``(B, T)`` bool: the steps whose keyframe exists. ``annotations[b]`` is a sample's
+    ``meta["objects"]``: its ``future_agents`` ``(A, T', 5)`` boxes, ``future_agents_mask``
+    ``(A, T')`` and ``ego_future_mask`` (the future keyframes the scene has). Near a scene's end
+    the later steps have no keyframe: their truth is unknown, not empty, so the loss and the IoU
+    leave them out."""
     out = torch.zeros(len(annotations), steps, *grid.shape, device=device)
+    exists = torch.zeros(len(annotations), steps, dtype=torch.bool, device=device)
     for b, objects in enumerate(annotations):
+        known = objects["ego_future_mask"][:steps]
+        exists[b, : len(known)] = known.to(device)
         agents, present = objects["future_agents"][:, :steps].float(), objects["future_agents_mask"][:, :steps]
         for t in range(agents.shape[1]):
             here = present[:, t]
             if here.any():
                 out[b, t] = rasterise_boxes(agents[here, t].to(device), grid).float()
-    return out
+    return out, exists
 
 
-def occupancy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The sigmoid focal loss (the map head's), the mean over steps and cells."""
-    return sigmoid_focal_loss(logits.float(), targets, reduction="mean")
+def occupancy_loss(logits: torch.Tensor, targets: torch.Tensor, exists: torch.Tensor) -> torch.Tensor:
+    """The sigmoid focal loss (the map head's), the mean over the cells of the steps that exist
+    (``exists`` ``(B, T)``)."""
+    elementwise = sigmoid_focal_loss(logits.float(), targets, reduction="none")
+    weight = exists[:, :, None, None].expand_as(elementwise).float()
+    return (elementwise * weight).sum() / weight.sum().clamp(min=1.0)
 
 
 class OccupancyIoU:
@@ -82,9 +91,11 @@ class OccupancyIoU:
         self.fp = torch.zeros(steps, dtype=torch.float64)
         self.fn = torch.zeros(steps, dtype=torch.float64)
 
-    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        predicted = logits.float().sigmoid() >= self.threshold
-        truth = targets > 0.5
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, exists: torch.Tensor) -> None:
+        """``exists`` ``(B, T)``: the steps whose keyframe exists; the others are not scored."""
+        scored = exists[:, :, None, None]
+        predicted = (logits.float().sigmoid() >= self.threshold) & scored
+        truth = (targets > 0.5) & scored
         self.tp += (predicted & truth).sum(dim=(0, 2, 3)).double().cpu()
         self.fp += (predicted & ~truth).sum(dim=(0, 2, 3)).double().cpu()
         self.fn += (~predicted & truth).sum(dim=(0, 2, 3)).double().cpu()

@@ -25,6 +25,7 @@ class TaskTargets:
     objects: ObjectTargets | None = None
     motion: MotionTargets | None = None
     occupancy: torch.Tensor | None = None  # (B, T, X, Y) on the decoded BEV grid
+    occupancy_exists: torch.Tensor | None = None  # (B, T) bool: the future steps with a keyframe
     plan: PlanTargets | None = None
 
 
@@ -54,7 +55,8 @@ def build_task_targets(model, metas: list[dict], device: torch.device | str) -> 
         if missing:
             raise ValueError(f"sample {missing[0]} has no agent futures in its cache; run bridgeta data prepare "
                              "--force for a model with an occupancy head")
-        targets.occupancy = occupancy_targets(annotations, model.feature_grid, config.heads.occupancy.steps, device)
+        targets.occupancy, targets.occupancy_exists = occupancy_targets(
+            annotations, model.feature_grid, config.heads.occupancy.steps, device)
     if config.heads.plan is not None:  # its collisions read the agents' futures too
         missing = [m["token"] for m, a in zip(metas, annotations) if "ego_future" not in a or "future_agents" not in a]
         if missing:
@@ -88,7 +90,8 @@ def task_losses(model, outputs, targets: TaskTargets | None) -> dict[str, torch.
         terms.update({f"motion/{name}": value
                       for name, value in motion_losses(outputs.motion, targets.motion, m.weight, m.mode_weight).items()})
     if outputs.occupancy is not None and targets.occupancy is not None:
-        terms["occupancy/focal"] = config.heads.occupancy.weight * occupancy_loss(outputs.occupancy, targets.occupancy)
+        terms["occupancy/focal"] = config.heads.occupancy.weight * occupancy_loss(
+            outputs.occupancy, targets.occupancy, targets.occupancy_exists)
     if outputs.plan is not None and targets.plan is not None:
         terms["plan/l1"] = config.heads.plan.weight * planning_loss(outputs.plan, targets.plan)
     return terms

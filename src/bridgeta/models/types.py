@@ -79,12 +79,16 @@ class BEVInputs:
 
     bev_aug: ``(B, 4, 4)`` augmented_ego_T_ego, applied to camera geometry so that camera BEV
              features line up with the (already augmented) points and labels. ``None`` = identity.
+    ego_motion: ``(B, 3)`` the ego's status, read by the planning head only: velocity (vx, vy,
+             m/s, in the (augmented) ego frame) and 1, or zeros where it is unknown
+             (bridgeta/data/dataset.py ``ego_motion``). ``None`` = unknown for every sample.
     """
 
     batch_size: int
     camera: CameraInputs | None = None
     lidar: LidarInputs | None = None
     bev_aug: torch.Tensor | None = None
+    ego_motion: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "BEVInputs":
         def move(value):
@@ -99,6 +103,7 @@ class BEVInputs:
             camera=move(self.camera),
             lidar=move(self.lidar),
             bev_aug=move(self.bev_aug),
+            ego_motion=move(self.ego_motion),
         )
 
 
