@@ -64,6 +64,21 @@ def test_deform_conv_with_zero_offsets_is_a_convolution():
     assert torch.allclose(deform_conv2d(x, offset, weight, bias, padding=1), F.conv2d(x, weight, bias, padding=1), atol=1e-5)
 
 
+def test_deform_conv_samples_at_exact_positions_under_bf16_autocast():
+    """Under autocast (bf16 on CPUs with native bf16, as training runs) the sampling positions
+    stay exact: with zero offsets and an identity kernel the layer returns its input on a
+    128-wide BEV, up to bf16's rounding of the values. Positions computed in bf16 (0.5 px apart
+    near x = 100) blurred each column by up to a quarter pixel."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 8, 128)
+    weight = torch.zeros(4, 4, 3, 3)
+    weight[range(4), range(4), 1, 1] = 1.0  # the centre tap of each channel: an identity
+    offset = torch.zeros(1, 18, 8, 128, dtype=torch.bfloat16)  # as the offset conv gives it under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = deform_conv2d(x, offset, weight, padding=1)
+    assert (out.float() - x).abs().max() < 0.05  # bf16 rounds values to ~0.4 %; the blur gave ~1
+
+
 def test_deform_conv_matches_a_plain_bilinear_loop_in_value_and_gradient():
     torch.manual_seed(1)
     x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)

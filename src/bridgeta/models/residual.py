@@ -49,23 +49,28 @@ def deform_conv2d(
     out_w = width + 2 * padding - dilation * (kernel_w - 1)
     if offset.shape != (batch, 2 * taps, out_h, out_w):
         raise ValueError(f"offset must be {(batch, 2 * taps, out_h, out_w)}, got {tuple(offset.shape)}")
-    device, dtype = x.device, offset.dtype
-    tap_y, tap_x = torch.meshgrid(
-        torch.arange(kernel_h, device=device, dtype=dtype) * dilation,
-        torch.arange(kernel_w, device=device, dtype=dtype) * dilation,
-        indexing="ij",
-    )
-    rows = torch.arange(out_h, device=device, dtype=dtype) - padding
-    cols = torch.arange(out_w, device=device, dtype=dtype) - padding
-    base_y = rows.view(1, 1, out_h, 1) + tap_y.reshape(1, taps, 1, 1)
-    base_x = cols.view(1, 1, 1, out_w) + tap_x.reshape(1, taps, 1, 1)
-    shifts = offset.view(batch, taps, 2, out_h, out_w)
-    sample_y = base_y + shifts[:, :, 0]  # (B, K, H_out, W_out) in input pixels
-    sample_x = base_x + shifts[:, :, 1]
-    grid = torch.stack(
-        (2 * sample_x / max(width - 1, 1) - 1, 2 * sample_y / max(height - 1, 1) - 1), dim=-1
-    ).view(batch, taps * out_h, out_w, 2)
-    sampled = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+    # The sampling positions are geometry: in fp32 whatever autocast runs the layers in. In bf16
+    # (8 significant bits) a position near 100 px is only known to 0.5 px, so the normalised grid
+    # would blur each column differently and learned sub-pixel offsets would round away; the
+    # tap reduction below (the matmul) still runs in autocast's precision.
+    with torch.autocast(x.device.type, enabled=False):
+        device, dtype = x.device, torch.promote_types(x.dtype, torch.float32)  # fp64 stays fp64
+        tap_y, tap_x = torch.meshgrid(
+            torch.arange(kernel_h, device=device, dtype=dtype) * dilation,
+            torch.arange(kernel_w, device=device, dtype=dtype) * dilation,
+            indexing="ij",
+        )
+        rows = torch.arange(out_h, device=device, dtype=dtype) - padding
+        cols = torch.arange(out_w, device=device, dtype=dtype) - padding
+        base_y = rows.view(1, 1, out_h, 1) + tap_y.reshape(1, taps, 1, 1)
+        base_x = cols.view(1, 1, 1, out_w) + tap_x.reshape(1, taps, 1, 1)
+        shifts = offset.to(dtype).view(batch, taps, 2, out_h, out_w)
+        sample_y = base_y + shifts[:, :, 0]  # (B, K, H_out, W_out) in input pixels
+        sample_x = base_x + shifts[:, :, 1]
+        grid = torch.stack(
+            (2 * sample_x / max(width - 1, 1) - 1, 2 * sample_y / max(height - 1, 1) - 1), dim=-1
+        ).view(batch, taps * out_h, out_w, 2)
+        sampled = F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     sampled = sampled.view(batch, channels, taps, out_h, out_w)
     out = torch.einsum("bckhw,ock->bohw", sampled, weight.reshape(out_channels, channels, taps))
     return out if bias is None else out + bias.view(1, -1, 1, 1)
