@@ -75,6 +75,28 @@ def test_a_table_names_the_command_its_results_file_recorded(tmp_path, monkeypat
     assert "Measured with `bridgeta bench accuracy --preset cpu --summary` on" in (docs / "page.md").read_text()
 
 
+def test_a_summary_says_when_its_runs_trained_on_another_machine_type(tmp_path):
+    """A summary reads a ledger's records on whatever machine runs it: the table names the
+    machine type the runs trained on (the ledger's machine.json) when it is not the summary's."""
+    from bridgeta.bench.accuracy import _write_summary
+    from bridgeta.bench.accuracy import PRESETS
+    from bridgeta.report import render_partial
+
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    write_json(ledger / "machine.json", {"machine": "x86_64", "cpu_capability": "AVX512", "native_bf16": True})
+    here = {**BEV_POOL["environment"], "cpu_capability": "AVX2", "native_bf16": False}
+    runs = {"teacher": [{"seed": 0, "train": {}, "test": {"miou": 0.5, "miou_at_0.5": 0.5, "iou": {"drivable_area": 0.5},
+                                                         "by_condition": {}, "by_range": {"0-20": {"miou": 0.5}}}}]}
+    result = _write_summary(tmp_path / "out", here, tmp_path, PRESETS["cpu"].protocol, runs, tmp_path / "runs",
+                            "cpu", ledger)
+    assert result["trained_on"] == {"machine": "x86_64", "cpu_capability": "AVX512", "native_bf16": True}
+    text = render_partial(result)
+    assert "(CPU AVX2, no native bf16)" in text and "trained on another machine type, CPU AVX512, native bf16 (the ledger's" in text
+    result["environment"] = {**here, "cpu_capability": "AVX512", "native_bf16": True}  # summarised on its own type
+    assert "another machine type" not in render_partial(result)
+
+
 def test_committed_docs_match_committed_results(tmp_path):
     """Every rendered section in docs/ is what its committed results file renders to."""
     import shutil

@@ -179,10 +179,16 @@ def _measured(results: dict, command: str) -> str:
     env = results["environment"]
     recorded = env.get("command") or ""
     command = recorded if recorded.startswith("bridgeta ") else command
-    return (
+    text = (
         f"Measured with `{command}` on {env['date']}, commit `{env['commit']}`, torch {env['torch']}, "
         f"{env['device']}{_capability(env)}, {env['cpu_threads']} CPU threads."
     )
+    trained = results.get("trained_on")  # a summary of a ledger's records, read on another machine
+    if trained and (trained.get("cpu_capability"), trained.get("native_bf16")) != (
+            env.get("cpu_capability"), env.get("native_bf16")):
+        text += (f" The runs it reads trained on another machine type, {_capability(trained).strip(' ()')} "
+                 "(the ledger's machine.json).")
+    return text
 
 
 def _capability(env: dict) -> str:

@@ -498,7 +498,7 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
             continue  # trained for the sweep only
         runs.setdefault(role, []).append({**result, "run": job.label})
     if summary:
-        return _write_summary(out, started, dataroot, protocol, runs, runs_dir, preset_name)
+        return _write_summary(out, started, dataroot, protocol, runs, runs_dir, preset_name, ledger)
     table = aggregate(runs)
     splits = json.loads((dataroot / "bridgeta_splits.json").read_text())
     convergence = _convergence(runs_dir, protocol)
@@ -577,8 +577,12 @@ def _budget(work: Path, protocol: Protocol) -> dict:
 
 
 def _write_summary(out: Path, started: dict, dataroot: Path, protocol: Protocol, runs: dict[str, list[dict]],
-                   runs_dir: Path, preset_name: str) -> dict:
-    """``partial.json``: the table over the runs finished so far, and the curves."""
+                   runs_dir: Path, preset_name: str, ledger: Path | None = None) -> dict:
+    """``partial.json``: the table over the runs finished so far, and the curves. ``environment``
+    is where the summary was computed; ``trained_on``, the ledger's machine type, is where its
+    runs trained (a summary reads the committed records on any machine)."""
+    from bridgeta.bench.ledger import MACHINE_FILE
+
     convergence = _convergence(runs_dir, protocol)
     result = {
         "environment": started,
@@ -593,6 +597,10 @@ def _write_summary(out: Path, started: dict, dataroot: Path, protocol: Protocol,
         "table": aggregate(runs) if runs else {},
         "preset": {"name": preset_name},
     }
+    machine = ledger / MACHINE_FILE if ledger is not None else None
+    if machine is not None and machine.is_file():
+        recorded = json.loads(machine.read_text())
+        result["trained_on"] = {k: recorded[k] for k in ("machine", "cpu_capability", "native_bf16") if k in recorded}
     if "baseline" in result["table"] and "teacher" in result["table"]:
         result["camera_fusion_ratio"] = _camera_fusion_ratio(result["table"])
     write_json(out / "partial.json", result)
