@@ -227,6 +227,23 @@ def models():
     return student_config, student, teacher, assistant
 
 
+@pytest.mark.parametrize("change", ["model.camera.vtransform.depth=[2.0,58.0,1.0]",  # 56 bins, other depths
+                                    "model.grid={x: [-50.4, 52.0, 0.8], y: [-51.2, 51.2, 0.8]}"])  # shifted
+def test_an_assistant_of_equal_shapes_on_other_geometry_is_refused(change):
+    from bridgeta.distill.monotakd import assistant_config_check
+
+    student_config = load_config("distill/tiny-c-monotakd")
+    other = assistant_config(load_config("distill/tiny-c-monotakd", [change]), teacher="unread")
+    student, assistant = build_model(student_config), build_model(other)
+    # The shapes all agree (the old check passed them); the geometry does not.
+    shared = {k: v.shape for k, v in student.state_dict().items()}
+    assert all(assistant.state_dict()[k].shape == shape for k, shape in shared.items()
+               if k.startswith(("camera_encoder.", "decoder.", "head.")))
+    with pytest.raises(ValueError, match=change.split("=")[0]):
+        assistant_config_check(student, assistant)
+    assistant_config_check(student, build_model(assistant_config(student_config, teacher="unread")))
+
+
 def _batch():
     torch.manual_seed(1)
     inputs = reference_inputs(1, (64, 176), 6, with_lidar=True, points_per_sample=3000)

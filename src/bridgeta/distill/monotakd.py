@@ -122,6 +122,20 @@ def assistant_config_check(student: BEVModel, assistant: BEVModel) -> None:
     if camera is None or assistant.lidar_encoder is not None or camera.vtransform.depth_source != "lidar":
         raise ValueError("the MonoTAKD assistant must be a camera-only model with "
                          "model.camera.vtransform.depth_source: lidar (bridgeta train-assistant)")
+    # Equal shapes can hide other geometry (depth bins of another range, another BEV extent):
+    # the TA's BEV must lie on the student's cells for IMD and CMRD to compare them.
+    mine, yours = student.config, assistant.config
+    geometry = {
+        "model.grid": (mine.grid, yours.grid),
+        "model.camera.image_size": (tuple(mine.camera.image_size), tuple(yours.camera.image_size)),
+        "model.camera.vtransform.depth": (tuple(mine.camera.vtransform.depth), tuple(yours.camera.vtransform.depth)),
+        "model.camera.vtransform.feature_stride": (mine.camera.vtransform.feature_stride,
+                                                   yours.camera.vtransform.feature_stride),
+    }
+    differ = [f"{key} {a} (student) vs {b} (assistant)" for key, (a, b) in geometry.items() if a != b]
+    if differ:
+        raise ValueError(f"the assistant's geometry differs from the student's: {'; '.join(differ)}: train it from "
+                         "the same student config (bridgeta train-assistant --config <this recipe>)")
     ours, theirs = student.state_dict(), assistant.state_dict()
     shared = [k for k in ours if k.startswith(_SHARED_PREFIXES)]
     wrong = [k for k in shared if k not in theirs or theirs[k].shape != ours[k].shape]
