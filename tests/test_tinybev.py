@@ -122,6 +122,38 @@ def test_the_planner_corrects_the_constant_velocity_path_of_the_ego_status():
     assert head.encoder[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("angle, mirror", [(0.7, False), (-2.0, False), (0.3, True)])
+def test_the_planners_corrections_turn_with_the_egos_heading(angle, mirror):
+    """The same scene features with the velocity turned (or mirrored) give the same plan turned
+    by that rotation: the corrections live in the heading frame. A mirror is a flip of the BEV,
+    which the dataset pairs with a mirrored command (left <-> right), so the mirrored status
+    turns the plan by the rotation between the two velocity directions, not by the mirror."""
+    torch.manual_seed(0)
+    head = PlanningHead(8, steps=3, head_channels=8, hidden=16).eval()
+    torch.nn.init.normal_(head.mlp[-1].weight)
+    decoded = torch.randn(1, 8, 16, 16)
+    velocity = torch.tensor([6.0, 1.5])
+    c, s = math.cos(angle), math.sin(angle)
+    rotation = torch.tensor([[c, -s], [s, c]])
+    turned = rotation @ (velocity * torch.tensor([1.0, -1.0]) if mirror else velocity)
+    # The rotation that takes the first velocity's direction to the second's.
+    delta = math.atan2(float(turned[1]), float(turned[0])) - math.atan2(float(velocity[1]), float(velocity[0]))
+    turn = torch.tensor([[math.cos(delta), -math.sin(delta)], [math.sin(delta), math.cos(delta)]])
+    with torch.no_grad():
+        plans = head(decoded, torch.cat([velocity, torch.ones(1)])[None])
+        moved = head(decoded, torch.cat([turned, torch.ones(1)])[None])
+    torch.testing.assert_close(moved, plans @ turn.T, atol=1e-5, rtol=1e-5)
+    # A slow ego (below MIN_HEADING_SPEED) gives no heading: its corrections keep the BEV's axes.
+    from bridgeta.models.motion_head import MIN_HEADING_SPEED
+
+    slow = torch.tensor([[0.5 * MIN_HEADING_SPEED, 0.0, 1.0]])
+    slow_turned = torch.tensor([[0.0, 0.5 * MIN_HEADING_SPEED, 1.0]])
+    with torch.no_grad():
+        a, b = head(decoded, slow), head(decoded, slow_turned)
+    seconds = 0.5 * torch.arange(1, 4)[:, None]
+    torch.testing.assert_close(a - slow[0, :2] * seconds, b - slow_turned[0, :2] * seconds)
+
+
 def test_future_points_go_to_the_slot_of_their_time():
     from bridgeta.data.dataset import FUTURE_STEPS, _padded_future
 

@@ -30,7 +30,9 @@ from bridgeta.models.object_head import centre_cells, gather_cells
 
 NUM_COMMANDS = 3  # left, straight, right (bridgeta.data.dataset.COMMANDS)
 EGO_MOTION_SIZE = 3  # vx, vy (m/s), known (BEVInputs.ego_motion)
-EGO_SPEED_SCALE = 0.1  # (1/(m/s)): the planner's MLP reads velocities of order 1
+EGO_SPEED_SCALE = 0.1  # (1/(m/s)): the planner's MLP reads speeds of order 1
+PLANNER_STATUS_SIZE = 2  # what the planner's MLP reads of the status: speed, known
+MIN_HEADING_SPEED = 0.5  # m/s: below it the velocity's direction is not the ego's heading
 
 
 @dataclass
@@ -96,13 +98,19 @@ class PlanningHead(nn.Module):
     """The ego's trajectory per command from the decoded BEV and the ego's status.
 
     The BEV goes through two stride-2 convs and an average pool to a ``pooled`` x ``pooled`` map
-    (which keeps where things are relative to the ego at the centre); with the ego status
-    (``BEVInputs.ego_motion``: velocity and whether it is known) an MLP gives ``NUM_COMMANDS`` x
-    ``steps`` x 2 corrections to the constant-velocity path, the velocity times each step's time
-    ahead (``step_seconds`` apart). One frame shows neither the ego's speed nor, under the BEV
-    augmentation, its heading: the status gives both, and the head learns what the scene and the
-    command change about them (turns, stops). The last layer starts at zero, so an untrained head
-    plans the constant-velocity path (no motion where the velocity is unknown)."""
+    (which keeps where things are relative to the ego at the centre); with the ego's speed (from
+    ``BEVInputs.ego_motion``, and whether it is known) an MLP gives ``NUM_COMMANDS`` x ``steps`` x 2
+    corrections to the constant-velocity path, the velocity times each step's time ahead
+    (``step_seconds`` apart). One frame shows neither the ego's speed nor, under the BEV
+    augmentation, its heading: the status gives both.
+
+    The corrections are in the ego's heading frame (x along its velocity, y to its left) and
+    turned into the BEV's frame by the velocity's direction, so a turn the command asks for is
+    one set of weights whatever way the augmentation turned or mirrored the scene (a flip
+    mirrors the command with it: bridgeta/data/dataset.py). Below ``MIN_HEADING_SPEED`` (or
+    unknown) the velocity gives no direction and the corrections stay in the BEV's axes. The last
+    layer starts at zero, so an untrained head plans the constant-velocity path (no motion where
+    the velocity is unknown)."""
 
     def __init__(self, in_channels: int, steps: int, head_channels: int = 32, hidden: int = 128, pooled: int = 4,
                  step_seconds: float = 0.5) -> None:
@@ -110,7 +118,7 @@ class PlanningHead(nn.Module):
         self.steps, self.pooled = steps, pooled
         self.encoder = nn.Sequential(*conv_bn_relu(in_channels, head_channels, 3, 2),
                                      *conv_bn_relu(head_channels, head_channels, 3, 2))
-        self.mlp = nn.Sequential(nn.Linear(head_channels * pooled * pooled + EGO_MOTION_SIZE, hidden),
+        self.mlp = nn.Sequential(nn.Linear(head_channels * pooled * pooled + PLANNER_STATUS_SIZE, hidden),
                                  nn.ReLU(inplace=True), nn.Linear(hidden, NUM_COMMANDS * steps * 2))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
@@ -123,12 +131,21 @@ class PlanningHead(nn.Module):
         if ego_motion is None:
             ego_motion = decoded.new_zeros(len(decoded), EGO_MOTION_SIZE)
         ego_motion = ego_motion.to(decoded.dtype)
+        velocity, known = ego_motion[:, :2], ego_motion[:, 2:3]
+        speed = velocity.norm(dim=1, keepdim=True)
+        # The heading frame's axes: the velocity's direction, or the BEV's x where it has none.
+        moving = speed >= MIN_HEADING_SPEED
+        cos = torch.where(moving, velocity[:, :1] / speed.clamp(min=MIN_HEADING_SPEED), torch.ones_like(speed))
+        sin = torch.where(moving, velocity[:, 1:] / speed.clamp(min=MIN_HEADING_SPEED), torch.zeros_like(speed))
         features = F.adaptive_avg_pool2d(self.encoder(decoded), self.pooled).flatten(1)
-        # Velocities of ~10 m/s next to post-ReLU features of ~1: scaled to the same order.
-        status = ego_motion * ego_motion.new_tensor([EGO_SPEED_SCALE, EGO_SPEED_SCALE, 1.0])
-        correction = self.mlp(torch.cat([features, status], dim=1))
-        constant_velocity = ego_motion[:, None, :2] * self.seconds_ahead[None, :, None].to(decoded.dtype)
-        return constant_velocity[:, None] + correction.reshape(len(decoded), NUM_COMMANDS, self.steps, 2)
+        # Speeds of ~10 m/s next to post-ReLU features of ~1: scaled to the same order.
+        status = torch.cat([speed * EGO_SPEED_SCALE, known], dim=1)
+        along, left = self.mlp(torch.cat([features, status], dim=1)).reshape(
+            len(decoded), NUM_COMMANDS, self.steps, 2).unbind(-1)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, 1, 1) against (B, commands, T)
+        correction = torch.stack([cos * along - sin * left, sin * along + cos * left], dim=-1)
+        constant_velocity = velocity[:, None, :] * self.seconds_ahead[None, :, None].to(decoded.dtype)
+        return constant_velocity[:, None] + correction
 
 
 def select_command(plans: torch.Tensor, command: torch.Tensor) -> torch.Tensor:
