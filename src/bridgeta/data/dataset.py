@@ -382,10 +382,11 @@ class BEVMapDataset(Dataset):
         bev_aug = sample_bev_aug(self._rng(cache_index, 0), self.config.augment, self.train)
         labels = self.cache.labels(cache_index)[self.class_indices]
         labels = resample_labels(labels, self.cache.label_grid, self.output_grid, bev_aug)
+        motion = torch.from_numpy(ego_motion(record, bev_aug))
         sample = BEVSample(
             bev_aug=torch.from_numpy(bev_aug).float(),
             labels=torch.from_numpy(labels),
-            ego_motion=torch.from_numpy(ego_motion(record, bev_aug)),
+            ego_motion=motion,
             meta={
                 "token": record["token"],
                 "scene": record["scene"],
@@ -398,7 +399,7 @@ class BEVMapDataset(Dataset):
             },
         )
         if self.object_classes:
-            sample.meta["objects"] = self._objects(cache_index, record, bev_aug)
+            sample.meta["objects"] = self._objects(cache_index, record, bev_aug, motion)
         if "camera" in self.modalities:
             self._add_cameras(sample, record, self._rng(cache_index, 1))
         if "depth" in self.modalities:
@@ -411,7 +412,8 @@ class BEVMapDataset(Dataset):
             sample.points = torch.from_numpy(apply_bev_aug_points(points, bev_aug))
         return sample
 
-    def _objects(self, cache_index: int, record: dict, bev_aug: np.ndarray) -> dict[str, torch.Tensor]:
+    def _objects(self, cache_index: int, record: dict, bev_aug: np.ndarray,
+                 motion: torch.Tensor) -> dict[str, torch.Tensor]:
         """The sample's boxes of ``object_classes`` with LiDAR support (BEVFusion's valid flag), in
         the augmented ego frame: ``{"boxes": (N, 9), "labels": (N,)}`` (class index).
 
@@ -426,7 +428,8 @@ class BEVMapDataset(Dataset):
           occupancy truth);
         * ``ego_future`` ``(T, 2)``, ``ego_future_yaw`` ``(T,)`` and ``ego_future_mask`` ``(T,)``:
           the logged ego poses, with ``ego_position``, ``ego_yaw``, the ``command`` and the
-          ``ego_motion`` the model reads (the constant-velocity reference of the planning metric).
+          ``ego_motion`` the model reads (``motion``: the constant-velocity reference of the
+          planning metric).
         """
         if "objects" not in record:
             raise CacheError(
@@ -469,7 +472,7 @@ class BEVMapDataset(Dataset):
             c, s_ = np.cos(-yaw), np.sin(-yaw)
             relative = (moved - origin) @ np.array([[c, s_], [-s_, c]]) / np.linalg.norm(heading)
             out["command"] = driving_command(relative, ego_mask[0])
-            out["ego_motion"] = torch.from_numpy(ego_motion(record, bev_aug))
+            out["ego_motion"] = motion
         return out
 
     def _future_agents(self, cache_index: int, record: dict, bev_aug: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

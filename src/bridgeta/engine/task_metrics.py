@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from bridgeta.models.motion_head import MotionOutputs, select_command
+from bridgeta.models.motion_head import MotionOutputs, constant_velocity_path, select_command
 from bridgeta.models.object_head import centre_cells, decode_with, match_detections
 from bridgeta.models.occupancy_head import OccupancyIoU
 from bridgeta.models.targets import build_task_targets
@@ -88,10 +88,8 @@ class MotionPlanningMetric:
                 objects = meta["objects"]
                 origin, yaw = objects["ego_position"].float().to(device), float(objects.get("ego_yaw", 0.0))
                 self.plans.append(self._planned_boxes(planned[b] + origin, origin, yaw, plan.mask[b]).cpu())
-                velocity = objects["ego_motion"][:2].float().to(device)
-                seconds = 0.5 * torch.arange(1, plan.mask.shape[-1] + 1, device=device, dtype=torch.float32)
-                self.constant_velocity.append(self._planned_boxes(
-                    velocity * seconds[:, None] + origin, origin, yaw, plan.mask[b]).cpu())
+                constant = constant_velocity_path(objects["ego_motion"][:2].float().to(device), plan.mask.shape[-1])
+                self.constant_velocity.append(self._planned_boxes(constant + origin, origin, yaw, plan.mask[b]).cpu())
                 self.logged.append(self._logged_boxes(plan.displacement[b] + origin, objects, plan.mask[b]).cpu())
                 self.plan_masks.append(plan.mask[b].cpu())
                 agents, masks = self._agent_boxes(objects, plan.mask.shape[-1])

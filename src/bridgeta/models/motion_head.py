@@ -94,6 +94,14 @@ class MotionHead(nn.Module):
         return MotionOutputs(self.trajectory(features), self.mode(features))
 
 
+def constant_velocity_path(velocity: torch.Tensor, steps: int, step_seconds: float = 0.5) -> torch.Tensor:
+    """``(..., steps, 2)``: the displacements of an ego keeping ``velocity`` ``(..., 2)`` (m/s)
+    at each future step (``step_seconds`` apart): the planning head's prior and the planning
+    metric's reference."""
+    seconds = step_seconds * torch.arange(1, steps + 1, device=velocity.device, dtype=velocity.dtype)
+    return velocity[..., None, :] * seconds[:, None]
+
+
 class PlanningHead(nn.Module):
     """The ego's trajectory per command from the decoded BEV and the ego's status.
 
@@ -115,15 +123,13 @@ class PlanningHead(nn.Module):
     def __init__(self, in_channels: int, steps: int, head_channels: int = 32, hidden: int = 128, pooled: int = 4,
                  step_seconds: float = 0.5) -> None:
         super().__init__()
-        self.steps, self.pooled = steps, pooled
+        self.steps, self.pooled, self.step_seconds = steps, pooled, step_seconds
         self.encoder = nn.Sequential(*conv_bn_relu(in_channels, head_channels, 3, 2),
                                      *conv_bn_relu(head_channels, head_channels, 3, 2))
         self.mlp = nn.Sequential(nn.Linear(head_channels * pooled * pooled + PLANNER_STATUS_SIZE, hidden),
                                  nn.ReLU(inplace=True), nn.Linear(hidden, NUM_COMMANDS * steps * 2))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
-        self.register_buffer("seconds_ahead", step_seconds * torch.arange(1, steps + 1, dtype=torch.float32),
-                             persistent=False)
 
     def forward(self, decoded: torch.Tensor, ego_motion: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         """``(B, NUM_COMMANDS, T, 2)`` ego displacements (m). ``ego_motion`` ``(B, 3)``: vx, vy
@@ -144,8 +150,7 @@ class PlanningHead(nn.Module):
             len(decoded), NUM_COMMANDS, self.steps, 2).unbind(-1)
         cos, sin = cos[:, :, None], sin[:, :, None]  # (B, 1, 1) against (B, commands, T)
         correction = torch.stack([cos * along - sin * left, sin * along + cos * left], dim=-1)
-        constant_velocity = velocity[:, None, :] * self.seconds_ahead[None, :, None].to(decoded.dtype)
-        return constant_velocity[:, None] + correction
+        return constant_velocity_path(velocity, self.steps, self.step_seconds)[:, None] + correction
 
 
 def select_command(plans: torch.Tensor, command: torch.Tensor) -> torch.Tensor:
