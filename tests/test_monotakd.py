@@ -439,6 +439,35 @@ def test_settings_that_cannot_work_are_refused(models):
                         build_model(student.config), build_model(teacher.config), build_model(load_config("tiny-c")))
 
 
+def test_a_residual_branch_without_a_reader_is_refused(models):
+    """Without FFM only CMRD reads the residual branch: at cmrd 0 it would run and learn nothing."""
+    _, _, teacher, assistant = models
+    config = load_config("distill/tiny-c-monotakd", ["model.residual.ffm=false", "distill.monotakd.cmrd=0"])
+    with pytest.raises(ValueError, match="model.residual without ffm"):
+        build_distiller(config, build_model(config), build_model(teacher.config), build_model(assistant.config))
+    # The IMD-only ablation's form (no branch) and FFM's reader are both accepted.
+    for overrides in (["model.residual=null", "distill.monotakd.cmrd=0"], ["distill.monotakd.cmrd=0"]):
+        ok = load_config("distill/tiny-c-monotakd", overrides)
+        build_distiller(ok, build_model(ok), build_model(teacher.config), build_model(assistant.config))
+
+
+@pytest.mark.parametrize("weights, runs_teacher", [
+    ({"imd": 0.0, "cmrd": 0.0, "logit": 0.0}, False),  # the sweep's lambda = 0
+    ({"imd": 1.0, "cmrd": 0.0, "logit": 0.0}, False),  # IMD only: the assistant, not the teacher
+    ({"imd": 0.0, "cmrd": 0.0, "logit": 1.0}, True),
+    ({"imd": 0.0, "cmrd": 0.2, "logit": 0.0}, True),
+], ids=["zero", "imd", "logit", "cmrd"])
+def test_the_teacher_runs_only_for_the_terms_that_read_it(models, weights, runs_teacher):
+    distiller = _distiller(models, **weights)
+    calls = []
+    distiller.teacher.register_forward_hook(lambda *_: calls.append(1))
+    distiller.train()
+    inputs, labels = _batch()
+    out = distiller(inputs, labels)
+    assert bool(calls) == runs_teacher
+    assert {k for k in out.losses if k.startswith("kd/")} == {f"kd/{k}" for k, w in weights.items() if w > 0}
+
+
 @pytest.mark.parametrize("teacher, wrong", [
     ("tiny-l", "64 channels"),  # no fuser: the LiDAR branch's BEV is the fused BEV
     ("tiny-lc", "32 channels on the grid x [-51.2, 51.2, 1.6]"),  # same channels, a coarser grid

@@ -160,6 +160,11 @@ class MonoTAKDDistiller(Distiller):
         if settings.cmrd > 0 and student.residual_branch is None:
             raise ValueError("MonoTAKD's CMRD needs the student's residual branch: set model.residual "
                              "(or distill.monotakd.cmrd=0, the IMD-only ablation)")
+        if settings.cmrd == 0 and student.residual_branch is not None and student.feature_fusion is None:
+            # Without FFM only CMRD reads the branch: it would run every step and train nothing
+            # (and DDP refuses parameters that get no gradient).
+            raise ValueError("model.residual without ffm is read only by CMRD, and distill.monotakd.cmrd is 0: "
+                             "set model.residual=null (the IMD-only ablation) or model.residual.ffm=true")
         if student.camera_encoder is None:
             raise ValueError("the MonoTAKD student must have a camera branch")
         if settings.cmrd > 0:  # with a fuser or without: CMRD subtracts the maps cell by cell
@@ -209,7 +214,9 @@ class MonoTAKDDistiller(Distiller):
         self, inputs: BEVInputs, labels: torch.Tensor, student: BEVOutputs, logs: dict[str, float]
     ) -> dict[str, torch.Tensor]:
         settings = self.settings
-        teacher = self.teacher_forward(inputs)
+        # Only CMRD and the logit term read the teacher: the sweep's lambda = 0 point and the
+        # IMD-only ablation skip its forward pass.
+        teacher = self.teacher_forward(inputs) if settings.cmrd > 0 or settings.logit > 0 else None
         assert student.camera_bev is not None
         losses: dict[str, torch.Tensor] = {}
         if settings.imd > 0 or settings.cmrd > 0:
@@ -218,10 +225,11 @@ class MonoTAKDDistiller(Distiller):
             imd = F.mse_loss(minmax_per_sample(student.camera_bev.float()), minmax_per_sample(assistant))
             losses["kd/imd"] = settings.imd * imd
         if settings.cmrd > 0:
-            assert student.residual_bev is not None
+            assert student.residual_bev is not None and teacher is not None
             target = residual_target(assistant, teacher.fused_bev, settings.threshold)
             losses["kd/cmrd"] = settings.cmrd * F.mse_loss(student.residual_bev.float(), target)
             logs["cmrd/target_density"] = float((target > 0).float().mean())
         if settings.logit > 0:
+            assert teacher is not None
             losses["kd/logit"] = settings.logit * bernoulli_kl(teacher.logits, student.logits, self.config.temperature)
         return losses
