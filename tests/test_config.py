@@ -161,3 +161,24 @@ def test_the_config_names_its_heads_and_reads_the_earlier_keys(tmp_path):
         load_config("tiny-c", ["model.heads.lanes={}"])
     with pytest.raises(ConfigError, match="'model.heads.occupancy' is rasterised from the annotated agents"):
         load_config("tiny-c", ["model.heads.occupancy={}"])
+
+
+@pytest.mark.parametrize("workers, as_trained", [(1, "once"), (0, "every_epoch")])
+def test_a_run_stored_before_augment_draws_reads_as_the_stream_it_trained_on(tmp_path, workers, as_trained):
+    """Before ``data.augment.draws``, persistent loader workers kept the first epoch's
+    augmentation (data/epoch.py): a stored run with workers matches ``once``, one without
+    ``every_epoch``; a preset or file without the key still means the default."""
+    import yaml
+
+    from bridgeta.config import matches_stored
+
+    overrides = [f"train.num_workers={workers}", "data.dataroot=/nowhere"]
+    stored = to_dict(load_config("tiny-c", overrides))
+    del stored["data"]["augment"]["draws"]
+    path = write(tmp_path / "config.yaml", yaml.safe_dump(stored))
+    other = "every_epoch" if as_trained == "once" else "once"
+    assert matches_stored(path, load_config("tiny-c", [*overrides, f"data.augment.draws={as_trained}"]))
+    assert not matches_stored(path, load_config("tiny-c", [*overrides, f"data.augment.draws={other}"]))
+    assert load_config("tiny-c", ["data.dataroot=/nowhere"]).data.augment.draws == "every_epoch"
+    with pytest.raises(ConfigError, match="draws"):
+        load_config("tiny-c", ["data.dataroot=/nowhere", "data.augment.draws=twice"])

@@ -171,6 +171,26 @@ def test_augmentation_is_deterministic_and_shared_across_modalities(dataroot):
     assert not torch.equal(other_seed[0].image_aug, first.image_aug)
 
 
+@pytest.mark.parametrize("draws", ["every_epoch", "once"])
+def test_persistent_loader_workers_draw_the_epoch_the_loop_set(dataroot, draws):
+    """A persistent worker gets its copy of the dataset once, at the first epoch: the epoch set
+    afterwards must still reach it (data/epoch.py). It did not: every epoch replayed the first."""
+    from torch.utils.data import DataLoader
+
+    config = config_for(dataroot.root, augment=AugmentConfig(draws=draws))
+    dataset = BEVMapDataset(config, IMAGE_SIZE, TINY_GRID, train=True, modalities=("lidar",), seed=3)
+    loader = DataLoader(dataset, batch_size=None, sampler=[0], num_workers=1, persistent_workers=True,
+                        collate_fn=lambda sample: sample)
+    in_workers, in_process = [], []
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        in_workers += [sample.bev_aug for sample in loader]
+        in_process.append(dataset[0].bev_aug)
+    assert all(torch.equal(a, b) for a, b in zip(in_workers, in_process, strict=True))
+    distinct = {tuple(m.flatten().tolist()) for m in in_workers}
+    assert len(distinct) == (3 if draws == "every_epoch" else 1)
+
+
 def test_augmented_points_and_labels_stay_aligned(dataroot):
     """Points on the road (from the un-augmented sample) stay on augmented drivable cells."""
     config = config_for(dataroot.root, max_sweeps=0)

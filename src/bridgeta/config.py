@@ -750,7 +750,27 @@ def matches_stored(path: str | Path, config: ExperimentConfig) -> bool:
     ``config``: parsed, so keys an earlier version did not write compare at their defaults and
     legacy keys migrate. Raises ConfigError or yaml.YAMLError for a file that does not parse."""
     path = Path(path)
-    return to_dict(parse_config(yaml.safe_load(path.read_text()), str(path))) == to_dict(config)
+    stored = _as_trained(yaml.safe_load(path.read_text()))
+    return to_dict(parse_config(stored, str(path))) == to_dict(config)
+
+
+def _as_trained(stored: Any) -> Any:
+    """A run's stored config with the settings it trained under that its version did not write.
+
+    ``data.augment.draws``: before it existed, the loader's persistent workers kept the epoch the
+    run started in (data/epoch.py), so a run with workers drew its first epoch's augmentation in
+    every epoch, which is ``once`` for a run started at step 0; without workers the loader read
+    every epoch's.
+    """
+    if not isinstance(stored, dict) or not isinstance(stored.get("data"), dict):
+        return stored
+    augment = stored["data"].get("augment")
+    if isinstance(augment, dict) and "draws" not in augment:
+        train = stored.get("train") if isinstance(stored.get("train"), dict) else {}
+        workers = train.get("num_workers", TrainConfig.num_workers)
+        stored = {**stored, "data": {**stored["data"], "augment": {
+            **augment, "draws": "once" if isinstance(workers, int) and workers > 0 else "every_epoch"}}}
+    return stored
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -61,6 +61,10 @@ class AccuracyPreset:
 REPRODUCED = ("baseline", "direct", "bridgeta", "monotakd")
 # A checkpoint every 200 steps, so a killed run loses minutes, not an epoch.
 RESUMABLE = ("train.checkpoint_every=200",)
+# The cpu tables' augmentation regime: each sample's augmentation drawn once, as epoch 0's. Every
+# run their ledgers recorded trained so (a loader defect kept the first epoch's stream in the
+# workers, data/epoch.py), and the runs still to train must form one protocol with them.
+ONCE = (*RESUMABLE, "data.augment.draws=once")
 CPU_METHODS = ("baseline", "direct", "feature_kd", "logit_kd", "bridgeta", "fixed_epsilon",
                "monotakd", "monotakd_imd_only", "monotakd_cmrd_only", "monotakd_no_sam", "monotakd_no_ffm",
                "monotakd_shared", "baseline_long", "baseline_x4", "direct_long", "bridgeta_long")
@@ -76,7 +80,7 @@ PRESETS = {
     "cpu": AccuracyPreset(
         scenes=30, duration=20.0, world="tiny",
         protocol=Protocol(student_steps=800, teacher_steps=1600, curve_points=8, teacher_seeds=1,
-                          student_overrides=RESUMABLE, teacher_overrides=RESUMABLE),
+                          student_overrides=ONCE, teacher_overrides=ONCE),
         methods=CPU_METHODS,
         seeds={"baseline": 5, "direct": 5, "bridgeta": 5, **_ABLATION_SEEDS},
         default_seeds=3,
@@ -92,9 +96,9 @@ PRESETS = {
         scenes=30, duration=20.0, world="tiny-traffic",
         protocol=Protocol(teacher="tiny-lc-mt", student="tiny-c-mt", student_steps=800, teacher_steps=1600,
                           curve_points=8, teacher_seeds=1,
-                          student_overrides=(*RESUMABLE, "model.heads.object={classes: [car, truck, bus, pedestrian], "
+                          student_overrides=(*ONCE, "model.heads.object={classes: [car, truck, bus, pedestrian], "
                                              "nms_radius: [2.0, 3.46, 3.16, 0.42], head_channels: 32}"),
-                          teacher_overrides=RESUMABLE),
+                          teacher_overrides=ONCE),
         methods=("baseline", "direct", "bridgeta"),
         default_seeds=3,
         pretrain_steps=1000,
@@ -107,9 +111,9 @@ PRESETS = {
         scenes=30, duration=20.0, world="tiny-traffic",
         protocol=Protocol(teacher="tiny-lc-tinybev", student="tiny-c-tinybev", student_steps=800,
                           teacher_steps=1600, curve_points=8, teacher_seeds=1,
-                          student_overrides=RESUMABLE, teacher_overrides=RESUMABLE,
+                          student_overrides=ONCE, teacher_overrides=ONCE,
                           # BridgeTA's row: cpu-mt's teacher (the same run when both share WORK_MT)
-                          aligned_teacher="tiny-lc-mt", aligned_teacher_overrides=RESUMABLE),
+                          aligned_teacher="tiny-lc-mt", aligned_teacher_overrides=ONCE),
         methods=("baseline", "tinybev_s1", "tinybev_s2", "tinybev_s3", "tinybev_bridgeta"),
         default_seeds=3,
         pretrain_steps=1000,

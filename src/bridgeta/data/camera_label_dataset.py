@@ -23,6 +23,7 @@ from bridgeta.data.cache import LabelCache
 from bridgeta.data.camera_labels import IGNORE_INDEX, CameraLabelError, read_index
 from bridgeta.data.config import DataConfig
 from bridgeta.data.dataset import DataFileError, load_image
+from bridgeta.data.epoch import SharedEpoch
 
 
 class CameraLabelDataset(Dataset):
@@ -41,7 +42,7 @@ class CameraLabelDataset(Dataset):
         self.split = split
         self.train = train
         self.seed = seed
-        self.epoch = 0
+        self._epoch = SharedEpoch()  # read by the loader workers (data/epoch.py)
         self.dataroot = Path(config.dataroot).expanduser()
         self.cache = LabelCache(config.resolved_cache_dir())
         self.index = read_index(self.dataroot)
@@ -65,7 +66,16 @@ class CameraLabelDataset(Dataset):
         return len(self.items)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.set(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
+    @property
+    def augment_epoch(self) -> int:
+        """The epoch whose augmentation stream is drawn (0 for every epoch with ``augment.draws: once``)."""
+        return self.epoch if self.config.augment.draws == "every_epoch" else 0
 
     def image_path(self, index: int) -> str:
         """The image (relative to the dataroot) of item ``index``."""
@@ -87,7 +97,7 @@ class CameraLabelDataset(Dataset):
         camera = self.cache.record(cache_index)["cameras"][camera_index]
         row = self.index.rows[camera["path"]]
         original_size = (camera["height"], camera["width"])
-        rng = np.random.default_rng([self.seed, self.epoch, cache_index, camera_index])
+        rng = np.random.default_rng([self.seed, self.augment_epoch, cache_index, camera_index])
         matrix = sample_image_aug(rng, original_size, self.image_size, self.config.augment, self.train)
         try:
             image = load_image(self.dataroot / camera["path"], matrix, original_size, self.image_size)

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 # BEVFusion's test-time resize of 900x1600 nuScenes images for its 256x704 input.
 _BEVFUSION_TEST_SCALE = 0.48
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# How often a training sample's augmentation is drawn (AugmentConfig.draws).
+AUGMENT_DRAWS = ("every_epoch", "once")
 
 
 @dataclass
@@ -30,6 +33,11 @@ class AugmentConfig:
     bev_scale:         uniform scale range.
     bev_translate_std: standard deviation (m) of the translation along X, Y and Z.
     bev_flip_x / bev_flip_y: negate ego X / ego Y, each with probability 1/2.
+    draws:             ``every_epoch``: a sample's augmentation is drawn anew each epoch (keyed by
+                       seed, epoch and sample, so a resumed run draws what the run it continues
+                       would have); ``once``: drawn once, as epoch 0's, and reused every epoch (a
+                       fixed augmented copy of the data). The cpu benchmarks' recorded runs
+                       trained with ``once`` (docs/results.md).
     """
 
     image: bool = True
@@ -43,8 +51,11 @@ class AugmentConfig:
     bev_translate_std: float = 0.5
     bev_flip_x: bool = True
     bev_flip_y: bool = True
+    draws: Literal["every_epoch", "once"] = "every_epoch"
 
     def __post_init__(self) -> None:
+        if self.draws not in AUGMENT_DRAWS:
+            raise ValueError(f"augment.draws must be one of {', '.join(AUGMENT_DRAWS)}, got {self.draws!r}")
         for name in ("image_resize", "image_bottom_crop", "bev_scale"):
             low, high = getattr(self, name)
             if not 0 <= low <= high:

@@ -37,6 +37,7 @@ from bridgeta.data.augment import (
 )
 from bridgeta.data.cache import CacheError, LabelCache
 from bridgeta.data.config import DataConfig
+from bridgeta.data.epoch import SharedEpoch
 from bridgeta.geometry import BEVGrid, project_depth
 from bridgeta.models.types import BEVInputs, CameraInputs, LidarInputs
 
@@ -290,7 +291,7 @@ class BEVMapDataset(Dataset):
         if "depth" in self.modalities and "camera" not in self.modalities:
             raise ValueError("the 'depth' modality is per camera pixel: it needs the 'camera' modality too")
         self.seed = seed
-        self.epoch = 0
+        self._epoch = SharedEpoch()  # read by the loader workers (data/epoch.py)
         self.split = split or config.split
         self.dataroot = Path(config.dataroot).expanduser()
         self.cache = LabelCache(config.resolved_cache_dir())
@@ -339,7 +340,16 @@ class BEVMapDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of ``epoch`` (before creating the epoch's iterator)."""
-        self.epoch = epoch
+        self._epoch.set(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
+    @property
+    def augment_epoch(self) -> int:
+        """The epoch whose augmentation stream is drawn (0 for every epoch with ``augment.draws: once``)."""
+        return self.epoch if self.config.augment.draws == "every_epoch" else 0
 
     def index_of(self, token: str) -> int:
         """Position in this dataset of the sample ``token``."""
@@ -352,7 +362,7 @@ class BEVMapDataset(Dataset):
 
     def _rng(self, cache_index: int, stream: int) -> np.random.Generator:
         """Keyed by the cache index, so a sample's augmentation ignores split and load_interval."""
-        return np.random.default_rng([self.seed, self.epoch, cache_index, stream])
+        return np.random.default_rng([self.seed, self.augment_epoch, cache_index, stream])
 
     def missing_files(self) -> list[tuple[str, Path]]:
         """``(sample token, path)`` of every sensor file this dataset would read that does not exist."""
