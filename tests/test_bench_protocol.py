@@ -566,6 +566,19 @@ def test_tinybev_stages_share_the_budget_and_start_from_the_previous_stage(tmp_p
     _, overrides = bench_distill.method_config("tinybev_s1", tmp_path, 2, protocol)
     first = load_config("distill/tiny-c-tinybev-s1", ["data.dataroot=/d", *overrides])
     assert first.distill.tinybev.init_from is None and first.train.data_start_step == 0
+    # The staged baseline: the same chained runs on the stage recipes, without a distillation
+    # term; each TinyBEV stage is paired with its run of the same stage.
+    preset, overrides = bench_distill.method_config("baseline_s3", tmp_path, 2, protocol)
+    staged = load_config(preset, ["data.dataroot=/d", *overrides])
+    assert preset == "distill/tiny-c-tinybev-s3" and staged.train.data_start_step == 532
+    assert staged.distill.tinybev.init_from == str(tmp_path / "tiny-c-tinybev-baseline_s2-seed2")
+    tinybev = staged.distill.tinybev
+    assert (tinybev.feature, tinybev.output, tinybev.region) == (0, 0, False) and staged.train.max_steps == 268
+    assert [bench_distill.trained_steps(f"baseline_s{k}", 800) for k in (1, 2, 3)] == [266, 532, 800]
+    assert [bench_distill.same_schedule_baseline(f"tinybev_s{k}") for k in (1, 2, 3)] == [
+        "baseline_s1", "baseline_s2", "baseline_s3"]
+    assert bench_distill.same_schedule_baseline("baseline_s3") is None
+    assert bench_distill.run_inputs("baseline_s2", 2, None) == [("teacher", None, None), ("baseline_s1", 2, None)]
 
 
 def test_bridgeta_on_the_tinybev_student_learns_from_the_detection_tables_teacher(tmp_path):
@@ -664,7 +677,13 @@ def test_staged_tinybev_end_to_end(engine_world, tmp_path):
         assert config.distill.tinybev.init_from == str(runs / f"tiny-c-tinybev-{previous}-seed0")
         assert config.train.max_steps == 1
     assert set(result["table"]) == {"teacher", "aligned_teacher", "baseline", "tinybev_s1", "tinybev_s2",
-                                    "tinybev_s3", "tinybev_bridgeta"}
+                                    "tinybev_s3", "tinybev_bridgeta", "baseline_s1", "baseline_s2", "baseline_s3"}
+    # The staged baseline trains on its labels alone, through the same chain.
+    staged = load_config(str(runs / "tiny-c-tinybev-baseline_s3-seed0" / "config.yaml"))
+    assert staged.distill.tinybev.init_from == str(runs / "tiny-c-tinybev-baseline_s2-seed0")
+    steps = [r for r in read_metrics(runs / "tiny-c-tinybev-baseline_s3-seed0") if "loss" in r]
+    assert steps and not any(k.startswith("kd/") for r in steps for k in r)
+    assert result["table"]["tinybev_s3"]["paired_multitask_vs_same_schedule"]["reference"] == "baseline_s3"
     assert "planning" in result["table"]["tinybev_s3"] and "motion" in result["table"]["tinybev_s3"]
     # BridgeTA distils the map and object heads of the same student, from the aligned teacher.
     bridgeta = load_config(str(runs / "tiny-c-tinybev-tinybev_bridgeta-seed0" / "config.yaml"))
@@ -674,6 +693,7 @@ def test_staged_tinybev_end_to_end(engine_world, tmp_path):
     assert "paired_vs_baseline" not in result["table"]["aligned_teacher"]
     table = (out / "table.md").read_text()
     assert "| `tinybev_s3` |" in table and table.count("| `tinybev_bridgeta` |") == 3  # map, detection, multi-task
+    assert "| `tinybev_s3` | `baseline_s3` |" in table  # the table against the staged baseline
 
 
 def test_a_work_directory_keeps_the_world_it_was_generated_as(tmp_path, monkeypatch):

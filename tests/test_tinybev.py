@@ -5,6 +5,7 @@ output-level terms on hand-built outputs."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -374,6 +375,39 @@ def test_uniform_region_weights_reproduce_the_plain_output_terms(distiller):
     moved = distiller._output_terms(student, teacher, skewed / skewed.mean(), {}, command)
     assert float((moved["kd/out_map"] - plain["kd/out_map"]).abs()) > 1e-6
     assert float((moved["kd/out_occupancy"] - plain["kd/out_occupancy"]).abs()) > 1e-6
+
+
+def test_without_a_term_the_teacher_does_not_run(distiller):
+    """The staged baseline's runs (no feature or output term) never run the teacher."""
+    calls = []
+    hook = distiller.teacher.register_forward_hook(lambda *_: calls.append(1))
+    settings = distiller.settings
+    distiller.settings = replace(settings, feature=0.0, output=0.0)  # a module fixture: restored below
+    try:
+        assert distiller.distill(None, None, None, {}) == {} and calls == []
+    finally:
+        distiller.settings = settings
+        hook.remove()
+
+
+def test_the_heatmap_term_is_normalised_by_the_teachers_detections_as_the_task_loss_by_objects(distiller):
+    """The KL summed over cells and classes, divided by the teacher's confident detections: one
+    disagreeing cell weighs the same on a 64x64 grid as on any other, and a second detection
+    elsewhere (agreed on) halves it."""
+    student, teacher = _outputs(distiller.student, 0), _outputs(distiller.teacher, 1)
+    teacher.objects.heatmap.fill_(-10.0)
+    teacher.objects.heatmap[0, 1, 5, 7] = 2.0  # the one confident detection (p = 0.88)
+    student.objects = replace(student.objects, heatmap=teacher.objects.heatmap.clone())
+    student.objects.heatmap[0, 1, 5, 7] = 0.0  # p = 0.5 where the teacher says 0.88
+    t = distiller.config.temperature
+    p, q = torch.sigmoid(torch.tensor(2.0 / t)), torch.tensor(0.5)
+    kl = float(p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))) * t**2
+    settings = distiller.settings
+    one = distiller._output_terms(student, teacher, None, {}, torch.tensor([1, 1]))["kd/out_heatmap"]
+    assert float(one) == pytest.approx(settings.output * settings.heads.heatmap * kl, rel=1e-4)
+    teacher.objects.heatmap[1, 0, 30, 30] = student.objects.heatmap[1, 0, 30, 30] = 3.0
+    two = distiller._output_terms(student, teacher, None, {}, torch.tensor([1, 1]))["kd/out_heatmap"]
+    assert float(two) == pytest.approx(float(one) / 2, rel=1e-4)
 
 
 def test_the_motion_term_regresses_the_teachers_most_probable_mode(distiller):

@@ -70,6 +70,8 @@ class Protocol:
 _STEP_EPOCHS = 10_000
 
 
+# TinyBEV's stage recipes with no distillation term (the staged baseline's runs).
+_NO_TINYBEV_TERMS = ("distill.tinybev.feature=0", "distill.tinybev.output=0", "distill.tinybev.region=false")
 # method -> overrides of the BridgeTA recipe (None: not a distillation run). The rows of the
 # paper's Table 4 are BridgeTA with fewer levels; "direct" is its "w/o TA" row.
 METHODS: dict[str, tuple[str, ...] | None] = {
@@ -114,6 +116,11 @@ METHODS: dict[str, tuple[str, ...] | None] = {
     "tinybev_s1": (),
     "tinybev_s2": (),
     "tinybev_s3": (),
+    # The student without distillation, trained in the same three chained runs (each its own
+    # warm-up, cosine decay and fresh optimiser, from the previous one's weights and data
+    # position): the control that tells the stages' distillation from their restarts. Each
+    # stage's row is paired with it (``same_schedule_baseline``).
+    **{f"baseline_s{stage}": _NO_TINYBEV_TERMS for stage in (1, 2, 3)},
     # BridgeTA on TinyBEV's student, every head of it (``<tinybev_recipe>-bridgeta``): BridgeTA has
     # no adapters, so it learns from ``Protocol.aligned_teacher`` ("aligned_teacher", a teacher
     # row of its own) and distills the map and object heads; motion, occupancy and planning learn
@@ -140,10 +147,20 @@ def camera_network_steps(method: str) -> int:
     return 2 if is_monotakd(method) else schedule_times(method)
 
 
+def tinybev_stage(method: str) -> int | None:
+    """Which of TinyBEV's three chained runs ``method`` is (``tinybev_s<n>`` and the staged
+    baseline's ``baseline_s<n>``), or None for every other method."""
+    for family in ("tinybev_s", "baseline_s"):
+        if method.startswith(family) and method.removeprefix(family).isdigit():
+            return int(method.removeprefix(family))
+    return None
+
+
 def tinybev_stage_steps(method: str, student_steps: int) -> int:
     """The steps of one TinyBEV stage: a third of the student's budget each, the last stage
     taking the remainder, so S1 + S2 + S3 train exactly as long as the baseline."""
-    stage = int(method.removeprefix("tinybev_s"))
+    stage = tinybev_stage(method)
+    assert stage is not None, method
     share = student_steps // TINYBEV_STAGES
     return share if stage < TINYBEV_STAGES else student_steps - share * (TINYBEV_STAGES - 1)
 
@@ -153,13 +170,16 @@ def trained_steps(method: str, student_steps: int) -> int:
     MonoTAKD's TA included: the ``steps`` of the tables."""
     if is_tinybev(method):
         return sum(tinybev_stage_steps(f"tinybev_s{stage}", student_steps)
-                   for stage in range(1, int(method.removeprefix("tinybev_s")) + 1))
+                   for stage in range(1, tinybev_stage(method) + 1))
     return camera_network_steps(method) * student_steps
 
 
 def same_schedule_baseline(method: str) -> str | None:
     """The baseline a row trained for more than the student's schedule is paired with: the one
-    trained for as many steps (``baseline_long`` for MonoTAKD and the 2x rows)."""
+    trained for as many steps (``baseline_long`` for MonoTAKD and the 2x rows); a TinyBEV stage's
+    is the staged baseline's run of that stage (as many steps, in the same chained runs)."""
+    if method.startswith("tinybev_s"):  # the staged baseline's run of the same stage
+        return f"baseline_s{tinybev_stage(method)}"
     times = camera_network_steps(method)
     if times == 1 or method in LONGER_BASELINES:
         return None
@@ -167,7 +187,8 @@ def same_schedule_baseline(method: str) -> str | None:
 
 
 # The run a staged method starts from: train it first, with the same seed.
-STAGE_AFTER = {"tinybev_s2": "tinybev_s1", "tinybev_s3": "tinybev_s2"}
+STAGE_AFTER = {"tinybev_s2": "tinybev_s1", "tinybev_s3": "tinybev_s2",
+               "baseline_s2": "baseline_s1", "baseline_s3": "baseline_s2"}
 TINYBEV_STAGES = 3
 # The planning figures of TinyBEV's table: L2 and the collision rate in UniAD's convention (at
 # each horizon), averaged over 1, 2 and 3 s, and L2 at 3 s, the figure TinyBEV's abstract gives
@@ -210,7 +231,8 @@ def is_monotakd(method: str) -> bool:
 
 
 def is_tinybev(method: str) -> bool:
-    return method.startswith("tinybev_s")
+    """TinyBEV's staged runs: its stages and the staged baseline's (on the stage recipes)."""
+    return tinybev_stage(method) is not None
 
 
 def stage_depth(method: str) -> int:
@@ -323,7 +345,7 @@ def method_config(
         done = trained_steps(method, protocol.student_steps) - stage_steps
         start = ([f"distill.tinybev.init_from={runs_dir / run_name(STAGE_AFTER[method], seed, protocol, scale)}",
                   f"train.data_start_step={done}"] if method in STAGE_AFTER else [])
-        return (f"{protocol.tinybev_recipe}-s{method.removeprefix('tinybev_s')}",
+        return (f"{protocol.tinybev_recipe}-s{tinybev_stage(method)}",
                 [name, *schedule, *common, *METHODS[method], *start, f"distill.teacher={teacher}"])
     recipe = protocol.monotakd_recipe if is_monotakd(method) else protocol.recipe
     weights = []
@@ -522,6 +544,10 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
             continue
         table[method]["paired_multitask_vs_baseline"] = {
             name: paired_where_complete(results, runs["baseline"], key) for name, key in multitask.items()}
+        reference = same_schedule_baseline(method)
+        if reference in runs:  # a TinyBEV stage against the staged baseline's run of its stage
+            table[method]["paired_multitask_vs_same_schedule"] = {"reference": reference, **{
+                name: paired_where_complete(results, runs[reference], key) for name, key in multitask.items()}}
     if "teacher" in runs and "baseline" in runs:
         teacher = {r["seed"]: r["test"]["miou"] for r in runs["teacher"]}
         baseline = {r["seed"]: r["test"]["miou"] for r in runs["baseline"]}

@@ -11,7 +11,9 @@ No code of TinyBEV is public; what follows is our reading (docs/methods/tinybev.
   (decoded -> decoded).
 * **Output level** (``output``, per head in ``heads``):
   * map: the per-cell Bernoulli KL from the teacher's map logits;
-  * object heatmap: the same KL on the heatmap logits;
+  * object heatmap: the same KL on the heatmap logits, summed over cells and classes and divided
+    by the number of the teacher's confident detections (as the task's focal loss divides by the
+    objects; a mean over cells would make it negligible beside that loss);
   * boxes: L1 to the teacher's box regressions at its confident detections (3x3 peaks of its
     heatmap with a score of at least ``confidence``);
   * motion: at the same cells, the student's modes regress the teacher's most probable
@@ -26,7 +28,8 @@ No code of TinyBEV is public; what follows is our reading (docs/methods/tinybev.
   batch's cells, without gradient. So the weights of a batch sum to its number of cells, and a
   cell the teacher finds empty and the student agrees on keeps ``region_floor / mean`` of the
   average weight. Every per-cell term is a mean weighted by ``w`` (resampled to the map grid
-  for the map term); the box and motion terms weigh their cells by ``w`` there.
+  for the map term; the heatmap's is a sum weighted by ``w``); the box and motion terms weigh
+  their cells by ``w`` there.
 * **Stages.** S1 (feature only), S2 (+ output) and S3 (+ region weights) are recipes
   (``distill/tiny-c-tinybev-s1..s3``); each later stage starts from the previous stage's student
   and adapters (``init_from``; :meth:`TinyBEVDistiller.continue_previous_stage`). What each
@@ -161,6 +164,8 @@ class TinyBEVDistiller(Distiller):
         self, inputs: BEVInputs, labels: torch.Tensor, student: BEVOutputs, logs: dict[str, float]
     ) -> dict[str, torch.Tensor]:
         settings = self.settings
+        if settings.feature == 0 and settings.output == 0:
+            return {}  # the staged baseline's runs: the stage recipes without a term to read the teacher
         teacher = self.teacher_forward(inputs)
         weights = self._region(student, teacher) if settings.region else None
         if weights is not None:
@@ -216,10 +221,15 @@ class TinyBEVDistiller(Distiller):
         settings, heads, temperature = self.settings, self.settings.heads, self.config.temperature
         scale = settings.output
         s_obj, t_obj = pair
-        losses = {"kd/out_heatmap": scale * heads.heatmap * weighted_mean(
-            bernoulli_kl_cells(t_obj.heatmap, s_obj.heatmap, temperature), weights)}
         cells, confident = teacher_detection_cells(t_obj.heatmap, settings.confidence)
         logs["out/teacher_detections"] = float(confident.float().sum(dim=1).mean())
+        # Normalised as the task's focal loss is (summed over cells and classes, divided by the
+        # objects): by the teacher's confident detections. A mean over every cell and class put
+        # this term near 1e-4 of the task's heatmap loss, the objects being a few cells of 16k.
+        heat_kl = bernoulli_kl_cells(t_obj.heatmap, s_obj.heatmap, temperature) * t_obj.heatmap.shape[1]
+        if weights is not None:
+            heat_kl = heat_kl * weights
+        losses = {"kd/out_heatmap": scale * heads.heatmap * heat_kl.sum() / confident.sum().clamp(min=1)}
         cell_weights = confident.float()
         if weights is not None:
             cell_weights = cell_weights * gather_cells(weights[:, None], cells)[..., 0]
