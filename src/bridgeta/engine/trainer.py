@@ -21,7 +21,8 @@ Design points:
   one replica when alone), seeded by ``train.seed`` and the epoch. Process ``r`` of ``N`` takes
   every ``N``-th sample of the permutation, so ``N`` processes with batch ``b`` see per step the
   samples one process sees with batch ``b`` and ``N``-fold accumulation. Augmentation is keyed by
-  ``(seed, epoch, sample)`` in the dataset, never by worker or process RNG.
+  ``(seed, epoch, sample)`` in the dataset, never by worker or process RNG; the epoch lives in
+  shared memory, so the persistent loader workers see each one the loop sets (data/epoch.py).
 * **Exact resume**: checkpoints are taken at optimiser-step boundaries and record the epoch and
   the micro-batches of it already consumed; the sampler then starts the epoch's permutation past
   them. Model, optimiser, schedule, GradScaler and every RNG (python, numpy, torch CPU/CUDA, per
