@@ -190,6 +190,13 @@ def test_the_multitask_section_renders_the_tinybev_table():
     # UniAD's L2 averaged over 1-2-3 s (1.70 m), its paired delta (-0.10 m), the collision rate in %.
     assert "| 1.70 ± 0.00 |" in row and "| -0.10 ± 0.00 |" in row and "| 10.0 ± 0.0 |" in row
     assert "`l2@mean`" in text and "`l2_avg@...`" in text  # the text says which convention is shown
+    assert "Planning scores" not in text  # these runs do not say how many samples they scored
+    for results in runs.values():
+        for r in results:
+            r["test"]["planning"]["samples"] = 200
+    text = render_multitask({"environment": BEV_POOL["environment"], "table": aggregate(runs),
+                             "preset": {"name": "cpu-tinybev"}})
+    assert "Planning scores the 200 test samples with a whole 3 s future, so one collision at one horizon is 0.50 %" in text
 
 
 def test_a_running_multi_task_benchmark_shows_its_detection_rows():

@@ -345,7 +345,7 @@ def render_partial_multitask(results: dict) -> str:
         text += ("\n\nEvery task of the same runs: mAP, NDS, the unclipped mAP ([detection.md](detection.md)) and map "
                  "mIoU in %, minADE (at the true agents) and L2 in m, the collision rate in %; L2 and collision "
                  "averaged over 1, 2 and 3 s in UniAD's convention, and L2 at 3 s. Mean ± std over the finished "
-                 "seeds; Δ paired per seed against the baseline:\n\n" + table)
+                 "seeds; Δ paired per seed against the baseline. " + _planning_resolution(results) + "\n\n" + table)
     return text
 
 
@@ -554,6 +554,17 @@ def render_precision(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _planning_resolution(results: dict) -> str:
+    """How many test samples the planning figures score (the same for every row), and so what
+    one collision weighs in the collision column; empty when the runs do not say."""
+    counts = {row.get("planning_samples") for row in results["table"].values() if "planning" in row}
+    if len(counts) != 1 or None in counts:
+        return ""
+    count = counts.pop()
+    return (f"Planning scores the {count} test samples with a whole 3 s future, so one collision at one "
+            f"horizon is {100 / count:.2f} % and a paired collision delta is a handful of samples. ")
+
+
 def render_multitask(results: dict) -> str:
     """TinyBEV's multi-task table (``bridgeta bench accuracy --preset cpu-tinybev``)."""
     from bridgeta.bench.accuracy import format_multitask_markdown
@@ -570,7 +581,7 @@ def render_multitask(results: dict) -> str:
             f"averages are in the results file as `l2_avg@...` and `collision_avg@...`. The constant-velocity "
             f"line is the path the ego's status alone gives, where every planner starts "
             f"([methods/tinybev.md](methods/tinybev.md)). Mean ± std over "
-            f"seeds {seeds}, test towns; Δ: paired per seed against the baseline. "
+            f"seeds {seeds}, test towns; Δ: paired per seed against the baseline. " + _planning_resolution(results)
             + _measured(results, f"bridgeta bench accuracy --preset {preset}"))
 
 

@@ -512,6 +512,9 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
             keys = [k for k in plans[0] if k.startswith(("l2", "L2@", "collision", "logged_collision"))
                     and all(k in p for p in plans)]
             table[method]["planning"] = {k: _mean_std([p[k] for p in plans]) for k in keys}
+            counts = {p.get("samples") for p in plans}
+            if len(counts) == 1 and None not in counts:  # the scored samples: the collision rate's resolution
+                table[method]["planning_samples"] = counts.pop()
             if all("constant_velocity" in p for p in plans):  # the ego status' own path, the planner's prior
                 table[method]["planning"].update({
                     f"constant_velocity/{k}": _mean_std([p["constant_velocity"][k] for p in plans])
