@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from bridgeta.bench import distill as bench_distill
 from bridgeta.bench import ledger
 from engine_helpers import SMALL_TINY_C, SMALL_TINY_LC
+
+REPO = Path(__file__).resolve().parents[1]
 
 PROTOCOL = bench_distill.Protocol(student_steps=2, teacher_steps=2, teacher_seeds=1,
                                   student_overrides=tuple(SMALL_TINY_C), teacher_overrides=tuple(SMALL_TINY_LC))
@@ -147,3 +150,30 @@ def test_a_summary_reads_a_ledger_without_a_world(tmp_path, monkeypatch):
     accuracy.run("cpu", None, out, work, None, summary=True)
     assert calls == [{"reproduce": False, "summary": True, "ledger": None}]
     assert not work.exists()  # nothing generated
+
+
+@pytest.mark.parametrize("preset, ledger, method, seed", [
+    ("cpu", "p4", "baseline", 1), ("cpu", "p4", "teacher", 0), ("cpu", "p4", "bridgeta", 1),
+    ("cpu-mt", "mt", "baseline", 2), ("cpu-mt", "mt", "direct", 0), ("cpu-tinybev", "mt", "aligned_teacher", 0),
+])
+def test_the_committed_ledgers_runs_are_the_runs_their_preset_trains_now(preset, ledger, method, seed):
+    """A record the bench reuses must be what the preset would train today (matches_stored):
+    a change to a preset or a config default that alters training shows up here, not as a ledger
+    silently mixing two protocols (the augmentation regime: data.augment.draws, data/epoch.py)."""
+    from bridgeta.bench import accuracy
+    from bridgeta.config import load_config, matches_stored
+
+    chosen = accuracy.PRESETS[preset]
+    assert "data.augment.draws=once" in chosen.protocol.student_overrides
+    runs = Path(f"runs/{ledger}/runs")
+    protocol = replace(chosen.protocol, pretrained=f"runs/{ledger}/backbone/backbone.safetensors")
+    scale = 1.0 if preset == "cpu" and method in bench_distill.TUNED_METHODS else None
+    name = bench_distill.run_name(method, seed, protocol, scale)
+    record = REPO / "results" / "ledger" / ledger / name
+    if not record.is_dir():
+        pytest.skip(f"{record} is not in this checkout")
+    config_name, overrides = bench_distill.method_config(method, runs, seed, protocol, scale)
+    config = load_config(config_name, [f"data.dataroot=runs/{ledger}/world", f"train.seed={seed}", *overrides])
+    assert matches_stored(record / "config.yaml", config)
+    assert not matches_stored(record / "config.yaml", load_config(config_name, [
+        f"data.dataroot=runs/{ledger}/world", f"train.seed={seed}", *overrides, "data.augment.draws=every_epoch"]))

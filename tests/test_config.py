@@ -182,3 +182,9 @@ def test_a_run_stored_before_augment_draws_reads_as_the_stream_it_trained_on(tmp
     assert load_config("tiny-c", ["data.dataroot=/nowhere"]).data.augment.draws == "every_epoch"
     with pytest.raises(ConfigError, match="draws"):
         load_config("tiny-c", ["data.dataroot=/nowhere", "data.augment.draws=twice"])
+    # One epoch drew the same stream either way: it matches both (a demo student's run dir).
+    one = [*overrides, "train.epochs=1"]
+    stored = to_dict(load_config("tiny-c", one))
+    del stored["data"]["augment"]["draws"]
+    path.write_text(yaml.safe_dump(stored))
+    assert all(matches_stored(path, load_config("tiny-c", [*one, f"data.augment.draws={d}"])) for d in ("once", "every_epoch"))

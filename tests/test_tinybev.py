@@ -12,6 +12,7 @@ import torch
 
 from bridgeta.distill.base import bernoulli_kl, bernoulli_kl_cells
 from bridgeta.distill.tinybev import (
+    focal_heatmap_kl,
     region_weights,
     teacher_detection_cells,
     weighted_mean,
@@ -377,8 +378,30 @@ def test_uniform_region_weights_reproduce_the_plain_output_terms(distiller):
     assert float((moved["kd/out_occupancy"] - plain["kd/out_occupancy"]).abs()) > 1e-6
 
 
+def test_the_heatmap_kl_is_damped_where_the_models_nearly_agree():
+    """A background cell the two models put at 1 % and 2 % weighs (0.01)^2 of its KL; a missed
+    object (90 % against 10 %) keeps 0.64 of its KL: the undamped sum over a grid of background
+    would be the background's."""
+    teacher = torch.logit(torch.tensor([0.01, 0.9]))[None, :, None, None]
+    student = torch.logit(torch.tensor([0.02, 0.1]))[None, :, None, None]
+    kl = bernoulli_kl(teacher[:, :1], student[:, :1]), bernoulli_kl(teacher[:, 1:], student[:, 1:])
+    damped = focal_heatmap_kl(teacher, student)
+    assert float(damped) == pytest.approx(float(kl[0]) * 0.01**2 + float(kl[1]) * 0.8**2, rel=1e-4)
+    # Its gradient moves the student towards the teacher, and is nil where they agree.
+    logits = torch.cat([student, teacher[:, :1]], dim=1).requires_grad_()
+    grad = torch.autograd.grad(focal_heatmap_kl(torch.cat([teacher, teacher[:, :1]], dim=1), logits).sum(), logits)[0]
+    assert grad[0, 0] > 0 and grad[0, 1] < 0 and float(grad[0, 2]) == 0.0
+
+
 def test_without_a_term_the_teacher_does_not_run(distiller):
-    """The staged baseline's runs (no feature or output term) never run the teacher."""
+    """The staged baseline's runs (no feature or output term) never run the teacher, read none
+    of its inputs and build no adapter (a module no loss reads; DDP refuses it)."""
+    from bridgeta.distill.tinybev import TinyBEVDistiller
+
+    assert set(distiller.adapters) == {"fld", "dld"} and "lidar" in distiller.input_modalities
+    config = replace(distiller.config, tinybev=replace(distiller.settings, feature=0.0, output=0.0))
+    bare = TinyBEVDistiller(distiller.student, distiller.teacher, config)
+    assert len(bare.adapters) == 0 and bare.input_modalities == ()
     calls = []
     hook = distiller.teacher.register_forward_hook(lambda *_: calls.append(1))
     settings = distiller.settings
@@ -391,9 +414,9 @@ def test_without_a_term_the_teacher_does_not_run(distiller):
 
 
 def test_the_heatmap_term_is_normalised_by_the_teachers_detections_as_the_task_loss_by_objects(distiller):
-    """The KL summed over cells and classes, divided by the teacher's confident detections: one
-    disagreeing cell weighs the same on a 64x64 grid as on any other, and a second detection
-    elsewhere (agreed on) halves it."""
+    """The KL times |p_t - p_s|^2, summed over cells and classes, divided by the teacher's
+    confident detections: one disagreeing cell weighs the same on a 64x64 grid as on any other,
+    and a second detection elsewhere (agreed on) halves it."""
     student, teacher = _outputs(distiller.student, 0), _outputs(distiller.teacher, 1)
     teacher.objects.heatmap.fill_(-10.0)
     teacher.objects.heatmap[0, 1, 5, 7] = 2.0  # the one confident detection (p = 0.88)
@@ -401,7 +424,7 @@ def test_the_heatmap_term_is_normalised_by_the_teachers_detections_as_the_task_l
     student.objects.heatmap[0, 1, 5, 7] = 0.0  # p = 0.5 where the teacher says 0.88
     t = distiller.config.temperature
     p, q = torch.sigmoid(torch.tensor(2.0 / t)), torch.tensor(0.5)
-    kl = float(p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))) * t**2
+    kl = float((p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))) * (p - q) ** 2) * t**2
     settings = distiller.settings
     one = distiller._output_terms(student, teacher, None, {}, torch.tensor([1, 1]))["kd/out_heatmap"]
     assert float(one) == pytest.approx(settings.output * settings.heads.heatmap * kl, rel=1e-4)

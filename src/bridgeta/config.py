@@ -750,17 +750,19 @@ def matches_stored(path: str | Path, config: ExperimentConfig) -> bool:
     ``config``: parsed, so keys an earlier version did not write compare at their defaults and
     legacy keys migrate. Raises ConfigError or yaml.YAMLError for a file that does not parse."""
     path = Path(path)
-    stored = _as_trained(yaml.safe_load(path.read_text()))
+    stored = _as_trained(yaml.safe_load(path.read_text()), config)
     return to_dict(parse_config(stored, str(path))) == to_dict(config)
 
 
-def _as_trained(stored: Any) -> Any:
+def _as_trained(stored: Any, config: ExperimentConfig) -> Any:
     """A run's stored config with the settings it trained under that its version did not write.
 
     ``data.augment.draws``: before it existed, the loader's persistent workers kept the epoch the
     run started in (data/epoch.py), so a run with workers drew its first epoch's augmentation in
     every epoch, which is ``once`` for a run started at step 0; without workers the loader read
-    every epoch's.
+    every epoch's. A run of one epoch drew the same stream either way, so it reads as ``config``
+    says. (A run with workers started mid-stream, ``train.data_start_step`` past its first epoch,
+    drew that epoch's stream, which neither value names; no recorded run did.)
     """
     if not isinstance(stored, dict) or not isinstance(stored.get("data"), dict):
         return stored
@@ -768,8 +770,12 @@ def _as_trained(stored: Any) -> Any:
     if isinstance(augment, dict) and "draws" not in augment:
         train = stored.get("train") if isinstance(stored.get("train"), dict) else {}
         workers = train.get("num_workers", TrainConfig.num_workers)
-        stored = {**stored, "data": {**stored["data"], "augment": {
-            **augment, "draws": "once" if isinstance(workers, int) and workers > 0 else "every_epoch"}}}
+        one_epoch = train.get("epochs", TrainConfig.epochs) == 1 and not train.get("data_start_step")
+        if one_epoch and config.data is not None:
+            draws = config.data.augment.draws
+        else:
+            draws = "once" if isinstance(workers, int) and workers > 0 else "every_epoch"
+        stored = {**stored, "data": {**stored["data"], "augment": {**augment, "draws": draws}}}
     return stored
 
 

@@ -56,11 +56,10 @@ def cell_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).pow(2).sum(dim=1).mean()
 
 
-def bernoulli_kl_cells(
+def bernoulli_kl_elements(
     teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
-    """Per-cell ``(B, X, Y)`` :func:`bernoulli_kl`: the mean over classes, times T^2 (TinyBEV
-    weighs cells by region; :func:`bernoulli_kl` is the mean over cells)."""
+    """:func:`bernoulli_kl` of every (cell, class), not reduced, times T^2."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     t = teacher_logits.float() / temperature
@@ -68,7 +67,15 @@ def bernoulli_kl_cells(
     log_p, log_not_p = F.logsigmoid(t), F.logsigmoid(-t)
     log_q, log_not_q = F.logsigmoid(s), F.logsigmoid(-s)
     kl = log_p.exp() * (log_p - log_q) + log_not_p.exp() * (log_not_p - log_not_q)
-    return kl.mean(dim=1) * temperature**2
+    return kl * temperature**2
+
+
+def bernoulli_kl_cells(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Per-cell ``(B, X, Y)`` :func:`bernoulli_kl`: the mean over classes, times T^2 (TinyBEV
+    weighs cells by region; :func:`bernoulli_kl` is the mean over cells)."""
+    return bernoulli_kl_elements(teacher_logits, student_logits, temperature).mean(dim=1)
 
 
 def bernoulli_kl(

@@ -11,9 +11,10 @@ No code of TinyBEV is public; what follows is our reading (docs/methods/tinybev.
   (decoded -> decoded).
 * **Output level** (``output``, per head in ``heads``):
   * map: the per-cell Bernoulli KL from the teacher's map logits;
-  * object heatmap: the same KL on the heatmap logits, summed over cells and classes and divided
-    by the number of the teacher's confident detections (as the task's focal loss divides by the
-    objects; a mean over cells would make it negligible beside that loss);
+  * object heatmap: the same KL on the heatmap logits, damped where the two nearly agree (times
+    ``|p_t - p_s|^2``, quality focal loss's modulation), summed over cells and classes and divided
+    by the number of the teacher's confident detections, as the task's focal loss divides by the
+    objects (:func:`focal_heatmap_kl` says why);
   * boxes: L1 to the teacher's box regressions at its confident detections (3x3 peaks of its
     heatmap with a score of at least ``confidence``);
   * motion: at the same cells, the student's modes regress the teacher's most probable
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bridgeta.config import DistillConfig, TinyBEVConfig
-from bridgeta.distill.base import Distiller, bernoulli_kl_cells, register
+from bridgeta.distill.base import Distiller, bernoulli_kl_cells, bernoulli_kl_elements, register
 from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.head import BEVGridTransform
 from bridgeta.models.motion_head import select_command, winner_takes_all
@@ -56,6 +57,8 @@ from bridgeta.models.types import BEVInputs, BEVOutputs
 
 # The most confident teacher detections per sample whose boxes and trajectories are distilled.
 MAX_TEACHER_DETECTIONS = 64
+# The heatmap KL's focal modulation exponent (quality focal loss's beta, GFL's default).
+HEATMAP_KL_BETA = 2.0
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -71,6 +74,22 @@ def region_weights(foreground: torch.Tensor, disagreement: torch.Tensor, floor: 
     they sum to the number of cells of the batch."""
     score = (foreground + disagreement) / 2 + floor
     return (score / score.mean()).detach()
+
+
+def focal_heatmap_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0,
+                     beta: float = HEATMAP_KL_BETA) -> torch.Tensor:
+    """``(B, X, Y)``: the Bernoulli KL of every (cell, class) of a detection heatmap times
+    ``|p_teacher - p_student| ** beta`` (quality focal loss's modulation), summed over classes.
+
+    The objects are a few cells of the grid: an undamped KL summed over it is the background's
+    (on a trained pair about 95 % of it, 300x the task's heatmap loss), and its mean is 1/300 of
+    that loss. The modulation damps the cells the two models nearly agree on, as the task's
+    focal loss damps easy negatives; the caller divides by the teacher's detections, as that
+    loss divides by the objects (docs/methods/tinybev.md).
+    """
+    kl = bernoulli_kl_elements(teacher_logits, student_logits, temperature)
+    gap = (torch.sigmoid(teacher_logits.float() / temperature) - torch.sigmoid(student_logits.float() / temperature)).abs()
+    return (kl * gap.pow(beta)).sum(dim=1)
 
 
 def teacher_detection_cells(heatmap_logits: torch.Tensor, confidence: float,
@@ -127,11 +146,22 @@ class TinyBEVDistiller(Distiller):
             "fld": (student.camera_encoder.out_channels, _fused_channels(teacher)),
             "dld": (student.config.decoder.out_channels, teacher.config.decoder.out_channels),
         }
-        # Training-only modules: the student stays a plain BEVModel.
+        # Training-only modules: the student stays a plain BEVModel. None without the feature
+        # term: an adapter no loss reads would train nothing (and DDP refuses such parameters).
         self.adapters = nn.ModuleDict({level: nn.Conv2d(widths[level][0], widths[level][1], 1)
-                                       for level in self.settings.levels})
+                                       for level in self.settings.levels if self.settings.feature > 0})
         self.to_output_grid = BEVGridTransform(student.feature_grid, student.output_grid)
         self.to_feature_grid = BEVGridTransform(student.output_grid, student.feature_grid)
+
+    @property
+    def reads_teacher(self) -> bool:
+        """Whether any term reads the teacher (not the staged baseline's runs: every weight 0)."""
+        return self.settings.feature > 0 or self.settings.output > 0
+
+    @property
+    def input_modalities(self) -> tuple[str, ...]:
+        # The staged baseline's runs read the student's inputs only, not the teacher's LiDAR.
+        return super().input_modalities if self.reads_teacher else ()
 
     def continue_previous_stage(self, state: dict[str, torch.Tensor]) -> list[str]:
         """Load the adapters of the previous stage's distiller file (``state``: its tensors other
@@ -164,8 +194,8 @@ class TinyBEVDistiller(Distiller):
         self, inputs: BEVInputs, labels: torch.Tensor, student: BEVOutputs, logs: dict[str, float]
     ) -> dict[str, torch.Tensor]:
         settings = self.settings
-        if settings.feature == 0 and settings.output == 0:
-            return {}  # the staged baseline's runs: the stage recipes without a term to read the teacher
+        if not self.reads_teacher:
+            return {}  # the staged baseline's runs: the stage recipes without a term
         teacher = self.teacher_forward(inputs)
         weights = self._region(student, teacher) if settings.region else None
         if weights is not None:
@@ -223,10 +253,7 @@ class TinyBEVDistiller(Distiller):
         s_obj, t_obj = pair
         cells, confident = teacher_detection_cells(t_obj.heatmap, settings.confidence)
         logs["out/teacher_detections"] = float(confident.float().sum(dim=1).mean())
-        # Normalised as the task's focal loss is (summed over cells and classes, divided by the
-        # objects): by the teacher's confident detections. A mean over every cell and class put
-        # this term near 1e-4 of the task's heatmap loss, the objects being a few cells of 16k.
-        heat_kl = bernoulli_kl_cells(t_obj.heatmap, s_obj.heatmap, temperature) * t_obj.heatmap.shape[1]
+        heat_kl = focal_heatmap_kl(t_obj.heatmap, s_obj.heatmap, temperature)
         if weights is not None:
             heat_kl = heat_kl * weights
         losses = {"kd/out_heatmap": scale * heads.heatmap * heat_kl.sum() / confident.sum().clamp(min=1)}
