@@ -81,9 +81,9 @@ def focal_heatmap_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
     """``(B, X, Y)``: the Bernoulli KL of every (cell, class) of a detection heatmap times
     ``|p_teacher - p_student| ** beta`` (quality focal loss's modulation), summed over classes.
 
-    The objects are a few cells of the grid: an undamped KL summed over it is the background's
-    (on a trained pair about 95 % of it, 300x the task's heatmap loss), and its mean is 1/300 of
-    that loss. The modulation damps the cells the two models nearly agree on, as the task's
+    The objects are a few cells of the grid: on a trained pair an undamped KL summed over it is
+    almost all background and many times the task's heatmap loss, and its mean a small fraction
+    of that loss (docs/methods/tinybev.md). The modulation damps the cells the two models nearly agree on, as the task's
     focal loss damps easy negatives; the caller divides by the teacher's detections, as that
     loss divides by the objects (docs/methods/tinybev.md).
     """
