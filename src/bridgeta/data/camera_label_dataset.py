@@ -23,10 +23,10 @@ from bridgeta.data.cache import LabelCache
 from bridgeta.data.camera_labels import IGNORE_INDEX, CameraLabelError, read_index
 from bridgeta.data.config import DataConfig
 from bridgeta.data.dataset import DataFileError, load_image
-from bridgeta.data.epoch import SharedEpoch
+from bridgeta.data.epoch import EpochStreams, SharedEpoch
 
 
-class CameraLabelDataset(Dataset):
+class CameraLabelDataset(EpochStreams, Dataset):
     """The labelled camera images of ``split``: ``{"image", "semantic", "depth"}`` per item.
 
     ``image``: ``(3, H, W)`` float, normalised; ``semantic``: ``(H, W)`` int64 class index
@@ -64,18 +64,6 @@ class CameraLabelDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.set(epoch)
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch.get()
-
-    @property
-    def augment_epoch(self) -> int:
-        """The epoch whose augmentation stream is drawn (0 for every epoch with ``augment.draws: once``)."""
-        return self.epoch if self.config.augment.draws == "every_epoch" else 0
 
     def image_path(self, index: int) -> str:
         """The image (relative to the dataroot) of item ``index``."""

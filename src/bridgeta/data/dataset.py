@@ -37,7 +37,7 @@ from bridgeta.data.augment import (
 )
 from bridgeta.data.cache import CacheError, LabelCache
 from bridgeta.data.config import DataConfig
-from bridgeta.data.epoch import SharedEpoch
+from bridgeta.data.epoch import EpochStreams, SharedEpoch
 from bridgeta.geometry import BEVGrid, project_depth
 from bridgeta.models.types import BEVInputs, CameraInputs, LidarInputs
 
@@ -257,7 +257,7 @@ def driving_command(displacement: np.ndarray, mask: np.ndarray) -> int:
     return COMMANDS.index("straight")
 
 
-class BEVMapDataset(Dataset):
+class BEVMapDataset(EpochStreams, Dataset):
     """BEV map segmentation samples of one split of a prepared dataroot.
 
     Only the files of the requested ``modalities`` are read (a camera-only model never opens a
@@ -337,19 +337,6 @@ class BEVMapDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation stream of ``epoch`` (before creating the epoch's iterator)."""
-        self._epoch.set(epoch)
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch.get()
-
-    @property
-    def augment_epoch(self) -> int:
-        """The epoch whose augmentation stream is drawn (0 for every epoch with ``augment.draws: once``)."""
-        return self.epoch if self.config.augment.draws == "every_epoch" else 0
 
     def index_of(self, token: str) -> int:
         """Position in this dataset of the sample ``token``."""

@@ -11,6 +11,8 @@ indices afterwards, so no worker reads it mid-change.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -26,3 +28,25 @@ class SharedEpoch:
 
     def set(self, epoch: int) -> None:
         self._value.fill_(int(epoch))
+
+
+class EpochStreams:
+    """What a training dataset whose augmentation is keyed by the epoch needs: ``set_epoch``,
+    the epoch its workers see, and the epoch whose stream is drawn (``augment.draws``). The
+    dataset sets ``self._epoch = SharedEpoch()`` and has a ``config`` with ``augment``."""
+
+    _epoch: SharedEpoch
+    config: Any
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of ``epoch`` (before creating the epoch's iterator)."""
+        self._epoch.set(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
+    @property
+    def augment_epoch(self) -> int:
+        """The epoch whose augmentation stream is drawn (0 for every epoch with ``augment.draws: once``)."""
+        return self.epoch if self.config.augment.draws == "every_epoch" else 0
