@@ -83,12 +83,14 @@ def focal_heatmap_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
 
     The objects are a few cells of the grid: on a trained pair an undamped KL summed over it is
     almost all background and many times the task's heatmap loss, and its mean a small fraction
-    of that loss (docs/methods/tinybev.md). The modulation damps the cells the two models nearly agree on, as the task's
+    of that loss. The modulation damps the cells the two models nearly agree on, as the task's
     focal loss damps easy negatives; the caller divides by the teacher's detections, as that
     loss divides by the objects (docs/methods/tinybev.md).
     """
     kl = bernoulli_kl_elements(teacher_logits, student_logits, temperature)
-    gap = (torch.sigmoid(teacher_logits.float() / temperature) - torch.sigmoid(student_logits.float() / temperature)).abs()
+    teacher_p = torch.sigmoid(teacher_logits.float() / temperature)
+    student_p = torch.sigmoid(student_logits.float() / temperature)
+    gap = (teacher_p - student_p).abs()
     return (kl * gap.pow(beta)).sum(dim=1)
 
 
