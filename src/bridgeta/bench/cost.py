@@ -307,12 +307,15 @@ def student_to_baseline(cells: Sequence[dict]) -> dict[str, dict]:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'preset':<14}{'role':<9}{'device':<10}{'prec':<6}{'compile':<8}{'params M':>9}"
+    # The preset column is as wide as its longest name (tiny-c-tinybev ran into the role column).
+    names = [c["preset"] for c in result["inference"]] + [r["preset"] for r in result.get("deployed") or []]
+    width = max([len("preset"), *map(len, names)]) + 2
+    lines = [f"{'preset':<{width}}{'role':<9}{'device':<10}{'prec':<6}{'compile':<8}{'params M':>9}"
              f"{'GMACs':>9}{'ms':>10}{'MiB':>8}"]
     for c in result["inference"]:
         device = "cpu" if c["device"] == "cpu" else "cuda"
         lines.append(
-            f"{c['preset']:<14}{c['role']:<9}{device:<10}{c['precision']:<6}{str(c['compile']):<8}"
+            f"{c['preset']:<{width}}{c['role']:<9}{device:<10}{c['precision']:<6}{str(c['compile']):<8}"
             f"{c['params'] / 1e6:>9.2f}{c['macs'] / 1e9:>9.2f}{c['latency_ms']:>10.1f}"
             f"{c['peak_memory_bytes'] / 2**20:>8.0f}"
         )
@@ -325,12 +328,12 @@ def format_table(result: dict) -> str:
                 for variant, r in by_variant.items():
                     lines.append(f"{pair:<20}{variant:<12}" + "".join(f"{r[k]:>8.2f}x" for k in keys))
     if result.get("deployed"):
-        lines += ["", f"{'preset':<14}{'runtime':<17}{'ms':>10}{'x eager':>9}{'MiB':>8}{'parity':>10}"]
+        lines += ["", f"{'preset':<{width}}{'runtime':<17}{'ms':>10}{'x eager':>9}{'MiB':>8}{'parity':>10}"]
         for row in result["deployed"]:
             ratio = row.get("latency_ratio")
             parity = row.get("parity_max_abs")
             lines.append(
-                f"{row['preset']:<14}{row['runtime']:<17}{row['latency_ms']:>10.1f}"
+                f"{row['preset']:<{width}}{row['runtime']:<17}{row['latency_ms']:>10.1f}"
                 f"{'' if ratio is None else f'{ratio:.2f}':>9}{row['peak_memory_bytes'] / 2**20:>8.0f}"
                 f"{'' if parity is None else f'{parity:.1e}':>10}"
             )

@@ -139,10 +139,11 @@ def run(dataroot: Path, steps: int, out: Path, overrides: Sequence[str] = (), pa
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'method':<10}{'step (s)':>10}{'x baseline':>12}{'memory (MiB)':>14}{'x baseline':>12}"]
+    width = max(len(m) for m in ["method", *result["methods"]]) + 2
+    lines = [f"{'method':<{width}}{'step (s)':>10}{'x baseline':>12}{'memory (MiB)':>14}{'x baseline':>12}"]
     for method, row in result["methods"].items():
         lines.append(
-            f"{method:<10}{row['step_time_s']:>10.3f}{row['step_time_ratio']:>12.2f}"
+            f"{method:<{width}}{row['step_time_s']:>10.3f}{row['step_time_ratio']:>12.2f}"
             f"{row['peak_memory_bytes'] / 2**20:>14.0f}{row['memory_ratio']:>12.2f}"
         )
     return "\n".join(lines)
