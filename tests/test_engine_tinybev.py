@@ -66,7 +66,9 @@ def test_each_stage_logs_its_terms(stages):
                 "plan/l1"} <= set(row)
     assert not any(key.startswith("kd/out_") for key in s1)
     assert {"kd/out_map", "kd/out_heatmap", "kd/out_box", "kd/out_motion", "kd/out_occupancy", "kd/out_plan"} <= set(s2)
-    assert "region/max_weight" in s3 and "region/max_weight" not in s2
+    region_logs = {"region/max_weight_features", "region/max_weight_map", "region/max_weight_objects",
+                   "unweighted/feature_fld", "unweighted/out_map", "unweighted/out_heatmap"}
+    assert region_logs <= set(s3) and not region_logs & set(s2)
 
 
 def test_a_stage_starts_from_the_previous_stages_student(engine_world, stages, tmp_path, monkeypatch):

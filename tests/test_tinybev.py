@@ -12,6 +12,8 @@ import torch
 
 from bridgeta.distill.base import bernoulli_kl, bernoulli_kl_cells
 from bridgeta.distill.tinybev import (
+    RegionWeights,
+    box_l1_by_group,
     focal_heatmap_kl,
     region_weights,
     teacher_detection_cells,
@@ -366,16 +368,74 @@ def test_uniform_region_weights_reproduce_the_plain_output_terms(distiller):
     command = torch.tensor([1, 0])
     plain = distiller._output_terms(student, teacher, None, {}, command)
     ones = torch.ones(2, *distiller.student.feature_grid.shape)
-    uniform = distiller._output_terms(student, teacher, ones, {}, command)
+    logs: dict[str, float] = {}
+    uniform = distiller._output_terms(student, teacher, RegionWeights.same(ones), logs, command)
     assert set(plain) == set(uniform) and "kd/out_motion" in plain
     for name in plain:
         torch.testing.assert_close(uniform[name], plain[name], msg=name)
-    # Weights that are not uniform move the per-cell terms (so the comparison above can fail).
+    # With weights, the logs keep the unweighted values: under uniform ones, the terms themselves.
+    for name in ("out_map", "out_heatmap", "out_occupancy"):
+        assert logs[f"unweighted/{name}"] == pytest.approx(float(plain[f"kd/{name}"]) / _term_scale(distiller, name))
+    # Weights that are not uniform move the per-cell terms (so the comparison above can fail), each
+    # group of terms by its own map only: the map term by the map's, the object terms by the objects'.
     skewed = ones.clone()
     skewed[:, :32] = 3.0
-    moved = distiller._output_terms(student, teacher, skewed / skewed.mean(), {}, command)
-    assert float((moved["kd/out_map"] - plain["kd/out_map"]).abs()) > 1e-6
-    assert float((moved["kd/out_occupancy"] - plain["kd/out_occupancy"]).abs()) > 1e-6
+    skewed = skewed / skewed.mean()
+    on_map = distiller._output_terms(student, teacher, RegionWeights(ones, skewed, ones), {}, command)
+    on_objects = distiller._output_terms(student, teacher, RegionWeights(ones, ones, skewed), {}, command)
+    assert float((on_map["kd/out_map"] - plain["kd/out_map"]).abs()) > 1e-6
+    assert float((on_objects["kd/out_occupancy"] - plain["kd/out_occupancy"]).abs()) > 1e-6
+    assert float((on_objects["kd/out_heatmap"] - plain["kd/out_heatmap"]).abs()) > 1e-6
+    for name in ("kd/out_heatmap", "kd/out_box", "kd/out_motion", "kd/out_occupancy", "kd/out_plan"):
+        torch.testing.assert_close(on_map[name], plain[name], msg=name)
+    for name in ("kd/out_map", "kd/out_plan"):
+        torch.testing.assert_close(on_objects[name], plain[name], msg=name)
+
+
+def _term_scale(distiller, name: str) -> float:
+    return distiller.settings.output * getattr(distiller.settings.heads, name.removeprefix("out_"))
+
+
+def test_each_heads_region_weights_come_from_that_heads_foreground(distiller):
+    """A teacher sure of the road everywhere in one half of the grid and of one object: the map's
+    weights favour that half; the objects' favour the object's cell and not the road; the
+    features' favour both. Each map has mean 1 and no gradient."""
+    student, teacher = _outputs(distiller.student, 0), _outputs(distiller.teacher, 1)
+    grid = distiller.student.feature_grid.shape
+    teacher.logits = torch.full_like(teacher.logits, -10.0)
+    teacher.logits[:, 0, : teacher.logits.shape[2] // 2] = 10.0  # the first map class: half the grid
+    student.logits = teacher.logits.clone().requires_grad_()  # the student agrees on the map
+    teacher.objects.heatmap.fill_(-10.0)
+    teacher.objects.heatmap[:, 0, 40, 5] = 10.0  # an object on the other half, off the road
+    student.objects = replace(student.objects, heatmap=teacher.objects.heatmap.clone().requires_grad_())
+    weights = distiller._region(student, teacher)
+    for name in ("features", "map", "objects"):
+        w = getattr(weights, name)
+        assert w.shape == (2, *grid) and not w.requires_grad
+        assert float(w.mean()) == pytest.approx(1.0, rel=1e-5)
+    road, field, obj = (5, 5), (grid[0] - 5, 60), (40, 5)
+    assert float(weights.map[0][road] / weights.map[0][field]) > 5 and float(weights.map[0][obj]) < 1
+    assert float(weights.objects[0][obj] / weights.objects[0][road]) > 5
+    assert float(weights.objects[0][road]) == pytest.approx(float(weights.objects[0][field]))
+    assert float(weights.features[0][road] / weights.features[0][field]) > 5
+    assert float(weights.features[0][obj] / weights.features[0][field]) > 5
+
+
+def test_the_box_term_weighs_each_regression_group_as_the_task_does():
+    """An error of 1 in one group at a confident cell costs that group's task weight: offset 1,
+    velocity 0.2 (its two channels, not 2/10 of a ten-channel mean)."""
+    weights = {"offset": 1.0, "height": 1.0, "size": 1.0, "rotation": 1.0, "velocity": 0.2}
+    teacher = torch.zeros(1, 2, 10)
+    cells = torch.tensor([[1.0, 0.0]])  # the second cell is not a confident detection
+    for channels, expected in (([0, 1], 1.0), ([8, 9], 0.2), ([3], 1.0 / 3), ([8], 0.1)):
+        student = torch.zeros(1, 2, 10)
+        student[0, 0, channels] = 1.0
+        student[0, 1] = 100.0  # off the detections: weighs nothing
+        assert float(box_l1_by_group(student, teacher, cells, weights)) == pytest.approx(expected)
+    student = torch.zeros(1, 2, 10, requires_grad=True)
+    box_l1_by_group(student + 1.0, teacher, cells, weights).backward()
+    assert float(student.grad[0, 0, 8]) == pytest.approx(0.2 / 2) and float(student.grad[0, 0, 0]) == pytest.approx(0.5)
+    assert float(student.grad[0, 1].abs().sum()) == 0.0
 
 
 def test_the_heatmap_kl_is_damped_where_the_models_nearly_agree():

@@ -16,21 +16,26 @@ No code of TinyBEV is public; what follows is our reading (docs/methods/tinybev.
     by the number of the teacher's confident detections, as the task's focal loss divides by the
     objects (:func:`focal_heatmap_kl` says why);
   * boxes: L1 to the teacher's box regressions at its confident detections (3x3 peaks of its
-    heatmap with a score of at least ``confidence``);
+    heatmap with a score of at least ``confidence``), in the task's form: each regression group's
+    mean L1 weighted as the student's object loss weighs that group (velocity at 0.2);
   * motion: at the same cells, the student's modes regress the teacher's most probable
     trajectory (winner takes all, with the mode cross-entropy);
   * occupancy: the per-cell Bernoulli KL from the teacher's occupancy logits, over the steps;
   * planning: L1 to the teacher's commanded plan (the batch's command on both sides: the
     teacher was trained on that plan only, its other two are untrained outputs).
-* **Region-aware weights** (``region``, stage S3): per BEV cell,
+* **Region-aware weights** (``region``, stage S3): per BEV cell and per head,
   ``r = (fg + d) / 2`` with ``fg`` the teacher's foreground confidence (its largest class
-  probability over the map and object heads) and ``d`` the largest teacher-student probability
-  difference over the same heads; ``w = (r + region_floor) / mean(r + region_floor)`` over the
-  batch's cells, without gradient. So the weights of a batch sum to its number of cells, and a
-  cell the teacher finds empty and the student agrees on keeps ``region_floor / mean`` of the
-  average weight. Every per-cell term is a mean weighted by ``w`` (resampled to the map grid
-  for the map term; the heatmap's is a sum weighted by ``w``); the box and motion terms weigh
-  their cells by ``w`` there.
+  probability) and ``d`` the largest teacher-student probability difference, both over that
+  head's classes; ``w = (r + region_floor) / mean(r + region_floor)`` over the batch's cells,
+  without gradient (:class:`RegionWeights`). So each weight map of a batch sums to its number of
+  cells, and a cell the teacher finds empty and the student agrees on keeps
+  ``region_floor / mean`` of the average weight. Each head's terms read its own map: the
+  object heatmap's weights the heatmap, box, motion and occupancy terms; the map head's (resampled
+  to the map grid) the map term; the feature terms, which serve every head, the cell-wise
+  largest of both heads' ``fg`` and ``d``. Per head, because the map's foreground (drivable
+  area, car parks) covers most of the road: one map of both would weigh an object cell about as
+  much as any road cell. Every per-cell term is a mean weighted by its ``w`` (the heatmap's, a
+  sum weighted by ``w``); the box and motion terms weigh their cells by ``w`` there.
 * **Stages.** S1 (feature only), S2 (+ output) and S3 (+ region weights) are recipes
   (``distill/tiny-c-tinybev-s1..s3``); each later stage starts from the previous stage's student
   and adapters (``init_from``; :meth:`TinyBEVDistiller.continue_previous_stage`). What each
@@ -43,6 +48,8 @@ object heads over the same classes; the map, occupancy and planning terms do not
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,7 +59,7 @@ from bridgeta.distill.base import Distiller, bernoulli_kl_cells, bernoulli_kl_el
 from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.head import BEVGridTransform
 from bridgeta.models.motion_head import select_command, winner_takes_all
-from bridgeta.models.object_head import gather_cells
+from bridgeta.models.object_head import REGRESSION_GROUPS, gather_cells
 from bridgeta.models.types import BEVInputs, BEVOutputs
 
 # The most confident teacher detections per sample whose boxes and trajectories are distilled.
@@ -74,6 +81,37 @@ def region_weights(foreground: torch.Tensor, disagreement: torch.Tensor, floor: 
     they sum to the number of cells of the batch."""
     score = (foreground + disagreement) / 2 + floor
     return (score / score.mean()).detach()
+
+
+@dataclass(frozen=True)
+class RegionWeights:
+    """S3's region weights on the feature grid, ``(B, X, Y)`` each, of mean 1 over the batch: one
+    map per group of terms, each from the heads those terms distil."""
+
+    features: torch.Tensor  # the feature terms: both heads' foreground and disagreement
+    map: torch.Tensor  # the map KL: the map head's
+    objects: torch.Tensor  # heatmap, boxes, motion, occupancy: the object heatmap's
+
+    @classmethod
+    def same(cls, weights: torch.Tensor) -> "RegionWeights":
+        """One map for every term."""
+        return cls(features=weights, map=weights, objects=weights)
+
+
+def box_l1_by_group(student_boxes: torch.Tensor, teacher_boxes: torch.Tensor, cell_weights: torch.Tensor,
+                    group_weights: dict[str, float]) -> torch.Tensor:
+    """The L1 between box regressions ``(B, N, 10)`` at ``N`` cells weighted by ``cell_weights``
+    ``(B, N)``, in the object loss's form: each regression group's mean over its channels and the
+    cells, times its weight in ``group_weights``, summed. A plain mean over the ten channels would
+    weigh velocity as much as the offset (two channels each), where the task weighs it 0.2 to 1."""
+    error = (student_boxes.float() - teacher_boxes.float()).abs()
+    total = cell_weights.sum().clamp(min=1e-6)
+    loss, start = error.new_zeros(()), 0
+    for name, size in REGRESSION_GROUPS.items():
+        group = error[..., start:start + size].mean(dim=-1)
+        loss = loss + group_weights[name] * (group * cell_weights).sum() / total
+        start += size
+    return loss
 
 
 def focal_heatmap_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0,
@@ -180,17 +218,29 @@ class TinyBEVDistiller(Distiller):
                 carried.append(f"adapters.{level}")
         return carried
 
-    def _region(self, student: BEVOutputs, teacher: BEVOutputs) -> torch.Tensor:
+    def _region(self, student: BEVOutputs, teacher: BEVOutputs) -> RegionWeights:
+        floor = self.settings.region_floor
         t_map = self.to_feature_grid(teacher.logits.float().sigmoid())
         s_map = self.to_feature_grid(student.logits.float().detach().sigmoid())
-        foreground = t_map.amax(dim=1)
-        disagreement = (t_map - s_map).abs().amax(dim=1)
+        map_fg, map_d = t_map.amax(dim=1), (t_map - s_map).abs().amax(dim=1)
         pair = self.object_pair(student, teacher)
-        if pair is not None:
-            t_heat, s_heat = pair[1].heatmap.float().sigmoid(), pair[0].heatmap.float().detach().sigmoid()
-            foreground = torch.maximum(foreground, t_heat.amax(dim=1))
-            disagreement = torch.maximum(disagreement, (t_heat - s_heat).abs().amax(dim=1))
-        return region_weights(foreground, disagreement, self.settings.region_floor)
+        if pair is None:  # no object heatmap: occupancy reads the map's weights too
+            return RegionWeights.same(region_weights(map_fg, map_d, floor))
+        t_heat, s_heat = pair[1].heatmap.float().sigmoid(), pair[0].heatmap.float().detach().sigmoid()
+        object_fg, object_d = t_heat.amax(dim=1), (t_heat - s_heat).abs().amax(dim=1)
+        return RegionWeights(
+            features=region_weights(torch.maximum(map_fg, object_fg), torch.maximum(map_d, object_d), floor),
+            map=region_weights(map_fg, map_d, floor),
+            objects=region_weights(object_fg, object_d, floor))
+
+    @staticmethod
+    def _cell_mean(name: str, values: torch.Tensor, weights: torch.Tensor | None, logs: dict[str, float]) -> torch.Tensor:
+        """``values``' mean weighted by ``weights``; with weights, the plain mean goes to the logs
+        too (``unweighted/<name>``): the weights are high where the loss is, so S3's weighted
+        terms are larger than S2's for that alone, and the plain values tell the two apart."""
+        if weights is not None:
+            logs[f"unweighted/{name}"] = float(values.detach().mean())
+        return weighted_mean(values, weights)
 
     def distill(
         self, inputs: BEVInputs, labels: torch.Tensor, student: BEVOutputs, logs: dict[str, float]
@@ -201,7 +251,8 @@ class TinyBEVDistiller(Distiller):
         teacher = self.teacher_forward(inputs)
         weights = self._region(student, teacher) if settings.region else None
         if weights is not None:
-            logs["region/max_weight"] = float(weights.max())
+            for group in ("features", "map", "objects"):
+                logs[f"region/max_weight_{group}"] = float(getattr(weights, group).max())
         losses: dict[str, torch.Tensor] = {}
         if settings.feature > 0:
             assert student.camera_bev is not None
@@ -209,32 +260,35 @@ class TinyBEVDistiller(Distiller):
             for level in settings.levels:
                 s, t = pairs[level]
                 per_cell = (self.adapters[level](s.float()) - t.float()).pow(2).mean(dim=1)
-                losses[f"kd/feature_{level}"] = settings.feature * weighted_mean(per_cell, weights)
+                losses[f"kd/feature_{level}"] = settings.feature * self._cell_mean(
+                    f"feature_{level}", per_cell, None if weights is None else weights.features, logs)
         if settings.output > 0:
             targets = self.task_targets
             command = targets.plan.command if targets is not None and targets.plan is not None else None
             losses.update(self._output_terms(student, teacher, weights, logs, command))
         return losses
 
-    def _output_terms(self, student: BEVOutputs, teacher: BEVOutputs, weights: torch.Tensor | None,
+    def _output_terms(self, student: BEVOutputs, teacher: BEVOutputs, weights: RegionWeights | None,
                       logs: dict[str, float], command: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The output-level terms; ``command`` ``(B,)``: the batch's driving commands (the plan
         term needs them)."""
         settings, heads, temperature = self.settings, self.settings.heads, self.config.temperature
         scale = settings.output
-        map_weights = None
+        map_weights = object_weights = None
         if weights is not None:
-            map_weights = self.to_output_grid(weights[:, None])[:, 0]
+            map_weights = self.to_output_grid(weights.map[:, None])[:, 0]
             map_weights = map_weights / map_weights.mean().clamp(min=1e-6)
-        losses = {"kd/out_map": scale * heads.map * weighted_mean(
-            bernoulli_kl_cells(teacher.logits, student.logits, temperature), map_weights)}
+            object_weights = weights.objects
+        losses = {"kd/out_map": scale * heads.map * self._cell_mean(
+            "out_map", bernoulli_kl_cells(teacher.logits, student.logits, temperature), map_weights, logs)}
         pair = self.object_pair(student, teacher)
         if pair is not None:
-            losses.update(self._object_terms(student, teacher, pair, weights, logs))
+            losses.update(self._object_terms(student, teacher, pair, object_weights, logs))
         if student.occupancy is not None and teacher.occupancy is not None and heads.occupancy > 0:
             steps = min(student.occupancy.shape[1], teacher.occupancy.shape[1])
-            losses["kd/out_occupancy"] = scale * heads.occupancy * weighted_mean(
-                bernoulli_kl_cells(teacher.occupancy[:, :steps], student.occupancy[:, :steps], temperature), weights)
+            losses["kd/out_occupancy"] = scale * heads.occupancy * self._cell_mean(
+                "out_occupancy", bernoulli_kl_cells(teacher.occupancy[:, :steps], student.occupancy[:, :steps],
+                                                    temperature), object_weights, logs)
         if student.plan is not None and teacher.plan is not None and heads.plan > 0:
             if command is None:
                 raise ValueError("tinybev's plan term distils the commanded plan: it needs the batch's "
@@ -249,22 +303,26 @@ class TinyBEVDistiller(Distiller):
 
     def _object_terms(self, student: BEVOutputs, teacher: BEVOutputs, pair, weights: torch.Tensor | None,
                       logs: dict[str, float]) -> dict[str, torch.Tensor]:
-        """Heatmap KL, boxes and motion at the teacher's confident detections."""
+        """Heatmap KL, boxes and motion at the teacher's confident detections; ``weights``: the
+        object region weights (S3)."""
         settings, heads, temperature = self.settings, self.settings.heads, self.config.temperature
         scale = settings.output
         s_obj, t_obj = pair
         cells, confident = teacher_detection_cells(t_obj.heatmap, settings.confidence)
         logs["out/teacher_detections"] = float(confident.float().sum(dim=1).mean())
+        detections = confident.sum().clamp(min=1)
         heat_kl = focal_heatmap_kl(t_obj.heatmap, s_obj.heatmap, temperature)
         if weights is not None:
+            logs["unweighted/out_heatmap"] = float(heat_kl.detach().sum() / detections)
             heat_kl = heat_kl * weights
-        losses = {"kd/out_heatmap": scale * heads.heatmap * heat_kl.sum() / confident.sum().clamp(min=1)}
+        losses = {"kd/out_heatmap": scale * heads.heatmap * heat_kl.sum() / detections}
         cell_weights = confident.float()
         if weights is not None:
             cell_weights = cell_weights * gather_cells(weights[:, None], cells)[..., 0]
-        total = cell_weights.sum().clamp(min=1e-6)
-        box_error = (gather_cells(s_obj.regression.float(), cells) - gather_cells(t_obj.regression, cells)).abs().mean(-1)
-        losses["kd/out_box"] = scale * heads.box * (box_error * cell_weights).sum() / total
+        object_losses = self.student.config.heads.object.losses
+        group_weights = {name: getattr(object_losses, name) for name in REGRESSION_GROUPS}
+        losses["kd/out_box"] = scale * heads.box * box_l1_by_group(
+            gather_cells(s_obj.regression, cells), gather_cells(t_obj.regression, cells), cell_weights, group_weights)
         if student.motion is not None and teacher.motion is not None and heads.motion > 0:
             s_traj, s_logits = student.motion.at(cells)
             t_traj, t_logits = teacher.motion.at(cells)
