@@ -605,6 +605,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     # TinyBEV's pair alone (``bench cost --pairs tinybev``): its presets changed after cost.json
     "cost-tinybev": ("cost-tinybev.json", render_cost),
     "deployed-cost": ("cost.json", render_deployed_cost),
+    "deployed-cost-tinybev": ("cost-tinybev.json", render_deployed_cost),
     "distill-sweep": ("distill_sweep.json", render_distill_sweep),
     "train-cost": ("train_cost.json", render_train_cost),
     "train-cost-tinybev": ("train_cost_tinybev.json", render_train_cost),
