@@ -197,14 +197,30 @@ def test_per_cell_kl_averages_to_the_map_kl():
     torch.testing.assert_close(cells.mean(), bernoulli_kl(teacher, student, temperature=2.0))
 
 
-def test_teacher_detection_cells_are_confident_peaks():
+def test_teacher_detection_cells_are_its_confident_decoded_boxes():
+    from bridgeta.models.object_head import ObjectOutputs
+
+    grid = BEVGrid((0.0, 6.0, 1.0), (0.0, 6.0, 1.0), (-10.0, 10.0, 20.0))
     logits = torch.full((1, 2, 6, 6), -10.0)
     logits[0, 0, 2, 3] = 2.0  # a peak, p = 0.88
     logits[0, 0, 2, 4] = 1.0  # its neighbour: not a peak
     logits[0, 1, 5, 0] = -1.0  # a peak below the confidence (p = 0.27)
-    cells, confident = teacher_detection_cells(logits, confidence=0.3, limit=3)
+    objects = ObjectOutputs(logits, torch.zeros(1, 10, 6, 6))
+    cells, confident = teacher_detection_cells(objects, grid, confidence=0.3, limit=3)
+    assert cells.shape == confident.shape == (1, 3)
     assert int(cells[0, 0]) == 2 * 6 + 3 and bool(confident[0, 0])
     assert int(confident.sum()) == 1
+    # A second peak of class 0 two cells away (p = 0.73): two detections without NMS; one with
+    # the class's 2.5 m radius, the better one.
+    logits[0, 0, 4, 3] = 1.0
+    cells, confident = teacher_detection_cells(objects, grid, confidence=0.3, limit=3)
+    assert sorted(cells[0][confident[0]].tolist()) == [2 * 6 + 3, 4 * 6 + 3]
+    cells, confident = teacher_detection_cells(objects, grid, confidence=0.3, nms_radius={0: 2.5}, limit=3)
+    assert cells[0][confident[0]].tolist() == [2 * 6 + 3]
+    # Two classes confident at one cell: the cell counts once.
+    logits[0, 1, 4, 3] = 0.5
+    cells, confident = teacher_detection_cells(objects, grid, confidence=0.3, limit=3)
+    assert sorted(cells[0][confident[0]].tolist()) == [2 * 6 + 3, 4 * 6 + 3]
 
 
 def test_path_headings_follow_the_moves_and_hold_when_standing():

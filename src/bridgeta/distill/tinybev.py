@@ -15,8 +15,8 @@ No code of TinyBEV is public; what follows is our reading (docs/methods/tinybev.
     ``|p_t - p_s|^2``, quality focal loss's modulation), summed over cells and classes and divided
     by the number of the teacher's confident detections, as the task's focal loss divides by the
     objects (:func:`focal_heatmap_kl` says why);
-  * boxes: L1 to the teacher's box regressions at its confident detections (3x3 peaks of its
-    heatmap with a score of at least ``confidence``), in the task's form: each regression group's
+  * boxes: L1 to the teacher's box regressions at its confident detections (its decoded boxes:
+    3x3 heatmap peaks with a score of at least ``confidence``, after its circle NMS), in the task's form: each regression group's
     mean L1 weighted as the student's object loss weighs that group (velocity at 0.2);
   * motion: at the same cells, the student's modes regress the teacher's most probable
     trajectory (winner takes all, with the mode cross-entropy);
@@ -59,7 +59,8 @@ from bridgeta.distill.base import Distiller, bernoulli_kl_cells, bernoulli_kl_el
 from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.head import BEVGridTransform
 from bridgeta.models.motion_head import select_command, winner_takes_all
-from bridgeta.models.object_head import REGRESSION_GROUPS, gather_cells
+from bridgeta.geometry import BEVGrid
+from bridgeta.models.object_head import REGRESSION_GROUPS, ObjectOutputs, decode, gather_cells
 from bridgeta.models.types import BEVInputs, BEVOutputs
 
 # The most confident teacher detections per sample whose boxes and trajectories are distilled.
@@ -132,15 +133,26 @@ def focal_heatmap_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
     return (kl * gap.pow(beta)).sum(dim=1)
 
 
-def teacher_detection_cells(heatmap_logits: torch.Tensor, confidence: float,
+def teacher_detection_cells(objects: ObjectOutputs, grid: BEVGrid, confidence: float,
+                            nms_radius: dict[int, float] | None = None,
                             limit: int = MAX_TEACHER_DETECTIONS) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's confident detections: flat cell indices ``(B, N)`` of its 3x3 heatmap peaks
-    (best class per cell) and a ``(B, N)`` mask of those scoring at least ``confidence``."""
-    heat = heatmap_logits.float().sigmoid()
-    peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
-    best = peaks.amax(dim=1).flatten(1)  # (B, X*Y)
-    scores, cells = best.topk(min(limit, best.shape[1]), dim=1)
-    return cells, scores >= confidence
+    """The teacher's confident detections, as its own decoding gives them: the 3x3 heatmap peaks
+    among the ``limit`` best, scoring at least ``confidence``, after per-class circle NMS with
+    ``nms_radius`` (metres; the teacher's object head's radii), so a large object whose heatmap
+    has two peaks counts once. Returns flat cell indices ``(B, limit)`` and a ``(B, limit)`` mask
+    of the real ones; a cell two classes both detect counts once, for its best class."""
+    decoded = decode(objects, grid, top_k=limit, score_threshold=confidence, nms_radius=nms_radius)
+    batch, device = objects.heatmap.shape[0], objects.heatmap.device
+    cells = torch.zeros(batch, limit, dtype=torch.long, device=device)
+    real = torch.zeros(batch, limit, dtype=torch.bool, device=device)
+    for b, sample in enumerate(decoded):
+        found = sample["cells"]  # in descending score
+        if len(found) == 0:
+            continue
+        first = (found[:, None] == found[None, :]).int().argmax(dim=1) == torch.arange(len(found), device=device)
+        found = found[first]
+        cells[b, :len(found)], real[b, :len(found)] = found, True
+    return cells, real
 
 
 def _fused_channels(model: BEVModel) -> int:
@@ -308,7 +320,10 @@ class TinyBEVDistiller(Distiller):
         settings, heads, temperature = self.settings, self.settings.heads, self.config.temperature
         scale = settings.output
         s_obj, t_obj = pair
-        cells, confident = teacher_detection_cells(t_obj.heatmap, settings.confidence)
+        t_head = self.teacher.config.heads.object
+        cells, confident = teacher_detection_cells(
+            t_obj, self.teacher.feature_grid, settings.confidence,
+            {i: r for i, r in enumerate(t_head.nms_radius) if r > 0})
         logs["out/teacher_detections"] = float(confident.float().sum(dim=1).mean())
         detections = confident.sum().clamp(min=1)
         heat_kl = focal_heatmap_kl(t_obj.heatmap, s_obj.heatmap, temperature)
