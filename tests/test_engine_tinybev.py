@@ -67,7 +67,7 @@ def test_each_stage_logs_its_terms(stages):
     assert not any(key.startswith("kd/out_") for key in s1)
     assert {"kd/out_map", "kd/out_heatmap", "kd/out_box", "kd/out_motion", "kd/out_occupancy", "kd/out_plan"} <= set(s2)
     region_logs = {"region/max_weight_features", "region/max_weight_map", "region/max_weight_objects",
-                   "unweighted/feature_fld", "unweighted/out_map", "unweighted/out_heatmap"}
+                   "unweighted/feature_fld", "unweighted/out_map", "unweighted/out_heatmap", "unweighted/out_box"}
     assert region_logs <= set(s3) and not region_logs & set(s2)
 
 

@@ -454,8 +454,9 @@ def render_deployed_cost(results: dict) -> str:
     rows = results.get("deployed")
     if not rows:
         # Results measured before the deployed rows existed: say so rather than show stale numbers.
-        return (f"Not measured yet: the committed `results/cost.json` has no deployed rows. Run "
-                f"`{DEPLOYED_COST_COMMAND}` on a quiet CPU, then `bridgeta report render`.")
+        return (f"Not measured yet: the committed results file has no deployed rows. Run "
+                f"`{DEPLOYED_COST_COMMAND}` (add `--pairs` and `--out` for a pair's own file) on a quiet "
+                f"CPU, then `bridgeta report render`.")
     lines = ["| model | runtime | latency (ms) | × PyTorch eager | peak memory (MiB) | parity max abs |",
              "|---|---|---:|---:|---:|---:|"]
     for row in rows:

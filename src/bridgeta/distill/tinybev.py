@@ -15,9 +15,10 @@ No code of TinyBEV is public; what follows is our reading (docs/methods/tinybev.
     ``|p_t - p_s|^2``, quality focal loss's modulation), summed over cells and classes and divided
     by the number of the teacher's confident detections, as the task's focal loss divides by the
     objects (:func:`focal_heatmap_kl` says why);
-  * boxes: L1 to the teacher's box regressions at its confident detections (its decoded boxes:
-    3x3 heatmap peaks with a score of at least ``confidence``, after its circle NMS), in the task's form: each regression group's
-    mean L1 weighted as the student's object loss weighs that group (velocity at 0.2);
+  * boxes: L1 to the teacher's box regressions at its confident detections (decoded as its
+    boxes are: 3x3 heatmap peaks with a score of at least ``confidence``, after its circle NMS),
+    in the task's form and at its scale: each regression group's mean L1 weighted as the
+    student's object loss weighs that group (velocity at 0.2), summed;
   * motion: at the same cells, the student's modes regress the teacher's most probable
     trajectory (winner takes all, with the mode cross-entropy);
   * occupancy: the per-cell Bernoulli KL from the teacher's occupancy logits, over the steps;
@@ -56,10 +57,10 @@ from torch import nn
 
 from bridgeta.config import DistillConfig, TinyBEVConfig
 from bridgeta.distill.base import Distiller, bernoulli_kl_cells, bernoulli_kl_elements, register
+from bridgeta.geometry import BEVGrid
 from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.head import BEVGridTransform
 from bridgeta.models.motion_head import select_command, winner_takes_all
-from bridgeta.geometry import BEVGrid
 from bridgeta.models.object_head import REGRESSION_GROUPS, ObjectOutputs, decode, gather_cells
 from bridgeta.models.types import BEVInputs, BEVOutputs
 
@@ -136,12 +137,16 @@ def focal_heatmap_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
 def teacher_detection_cells(objects: ObjectOutputs, grid: BEVGrid, confidence: float,
                             nms_radius: dict[int, float] | None = None,
                             limit: int = MAX_TEACHER_DETECTIONS) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's confident detections, as its own decoding gives them: the 3x3 heatmap peaks
-    among the ``limit`` best, scoring at least ``confidence``, after per-class circle NMS with
-    ``nms_radius`` (metres; the teacher's object head's radii), so a large object whose heatmap
-    has two peaks counts once. Returns flat cell indices ``(B, limit)`` and a ``(B, limit)`` mask
-    of the real ones; a cell two classes both detect counts once, for its best class."""
-    decoded = decode(objects, grid, top_k=limit, score_threshold=confidence, nms_radius=nms_radius)
+    """The teacher's confident detections, decoded as its boxes are (:func:`decode`, with this
+    term's threshold and count): 3x3 heatmap peaks scoring at least ``confidence``, after
+    per-class circle NMS with ``nms_radius`` (metres; the teacher's object head's radii), so a
+    large object whose heatmap has two peaks counts once; a cell two classes both detect counts
+    once, for its best class; the ``limit`` best cells. Returns flat cell indices
+    ``(B, limit)`` and a ``(B, limit)`` mask of the real ones."""
+    # Decode every class's share of the limit: NMS and the one-cell rule then drop some, and the
+    # limit is on the cells that remain.
+    classes = objects.heatmap.shape[1]
+    decoded = decode(objects, grid, top_k=limit * classes, score_threshold=confidence, nms_radius=nms_radius)
     batch, device = objects.heatmap.shape[0], objects.heatmap.device
     cells = torch.zeros(batch, limit, dtype=torch.long, device=device)
     real = torch.zeros(batch, limit, dtype=torch.bool, device=device)
@@ -150,7 +155,7 @@ def teacher_detection_cells(objects: ObjectOutputs, grid: BEVGrid, confidence: f
         if len(found) == 0:
             continue
         first = (found[:, None] == found[None, :]).int().argmax(dim=1) == torch.arange(len(found), device=device)
-        found = found[first]
+        found = found[first][:limit]
         cells[b, :len(found)], real[b, :len(found)] = found, True
     return cells, real
 
@@ -336,8 +341,10 @@ class TinyBEVDistiller(Distiller):
             cell_weights = cell_weights * gather_cells(weights[:, None], cells)[..., 0]
         object_losses = self.student.config.heads.object.losses
         group_weights = {name: getattr(object_losses, name) for name in REGRESSION_GROUPS}
-        losses["kd/out_box"] = scale * heads.box * box_l1_by_group(
-            gather_cells(s_obj.regression, cells), gather_cells(t_obj.regression, cells), cell_weights, group_weights)
+        s_boxes, t_boxes = gather_cells(s_obj.regression, cells), gather_cells(t_obj.regression, cells)
+        losses["kd/out_box"] = scale * heads.box * box_l1_by_group(s_boxes, t_boxes, cell_weights, group_weights)
+        if weights is not None:
+            logs["unweighted/out_box"] = float(box_l1_by_group(s_boxes.detach(), t_boxes, confident.float(), group_weights))
         if student.motion is not None and teacher.motion is not None and heads.motion > 0:
             s_traj, s_logits = student.motion.at(cells)
             t_traj, t_logits = teacher.motion.at(cells)
@@ -345,9 +352,13 @@ class TinyBEVDistiller(Distiller):
             best = t_logits.argmax(dim=-1)  # the teacher's most probable mode per cell
             target = t_traj.gather(2, best[..., None, None, None].expand(-1, -1, 1, *t_traj.shape[-2:]))[:, :, 0]
             mask = confident[..., None].expand(-1, -1, steps)
-            l1, ce = winner_takes_all(s_traj[..., :steps, :].flatten(0, 1), s_logits.flatten(0, 1),
-                                      target[..., :steps, :].flatten(0, 1), mask.flatten(0, 1),
-                                      cell_weights.flatten() if weights is not None else None)
+            flat = (s_traj[..., :steps, :].flatten(0, 1), s_logits.flatten(0, 1),
+                    target[..., :steps, :].flatten(0, 1), mask.flatten(0, 1))
+            l1, ce = winner_takes_all(*flat, cell_weights.flatten() if weights is not None else None)
             mode_weight = self.student.config.heads.motion.mode_weight if self.student.config.heads.motion else 0.5
             losses["kd/out_motion"] = scale * heads.motion * (l1 + mode_weight * ce)
+            if weights is not None:
+                with torch.no_grad():
+                    plain_l1, plain_ce = winner_takes_all(*flat, None)
+                logs["unweighted/out_motion"] = float(plain_l1 + mode_weight * plain_ce)
         return losses
