@@ -457,6 +457,21 @@ def test_the_box_term_weighs_each_regression_group_as_the_task_does():
     assert float(student.grad[0, 1].abs().sum()) == 0.0
 
 
+def test_the_map_term_sums_the_classes_and_averages_the_cells(distiller):
+    """The teacher and student agree everywhere but one (cell, class): the term is that element's
+    KL over the number of cells (summed over classes, as the task's map loss sums its classes),
+    not also over the number of classes."""
+    student, teacher = _outputs(distiller.student, 0), _outputs(distiller.teacher, 1)
+    student.logits = teacher.logits.clone()
+    student.logits[1, 2, 3, 4] += 2.0
+    t = distiller.config.temperature
+    element = bernoulli_kl(teacher.logits[1:2, 2:3, 3:4, 4:5], student.logits[1:2, 2:3, 3:4, 4:5], t)
+    cells = student.logits.shape[0] * student.logits.shape[2] * student.logits.shape[3]
+    term = distiller._output_terms(student, teacher, None, {}, torch.tensor([1, 1]))["kd/out_map"]
+    settings = distiller.settings
+    assert float(term) == pytest.approx(settings.output * settings.heads.map * float(element) / cells, rel=1e-4)
+
+
 def test_the_heatmap_kl_is_damped_where_the_models_nearly_agree():
     """A background cell the two models put at 1 % and 2 % weighs (0.01)^2 of its KL; a missed
     object (90 % against 10 %) keeps 0.64 of its KL: the undamped sum over a grid of background

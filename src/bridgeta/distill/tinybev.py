@@ -10,7 +10,8 @@ No code of TinyBEV is public; what follows is our reading (docs/methods/tinybev.
   student map and the teacher's, at ``fld`` (student camera BEV -> teacher fused BEV) and ``dld``
   (decoded -> decoded).
 * **Output level** (``output``, per head in ``heads``):
-  * map: the per-cell Bernoulli KL from the teacher's map logits;
+  * map: the Bernoulli KL from the teacher's map logits, summed over the classes (as the task's
+    map loss sums its per-class terms) and averaged over the cells;
   * object heatmap: the same KL on the heatmap logits, damped where the two nearly agree (times
     ``|p_t - p_s|^2``, quality focal loss's modulation), summed over cells and classes and divided
     by the number of the teacher's confident detections, as the task's focal loss divides by the
@@ -296,8 +297,10 @@ class TinyBEVDistiller(Distiller):
             map_weights = self.to_output_grid(weights.map[:, None])[:, 0]
             map_weights = map_weights / map_weights.mean().clamp(min=1e-6)
             object_weights = weights.objects
-        losses = {"kd/out_map": scale * heads.map * self._cell_mean(
-            "out_map", bernoulli_kl_cells(teacher.logits, student.logits, temperature), map_weights, logs)}
+        # Summed over classes, as the task's map loss sums its per-class terms: their mean was a
+        # class count smaller than the task's loss, and S2 all but left the map out.
+        map_kl = bernoulli_kl_elements(teacher.logits, student.logits, temperature).sum(dim=1)
+        losses = {"kd/out_map": scale * heads.map * self._cell_mean("out_map", map_kl, map_weights, logs)}
         pair = self.object_pair(student, teacher)
         if pair is not None:
             losses.update(self._object_terms(student, teacher, pair, object_weights, logs))
