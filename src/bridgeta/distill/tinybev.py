@@ -62,7 +62,7 @@ from bridgeta.geometry import BEVGrid
 from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.head import BEVGridTransform
 from bridgeta.models.motion_head import select_command, winner_takes_all
-from bridgeta.models.object_head import REGRESSION_GROUPS, ObjectOutputs, decode, gather_cells
+from bridgeta.models.object_head import REGRESSION_GROUPS, ObjectOutputs, decode, gather_cells, nms_radii
 from bridgeta.models.types import BEVInputs, BEVOutputs
 
 # The most confident teacher detections per sample whose boxes and trajectories are distilled.
@@ -328,10 +328,8 @@ class TinyBEVDistiller(Distiller):
         settings, heads, temperature = self.settings, self.settings.heads, self.config.temperature
         scale = settings.output
         s_obj, t_obj = pair
-        t_head = self.teacher.config.heads.object
         cells, confident = teacher_detection_cells(
-            t_obj, self.teacher.feature_grid, settings.confidence,
-            {i: r for i, r in enumerate(t_head.nms_radius) if r > 0})
+            t_obj, self.teacher.feature_grid, settings.confidence, nms_radii(self.teacher.config.heads.object))
         logs["out/teacher_detections"] = float(confident.float().sum(dim=1).mean())
         detections = confident.sum().clamp(min=1)
         heat_kl = focal_heatmap_kl(t_obj.heatmap, s_obj.heatmap, temperature)

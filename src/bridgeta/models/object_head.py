@@ -282,13 +282,18 @@ def match_detections(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Te
     return match
 
 
+def nms_radii(settings) -> dict[int, float]:
+    """A ``model.heads.object`` config's circle-NMS radius per class index, for the classes
+    that have one (a radius of 0 turns NMS off for its class)."""
+    return {i: r for i, r in enumerate(settings.nms_radius) if r > 0}
+
+
 def decode_with(settings, outputs: ObjectOutputs, grid: BEVGrid,
                 score_threshold: float | None = None) -> list[dict[str, torch.Tensor]]:
     """:func:`decode` with a ``model.heads.object`` config's top-K, threshold (or
     ``score_threshold``), circle-NMS radii and score calibration."""
-    radius = {i: r for i, r in enumerate(settings.nms_radius) if r > 0}
     threshold = settings.score_threshold if score_threshold is None else score_threshold
-    return decode(outputs, grid, settings.top_k, threshold, radius, settings.score_calibration)
+    return decode(outputs, grid, settings.top_k, threshold, nms_radii(settings), settings.score_calibration)
 
 
 def circle_nms(centres: torch.Tensor, scores: torch.Tensor, radius: float) -> torch.Tensor:
