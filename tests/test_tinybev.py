@@ -551,3 +551,13 @@ def test_the_motion_term_regresses_the_teachers_most_probable_mode(distiller):
     mode_weight = distiller.student.config.heads.motion.mode_weight
     expected = settings.output * settings.heads.motion * (0.5 + mode_weight * math.log(2))
     assert float(terms["kd/out_motion"]) == pytest.approx(expected)
+    # At the student's task weights (its motion loss's): a trajectory weight of 2 doubles the L1.
+    heads = distiller.student.config.heads
+    motion = heads.motion
+    heads.motion = replace(motion, weight=2.0)  # a module fixture: restored below
+    try:
+        terms = distiller._output_terms(student, teacher, None, {}, torch.tensor([1, 1]))
+    finally:
+        heads.motion = motion
+    expected = settings.output * settings.heads.motion * (2 * 0.5 + mode_weight * math.log(2))
+    assert float(terms["kd/out_motion"]) == pytest.approx(expected)

@@ -356,10 +356,12 @@ class TinyBEVDistiller(Distiller):
             flat = (s_traj[..., :steps, :].flatten(0, 1), s_logits.flatten(0, 1),
                     target[..., :steps, :].flatten(0, 1), mask.flatten(0, 1))
             l1, ce = winner_takes_all(*flat, cell_weights.flatten() if weights is not None else None)
-            mode_weight = self.student.config.heads.motion.mode_weight if self.student.config.heads.motion else 0.5
-            losses["kd/out_motion"] = scale * heads.motion * (l1 + mode_weight * ce)
+            # The task's weights of the student's motion loss (motion_losses), as the box term
+            # takes its regression groups': the term has the form of the loss it teaches.
+            task = self.student.config.heads.motion
+            losses["kd/out_motion"] = scale * heads.motion * (task.weight * l1 + task.mode_weight * ce)
             if weights is not None:
                 with torch.no_grad():
                     plain_l1, plain_ce = winner_takes_all(*flat, None)
-                logs["unweighted/out_motion"] = float(plain_l1 + mode_weight * plain_ce)
+                logs["unweighted/out_motion"] = float(task.weight * plain_l1 + task.mode_weight * plain_ce)
         return losses
