@@ -104,16 +104,50 @@ def test_a_stage_starts_from_the_previous_stages_student(engine_world, stages, t
         init_from_previous_stage(other, previous)
 
 
+def test_a_stage_resumed_mid_way_ends_as_the_uninterrupted_stage(engine_world, stages, tmp_path):
+    """S2 from S1, stopped after its first step and resumed: the resume loads its checkpoint over
+    the previous stage's weights, and the student and the adapters end bit for bit as in the run
+    that was never stopped."""
+    from safetensors.torch import load_file
+
+    from bridgeta.config import load_config
+    from bridgeta.engine.trainer import train
+
+    def config(steps):
+        return load_config("distill/tiny-c-tinybev-s2", [
+            *STUDENT, f"data.dataroot={engine_world}", f"distill.teacher={stages / 'teacher.safetensors'}",
+            f"distill.tinybev.init_from={stages / 's1'}", "train.eval_every=0", "train.checkpoint_every=1",
+            "train.deterministic=true", "train.seed=7", f"train.max_steps={steps}"])
+
+    with torch_threads(1):
+        reference = train(config(2), tmp_path / "whole")
+        stopped = train(config(1), tmp_path / "cut")
+        resumed = train(config(2), tmp_path / "cut", resume=True)
+    assert stopped["steps"] == 1 and reference["steps"] == resumed["steps"] == 2 and resumed["resumed_from"] == 1
+    whole, cut = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert whole.keys() == cut.keys() and any(k.startswith("adapters.") for k in whole)
+    assert [k for k in whole if not torch.equal(whole[k], cut[k])] == []
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    reference_rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows if "loss" in r] == [r["loss"] for r in reference_rows if "loss" in r]
+
+
 def test_the_adapters_live_in_training_only(engine_world, stages, tmp_path):
     _, state, kind = read_model_file(stages / "s3")
     assert kind == "distiller" and any(k.startswith("adapters.") for k in state)
     assert not any(k.startswith("teacher.") for k in state)
     exported = tmp_path / "student.safetensors"
     assert cli.main(["export", "--checkpoint", str(stages / "s3"), "--out", str(exported)]) == 0
-    _, state, kind = read_model_file(exported)
+    _, trained, _ = read_model_file(stages / "s3")
+    config, state, kind = read_model_file(exported)
     assert kind == "model"
     assert not any(k.startswith(("teacher.", "adapters.", "student.")) for k in state)
     assert any(k.startswith("motion_head.") for k in state) and any(k.startswith("planning_head.") for k in state)
+    # Exactly the student's own tensors, with the values S3 trained (not a fresh student's).
+    from bridgeta.models.bev_model import build_model as build
+
+    assert set(state) == set(build(config).state_dict())
+    assert all(torch.equal(value, trained[f"student.{key}"]) for key, value in state.items())
     # ...while the distiller trains them: the feature term sends gradient to the adapters, none to the teacher.
     from bridgeta.config import load_config
     from bridgeta.data.dataset import BEVMapDataset, collate_bev

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bridgeta.motion_metrics import boxes_overlap, collision_rate, forecasting_metrics, planning_l2
+from bridgeta.motion_metrics import box_collisions, boxes_overlap, collision_rate, forecasting_metrics, planning_l2
 
 
 
@@ -60,6 +60,17 @@ def test_min_ade_fde_and_both_miss_rates_by_hand():
     assert math.isnan(partial["minFDE"]) and math.isnan(partial["miss_rate_fde"])
 
 
+def test_min_fde_is_the_best_final_displacement_over_modes_not_the_best_ade_modes():
+    """nuScenes' minFDE_k: the minimum over modes of each mode's own final error, which need not
+    be the mode with the smallest ADE."""
+    truth = torch.zeros(1, 3, 2)
+    predicted = torch.zeros(1, 2, 3, 2)
+    predicted[0, 0, 2, 1] = 1.5  # mode 0: ADE 0.5, final error 1.5
+    predicted[0, 1, :2, 1] = 1.0  # mode 1: ADE 2/3, final error 0
+    result = forecasting_metrics(predicted, truth, torch.ones(1, 3, dtype=torch.bool))
+    assert result["minADE"] == pytest.approx(0.5) and result["minFDE"] == pytest.approx(0.0)
+
+
 def test_planning_l2_at_the_horizon_and_averaged_up_to_it():
     logged = torch.zeros(1, 6, 2)
     planned = torch.zeros(1, 6, 2)
@@ -76,6 +87,22 @@ def test_planning_l2_at_the_horizon_and_averaged_up_to_it():
     assert set(short) == {"l2@1s", "l2@2s", "l2_avg@1s", "l2_avg@2s"}
 
 
+def test_planning_l2_pools_only_the_valid_steps_of_every_sample():
+    """Two samples: 0.1 m more error per step, and 1 m throughout with its last step unlogged.
+    At 3 s only the first sample counts; up to it, the 6 + 5 valid steps."""
+    planned = torch.zeros(2, 6, 2)
+    logged = torch.zeros(2, 6, 2)
+    logged[0, :, 1] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    logged[1, :, 0] = 1.0
+    logged[1, 5, 0] = 50.0  # an unlogged step holds whatever: it never counts
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 5] = False
+    result = planning_l2(planned, logged, mask)
+    assert result["l2@1s"] == pytest.approx((0.2 + 1.0) / 2) and result["l2@2s"] == pytest.approx((0.4 + 1.0) / 2)
+    assert result["l2@3s"] == pytest.approx(0.6)
+    assert result["l2_avg@3s"] == pytest.approx((2.1 + 5 * 1.0) / 11)
+
+
 def test_rotated_boxes_overlap_by_separating_axes():
     a = torch.tensor([0.0, 0.0, 4.0, 2.0, 0.0])
     assert boxes_overlap(a, torch.tensor([3.9, 0.0, 4.0, 2.0, 0.0]))  # touching along x
@@ -84,6 +111,23 @@ def test_rotated_boxes_overlap_by_separating_axes():
     # Turned by 45 degrees, a 2 x 2 box at (2.3, 0) reaches x = 2.3 - sqrt(2) < 2: overlaps.
     assert boxes_overlap(a, torch.tensor([2.3, 0.0, 2.0, 2.0, math.pi / 4]))
     assert not boxes_overlap(a, torch.tensor([3.5, 0.0, 2.0, 2.0, math.pi / 4]))
+
+
+def test_the_ego_box_is_turned_with_its_heading_and_centred_half_a_metre_ahead():
+    """Heading along +y: the ego footprint (4.084 x 1.85 m) spans y from -1.542 to 2.542 m, so a
+    1 m box at y = 2.9 (from 2.4) is hit and its mirror at y = -2.9 (up to -2.4) is not; an
+    agent that is not present at that step is never hit."""
+    path = torch.tensor([[[0.0, 0.0, math.pi / 2]]])
+    present = torch.ones(1, 1, dtype=torch.bool)
+    ahead, behind = torch.tensor([[[0.0, 2.9, 1.0, 1.0, 0.0]]]), torch.tensor([[[0.0, -2.9, 1.0, 1.0, 0.0]]])
+    assert bool(box_collisions(path, [ahead], [present]))
+    assert not bool(box_collisions(path, [behind], [present]))
+    assert not bool(box_collisions(path, [ahead], [~present]))
+    # Beside it, 1.5 m off the heading axis (from 1.0): clear of a 1.85 m wide ego along +y, in a
+    # 4.084 m long one along +x.
+    beside = torch.tensor([[[1.5, 0.0, 1.0, 1.0, 0.0]]])
+    assert not bool(box_collisions(path, [beside], [present]))
+    assert bool(box_collisions(torch.tensor([[[0.0, 0.0, 0.0]]]), [beside], [present]))
 
 
 def test_collision_rate_at_the_horizon_and_averaged_and_skipping_the_logs_own_collisions():
@@ -128,6 +172,11 @@ def test_cached_futures_follow_the_tracks_and_the_ego_poses(engine_world):
         sample = nusc.get("sample", record["token"])
         for obj in record["objects"]:
             annotation = nusc.get("sample_annotation", obj["token"])
+            # The whole track up to 6 keyframes (3 s) ahead: none cut short.
+            links, later = 0, annotation
+            while later["next"] and links < 6:
+                later, links = nusc.get("sample_annotation", later["next"]), links + 1
+            assert len(obj["future"]) == links
             for x, y, ahead in obj["future"]:
                 annotation = nusc.get("sample_annotation", annotation["next"])
                 centre = global_T_ego[:3, :3] @ np.array([x, y, 0.0]) + global_T_ego[:3, 3]
@@ -135,6 +184,10 @@ def test_cached_futures_follow_the_tracks_and_the_ego_poses(engine_world):
                 later = nusc.get("sample", annotation["sample_token"])["timestamp"]
                 assert ahead == pytest.approx((later - sample["timestamp"]) / 1e6)
                 tracks += 1
+        links, later = 0, sample
+        while later["next"] and links < 6:
+            later, links = nusc.get("sample", later["next"]), links + 1
+        assert len(record["ego_future"]) == links
         current = sample
         for x, y, yaw, ahead in record["ego_future"]:
             current = nusc.get("sample", current["next"])
@@ -153,7 +206,7 @@ def test_the_loader_gives_future_tracks_and_ego_paths_in_the_augmented_frame(eng
     from bridgeta.data.dataset import driving_command
 
     plain, moved = _plain_and_augmented(engine_world)
-    checked = 0
+    checked = ego_steps = 0
     for index in range(len(plain)):
         a, b = plain[index].meta["objects"], moved[index]
         aug = b.bev_aug.double().numpy()
@@ -162,11 +215,20 @@ def test_the_loader_gives_future_tracks_and_ego_paths_in_the_augmented_frame(eng
         expected = a["future"].double().numpy() @ aug[:2, :2].T + aug[:2, 3]
         np.testing.assert_allclose(b["future"].numpy()[a["future_mask"].numpy()], expected[a["future_mask"].numpy()], atol=1e-3)
         assert a["ego_future"].shape == (6, 2) and 0 <= a["command"] <= 2
+        # The logged ego path moves with the scene, and the ego's own place with it: the plan's
+        # displacements (ego_future - ego_position) are the plain ones turned.
+        ego_mask = a["ego_future_mask"].numpy()
+        assert torch.equal(a["ego_future_mask"], b["ego_future_mask"])
+        np.testing.assert_allclose(a["ego_position"].numpy(), 0.0, atol=1e-6)
+        np.testing.assert_allclose(b["ego_position"].numpy(), aug[:2, 3], atol=1e-5)
+        ego = a["ego_future"].double().numpy()
+        np.testing.assert_allclose(b["ego_future"].numpy()[ego_mask], (ego @ aug[:2, :2].T + aug[:2, 3])[ego_mask], atol=1e-3)
+        ego_steps += int(ego_mask.sum())
         # The command is relative to the ego's heading: a rotation keeps it, a flip mirrors it.
         mirrored = np.linalg.det(aug[:2, :2]) < 0
         assert b["command"] == (2 - a["command"] if mirrored else a["command"])
         checked += int(a["future_mask"].sum())
-    assert checked > 0
+    assert checked > 0 and ego_steps > 0
     mask = np.ones(6, dtype=bool)
     path = np.zeros((6, 2))
     path[:, 0] = np.arange(1, 7) * 2.0
@@ -175,6 +237,36 @@ def test_the_loader_gives_future_tracks_and_ego_paths_in_the_augmented_frame(eng
     assert driving_command(path, mask) == 0
     path[-1, 1] = -2.5
     assert driving_command(path, mask) == 2
+
+
+def test_plan_targets_are_the_logged_displacements_turned_by_the_augmentation(engine_world):
+    """The planning head's targets: the ego's logged future relative to where it is now, in the
+    augmented frame, i.e. the plain displacements turned (and scaled) by the augmentation, never
+    moved by its translation."""
+    from engine_helpers import small_student_config
+
+    from bridgeta.data.dataset import BEVMapDataset
+    from bridgeta.models.bev_model import build_model
+    from bridgeta.models.targets import build_task_targets
+
+    config = small_student_config(engine_world, "model.heads.object={}", "model.heads.plan={head_channels: 8, hidden: 16}")
+    model = build_model(config)
+    plain = BEVMapDataset.for_model(config.data, model, "train")
+    moved = BEVMapDataset.for_model(config.data, model, "train", train=True, seed=5)
+    checked = 0
+    for index in range(len(plain)):
+        a, b = plain[index], moved[index]
+        turn = b.bev_aug.double().numpy()[:2, :2]
+        assert np.abs(b.bev_aug.double().numpy()[:2, 3]).max() > 0.01  # the augmentation moves the scene
+        before = build_task_targets(model, [a.meta], "cpu").plan
+        after = build_task_targets(model, [b.meta], "cpu").plan
+        assert torch.equal(before.mask, after.mask)
+        valid = before.mask[0].numpy()
+        logged = a.meta["objects"]["ego_future"].double().numpy()[: len(valid)]
+        np.testing.assert_allclose(before.displacement[0].numpy()[valid], logged[valid], atol=1e-5)
+        np.testing.assert_allclose(after.displacement[0].numpy()[valid], (logged @ turn.T)[valid], atol=1e-3)
+        checked += int(valid.sum())
+    assert checked > 0
 
 
 def test_the_ego_motion_is_the_velocity_of_the_logged_poses_turned_by_the_augmentation(engine_world):

@@ -189,6 +189,18 @@ def test_region_weights_sum_to_the_cells_and_favour_foreground_and_disagreement(
     assert float(weighted_mean(values, torch.ones_like(values))) == pytest.approx(float(values.mean()))
 
 
+def test_region_weights_add_foreground_and_disagreement_and_normalise_over_the_batch():
+    """r = (fg + d) / 2 where both are set on one cell; one mean over the whole batch, not per
+    sample (sample 0 has two marked cells, sample 1 one)."""
+    foreground, disagreement = torch.zeros(2, 4, 4), torch.zeros(2, 4, 4)
+    foreground[0, 0, 0], disagreement[0, 0, 0] = 1.0, 0.6
+    foreground[0, 1, 1] = foreground[1, 2, 2] = 1.0
+    score = torch.full((2, 4, 4), 0.1)
+    score[0, 0, 0] = (1.0 + 0.6) / 2 + 0.1
+    score[0, 1, 1] = score[1, 2, 2] = 0.5 + 0.1
+    torch.testing.assert_close(region_weights(foreground, disagreement, floor=0.1), score / score.mean())
+
+
 def test_per_cell_kl_averages_to_the_map_kl():
     torch.manual_seed(0)
     teacher, student = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5)
@@ -438,6 +450,13 @@ def test_each_heads_region_weights_come_from_that_heads_foreground(distiller):
     assert float(weights.objects[0][road]) == pytest.approx(float(weights.objects[0][field]))
     assert float(weights.features[0][road] / weights.features[0][field]) > 5
     assert float(weights.features[0][obj] / weights.features[0][field]) > 5
+    # Where the student disagrees (an object it sees that the teacher does not), the object
+    # weights rise as at the teacher's object: r = (0 + 1) / 2 there against (1 + 0) / 2.
+    ghost = (20, 60)
+    student.objects.heatmap.data[:, 0, ghost[0], ghost[1]] = 10.0
+    weights = distiller._region(student, teacher)
+    assert float(weights.objects[0][ghost]) == pytest.approx(float(weights.objects[0][obj]), rel=1e-4)
+    assert float(weights.objects[0][ghost] / weights.objects[0][field]) > 5
 
 
 def test_the_box_term_weighs_each_regression_group_as_the_task_does():
@@ -470,6 +489,49 @@ def test_the_map_term_sums_the_classes_and_averages_the_cells(distiller):
     term = distiller._output_terms(student, teacher, None, {}, torch.tensor([1, 1]))["kd/out_map"]
     settings = distiller.settings
     assert float(term) == pytest.approx(settings.output * settings.heads.map * float(element) / cells, rel=1e-4)
+
+
+def test_the_occupancy_term_averages_its_steps_and_cells(distiller):
+    """One disagreeing (sample, step, cell): the term is that element's KL over steps x cells."""
+    student, teacher = _outputs(distiller.student, 0), _outputs(distiller.teacher, 1)
+    student.occupancy = teacher.occupancy.clone()
+    student.occupancy[1, 2, 3, 4] += 2.0
+    t = distiller.config.temperature
+    element = bernoulli_kl(teacher.occupancy[1:2, 2:3, 3:4, 4:5], student.occupancy[1:2, 2:3, 3:4, 4:5], t)
+    elements = teacher.occupancy.numel()
+    term = distiller._output_terms(student, teacher, None, {}, torch.tensor([1, 1]))["kd/out_occupancy"]
+    settings = distiller.settings
+    assert float(term) == pytest.approx(settings.output * settings.heads.occupancy * float(element) / elements, rel=1e-4)
+
+
+def test_the_feature_terms_are_the_adapted_mse_averaged_over_channels_and_cells(distiller):
+    """Adapters that output 0 against a teacher map that is 0 but for one value 2: each level's
+    term is 2^2 over the teacher's channels x cells x samples."""
+    student, teacher = _outputs(distiller.student, 0), _outputs(distiller.teacher, 1)
+    grid = distiller.student.feature_grid.shape
+    widths = {level: (adapter.in_channels, adapter.out_channels) for level, adapter in distiller.adapters.items()}
+    student.camera_bev = torch.randn(2, widths["fld"][0], *grid)
+    student.decoded_bev = torch.randn(2, widths["dld"][0], *grid)
+    teacher.fused_bev, teacher.decoded_bev = torch.zeros(2, widths["fld"][1], *grid), torch.zeros(2, widths["dld"][1], *grid)
+    teacher.fused_bev[1, 3, 5, 7] = teacher.decoded_bev[0, 1, 2, 3] = 2.0
+    saved = {k: v.clone() for k, v in distiller.adapters.state_dict().items()}
+    settings = distiller.settings
+    distiller.settings = replace(settings, feature=0.5, output=0.0, region=False)  # a module fixture: restored below
+    distiller.teacher_forward = lambda inputs: teacher
+    try:
+        with torch.no_grad():
+            for adapter in distiller.adapters.values():
+                adapter.weight.zero_()
+                adapter.bias.zero_()
+        terms = distiller.distill(None, None, student, {})
+    finally:
+        distiller.settings = settings
+        del distiller.teacher_forward
+        distiller.adapters.load_state_dict(saved)
+    assert set(terms) == {"kd/feature_fld", "kd/feature_dld"}
+    for level in ("fld", "dld"):
+        expected = 0.5 * 4.0 / (widths[level][1] * 2 * grid[0] * grid[1])
+        assert float(terms[f"kd/feature_{level}"].detach()) == pytest.approx(expected, rel=1e-5), level
 
 
 def test_the_heatmap_kl_is_damped_where_the_models_nearly_agree():
