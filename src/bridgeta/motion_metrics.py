@@ -82,8 +82,10 @@ def _with_means(out: dict[str, float], names: tuple[str, ...], horizons: tuple[f
 def planning_l2(planned: torch.Tensor, logged: torch.Tensor, mask: torch.Tensor, step_seconds: float = 0.5,
                 horizons: tuple[float, ...] = PLANNING_HORIZONS) -> dict[str, float]:
     """``planned``, ``logged`` ``(N, T, 2)``, ``mask`` ``(N, T)``: L2 (m) per horizon, the mean
-    over samples of the distance at the horizon's step (``l2@Ns``, UniAD) and of the mean distance
-    over the valid steps up to it (``l2_avg@Ns``, ST-P3 / VAD), with their ``@mean``."""
+    over the samples valid there of the distance at the horizon's step (``l2@Ns``, UniAD) and the
+    mean distance over every valid (sample, step) up to it (``l2_avg@Ns``, ST-P3 / VAD; the same
+    as the mean over samples of their means when every sample is complete, as eval passes them),
+    with their ``@mean``."""
     distance = (planned - logged).norm(dim=-1)
     out = {}
     for horizon in horizons:
