@@ -14,17 +14,18 @@ from bridgeta.motion_metrics import box_collisions, boxes_overlap, collision_rat
 
 
 
-def _plain_and_augmented(engine_world):
-    """The train split of the engine world for an object-head student, as is and augmented."""
+def _plain_and_augmented(engine_world, *overrides: str):
+    """The train split of the engine world for an object-head student (plus ``overrides``), as is
+    and augmented, and the model."""
     from engine_helpers import small_student_config
 
     from bridgeta.data.dataset import BEVMapDataset
     from bridgeta.models.bev_model import build_model
 
-    config = small_student_config(engine_world, "model.heads.object={}")
+    config = small_student_config(engine_world, "model.heads.object={}", *overrides)
     model = build_model(config)
     return (BEVMapDataset.for_model(config.data, model, "train"),
-            BEVMapDataset.for_model(config.data, model, "train", train=True, seed=5))
+            BEVMapDataset.for_model(config.data, model, "train", train=True, seed=5), model)
 
 def test_min_ade_fde_and_both_miss_rates_by_hand():
     truth = torch.zeros(3, 3, 2)
@@ -205,7 +206,7 @@ def test_the_loader_gives_future_tracks_and_ego_paths_in_the_augmented_frame(eng
 
     from bridgeta.data.dataset import driving_command
 
-    plain, moved = _plain_and_augmented(engine_world)
+    plain, moved, _ = _plain_and_augmented(engine_world)
     checked = ego_steps = 0
     for index in range(len(plain)):
         a, b = plain[index].meta["objects"], moved[index]
@@ -243,16 +244,9 @@ def test_plan_targets_are_the_logged_displacements_turned_by_the_augmentation(en
     """The planning head's targets: the ego's logged future relative to where it is now, in the
     augmented frame, i.e. the plain displacements turned (and scaled) by the augmentation, never
     moved by its translation."""
-    from engine_helpers import small_student_config
-
-    from bridgeta.data.dataset import BEVMapDataset
-    from bridgeta.models.bev_model import build_model
     from bridgeta.models.targets import build_task_targets
 
-    config = small_student_config(engine_world, "model.heads.object={}", "model.heads.plan={head_channels: 8, hidden: 16}")
-    model = build_model(config)
-    plain = BEVMapDataset.for_model(config.data, model, "train")
-    moved = BEVMapDataset.for_model(config.data, model, "train", train=True, seed=5)
+    plain, moved, model = _plain_and_augmented(engine_world, "model.heads.plan={head_channels: 8, hidden: 16}")
     checked = 0
     for index in range(len(plain)):
         a, b = plain[index], moved[index]
@@ -278,7 +272,7 @@ def test_the_ego_motion_is_the_velocity_of_the_logged_poses_turned_by_the_augmen
     from bridgeta.data.prepare import pose_matrix
 
     nusc = NuScenes(version="v1.0-trainval", dataroot=str(engine_world), verbose=False)
-    plain, moved = _plain_and_augmented(engine_world)
+    plain, moved, _ = _plain_and_augmented(engine_world)
     known = 0
     for index in range(len(plain)):
         sample, shifted = plain[index], moved[index]
@@ -320,7 +314,7 @@ def test_the_future_agents_are_every_vehicle_and_pedestrian_annotated_at_each_fu
     from bridgeta.data.prepare import pose_matrix
 
     nusc = NuScenes(version="v1.0-trainval", dataroot=str(engine_world), verbose=False)
-    plain, moved = _plain_and_augmented(engine_world)
+    plain, moved, _ = _plain_and_augmented(engine_world)
     boxes = 0
     for index in range(len(plain)):
         sample, shifted = plain[index], moved[index]
