@@ -165,6 +165,9 @@ def test_paired_deltas_use_the_seeds_both_have():
     assert stats["n"] == 2
     assert stats["mean"] == pytest.approx((0.05 - 0.01) / 2)
     assert stats["std"] == pytest.approx(0.0424264, rel=1e-5)
+    # Each seed's own difference, in seed order, only where both rows have the seed.
+    assert list(stats["per_seed"]) == ["0", "1"]
+    assert stats["per_seed"]["0"] == pytest.approx(0.05) and stats["per_seed"]["1"] == pytest.approx(-0.01)
 
 
 def test_last_quarter_gain_reads_the_point_at_three_quarters():
@@ -654,6 +657,16 @@ def test_the_multitask_table_has_every_task_and_paired_deltas():
     paired = bench_distill.aggregate({**runs, "tinybev_s2": [run(0, 0.25, 0.3, 1.5, 2.5, 0.05), older]})[
         "tinybev_s2"]["paired_multitask_vs_baseline"]
     assert paired["mAP_unclipped"]["mean"] is None and paired["NDS"]["n"] == 2
+    # Against the staged baseline, a table of its own with the map deltas of every seed.
+    staged = {**runs, "baseline_s3": [run(1, 0.18, 0.3, 2.0, 3.0, 0.1), run(0, 0.26, 0.2, 2.0, 3.0, 0.1)]}
+    text = format_multitask_markdown({"table": bench_distill.aggregate(staged)})
+    header = next(line for line in text.splitlines() if line.startswith("| method | against |"))
+    header = [c.strip() for c in header.strip("|").split("|")]
+    row = next(line for line in text.splitlines() if line.startswith("| `tinybev_s3` | `baseline_s3` |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == len(header)
+    assert cells[header.index("Δ mIoU per seed")] == "0: -1.0; 1: +2.0"
+    assert cells[header.index("Δ mIoU")] == "+0.5 ± 2.1"
 
 
 def test_staged_tinybev_end_to_end(engine_world, tmp_path):

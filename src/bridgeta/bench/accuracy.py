@@ -265,11 +265,13 @@ def format_multitask_markdown(result: dict) -> str | None:
         # baseline mixes the distillation with the restarts, which the staged baseline has too.
         lines += ["", "Against the baseline trained in the same chained stages (the same runs without the "
                   "distillation terms); Δ paired per seed:", "",
-                  "| method | against | Δ NDS | Δ unclipped mAP | Δ mIoU | Δ minADE | Δ L2 | Δ L2@3s | Δ collision |",
-                  "|---|---|" + "---:|" * 7]
+                  "| method | against | Δ NDS | Δ unclipped mAP | Δ mIoU | Δ mIoU per seed | Δ minADE | Δ L2 | Δ L2@3s | Δ collision |",
+                  "|---|---|" + "---:|" * 8]
         for method, paired in staged.items():
+            per_seed = (paired.get("mIoU") or {}).get("per_seed") or {}
             cells = [f"`{method}`", f"`{paired['reference']}`", cell(paired.get("NDS"), 100, 1, True),
                      cell(paired.get("mAP_unclipped"), 100, 1, True), cell(paired.get("mIoU"), 100, 1, True),
+                     "; ".join(f"{seed}: {100 * delta:+.1f}" for seed, delta in per_seed.items()) or "–",
                      cell(paired.get("minADE"), signed=True), cell(paired.get("l2@mean"), signed=True),
                      cell(paired.get("l2@3s"), signed=True), cell(paired.get("collision@mean"), 100, 1, True)]
             lines.append("| " + " | ".join(cells) + " |")

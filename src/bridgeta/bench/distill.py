@@ -439,9 +439,12 @@ def method_job(method: str, seed: int, dataroot: Path, runs_dir: Path, protocol:
 
 def paired(results: list[dict], reference: list[dict], key=lambda test: test["miou"]) -> dict:
     """Mean ± std over the seeds both have of the per-seed difference of a test figure
-    (``key`` of the test result; mIoU by default)."""
+    (``key`` of the test result; mIoU by default), with each seed's difference under
+    ``per_seed`` (keyed by the seed as text): with three seeds, whether a mean comes from every
+    seed or from one is what a reader needs next."""
     by_seed = {r["seed"]: key(r["test"]) for r in reference}
-    return _mean_std([key(r["test"]) - by_seed[r["seed"]] for r in results if r["seed"] in by_seed])
+    deltas = {r["seed"]: key(r["test"]) - by_seed[r["seed"]] for r in results if r["seed"] in by_seed}
+    return {**_mean_std(list(deltas.values())), "per_seed": {str(seed): deltas[seed] for seed in sorted(deltas)}}
 
 
 def paired_where_complete(results: list[dict], reference: list[dict], key) -> dict:
