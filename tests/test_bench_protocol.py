@@ -582,6 +582,20 @@ def test_tinybev_stages_share_the_budget_and_start_from_the_previous_stage(tmp_p
         "baseline_s1", "baseline_s2", "baseline_s3"]
     assert bench_distill.same_schedule_baseline("baseline_s3") is None
     assert bench_distill.run_inputs("baseline_s2", 2, None) == [("teacher", None, None), ("baseline_s1", 2, None)]
+    # S3's terms without the stages: the baseline's schedule from the start, from no earlier run,
+    # paired with the baseline alone.
+    preset, overrides = bench_distill.method_config("tinybev_joint", tmp_path, 2, protocol)
+    joint = load_config(preset, ["data.dataroot=/d", *overrides])
+    assert preset == "distill/tiny-c-tinybev-s3" and joint.distill.tinybev.region
+    assert joint.distill.tinybev.feature > 0 and joint.distill.tinybev.output > 0
+    assert joint.train.max_steps == 800 and joint.train.data_start_step == 0
+    assert joint.distill.tinybev.init_from is None and joint.distill.teacher == str(tmp_path / "tiny-lc-tinybev-seed0")
+    _, baseline = bench_distill.method_config("baseline", tmp_path, 2, protocol)
+    assert joint.train.optimizer == load_config("tiny-c-tinybev", ["data.dataroot=/d", *baseline]).train.optimizer
+    assert bench_distill.run_inputs("tinybev_joint", 2, None) == [("teacher", None, None)]
+    assert bench_distill.trained_steps("tinybev_joint", 800) == 800
+    assert bench_distill.same_schedule_baseline("tinybev_joint") is None
+    assert accuracy._family("tinybev_joint") is None  # its own weights, not BridgeTA's lambda
 
 
 def test_bridgeta_on_the_tinybev_student_learns_from_the_detection_tables_teacher(tmp_path):

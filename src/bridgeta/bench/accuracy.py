@@ -316,7 +316,7 @@ PARTNERS = {"bridgeta": "bridgeta_kd", "monotakd": "monotakd_kd"}
 def _family(method: str) -> str | None:
     """The tuned method whose weights an untuned variant takes (None for tuned methods, and for
     runs without teacher terms: the teachers, every baseline, MonoTAKD's TA)."""
-    if (method in PARTNERS.values() or METHODS[method] is None or method in ("tinybev_bridgeta", *TUNED_METHODS)
+    if (method in PARTNERS.values() or METHODS[method] is None or method in ("tinybev_bridgeta", "tinybev_joint", *TUNED_METHODS)
             or is_tinybev(method)):
         return None
     if method in LONGER_METHODS:

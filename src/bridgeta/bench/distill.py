@@ -121,6 +121,10 @@ METHODS: dict[str, tuple[str, ...] | None] = {
     # position): the control that tells the stages' distillation from their restarts. Each
     # stage's row is paired with it (``same_schedule_baseline``).
     **{f"baseline_s{stage}": _NO_TINYBEV_TERMS for stage in (1, 2, 3)},
+    # S3's terms (features, outputs, region weights) over the baseline's one schedule from the
+    # start, with no stages: the control for the other side of the staged rows. With the staged
+    # baseline it splits what the restarts cost from what the teacher's terms give or take.
+    "tinybev_joint": (),
     # BridgeTA on TinyBEV's student, every head of it (``<tinybev_recipe>-bridgeta``): BridgeTA has
     # no adapters, so it learns from ``Protocol.aligned_teacher`` ("aligned_teacher", a teacher
     # row of its own) and distills the map and object heads; motion, occupancy and planning learn
@@ -334,6 +338,9 @@ def method_config(
         aligned = runs_dir / run_name("aligned_teacher", teacher_seed(seed, protocol), protocol)
         return (f"{protocol.tinybev_recipe}-bridgeta",
                 [name, *schedule, *common, *METHODS[method], f"distill.teacher={aligned}"])
+    if method == "tinybev_joint":  # S3's recipe, from the pretrained backbone, on the baseline's schedule
+        return (f"{protocol.tinybev_recipe}-s3",
+                [name, *schedule, *common, f"distill.teacher={teacher}"])
     if is_tinybev(method):
         if not protocol.student_steps:
             raise ValueError(f"{method}: TinyBEV's stages share the student's step budget; this protocol counts "
