@@ -165,8 +165,10 @@ def test_paired_deltas_use_the_seeds_both_have():
     assert stats["n"] == 2
     assert stats["mean"] == pytest.approx((0.05 - 0.01) / 2)
     assert stats["std"] == pytest.approx(0.0424264, rel=1e-5)
-    # Each seed's own difference, in seed order, only where both rows have the seed.
+    # Each seed's own difference, in seed order whatever the runs' order, only where both rows have the seed.
     assert list(stats["per_seed"]) == ["0", "1"]
+    shuffled = bench_distill.paired([run(2, 0.50), run(1, 0.20), run(0, 0.30)], [run(1, 0.21), run(0, 0.25)])
+    assert list(shuffled["per_seed"]) == ["0", "1"] and shuffled["per_seed"]["1"] == pytest.approx(-0.01)
     assert stats["per_seed"]["0"] == pytest.approx(0.05) and stats["per_seed"]["1"] == pytest.approx(-0.01)
 
 
