@@ -186,10 +186,16 @@ def test_the_multitask_section_renders_the_tinybev_table():
                              "preset": {"name": "cpu-tinybev"}})
     assert "| `tinybev_s3` |" in text and "--preset cpu-tinybev" in text and "commit `abc1234`" in text
     assert "+10.0 ± 0.0" in text  # the paired NDS delta, in points
-    row = next(line for line in text.splitlines() if line.startswith("| `tinybev_s3`"))
+    # its row of the every-task table (the steps table's comes first)
+    row = next(line for line in text.splitlines() if line.startswith("| `tinybev_s3`") and line.count("|") > 10)
     # UniAD's L2 averaged over 1-2-3 s (1.70 m), its paired delta (-0.10 m), the collision rate in %.
     assert "| 1.70 ± 0.00 |" in row and "| -0.10 ± 0.00 |" in row and "| 10.0 ± 0.0 |" in row
     assert "`l2@mean`" in text and "`l2_avg@...`" in text  # the text says which convention is shown
+    # Each row's steps first: S3 trains the baseline's whole budget (800 of 800 steps).
+    steps = render_multitask({"environment": BEV_POOL["environment"], "table": aggregate(runs),
+                              "preset": {"name": "cpu-tinybev"}, "protocol": {"student_steps": 800}})
+    assert "| `tinybev_s3` | 2 | 800 | 30.0 ± 0.0 | +10.0 ± 0.0 (n=2) | – |" in steps
+    assert steps.index("| method | seeds | steps |") < steps.index("| method | mAP |")
     assert "Planning scores" not in text  # these runs do not say how many samples they scored
     for results in runs.values():
         for r in results:

@@ -291,9 +291,10 @@ def render_accuracy(results: dict) -> str:
     return text + "\n".join(lines)
 
 
-def render_partial(results: dict) -> str:
-    """The runs of a benchmark still running (``--summary``'s partial.json): each row's seeds,
-    test mIoU and paired deltas against the baseline and against the baseline of its steps."""
+def _steps_table(results: dict) -> list[str]:
+    """Each row's seeds, steps, test mIoU and paired deltas against the baseline and against the
+    baseline of its steps (the rows that train for other steps than the baseline: TinyBEV's
+    stages, MonoTAKD, the longer schedules)."""
     from bridgeta.bench.distill import TEACHER_ROLES, trained_steps
 
     steps = results.get("protocol", {}).get("student_steps")
@@ -308,14 +309,25 @@ def render_partial(results: dict) -> str:
         against_steps = f"{_delta(same)} vs `{same['reference']}`" if same else "–"
         lines.append(f"| `{method}` | {len(row['seeds'])} | {count} | {_cell(row['miou'])} | "
                      f"{_delta(row.get('paired_vs_baseline'))} | {against_steps} |")
-    preset = results.get("preset", {}).get("name", "?")
-    whose = []  # what "steps" counts for the rows that train in parts
+    return lines
+
+
+def _whose_steps(results: dict) -> str:
+    """What the steps column counts for the rows that train in parts."""
+    whose = []
     if any(method.startswith("monotakd") for method in results["table"]):
         whose.append("MonoTAKD's: its TA's, then its student's")
     if any(method.startswith("tinybev_s") for method in results["table"]):
         whose.append("a TinyBEV stage's: its own, with the stages before it")
-    lines += ["", "Test towns, mean ± std over the finished seeds; Δ paired per seed, in points. Steps: of the "
-              "camera network" + (f" ({'; '.join(whose)})" if whose else "") + ". "
+    return "Steps: of the camera network" + (f" ({'; '.join(whose)})" if whose else "") + ". "
+
+
+def render_partial(results: dict) -> str:
+    """The runs of a benchmark still running (``--summary``'s partial.json): each row's seeds,
+    test mIoU and paired deltas against the baseline and against the baseline of its steps."""
+    lines = _steps_table(results)
+    preset = results.get("preset", {}).get("name", "?")
+    lines += ["", "Test towns, mean ± std over the finished seeds; Δ paired per seed, in points. " + _whose_steps(results)
               + _measured(results, f"bridgeta bench accuracy --preset {preset} --summary")]
     return "\n".join(lines)
 
@@ -576,7 +588,11 @@ def render_multitask(results: dict) -> str:
         return "No row of these results has planning figures: not a multi-task benchmark."
     seeds = sorted({seed for row in results["table"].values() for seed in row["seeds"]})
     preset = results.get("preset", {}).get("name", "?")
-    return (table + "\n\n" + f"mAP, NDS, the unclipped mAP (the devkit's AP without its 10 % floors, [detection.md](detection.md)) "
+    # The stages train for a third and two thirds of the baseline's steps: each row's steps,
+    # and its map delta against the baseline of as many steps, come first.
+    steps = ("\n".join(_steps_table(results)) + "\n\nMap mIoU of the test towns in %, mean ± std over seeds; Δ paired "
+             "per seed, in points. " + _whose_steps(results) + "Every task of the same runs:\n\n")
+    return (steps + table + "\n\n" + f"mAP, NDS, the unclipped mAP (the devkit's AP without its 10 % floors, [detection.md](detection.md)) "
             f"and map mIoU in %, minADE (detection-free, at the true agents) and "
             f"L2 in m, the collision rate in %. L2 and collision are UniAD's convention (the value at "
             f"each horizon), averaged over 1, 2 and 3 s (`l2@mean`, `collision@mean`), and L2 at 3 s; the ST-P3/VAD "
