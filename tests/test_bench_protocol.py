@@ -698,6 +698,7 @@ def test_staged_tinybev_end_to_end(engine_world, tmp_path):
     )
     protocol = replace(protocol, aligned_teacher="tiny-lc-mt", aligned_teacher_overrides=(*SMALL_TINY_LC, heads[0]))
     preset = replace(accuracy.PRESETS["cpu-tinybev"], protocol=protocol, default_seeds=1, pretrain_steps=0)
+    preset = replace(preset, methods=(*preset.methods, "tinybev_joint"))
     out, work = tmp_path / "results", tmp_path / "work"
     result = accuracy.run_staged("test", out, work, engine_world, preset=preset)
     runs = work / "runs"
@@ -706,7 +707,15 @@ def test_staged_tinybev_end_to_end(engine_world, tmp_path):
         assert config.distill.tinybev.init_from == str(runs / f"tiny-c-tinybev-{previous}-seed0")
         assert config.train.max_steps == 1
     assert set(result["table"]) == {"teacher", "aligned_teacher", "baseline", "tinybev_s1", "tinybev_s2",
-                                    "tinybev_s3", "tinybev_bridgeta", "baseline_s1", "baseline_s2", "baseline_s3"}
+                                    "tinybev_s3", "tinybev_bridgeta", "baseline_s1", "baseline_s2", "baseline_s3",
+                                    "tinybev_joint"}
+    # S3's terms without the stages: the whole budget in one run, from no earlier stage.
+    joint = load_config(str(runs / "tiny-c-tinybev-tinybev_joint-seed0" / "config.yaml"))
+    assert joint.distill.tinybev.init_from is None and joint.train.max_steps == 3 and joint.distill.tinybev.region
+    steps = [r for r in read_metrics(runs / "tiny-c-tinybev-tinybev_joint-seed0") if "loss" in r]
+    assert {"kd/feature_fld", "kd/out_map", "kd/out_motion"} <= set(steps[-1])
+    assert "paired_multitask_vs_baseline" in result["table"]["tinybev_joint"]
+    assert "paired_multitask_vs_same_schedule" not in result["table"]["tinybev_joint"]
     # The staged baseline trains on its labels alone, through the same chain.
     staged = load_config(str(runs / "tiny-c-tinybev-baseline_s3-seed0" / "config.yaml"))
     assert staged.distill.tinybev.init_from == str(runs / "tiny-c-tinybev-baseline_s2-seed0")
