@@ -7,9 +7,15 @@
 # A ledger is tied to the machine type it was recorded on (its machine.json: AVX512 or AVX2): on
 # another type its step fails at once, before generating a world, and the queue goes on.
 #   usage: scripts/cpu-benchmarks.sh [LOG]   (from the repository root, with bridgeta installed)
+# The cpu protocol's ledger was recorded on an AVX-512 machine with native bf16. To measure it
+# again from its world up on another machine type, give it a work directory, ledger and results
+# folder of its own, e.g. WORK=runs/p4-avx2 LEDGER=results/ledger/p4-avx2 SUFFIX=-avx2: the
+# tables then land in results/accuracy-cpu-monotakd-avx2 and results/accuracy-cpu-avx2.
 set -euo pipefail
 log=${1:-runs/cpu-benchmarks.log}
 work=${WORK:-runs/p4}
+ledger=${LEDGER:-results/ledger/p4}
+suffix=${SUFFIX:-}
 work_mt=${WORK_MT:-runs/mt}
 mkdir -p "$(dirname "$log")"
 # A failed step is logged and the queue goes on: the later tables do not depend on it (the
@@ -20,11 +26,11 @@ step() {
     echo "== $(date -u '+%F %H:%M') $*" >> "$log"
     "$@" >> "$log" 2>&1 || { echo "!! $(date -u '+%F %H:%M') failed ($?): $*" >> "$log"; failed=1; }
 }
-cpu=(bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --ledger results/ledger/p4)
+cpu=(bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --ledger "$ledger")
 # 1. MonoTAKD's rows, ablations and compute control on the cpu protocol (issue 13), with the
 #    teacher, baselines, TA, direct and BridgeTA they are paired with (at their chosen weights);
 #    the sweep of these three, beside its table
-step "${cpu[@]}" --out results/accuracy-cpu-monotakd \
+step "${cpu[@]}" --out "results/accuracy-cpu-monotakd$suffix" \
     --methods direct bridgeta monotakd monotakd_imd_only monotakd_cmrd_only monotakd_no_sam monotakd_no_ffm monotakd_shared baseline_long
 # 2. inference cost of every pair (MonoTAKD's deployed student beside the baseline: issue 13's
 #    last table), alone on the CPU; it builds the networks and needs no trained run
@@ -41,6 +47,6 @@ step "${mt[@]}" --preset cpu-mt --out results/accuracy-mt
 step "${mt[@]}" --preset cpu-tinybev --out results/accuracy-tinybev
 # 5. the whole cpu protocol's table on this commit (issue 11's, first measured at 2dcd721), with
 #    the reruns of seed 0 of the headline methods; it reuses every run above
-step "${cpu[@]}" --out results/accuracy-cpu --reproduce
+step "${cpu[@]}" --out "results/accuracy-cpu$suffix" --reproduce
 echo "== $(date -u '+%F %H:%M') done" >> "$log"
 exit "$failed"
