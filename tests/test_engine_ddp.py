@@ -88,6 +88,26 @@ def test_single_process_context_and_helpers(monkeypatch):
     assert DistributedContext(rank=1, world_size=2).is_main is False
 
 
+def test_cleanup_waits_for_every_rank_after_a_finished_run_but_not_after_a_failure(monkeypatch):
+    import bridgeta.engine.distributed as distributed
+
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    owner = DistributedContext(rank=1, world_size=2, owns_group=True)
+    cleanup(owner)
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    # A failed rank leaves at once: its peers may sit in another collective, and a barrier there
+    # would hold this rank until the group's timeout instead of letting torchrun stop them.
+    cleanup(owner, finished=False)
+    assert calls == ["destroy"]
+    calls.clear()
+    cleanup(DistributedContext(rank=1, world_size=2, owns_group=False))  # a caller's group is left alone
+    assert calls == []
+
+
 def test_two_processes_equal_one_process_with_accumulation(dataroot, tmp_path):
     common = ["train.epochs=2", "train.checkpoint_every=0", *DETERMINISTIC]
     ddp_out = tmp_path / "ddp"

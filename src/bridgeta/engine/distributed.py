@@ -128,7 +128,16 @@ def barrier(ctx: DistributedContext) -> None:
         dist.barrier()
 
 
-def cleanup(ctx: DistributedContext) -> None:
-    """Destroy the process group if :func:`init_distributed` created it."""
+def cleanup(ctx: DistributedContext, finished: bool = True) -> None:
+    """Destroy the process group if :func:`init_distributed` created it.
+
+    After a finished run every rank first waits at a barrier: a rank that tore down its gloo
+    connections while its peer was still writing the last outputs was seen to abort (``terminate
+    called without an active exception``, SIGABRT) in a 2-process CPU run. After a failure
+    (``finished=False``) there is no barrier, since the peers may be blocked in another collective
+    and would wait out the group's timeout; torchrun stops them when this rank exits.
+    """
     if ctx.owns_group and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

@@ -662,6 +662,9 @@ class _Trainer:
     def close(self) -> None:
         if self.logger is not None:
             self.logger.close()
+        # The DDP wrapper's reducer holds the process group and its pending work: release it now,
+        # before the group is destroyed, rather than whenever the garbage collector reaches it.
+        self.forward_model = self.module
 
 
 def loss_group(name: str, classes: tuple[str, ...]) -> str:
@@ -751,12 +754,15 @@ def train(
         require_devkit(DETECTION_PURPOSE)
     out_dir = Path(out_dir)
     ctx = init_distributed()
+    finished = False
     try:
         with deterministic_mode(config.train.deterministic, ctx.device):
             trainer = _Trainer(config, out_dir, ctx, evaluate_fn)
             try:
-                return trainer.run(resume, force)
+                summary = trainer.run(resume, force)
             finally:
                 trainer.close()
+        finished = True
+        return summary
     finally:
-        cleanup(ctx)
+        cleanup(ctx, finished)
