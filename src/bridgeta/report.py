@@ -614,6 +614,10 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "accuracy-protocol": ("accuracy-cpu/results.json", render_protocol),
     "accuracy-cpu-partial": ("accuracy-cpu/partial.json", render_partial),
     "accuracy-cpu-monotakd-partial": ("accuracy-cpu-monotakd/partial.json", render_partial),
+    # The same protocol measured again from its world up on AVX2 machines, in a ledger of its own
+    # (scripts/cpu-benchmarks.sh with SUFFIX=-avx2): the AVX-512 ledger cannot continue there
+    "accuracy-cpu-monotakd-avx2": ("accuracy-cpu-monotakd-avx2/results.json", render_accuracy),
+    "accuracy-cpu-monotakd-avx2-partial": ("accuracy-cpu-monotakd-avx2/partial.json", render_partial),
     "accuracy-mt": ("accuracy-mt/results.json", render_accuracy),
     "accuracy-mt-partial": ("accuracy-mt/partial.json", render_partial_detection),
     "accuracy-tinybev": ("accuracy-tinybev/results.json", render_multitask),
