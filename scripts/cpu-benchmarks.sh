@@ -29,7 +29,10 @@ step() {
 cpu=(bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --ledger "$ledger")
 # 1. MonoTAKD's rows, ablations and compute control on the cpu protocol (issue 13), with the
 #    teacher, baselines, TA, direct and BridgeTA they are paired with (at their chosen weights);
-#    the sweep of these three, beside its table
+#    the sweep of these three, beside its table. First MonoTAKD's own sweep, its 3 seeds and the
+#    longer baseline, on 3 baseline seeds: the rows the issue waits for, in the fewest hours
+#    (about 5 on AVX2 after the world and teacher); the full step reuses every one of them.
+step "${cpu[@]}" --out "results/accuracy-cpu-monotakd$suffix" --methods monotakd baseline_long --seeds 3
 step "${cpu[@]}" --out "results/accuracy-cpu-monotakd$suffix" \
     --methods direct bridgeta monotakd monotakd_imd_only monotakd_cmrd_only monotakd_no_sam monotakd_no_ffm monotakd_shared baseline_long
 # 2. inference cost of every pair (MonoTAKD's deployed student beside the baseline: issue 13's
