@@ -769,3 +769,20 @@ def test_a_work_directory_keeps_the_world_it_was_generated_as(tmp_path, monkeypa
     ensure_world(tmp_path / "old", mt)
     assert generated == ["tiny"]
     assert json_module.loads((tmp_path / "old" / "world" / WORLD_MARKER).read_text())["synth_preset"] == "tiny-traffic"
+
+
+@pytest.mark.parametrize("preset_name", ["cpu", "cpu-mt", "cpu-tinybev"])
+def test_every_run_of_a_staged_preset_has_a_valid_config(tmp_path, preset_name):
+    # The runs are configured long before they train (the cpu protocol reaches MonoTAKD's
+    # assistant after hours of teacher and baselines): every one must build now. A regression
+    # test for the assistant, whose recipe was read with the presets' data overrides and no
+    # dataroot, which stopped the cpu protocol at its first MonoTAKD run.
+    preset = accuracy.PRESETS[preset_name]
+    protocol = replace(preset.protocol, pretrained=str(tmp_path / "backbone.safetensors"))
+    methods = ["teacher", *preset.methods, *(["assistant"] if "monotakd" in preset.methods else []),
+               *(["aligned_teacher"] if protocol.aligned_teacher else [])]
+    for method in methods:
+        scale = 1.0 if method in bench_distill.TUNED_METHODS or accuracy._family(method) else None
+        preset_or_recipe, overrides = bench_distill.method_config(method, tmp_path, 0, protocol, scale)
+        config = load_config(preset_or_recipe, [f"data.dataroot={tmp_path}", *overrides])
+        assert config.data.augment.draws == "once", method  # every run of a table draws alike

@@ -330,7 +330,11 @@ def method_config(
         # MonoTAKD's TA: its student's camera network, LiDAR-depth lift, imitating the fused BEV
         # of the teacher its students learn from: the benchmark's own, so it trains after it
         # (run_staged's stage 1 in two waves, run's order).
-        recipe = load_config(protocol.monotakd_recipe, [*schedule, *common])
+        # Read for its network and MonoTAKD settings, which the protocol's overrides may change,
+        # but without their data keys (the cpu presets' data.augment.draws): a data section
+        # without its dataroot, which only the run gets, does not validate.
+        model_and_method = [o for o in (*schedule, *common) if not o.startswith("data.")]
+        recipe = load_config(protocol.monotakd_recipe, model_and_method)
         return protocol.monotakd_recipe, [f"name={protocol.student}-assistant", *schedule, *common,
                                           *assistant_overrides(recipe, str(teacher))]
     name = f"name={protocol.student}-{method}"
