@@ -62,7 +62,8 @@ from bridgeta.geometry import BEVGrid
 from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.head import BEVGridTransform
 from bridgeta.models.motion_head import select_command, winner_takes_all
-from bridgeta.models.object_head import REGRESSION_GROUPS, ObjectOutputs, decode, gather_cells, nms_radii
+from bridgeta.models.object_head import (REGRESSION_GROUPS, ObjectOutputs, decode, gather_cells, nms_radii,
+                                         regression_l1_by_group)
 from bridgeta.models.types import BEVInputs, BEVOutputs
 
 # The most confident teacher detections per sample whose boxes and trajectories are distilled.
@@ -104,17 +105,12 @@ class RegionWeights:
 def box_l1_by_group(student_boxes: torch.Tensor, teacher_boxes: torch.Tensor, cell_weights: torch.Tensor,
                     group_weights: dict[str, float]) -> torch.Tensor:
     """The L1 between box regressions ``(B, N, 10)`` at ``N`` cells weighted by ``cell_weights``
-    ``(B, N)``, in the object loss's form: each regression group's mean over its channels and the
-    cells, times its weight in ``group_weights``, summed. A plain mean over the ten channels would
-    weigh velocity as much as the offset (two channels each), where the task weighs it 0.2 to 1."""
-    error = (student_boxes.float() - teacher_boxes.float()).abs()
-    total = cell_weights.sum().clamp(min=1e-6)
-    loss, start = error.new_zeros(()), 0
-    for name, size in REGRESSION_GROUPS.items():
-        group = error[..., start:start + size].mean(dim=-1)
-        loss = loss + group_weights[name] * (group * cell_weights).sum() / total
-        start += size
-    return loss
+    ``(B, N)``, in the object loss's form (:func:`regression_l1_by_group`): each regression
+    group's mean over its channels and the cells, times its weight in ``group_weights``, summed. A
+    plain mean over the ten channels would weigh velocity as much as the offset (two channels
+    each), where the task weighs it 0.2 to 1."""
+    groups = regression_l1_by_group(student_boxes, teacher_boxes, cell_weights, cell_weights.sum().clamp(min=1e-6))
+    return sum(group_weights[name] * value for name, value in groups.items())
 
 
 def focal_heatmap_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0,

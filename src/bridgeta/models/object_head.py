@@ -185,12 +185,26 @@ def object_losses(outputs: ObjectOutputs, targets: ObjectTargets,
     weights = weights or {}
     losses = {"heatmap": weights.get("heatmap", 1.0) * gaussian_focal_loss(outputs.heatmap, targets.heatmap)}
     predicted = gather_cells(outputs.regression.float(), targets.index)  # (B, M, 10)
-    mask = targets.mask[..., None].float()
-    boxes = mask.sum().clamp(min=1.0)
-    start = 0
+    mask = targets.mask.float()
+    groups = regression_l1_by_group(predicted, targets.regression, mask, mask.sum().clamp(min=1.0))
+    losses.update({name: weights.get(name, 1.0) * value for name, value in groups.items()})
+    return losses
+
+
+def regression_l1_by_group(predicted: torch.Tensor, target: torch.Tensor, cell_weights: torch.Tensor,
+                           total: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{group: L1}`` between box regressions ``(..., 10)``, one per group of
+    :data:`REGRESSION_GROUPS`: the absolute error summed over the cells weighted by
+    ``cell_weights`` ``(...)`` and over the group's channels, divided by ``total`` times the
+    group's channel count. Per group, so that each group weighs the same whatever its number of
+    channels (velocity's two as much as height's one). The task's loss and TinyBEV's box
+    distillation both take this form."""
+    weights = cell_weights[..., None].float()
+    losses, start = {}, 0
     for name, size in REGRESSION_GROUPS.items():
-        error = (predicted[..., start:start + size] - targets.regression[..., start:start + size]).abs() * mask
-        losses[name] = weights.get(name, 1.0) * error.sum() / (boxes * size)
+        group = slice(start, start + size)
+        error = (predicted[..., group].float() - target[..., group].float()).abs() * weights
+        losses[name] = error.sum() / (total * size)
         start += size
     return losses
 
