@@ -465,6 +465,9 @@ def test_the_teacher_runs_only_for_the_terms_that_read_it(models, weights, runs_
     inputs, labels = _batch()
     out = distiller(inputs, labels)
     assert bool(calls) == runs_teacher
+    # Nor does the batch carry the teacher's LiDAR sweeps then: the TA's depth is enough.
+    expected = {"camera", "depth"} | ({"lidar"} if runs_teacher else set())
+    assert set(distiller.input_modalities) == expected
     assert {k for k in out.losses if k.startswith("kd/")} == {f"kd/{k}" for k, w in weights.items() if w > 0}
 
 

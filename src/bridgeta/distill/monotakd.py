@@ -184,9 +184,17 @@ class MonoTAKDDistiller(Distiller):
                 self.assistant = assistant
 
     @property
+    def reads_teacher(self) -> bool:
+        """Whether a term reads the teacher: CMRD and the logit term do, IMD reads the TA only (so
+        the sweep's lambda = 0 point and the IMD-only ablation never run the teacher)."""
+        return self.settings.cmrd > 0 or self.settings.logit > 0
+
+    @property
     def input_modalities(self) -> tuple[str, ...]:
-        # The TA lifts with projected LiDAR depth, in either source mode.
-        return tuple(dict.fromkeys((*super().input_modalities, "camera", "depth")))
+        # The TA lifts with projected LiDAR depth, in either source mode: the keyframe's points.
+        # The teacher's inputs (its LiDAR sweeps) only when a term runs it.
+        teacher_inputs = super().input_modalities if self.reads_teacher else ()
+        return tuple(dict.fromkeys((*teacher_inputs, "camera", "depth")))
 
     def assistant_bev(self, inputs: BEVInputs) -> torch.Tensor:
         """The TA's camera BEV for this batch, a constant target.
@@ -214,9 +222,7 @@ class MonoTAKDDistiller(Distiller):
         self, inputs: BEVInputs, labels: torch.Tensor, student: BEVOutputs, logs: dict[str, float]
     ) -> dict[str, torch.Tensor]:
         settings = self.settings
-        # Only CMRD and the logit term read the teacher: the sweep's lambda = 0 point and the
-        # IMD-only ablation skip its forward pass.
-        teacher = self.teacher_forward(inputs) if settings.cmrd > 0 or settings.logit > 0 else None
+        teacher = self.teacher_forward(inputs) if self.reads_teacher else None
         assert student.camera_bev is not None
         losses: dict[str, torch.Tensor] = {}
         if settings.imd > 0 or settings.cmrd > 0:
