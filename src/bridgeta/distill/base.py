@@ -184,9 +184,16 @@ class Distiller(nn.Module):
         model.eval()
 
     @property
+    def reads_teacher(self) -> bool:
+        """Whether a term of this run reads the teacher. Methods whose weights can switch every
+        teacher term off (a sweep's lambda = 0, a baseline run of a staged recipe) say so here:
+        the batch then leaves out the teacher's inputs (:attr:`input_modalities`)."""
+        return self.teacher is not None
+
+    @property
     def input_modalities(self) -> tuple[str, ...]:
         """What the batch must carry beyond the student's inputs (the teacher's, and so on)."""
-        return self.teacher.modalities if self.teacher is not None else ()
+        return self.teacher.modalities if self.teacher is not None and self.reads_teacher else ()
 
     def continue_previous_stage(self, state: dict[str, torch.Tensor]) -> list[str]:
         """A staged recipe's later stage: take over the training-only modules of the previous

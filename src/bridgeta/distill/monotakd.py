@@ -192,9 +192,8 @@ class MonoTAKDDistiller(Distiller):
     @property
     def input_modalities(self) -> tuple[str, ...]:
         # The TA lifts with projected LiDAR depth, in either source mode: the keyframe's points.
-        # The teacher's inputs (its LiDAR sweeps) only when a term runs it.
-        teacher_inputs = super().input_modalities if self.reads_teacher else ()
-        return tuple(dict.fromkeys((*teacher_inputs, "camera", "depth")))
+        # The teacher's inputs (its LiDAR sweeps) come only when a term runs it (reads_teacher).
+        return tuple(dict.fromkeys((*super().input_modalities, "camera", "depth")))
 
     def assistant_bev(self, inputs: BEVInputs) -> torch.Tensor:
         """The TA's camera BEV for this batch, a constant target.

@@ -212,11 +212,6 @@ class TinyBEVDistiller(Distiller):
         """Whether any term reads the teacher (not the staged baseline's runs: every weight 0)."""
         return self.settings.feature > 0 or self.settings.output > 0
 
-    @property
-    def input_modalities(self) -> tuple[str, ...]:
-        # The staged baseline's runs read the student's inputs only, not the teacher's LiDAR.
-        return super().input_modalities if self.reads_teacher else ()
-
     def continue_previous_stage(self, state: dict[str, torch.Tensor]) -> list[str]:
         """Load the adapters of the previous stage's distiller file (``state``: its tensors other
         than the student's) for every level both stages have at the same widths, so a later stage
