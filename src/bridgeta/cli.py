@@ -146,7 +146,8 @@ def _command_distill(args: argparse.Namespace) -> int:
                              f"distils with {config.distill.method}")
         settings = config.distill.monotakd or MonoTAKDConfig()
         config = replace(config, distill=replace(config.distill, monotakd=replace(settings, assistant=args.assistant)))
-    summary = train(config, Path(args.out), resume=args.resume, evaluate_fn=evaluate_checkpoint_model, force=args.force)
+    summary = train(config, Path(args.out), resume=args.resume, evaluate_fn=evaluate_checkpoint_model, force=args.force,
+                    output_cache=args.output_cache)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -368,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--teacher", default=None, help="teacher model file or run dir (sets distill.teacher)")
     distill.add_argument("--assistant", default=None,
                          help="MonoTAKD: the trained assistant's run dir (sets distill.monotakd.assistant)")
+    distill.add_argument("--output-cache", default=None, metavar="DIR",
+                         help="keep the frozen teacher's (and TA's) outputs per sample in DIR and read them back "
+                         "instead of running them again: exact, and worth it where each sample's augmentation is "
+                         "drawn once (data.augment.draws=once) or off (default: $BRIDGETA_OUTPUT_CACHE, else none)")
     distill.set_defaults(handler=_command_distill)
 
     assistant = commands.add_parser(

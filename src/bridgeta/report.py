@@ -536,8 +536,12 @@ def render_train_cost(results: dict) -> str:
                  if name.startswith("untrained ")]
     teachers = (f"Teachers: freshly initialised {', '.join(f'`{n}`' for n in untrained)} (the architecture, not "
                 "the weights, sets the cost). " if untrained else "")
+    cached = {m: row["output_cache"] for m, row in results["methods"].items() if row.get("output_cache")}
+    caches = ("`*_cached` rows read the frozen teacher's outputs back from an output cache that a first run of "
+              "the same steps filled (" + ", ".join(f"`{m}`: {c['hits']} samples read, {c['misses']} computed"
+                                                    for m, c in cached.items()) + "). ") if cached else ""
     lines += ["", f"Median over {results['steps']} optimiser steps each (loader waits included), memory = "
-              f"{memory}; one invocation, so the ratios compare like with like. " + teachers
+              f"{memory}; one invocation, so the ratios compare like with like. " + teachers + caches
               + _measured(results, "bridgeta bench train-cost")]
     return "\n".join(lines)
 
@@ -630,6 +634,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "distill-sweep": ("distill_sweep.json", render_distill_sweep),
     "train-cost": ("train_cost.json", render_train_cost),
     "train-cost-tinybev": ("train_cost_tinybev.json", render_train_cost),
+    "train-cost-cache": ("train_cost_cache.json", render_train_cost),
     "precision": ("precision.json", render_precision),
 }
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ from bridgeta.bench.distill import (
 )
 from bridgeta.bench.distill import run as run_methods
 from bridgeta.bench.jobs import run_jobs
+from bridgeta.distill.output_cache import OUTPUT_CACHE_ENV
 from bridgeta.provenance import environment, write_json
 
 
@@ -696,7 +698,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="staged presets: the finished runs' records, reused on any machine (default: OUT/runs)")
     parser.add_argument("--summary", action="store_true",
                         help="cpu protocol: train nothing; OUT/partial.json over the runs finished so far")
+    parser.add_argument("--output-cache", default=None, metavar="DIR",
+                        help="where distillation runs keep their frozen teacher's (and TA's) outputs per sample "
+                        "(bridgeta/distill/output_cache.py; exact): default WORK/output-cache, 'none' to run "
+                        "them on every batch")
     args = parser.parse_args(argv)
+    cache = args.output_cache or str((args.work or args.out) / "output-cache")
+    if cache.lower() != "none" and not args.summary:
+        os.environ[OUTPUT_CACHE_ENV] = str(Path(cache).resolve())  # the runs' spawned workers inherit it
     result = run(args.preset, args.seeds, args.out, args.work or args.out, args.dataroot, args.methods, args.jobs,
                  args.reproduce, args.summary, args.ledger)
     if args.summary:

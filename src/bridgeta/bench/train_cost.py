@@ -15,6 +15,11 @@ Pairs (``--pair``):
 * ``tinybev``: the multi-task student (``tiny-c-tinybev``) without distillation, TinyBEV's three
   stages (the wider ``tiny-lc-tinybev`` teacher's forward pass and the adapters) and BridgeTA on
   the same student (from ``tiny-lc-mt``, the teacher of its widths).
+* ``cache``: ``direct`` and BridgeTA with and without the output cache
+  (:mod:`bridgeta.distill.output_cache`), every row in the cpu tables' regime (augmentation drawn
+  once, the default precision). A ``*_cached`` row first trains its steps once to fill the cache
+  (in the same process, same seed, so the same batches), then measures a second run that reads
+  every teacher output back.
 
 A teacher not given is a freshly initialised network of the pair's teacher preset: the step
 time and memory depend on its architecture, not its weights, so the cost can be measured before
@@ -33,6 +38,7 @@ from pathlib import Path
 from bridgeta.bench.isolated import peak_resident_bytes, resident_bytes, run_isolated
 from bridgeta.provenance import environment, write_json
 
+_ONCE = ("data.augment.draws=once",)  # the cpu tables' regime, where the output cache hits
 # pair -> method -> (preset, overrides, the teacher it reads: a key of TEACHERS[pair], or None).
 # ``*_fp32`` rows are the same runs in plain fp32 (the trainer's CPU default before bf16
 # autocast), so the precision speed-up is a ratio measured in the same run.
@@ -45,6 +51,13 @@ METHODS: dict[str, dict[str, tuple[str, tuple[str, ...], str | None]]] = {
         "bridgeta_fp32": ("distill/tiny-c-bridgeta", ("train.precision=fp32", "distill.teacher_precision=fp32"),
                           "teacher"),
     },
+    "cache": {
+        "baseline": ("tiny-c", _ONCE, None),
+        "direct": ("distill/tiny-c-direct", _ONCE, "teacher"),
+        "direct_cached": ("distill/tiny-c-direct", _ONCE, "teacher"),
+        "bridgeta": ("distill/tiny-c-bridgeta", _ONCE, "teacher"),
+        "bridgeta_cached": ("distill/tiny-c-bridgeta", _ONCE, "teacher"),
+    },
     "tinybev": {
         "baseline": ("tiny-c-tinybev", (), None),
         "tinybev_s1": ("distill/tiny-c-tinybev-s1", (), "teacher"),
@@ -56,6 +69,7 @@ METHODS: dict[str, dict[str, tuple[str, tuple[str, ...], str | None]]] = {
 # pair -> teacher role -> the preset of the teacher a method of that role reads (bench accuracy's).
 TEACHERS: dict[str, dict[str, str]] = {
     "tiny": {"teacher": "tiny-lc"},
+    "cache": {"teacher": "tiny-lc"},
     "tinybev": {"teacher": "tiny-lc-tinybev", "aligned_teacher": "tiny-lc-mt"},
 }
 
@@ -73,8 +87,10 @@ def untrained_teacher(preset: str, dataroot: Path, folder: Path) -> str:
     return str(path)
 
 
-def measure_one(preset: str, dataroot: str, teacher: str | None, steps: int, overrides: Sequence[str]) -> dict:
-    """Train ``preset`` for ``steps`` steps in this process; step time and peak memory."""
+def measure_one(preset: str, dataroot: str, teacher: str | None, steps: int, overrides: Sequence[str],
+                cached: bool = False) -> dict:
+    """Train ``preset`` for ``steps`` steps in this process; step time and peak memory. ``cached``:
+    with an output cache, filled by a first run of the same steps, then measured on a second."""
     import torch
 
     from bridgeta.config import load_config
@@ -89,11 +105,15 @@ def measure_one(preset: str, dataroot: str, teacher: str | None, steps: int, ove
         torch.cuda.reset_peak_memory_stats()
     before = resident_bytes()
     with tempfile.TemporaryDirectory() as out:
-        summary = train(config, Path(out))
+        cache = Path(out) / "output-cache" if cached else None
+        if cache is not None:
+            train(config, Path(out) / "fill", output_cache=cache)
+        summary = train(config, Path(out) / "run", output_cache=cache)
     peak_rss = peak_resident_bytes()
     return {
         "preset": preset,
         "steps": summary["steps"],
+        "output_cache": summary.get("output_cache"),
         "step_time_s": summary["step_time_s"],
         "device": "cuda" if cuda else "cpu",
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else peak_rss - before,
@@ -124,6 +144,8 @@ def run(dataroot: Path, steps: int, out: Path, overrides: Sequence[str] = (), pa
             arguments = ["--one", preset, "--dataroot", str(dataroot), "--steps", str(steps)]
             if role is not None:
                 arguments += ["--teacher", used[role]]
+            if method.endswith("_cached"):
+                arguments.append("--cached")
             for override in (*own, *overrides):
                 arguments += ["--set", override]
             print(f"-- {method}: {steps} steps of {preset}", flush=True)
@@ -163,9 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="results file (default: results/train_cost.json; results/train_cost_<pair>.json for another pair)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one method, JSON on stdout
+    parser.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)  # internal: with --one
     args = parser.parse_args(argv)
     if args.one is not None:
-        row = measure_one(args.one, str(args.dataroot), args.teacher, args.steps, args.overrides)
+        row = measure_one(args.one, str(args.dataroot), args.teacher, args.steps, args.overrides, args.cached)
         print(json.dumps(row))
         return 0
     # Bad input fails here, naming the path, before any method trains.

@@ -13,13 +13,15 @@ no inference cost. MonoTAKD's student is a different network: its config adds th
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bridgeta.config import DistillConfig
+from bridgeta.config import DistillConfig, to_dict
+from bridgeta.distill.output_cache import FrozenOutputCache, model_identity
 from bridgeta.losses import map_segmentation_loss
 from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.motion_head import MotionOutputs
@@ -118,6 +120,30 @@ def fused_bev_layout(model: BEVModel) -> tuple[int, tuple[float, ...], tuple[flo
     return channels, model.feature_grid.x, model.feature_grid.y
 
 
+def inputs_of(model: BEVModel, inputs: BEVInputs) -> BEVInputs:
+    """``inputs`` with only what ``model`` reads: its modalities (the camera's LiDAR depth only for
+    a model that lifts with it) and the ego status only for a model with a planning head. An output
+    cache keys a sample by these, so batches that carry more for another module share its files."""
+    modalities = model.modalities
+    camera = inputs.camera if "camera" in modalities else None
+    if camera is not None and "depth" not in modalities:
+        camera = replace(camera, depth=None)
+    return BEVInputs(
+        batch_size=inputs.batch_size,
+        camera=camera,
+        lidar=inputs.lidar if "lidar" in modalities else None,
+        bev_aug=inputs.bev_aug,
+        ego_motion=inputs.ego_motion if model.planning_head is not None else None,
+    )
+
+
+def frozen_model_identity(model: BEVModel, what: str, config: DistillConfig) -> str:
+    """:func:`~bridgeta.distill.output_cache.model_identity` of a frozen input of a run, under the
+    run's ``teacher_precision`` on the model's device."""
+    device = next(model.parameters()).device
+    return model_identity(model, what, f"{config.teacher_precision}@{device.type}", to_dict(model.config))
+
+
 def check_camera_bev_matches_teacher(student: BEVModel, teacher: BEVModel, what: str) -> None:
     """``what`` compares the student's camera BEV with the teacher's fused BEV cell by cell and
     channel by channel: their channel counts and BEV grids must agree. Checked when the distiller
@@ -168,6 +194,11 @@ class Distiller(nn.Module):
     # Attributes holding frozen models that are inputs of the run, not part of what it trains:
     # they stay in eval mode, and state dicts (checkpoints, model files) leave them out.
     frozen: tuple[str, ...] = ("teacher",)
+    # The teacher outputs (BEVOutputs fields holding tensors) that this method's terms read:
+    # with an output cache (:meth:`use_output_cache`) only these are stored and read back, and
+    # the others are None. None: the method reads more (nested head outputs), so it runs its
+    # teacher on every batch.
+    teacher_fields: tuple[str, ...] | None = None
 
     def __init__(self, student: BEVModel, teacher: BEVModel | None, config: DistillConfig) -> None:
         super().__init__()
@@ -175,8 +206,22 @@ class Distiller(nn.Module):
         self.config = config
         self.teacher = teacher
         self.task_targets: TaskTargets | None = None  # the batch's, during forward
+        self.teacher_cache: FrozenOutputCache | None = None
         if teacher is not None:
             self.freeze(teacher)
+
+    def use_output_cache(self, root: str | Path) -> list[FrozenOutputCache]:
+        """Read the frozen models' outputs from ``root`` (and store them there) instead of running
+        the models on every batch (:mod:`bridgeta.distill.output_cache`). Returns the caches in
+        use: none where the method's teacher outputs cannot be cached (``teacher_fields`` None)."""
+        if self.teacher is None or self.teacher_fields is None or self.teacher.head_names != ("map",):
+            return []  # nested head outputs (objects, motion, ...) are not cached
+        self.teacher_cache = FrozenOutputCache(root, frozen_model_identity(self.teacher, "teacher", self.config))
+        return [self.teacher_cache]
+
+    def output_caches(self) -> list[FrozenOutputCache]:
+        """The caches :meth:`use_output_cache` set up (for their hit counts)."""
+        return [cache for cache in (self.teacher_cache,) if cache is not None]
 
     @staticmethod
     def freeze(model: nn.Module) -> None:
@@ -262,6 +307,17 @@ class Distiller(nn.Module):
         if self.teacher is None:
             raise RuntimeError(f"distiller '{self.method}' needs a teacher")
         device = next(self.teacher.parameters()).device
+        if self.teacher_cache is not None and self.teacher_fields is not None:
+            names = self.teacher_fields
+            teacher = self.teacher
+
+            def compute(batch: BEVInputs) -> dict[str, torch.Tensor]:
+                with torch.no_grad(), autocast_context(device, self.config.teacher_precision):
+                    computed = teacher(batch)
+                return {name: getattr(computed, name).float() for name in names}
+
+            read = self.teacher_cache.fetch(inputs_of(self.teacher, inputs), names, compute, device)
+            return BEVOutputs(**{**{f.name: None for f in fields(BEVOutputs)}, **read})
         with torch.no_grad(), autocast_context(device, self.config.teacher_precision):
             outputs = self.teacher(inputs)
         maps = {f.name: getattr(outputs, f.name) for f in fields(outputs)}

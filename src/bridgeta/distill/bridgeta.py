@@ -137,6 +137,9 @@ def check_alignment(student: BEVModel, teacher: BEVModel) -> None:
 class BridgeTADistiller(Distiller):
     """FLD / DLD / LLD dual-path distillation through a LiDAR-camera teacher assistant."""
 
+    # The three levels' targets, and the LiDAR BEV the TA fuses with the student's camera BEV.
+    teacher_fields = ("lidar_bev", "fused_bev", "decoded_bev", "logits")
+
     def __init__(self, student: BEVModel, teacher: BEVModel | None, config: DistillConfig) -> None:
         if teacher is None:
             raise ValueError("bridgeta needs a teacher")

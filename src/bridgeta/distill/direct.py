@@ -14,6 +14,8 @@ from bridgeta.models.types import BEVInputs, BEVOutputs
 
 @register("direct")
 class DirectDistiller(Distiller):
+    teacher_fields = ("fused_bev", "decoded_bev", "logits")
+
     def distill(
         self, inputs: BEVInputs, labels: torch.Tensor, student: BEVOutputs, logs: dict[str, float]
     ) -> dict[str, torch.Tensor]:

@@ -19,6 +19,8 @@ from bridgeta.models.types import BEVInputs, BEVOutputs
 class FeatureKDDistiller(Distiller):
     """``lambda_1 * cell_mse(F_cam^S, F_fus^T)``: the FLD level alone, without a TA."""
 
+    teacher_fields = ("fused_bev",)
+
     def __init__(self, student: BEVModel, teacher: BEVModel | None, config: DistillConfig) -> None:
         super().__init__(student, teacher, config)
         if teacher is None:

@@ -12,6 +12,8 @@ from bridgeta.models.types import BEVInputs, BEVOutputs
 class LogitKDDistiller(Distiller):
     """``lambda_3 * KL(sigmoid(L^T / T) || sigmoid(L^S / T)) * T^2`` (multi-label, so Bernoulli)."""
 
+    teacher_fields = ("logits",)
+
     def distill(
         self, inputs: BEVInputs, labels: torch.Tensor, student: BEVOutputs, logs: dict[str, float]
     ) -> dict[str, torch.Tensor]:

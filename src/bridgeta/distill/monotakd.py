@@ -35,7 +35,15 @@ import yaml
 from bridgeta.config import (
     DistillConfig, ExperimentConfig, MonoTAKDConfig, apply_overrides, parse_config, to_dict, validate,
 )
-from bridgeta.distill.base import Distiller, bernoulli_kl, check_camera_bev_matches_teacher, register
+from bridgeta.distill.base import (
+    Distiller,
+    bernoulli_kl,
+    check_camera_bev_matches_teacher,
+    frozen_model_identity,
+    inputs_of,
+    register,
+)
+from bridgeta.distill.output_cache import FrozenOutputCache
 from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.types import BEVInputs, BEVOutputs
 from bridgeta.precision import autocast_context
@@ -148,6 +156,8 @@ def assistant_config_check(student: BEVModel, assistant: BEVModel) -> None:
 class MonoTAKDDistiller(Distiller):
     """IMD + CMRD + logit KD through a camera teaching assistant (see the module docstring)."""
 
+    teacher_fields = ("fused_bev", "logits")  # CMRD's target and the logit term's
+
     frozen = ("teacher", "assistant")
 
     def __init__(self, student: BEVModel, teacher: BEVModel | None, config: DistillConfig,
@@ -174,6 +184,7 @@ class MonoTAKDDistiller(Distiller):
             raise ValueError("monotakd needs its trained assistant: set distill.monotakd.assistant "
                              "(bridgeta train-assistant writes it)")
         self.assistant: BEVModel | None = None
+        self.assistant_cache: FrozenOutputCache | None = None
         if assistant is not None:
             assistant_config_check(student, assistant)
             if settings.init_from_assistant:
@@ -195,6 +206,19 @@ class MonoTAKDDistiller(Distiller):
         # The teacher's inputs (its LiDAR sweeps) come only when a term runs it (reads_teacher).
         return tuple(dict.fromkeys((*super().input_modalities, "camera", "depth")))
 
+    def use_output_cache(self, root) -> list[FrozenOutputCache]:
+        """The teacher's outputs and, with the frozen TA (not ``shared``: that lift is the student's,
+        which trains), the TA's camera BEV."""
+        caches = super().use_output_cache(root)
+        if self.assistant is not None:
+            identity = frozen_model_identity(self.assistant, "assistant.camera_encoder", self.config)
+            self.assistant_cache = FrozenOutputCache(root, identity)
+            caches.append(self.assistant_cache)
+        return caches
+
+    def output_caches(self) -> list[FrozenOutputCache]:
+        return [*super().output_caches(), *([self.assistant_cache] if self.assistant_cache is not None else [])]
+
     def assistant_bev(self, inputs: BEVInputs) -> torch.Tensor:
         """The TA's camera BEV for this batch, a constant target.
 
@@ -203,6 +227,15 @@ class MonoTAKDDistiller(Distiller):
         """
         assert inputs.camera is not None
         device = next(self.student.parameters()).device
+        if self.assistant is not None and self.assistant_cache is not None:
+            encoder = self.assistant.camera_encoder
+
+            def compute(batch: BEVInputs) -> dict[str, torch.Tensor]:
+                with torch.no_grad(), autocast_context(device, self.config.teacher_precision):
+                    return {"camera_bev": encoder(batch.camera, batch.bev_aug)[0].float()}
+
+            read = self.assistant_cache.fetch(inputs_of(self.assistant, inputs), ("camera_bev",), compute, device)
+            return read["camera_bev"]
         with torch.no_grad(), autocast_context(device, self.config.teacher_precision):
             if self.assistant is not None:
                 bev, _ = self.assistant.camera_encoder(inputs.camera, inputs.bev_aug)

@@ -100,6 +100,7 @@ from bridgeta.engine.schedule import WarmupCosineSchedule
 from bridgeta.losses import map_segmentation_loss
 from bridgeta.models.targets import build_task_targets, task_losses
 from bridgeta.distill import Distiller, build_distiller, init_from_previous_stage
+from bridgeta.distill.output_cache import OUTPUT_CACHE_ENV
 from bridgeta.models.bev_model import BEVModel, build_model
 from bridgeta.models.types import BEVInputs
 
@@ -297,6 +298,7 @@ class _Trainer:
         out_dir: Path,
         ctx: DistributedContext,
         evaluate_fn: EvaluateFn | None,
+        output_cache: Path | None = None,
     ) -> None:
         if config.data is None:
             raise ValueError("the config has no 'data' section: set data.dataroot (or --dataroot)")
@@ -325,6 +327,11 @@ class _Trainer:
                     log.info("distill.tinybev.init_from: student and %s carried over from %s",
                              ", ".join(carried) or "no training-only module", config.distill.tinybev.init_from)
             modalities = tuple(dict.fromkeys(modalities + self.distiller.input_modalities))
+            if output_cache is not None:
+                caches = self.distiller.use_output_cache(output_cache)
+                if ctx.is_main:
+                    log.info("frozen outputs cached under %s (%d model(s))", output_cache, len(caches))
+        self.output_cache = output_cache
         self.module: nn.Module = self.distiller if self.distiller is not None else self.model
         if use_channels_last(cfg.memory_format, cfg.precision, ctx.device):
             # Parameters only: inputs are converted by the first convolution that reads them, and
@@ -657,7 +664,16 @@ class _Trainer:
             "eval": self.last_eval,
             "resumed_from": self.resumed_from,
             "out_dir": str(self.out_dir),
+            "output_cache": self._output_cache_counts(),
         }
+
+    def _output_cache_counts(self) -> dict[str, Any] | None:
+        """Samples whose frozen outputs this process read from the cache (hits) or computed."""
+        caches = self.distiller.output_caches() if self.distiller is not None else []
+        if not caches:
+            return None
+        return {"root": str(self.output_cache), "hits": sum(c.hits for c in caches),
+                "misses": sum(c.misses for c in caches)}
 
     def close(self) -> None:
         if self.logger is not None:
@@ -724,6 +740,7 @@ def train(
     resume: bool = False,
     evaluate_fn: EvaluateFn | None = None,
     force: bool = False,
+    output_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` into ``out_dir``; returns a summary of the run.
 
@@ -744,9 +761,17 @@ def train(
     Loader workers come from ``train.num_workers`` (``data.num_workers`` is not used here).
     Writes ``config.yaml``, ``metrics.jsonl``, ``tb/``, ``checkpoints/`` and ``model.safetensors``
     (rank 0 only).
+    ``output_cache``: a directory where a distillation run keeps its frozen teacher's (and
+    MonoTAKD's TA's) outputs per sample and reads them back instead of running them again
+    (:mod:`bridgeta.distill.output_cache`: exact, and useful where each sample's augmentation is
+    drawn once); default: the ``BRIDGETA_OUTPUT_CACHE`` environment variable, else none. It is
+    not part of the config: the weights a run trains do not depend on it.
+
     Raises ``FloatingPointError`` when a loss term is NaN or infinite.
     """
-    validate(config, "the run's config")  # also for configs built in code, not only loaded ones
+    validate(config, "the run's config")
+    if output_cache is None and os.environ.get(OUTPUT_CACHE_ENV):
+        output_cache = os.environ[OUTPUT_CACHE_ENV]  # also for configs built in code, not only loaded ones
     if evaluate_fn is not None and config.model.heads.object is not None:
         # Its validation scores detections with the devkit: fail now, not at the first evaluation.
         from bridgeta.data.devkit import DETECTION_PURPOSE, require_devkit
@@ -757,7 +782,7 @@ def train(
     finished = False
     try:
         with deterministic_mode(config.train.deterministic, ctx.device):
-            trainer = _Trainer(config, out_dir, ctx, evaluate_fn)
+            trainer = _Trainer(config, out_dir, ctx, evaluate_fn, Path(output_cache) if output_cache else None)
             try:
                 summary = trainer.run(resume, force)
             finally:

@@ -106,6 +106,32 @@ class BEVInputs:
             ego_motion=move(self.ego_motion),
         )
 
+    def select(self, samples: list[int]) -> "BEVInputs":
+        """The sub-batch of ``samples`` (indices into this batch, in that order): every per-sample
+        tensor indexed along its batch dimension, the LiDAR points of those samples renumbered to
+        their new positions."""
+        index = torch.as_tensor(samples, dtype=torch.long)
+        if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= self.batch_size:
+            raise IndexError(f"samples {samples} are not in a batch of {self.batch_size}")
+
+        def rows(value):
+            return None if value is None else value[index.to(value.device)]
+
+        camera = None
+        if self.camera is not None:
+            camera = replace(self.camera, **{f.name: rows(getattr(self.camera, f.name)) for f in fields(self.camera)})
+        lidar = None
+        if self.lidar is not None:
+            points, batch_index = [], []
+            for position, sample in enumerate(samples):
+                keep = self.lidar.batch_index == sample
+                points.append(self.lidar.points[keep])
+                batch_index.append(torch.full((int(keep.sum()),), position, dtype=self.lidar.batch_index.dtype,
+                                              device=self.lidar.batch_index.device))
+            lidar = LidarInputs(torch.cat(points), torch.cat(batch_index))
+        return BEVInputs(batch_size=len(samples), camera=camera, lidar=lidar,
+                         bev_aug=rows(self.bev_aug), ego_motion=rows(self.ego_motion))
+
 
 @dataclass
 class BEVOutputs:
