@@ -68,6 +68,15 @@ def test_select_takes_the_samples_rows_and_renumbers_their_points():
         [1] * int((lidar.batch_index == 0).sum())
     with pytest.raises(IndexError, match="not in a batch of 3"):
         inputs.select([3])
+    # Per-sample tensors beside the sensors, another index dtype, and a sample without points.
+    inputs.bev_aug = torch.eye(4).repeat(3, 1, 1) * torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1)
+    inputs.ego_motion = torch.arange(9.0).view(3, 3)
+    keep = lidar.batch_index != 1
+    inputs.lidar = LidarInputs(lidar.points[keep], lidar.batch_index[keep].int())
+    picked = inputs.select([1, 2])
+    assert torch.equal(picked.bev_aug, inputs.bev_aug[[1, 2]]) and torch.equal(picked.ego_motion, inputs.ego_motion[[1, 2]])
+    assert picked.lidar.batch_index.dtype == torch.int32 and picked.lidar.batch_index.tolist() == [1] * int((lidar.batch_index == 2).sum())
+    assert picked.camera.images.shape[0] == 2
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -112,15 +121,24 @@ def test_a_teacher_is_keyed_by_what_it_reads_and_by_every_change_of_it(tmp_path)
     moved = replace(inputs, lidar=LidarInputs(inputs.lidar.points + 0.01, inputs.lidar.batch_index))
     assert sample_key(inputs_of(teacher, moved), 0) != keys[0]
 
-    identity = model_identity(teacher, "teacher", "auto@cpu")
-    assert identity == model_identity(teacher, "teacher", "auto@cpu")
-    assert identity != model_identity(teacher, "teacher", "fp32@cpu")
+    config = {"grid": 1}
+    identity = model_identity(teacher, "teacher", "fp32", config)
+    assert identity == model_identity(teacher, "teacher", "fp32", config)
+    assert identity != model_identity(teacher, "teacher", "bf16", config)  # another autocast dtype
+    assert identity != model_identity(teacher, "teacher", "fp32", {"grid": 2})
+    assert identity != model_identity(teacher, "assistant", "fp32", config)
+    with torch_threads(1 if torch.get_num_threads() != 1 else 2):
+        assert identity != model_identity(teacher, "teacher", "fp32", config)
+    teacher.to(memory_format=torch.channels_last)
+    assert identity != model_identity(teacher, "teacher", "fp32", config)
+    teacher.to(memory_format=torch.contiguous_format)
+    assert identity == model_identity(teacher, "teacher", "fp32", config)
     with torch.no_grad():
         next(teacher.parameters()).view(-1)[0] += 1e-4
-    assert identity != model_identity(teacher, "teacher", "auto@cpu")
+    assert identity != model_identity(teacher, "teacher", "fp32", config)
 
 
-def test_a_full_disk_stops_the_writes_and_a_damaged_file_is_computed_again(tmp_path):
+def test_a_full_or_read_only_disk_stops_the_writes_and_a_damaged_file_is_computed_again(tmp_path):
     inputs, _ = _batch()
     calls = []
 
@@ -140,10 +158,14 @@ def test_a_full_disk_stops_the_writes_and_a_damaged_file_is_computed_again(tmp_p
     damaged.write_bytes(b"not a safetensors file")
     again = cache.fetch(inputs, ("x",), compute)
     assert calls == [1, 1, 1] and torch.equal(first["x"], again["x"])
+    # A directory that cannot be written: the values are computed, and the run goes on.
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache wants a directory")
+    assert torch.equal(FrozenOutputCache(blocked, "b" * 64, min_free_bytes=0).fetch(inputs, ("x",), compute)["x"], alone)
     # A field another method did not store is computed, and kept beside the first.
     more = cache.fetch(inputs, ("x", "y"), lambda b: {"x": compute(b)["x"], "y": compute(b)["x"] + 1})
     assert torch.equal(more["y"], first["x"] + 1)
-    assert cache.fetch(inputs, ("x", "y"), compute)["x"].shape == (2, 1) and len(calls) == 7
+    assert cache.fetch(inputs, ("x", "y"), compute)["x"].shape == (2, 1) and len(calls) == 9
 
 
 def test_training_with_a_cold_or_a_warm_cache_gives_the_same_weights(engine_world, tmp_path):

@@ -91,10 +91,15 @@ def measure_one(preset: str, dataroot: str, teacher: str | None, steps: int, ove
                 cached: bool = False) -> dict:
     """Train ``preset`` for ``steps`` steps in this process; step time and peak memory. ``cached``:
     with an output cache, filled by a first run of the same steps, then measured on a second."""
+    import os
+
     import torch
 
     from bridgeta.config import load_config
+    from bridgeta.distill.output_cache import OUTPUT_CACHE_ENV
     from bridgeta.engine.trainer import train
+
+    os.environ.pop(OUTPUT_CACHE_ENV, None)  # a row without a cache has none (this process is the row's own)
 
     settings = [f"data.dataroot={dataroot}", f"train.max_steps={steps}", f"train.log_every={steps}", *overrides]
     if teacher is not None and preset.startswith("distill/"):

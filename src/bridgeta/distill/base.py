@@ -139,9 +139,8 @@ def inputs_of(model: BEVModel, inputs: BEVInputs) -> BEVInputs:
 
 def frozen_model_identity(model: BEVModel, what: str, config: DistillConfig) -> str:
     """:func:`~bridgeta.distill.output_cache.model_identity` of a frozen input of a run, under the
-    run's ``teacher_precision`` on the model's device."""
-    device = next(model.parameters()).device
-    return model_identity(model, what, f"{config.teacher_precision}@{device.type}", to_dict(model.config))
+    run's ``teacher_precision``, where the model is now."""
+    return model_identity(model, what, config.teacher_precision, to_dict(model.config))
 
 
 def check_camera_bev_matches_teacher(student: BEVModel, teacher: BEVModel, what: str) -> None:

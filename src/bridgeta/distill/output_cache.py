@@ -10,9 +10,11 @@ With a cache each sample is run once per seed and read back afterwards.
 **What a hit means.** A sample's file is named by a hash of everything that decides its outputs:
 
 * the model's identity (:func:`model_identity`): its weights and buffers, its config, which part
-  of it runs (``what``), its forward precision, the source of the code that runs it
-  (``bridgeta/models``, ``geometry.py``, ``precision.py``, ``rig.py``), the torch version, the
-  CPU capability and the thread count;
+  of it runs (``what``), the source of the code that runs it (``bridgeta/models``,
+  ``geometry.py``, ``precision.py``, ``rig.py``, as this process imported it) and how it runs
+  (:func:`execution_settings`: the autocast dtype its precision resolves to, the memory format of
+  its weights, the torch version, the CPU's capability, native bf16 and thread count, the
+  deterministic-algorithms switch, and on CUDA the GPU, cuDNN and the TF32 switches);
 * the sample's inputs, as the model receives them (the caller leaves out what the model does not
   read, so a MonoTAKD batch, which also carries LiDAR depth, shares the teacher's files with
   other methods' batches).
@@ -29,9 +31,10 @@ batches, it differs by that rounding where the model's kernels are not batch-inv
 the misses one by one costs a little more than whole batches on CPU (more on a GPU, whose kernels
 want batches); hits cost a hash of the inputs and a file read.
 
-Files are written atomically (a rank or run that reads concurrently sees a whole file or none).
-The cache stops writing, and only reads, when fewer than ``min_free_bytes`` stay free on its
-disk. Deleting the directory is always safe.
+Files are written atomically (a rank or run that reads concurrently sees a whole file or none),
+readable by every user of a shared directory. The cache does not write, and only reads, while
+fewer than ``min_free_bytes`` stay free on its disk, and a write that fails (a read-only or full
+disk) is logged and skipped, never fatal. Deleting the directory is always safe.
 """
 
 from __future__ import annotations
@@ -44,13 +47,13 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import fields
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from bridgeta.models.types import BEVInputs
+from bridgeta.precision import autocast_dtype, cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +66,7 @@ DEFAULT_MIN_FREE_BYTES = 10 * 2**30
 OUTPUT_CACHE_ENV = "BRIDGETA_OUTPUT_CACHE"
 
 
-@lru_cache(maxsize=1)
-def code_digest() -> str:
-    """sha256 over the source files a frozen model's forward runs (path and bytes, in path order)."""
+def _source_digest() -> str:
     digest = hashlib.sha256()
     for name in _CODE:
         root = _CODE_ROOT / name
@@ -76,6 +77,45 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
+# Read when this module is imported, next to the models' own import: a long benchmark process
+# whose files are edited afterwards still runs, and so names, the code it imported.
+_CODE_DIGEST = _source_digest()
+
+
+def code_digest() -> str:
+    """sha256 over the source files a frozen model's forward runs (path and bytes, in path order),
+    as they were when this process imported them."""
+    return _CODE_DIGEST
+
+
+def execution_settings(model: nn.Module, precision: str) -> dict:
+    """How ``model`` runs here, as far as it can change its outputs (see the module docstring)."""
+    parameter = next(model.parameters())
+    device = parameter.device
+    settings = {
+        "device": device.type,
+        "autocast": str(autocast_dtype(precision, device)),
+        "channels_last": any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+                             for p in model.parameters()),
+        "torch": torch.__version__,
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_native_bf16(),
+        "threads": torch.get_num_threads(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+    }
+    if device.type == "cuda":
+        settings.update(
+            gpu=torch.cuda.get_device_name(device),
+            capability=list(torch.cuda.get_device_capability(device)),
+            cudnn=torch.backends.cudnn.version(),
+            cudnn_deterministic=torch.backends.cudnn.deterministic,
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+            tf32_cudnn=torch.backends.cudnn.allow_tf32,
+        )
+    return settings
+
+
 def _update_with_tensor(digest, name: str, tensor: torch.Tensor) -> None:
     tensor = tensor.detach().to("cpu").contiguous()
     digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -83,17 +123,11 @@ def _update_with_tensor(digest, name: str, tensor: torch.Tensor) -> None:
 
 
 def model_identity(model: nn.Module, what: str, precision: str, config: Mapping | None = None) -> str:
-    """The hash of everything about ``model`` that decides its outputs for given inputs."""
+    """The hash of everything about ``model``, run under ``precision`` (a ``train.precision``
+    value) where it is now, that decides its outputs for given inputs. Take it once the model
+    has its final device and memory format."""
     digest = hashlib.sha256()
-    header = {
-        "what": what,
-        "precision": precision,
-        "config": config,
-        "code": code_digest(),
-        "torch": torch.__version__,
-        "cpu": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(),
-    }
+    header = {"what": what, "config": config, "code": code_digest(), **execution_settings(model, precision)}
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         _update_with_tensor(digest, name, tensor)
@@ -133,7 +167,12 @@ class FrozenOutputCache:
         self.min_free_bytes = min_free_bytes
         self.hits = 0
         self.misses = 0
-        self._writes_stopped = False
+        self._warned: set[str] = set()
+
+    def _warn_once(self, reason: str, message: str, *args) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            log.warning(message, *args)
 
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.safetensors"
@@ -156,30 +195,30 @@ class FrozenOutputCache:
     def _store(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import load_file, save_file
 
-        if self._writes_stopped:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if shutil.disk_usage(self.directory).free < self.min_free_bytes:
-            self._writes_stopped = True
-            log.warning("output cache: less than %.1f GiB free under %s; reading it only from now on",
-                        self.min_free_bytes / 2**30, self.directory)
-            return
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        merged = dict(tensors)
-        if path.is_file():  # keep what another method stored of this sample
-            try:
-                merged = {**load_file(str(path)), **tensors}
-            except Exception:
-                pass
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(handle)
         try:
-            save_file({name: t.detach().to("cpu").contiguous() for name, t in merged.items()}, temporary)
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if shutil.disk_usage(path.parent).free < self.min_free_bytes:
+                self._warn_once("space", "output cache: less than %.1f GiB free under %s; not writing while "
+                                "that lasts", self.min_free_bytes / 2**30, self.directory)
+                return
+            merged = dict(tensors)
+            if path.is_file():  # keep what another method stored of this sample
+                try:
+                    merged = {**load_file(str(path)), **tensors}
+                except Exception:
+                    pass
+            handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            os.close(handle)
+            try:
+                save_file({name: t.detach().to("cpu").contiguous() for name, t in merged.items()}, temporary)
+                os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide the file from other users
+                os.replace(temporary, path)
+            finally:
+                if os.path.exists(temporary):
+                    os.unlink(temporary)
+        except OSError as exc:  # the run goes on, computing what it cannot store
+            self._warn_once("write", "output cache: cannot write under %s (%s); computing instead", self.directory, exc)
 
     def fetch(
         self,

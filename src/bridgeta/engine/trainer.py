@@ -327,16 +327,18 @@ class _Trainer:
                     log.info("distill.tinybev.init_from: student and %s carried over from %s",
                              ", ".join(carried) or "no training-only module", config.distill.tinybev.init_from)
             modalities = tuple(dict.fromkeys(modalities + self.distiller.input_modalities))
-            if output_cache is not None:
-                caches = self.distiller.use_output_cache(output_cache)
-                if ctx.is_main:
-                    log.info("frozen outputs cached under %s (%d model(s))", output_cache, len(caches))
         self.output_cache = output_cache
         self.module: nn.Module = self.distiller if self.distiller is not None else self.model
         if use_channels_last(cfg.memory_format, cfg.precision, ctx.device):
             # Parameters only: inputs are converted by the first convolution that reads them, and
             # model files and checkpoints store contiguous copies, so they do not depend on it.
             self.module.to(memory_format=torch.channels_last)
+        if output_cache is not None and self.distiller is not None:
+            # Now that the frozen models have their final device and memory format (both name
+            # their cached outputs).
+            caches = self.distiller.use_output_cache(output_cache)
+            if ctx.is_main:
+                log.info("frozen outputs cached under %s (%d model(s))", output_cache, len(caches))
         self.forward_model = wrap_model(self.module, ctx)
 
         self.dataset = BEVMapDataset.for_model(
@@ -765,13 +767,15 @@ def train(
     MonoTAKD's TA's) outputs per sample and reads them back instead of running them again
     (:mod:`bridgeta.distill.output_cache`: exact, and useful where each sample's augmentation is
     drawn once); default: the ``BRIDGETA_OUTPUT_CACHE`` environment variable, else none. It is
-    not part of the config: the weights a run trains do not depend on it.
+    not part of the config: with it the frozen models run one sample at a time, which changes
+    the weights a run trains by float rounding at most, whatever the cache holds (a run resumed
+    with another setting than it started with mixes both). The run's summary counts its hits.
 
     Raises ``FloatingPointError`` when a loss term is NaN or infinite.
     """
-    validate(config, "the run's config")
+    validate(config, "the run's config")  # also for configs built in code, not only loaded ones
     if output_cache is None and os.environ.get(OUTPUT_CACHE_ENV):
-        output_cache = os.environ[OUTPUT_CACHE_ENV]  # also for configs built in code, not only loaded ones
+        output_cache = os.environ[OUTPUT_CACHE_ENV]
     if evaluate_fn is not None and config.model.heads.object is not None:
         # Its validation scores detections with the devkit: fail now, not at the first evaluation.
         from bridgeta.data.devkit import DETECTION_PURPOSE, require_devkit
