@@ -34,8 +34,11 @@ cpu=(bridgeta bench accuracy --preset cpu --jobs 1 --work "$work" --ledger "$led
 #    (about 5 on AVX2 after the world and teacher); the full step reuses every one of them.
 step "${cpu[@]}" --out "results/accuracy-cpu-monotakd$suffix" --methods monotakd baseline_long --seeds 3
 #    Then the rows MonoTAKD is compared with, on the same 3 seeds: direct and BridgeTA, each with
-#    its own sweep; the ablations and seeds 3-4 come last.
+#    its own sweep; then its ablations (2 seeds each), which complete the issue's table; seeds
+#    3-4 of the headline methods come last.
 step "${cpu[@]}" --out "results/accuracy-cpu-monotakd$suffix" --methods direct bridgeta monotakd baseline_long --seeds 3
+step "${cpu[@]}" --out "results/accuracy-cpu-monotakd$suffix" \
+    --methods direct bridgeta monotakd monotakd_imd_only monotakd_cmrd_only monotakd_no_sam monotakd_no_ffm monotakd_shared baseline_long --seeds 3
 step "${cpu[@]}" --out "results/accuracy-cpu-monotakd$suffix" \
     --methods direct bridgeta monotakd monotakd_imd_only monotakd_cmrd_only monotakd_no_sam monotakd_no_ffm monotakd_shared baseline_long
 # 2. inference cost of every pair (MonoTAKD's deployed student beside the baseline: issue 13's
