@@ -259,3 +259,23 @@ def test_a_running_tinybev_benchmark_shows_its_finished_rows_on_every_task():
     plain = {**results, "table": aggregate({m: [run(r["seed"], r["test"]["miou"], planning=False) for r in rs]
                                            for m, rs in runs.items()})}
     assert "Every task" not in render_partial_multitask(plain)
+
+
+def test_a_running_sweep_shows_each_finished_seed_and_the_mean_only_when_all_have():
+    from bridgeta.report import render_partial_sweep
+
+    def point(method, lam, per_seed):
+        mean = sum(per_seed) / len(per_seed) if per_seed else None
+        return {"method": method, "lambda": lam, "val_miou_per_seed": per_seed, "val_miou": mean,
+                "seeds": list(range(len(per_seed)))}
+
+    results = {
+        "environment": environment(), "lambdas": [0.0, 1.0], "seeds": 2, "chosen": {"direct": 0.0},
+        "protocol": {"student_steps": 800},
+        "points": [point("direct", 0.0, [0.15, 0.17]), point("direct", 1.0, []),
+                   point("monotakd", 0.0, [0.2]), point("monotakd", 1.0, [])],
+    }
+    text = render_partial_sweep(results)
+    assert "| `direct` | 16.0 (15.0 / 17.0) | – |" in text
+    assert "| `monotakd` | (20.0) | – |" in text  # one seed of two: no mean yet
+    assert "Chosen so far: `direct` λ = 0." in text

@@ -521,6 +521,36 @@ def render_distill_sweep(results: dict) -> str:
     return "\n".join(lines)
 
 
+def render_partial_sweep(results: dict) -> str:
+    """The fair sweep of a benchmark still running (``--summary``'s ``partial_sweep.json``): every
+    point's validation mIoU per finished seed, and their mean where every seed has finished."""
+    lambdas, seeds = results["lambdas"], results["seeds"]
+    methods = list(dict.fromkeys(p["method"] for p in results["points"]))
+    lines = ["| method | " + " | ".join(f"λ = {lam:g}" for lam in lambdas) + " |",
+             "|---|" + "---:|" * len(lambdas)]
+    for method in methods:
+        cells = []
+        for value in lambdas:
+            point = next(p for p in results["points"] if p["method"] == method and p["lambda"] == value)
+            per_seed = " / ".join(f"{100 * v:.1f}" for v in point["val_miou_per_seed"])
+            if not per_seed:
+                cells.append("–")
+            elif len(point["val_miou_per_seed"]) == seeds:
+                cells.append(f"{100 * point['val_miou']:.1f} ({per_seed})")
+            else:
+                cells.append(f"({per_seed})")
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    chosen = results.get("chosen") or {}
+    picked = ("Chosen so far: " + ", ".join(f"`{m}` λ = {lam:g}" for m, lam in chosen.items()) + ". ") if chosen else ""
+    protocol = results["protocol"]
+    lines += ["", f"Validation mIoU in %: the mean over seeds {list(range(seeds))} where all have finished, "
+              f"each finished seed's in brackets, – where none has; every point {protocol['student_steps']} "
+              "steps; λ scales each method's recipe weights (`direct` at λ = 0 is the baseline). A method's λ is "
+              "chosen once all its points have finished. " + picked
+              + _measured(results, "bridgeta bench accuracy --preset cpu --summary")]
+    return "\n".join(lines)
+
+
 def render_train_cost(results: dict) -> str:
     """Training step time and peak memory per method (``bridgeta bench train-cost``)."""
     lines = ["| method | step time (s) | × baseline | peak memory (MiB) | × baseline |", "|---|---:|---:|---:|---:|"]
@@ -622,6 +652,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     # (scripts/cpu-benchmarks.sh with SUFFIX=-avx2): the AVX-512 ledger cannot continue there
     "accuracy-cpu-monotakd-avx2": ("accuracy-cpu-monotakd-avx2/results.json", render_accuracy),
     "accuracy-cpu-monotakd-avx2-partial": ("accuracy-cpu-monotakd-avx2/partial.json", render_partial),
+    "accuracy-cpu-monotakd-avx2-sweep": ("accuracy-cpu-monotakd-avx2/partial_sweep.json", render_partial_sweep),
     "accuracy-mt": ("accuracy-mt/results.json", render_accuracy),
     "accuracy-mt-partial": ("accuracy-mt/partial.json", render_partial_detection),
     "accuracy-tinybev": ("accuracy-tinybev/results.json", render_multitask),
