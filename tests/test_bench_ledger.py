@@ -177,3 +177,17 @@ def test_the_committed_ledgers_runs_are_the_runs_their_preset_trains_now(preset,
     assert matches_stored(record / "config.yaml", config)
     assert not matches_stored(record / "config.yaml", load_config(config_name, [
         f"data.dataroot=runs/{ledger}/world", f"train.seed={seed}", *overrides, "data.augment.draws=every_epoch"]))
+
+
+def test_a_recorded_run_trained_again_uses_the_output_cache_as_its_record_did(tmp_path):
+    from bridgeta.bench.baselines import _cache_as_recorded
+
+    def record(name: str, output_cache) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "eval_val.json").write_text(json.dumps({"train": {"steps": 3, "output_cache": output_cache}}))
+        return folder
+
+    assert _cache_as_recorded(None) is None and _cache_as_recorded(tmp_path / "absent") is None
+    assert _cache_as_recorded(record("without", None)) is False  # recorded before, or without, a cache
+    assert _cache_as_recorded(record("with", {"root": "c", "hits": 2, "misses": 4})) is None

@@ -14,7 +14,7 @@ from bridgeta.config import DistillConfig, MonoTAKDConfig, load_config
 from bridgeta.distill import build_distiller
 from bridgeta.distill.base import inputs_of
 from bridgeta.distill.monotakd import assistant_config
-from bridgeta.distill.output_cache import FrozenOutputCache, model_identity, sample_key
+from bridgeta.distill.output_cache import OUTPUT_CACHE_ENV, FrozenOutputCache, model_identity, sample_key
 from bridgeta.models.bev_model import build_model
 from bridgeta.models.types import BEVInputs, LidarInputs
 from bridgeta.rig import reference_inputs
@@ -168,7 +168,7 @@ def test_a_full_or_read_only_disk_stops_the_writes_and_a_damaged_file_is_compute
     assert cache.fetch(inputs, ("x", "y"), compute)["x"].shape == (2, 1) and len(calls) == 9
 
 
-def test_training_with_a_cold_or_a_warm_cache_gives_the_same_weights(engine_world, tmp_path):
+def test_training_with_a_cold_or_a_warm_cache_gives_the_same_weights(engine_world, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from bridgeta.engine.trainer import train
@@ -178,8 +178,10 @@ def test_training_with_a_cold_or_a_warm_cache_gives_the_same_weights(engine_worl
     config = distill_config(engine_world, teacher, "train.epochs=2", "train.max_steps=3",
                             "data.augment.draws=once", recipe="distill/tiny-c-direct")
     weights = {}
+    # The environment's cache is the default (the benchmarks' spawned runs read it); False: none.
+    monkeypatch.setenv(OUTPUT_CACHE_ENV, str(tmp_path / "cache"))
     with torch_threads(2):
-        for run, cache in (("none", None), ("cold", tmp_path / "cache"), ("warm", tmp_path / "cache")):
+        for run, cache in (("none", False), ("cold", None), ("warm", tmp_path / "cache")):
             summary = train(config, tmp_path / run, output_cache=cache)
             weights[run] = load_file(str(tmp_path / run / "model.safetensors"))
             counts = summary["output_cache"]

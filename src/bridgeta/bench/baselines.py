@@ -75,7 +75,8 @@ def train_and_evaluate(
         resume = (run_dir / "checkpoints" / "latest").is_file()
         evaluate_fn = evaluate_checkpoint_model if config.train.eval_every_steps else None
         trained_by = environment()  # the code that trains (a resumed run: the code that finished it)
-        summary = _jsonable(train(config, run_dir, resume=resume, force=not resume, evaluate_fn=evaluate_fn))
+        summary = _jsonable(train(config, run_dir, resume=resume, force=not resume, evaluate_fn=evaluate_fn,
+                                  output_cache=_cache_as_recorded(record)))
         summary["environment"] = trained_by
     if record is not None:
         ledger.check_weights(model_file, record)
@@ -101,6 +102,19 @@ def train_and_evaluate(
     if record is not None and not read_only:
         ledger.save(run_dir, record)
     return result
+
+
+def _cache_as_recorded(record: Path | None) -> bool | None:
+    """A recorded run trained again (its weights are another run's input, and must come back to
+    their digest) trains as it was recorded: without the output cache if its record used none
+    (``train.output_cache``), since the cache runs the frozen models one sample at a time. Any
+    other run: None, the trainer's default (``BRIDGETA_OUTPUT_CACHE``)."""
+    if record is None or not record.is_dir():
+        return None
+    stored = _stored_train(record)
+    if stored is None:
+        return None
+    return None if stored.get("output_cache") else False
 
 
 def _stored_train(run_dir: Path) -> dict | None:

@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -742,7 +742,7 @@ def train(
     resume: bool = False,
     evaluate_fn: EvaluateFn | None = None,
     force: bool = False,
-    output_cache: str | Path | None = None,
+    output_cache: str | Path | Literal[False] | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` into ``out_dir``; returns a summary of the run.
 
@@ -766,7 +766,8 @@ def train(
     ``output_cache``: a directory where a distillation run keeps its frozen teacher's (and
     MonoTAKD's TA's) outputs per sample and reads them back instead of running them again
     (:mod:`bridgeta.distill.output_cache`: exact, and useful where each sample's augmentation is
-    drawn once); default: the ``BRIDGETA_OUTPUT_CACHE`` environment variable, else none. It is
+    drawn once); default (None): the ``BRIDGETA_OUTPUT_CACHE`` environment variable, else none;
+    False: none, whatever the environment says. It is
     not part of the config: with it the frozen models run one sample at a time, which changes
     the weights a run trains by float rounding at most, whatever the cache holds (a run resumed
     with another setting than it started with mixes both). The run's summary counts its hits.
@@ -774,8 +775,10 @@ def train(
     Raises ``FloatingPointError`` when a loss term is NaN or infinite.
     """
     validate(config, "the run's config")  # also for configs built in code, not only loaded ones
-    if output_cache is None and os.environ.get(OUTPUT_CACHE_ENV):
-        output_cache = os.environ[OUTPUT_CACHE_ENV]
+    if output_cache is False:
+        output_cache = None
+    elif output_cache is None:
+        output_cache = os.environ.get(OUTPUT_CACHE_ENV) or None
     if evaluate_fn is not None and config.model.heads.object is not None:
         # Its validation scores detections with the devkit: fail now, not at the first evaluation.
         from bridgeta.data.devkit import DETECTION_PURPOSE, require_devkit
