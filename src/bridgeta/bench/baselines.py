@@ -109,9 +109,7 @@ def _cache_as_recorded(record: Path | None) -> bool | None:
     their digest) trains as it was recorded: without the output cache if its record used none
     (``train.output_cache``), since the cache runs the frozen models one sample at a time. Any
     other run: None, the trainer's default (``BRIDGETA_OUTPUT_CACHE``)."""
-    if record is None or not record.is_dir():
-        return None
-    stored = _stored_train(record)
+    stored = _stored_train(record) if record is not None else None
     if stored is None:
         return None
     return None if stored.get("output_cache") else False

@@ -13,8 +13,8 @@ no inference cost. MonoTAKD's student is a different network: its config adds th
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -212,15 +212,12 @@ class Distiller(nn.Module):
     def use_output_cache(self, root: str | Path) -> list[FrozenOutputCache]:
         """Read the frozen models' outputs from ``root`` (and store them there) instead of running
         the models on every batch (:mod:`bridgeta.distill.output_cache`). Returns the caches in
-        use: none where the method's teacher outputs cannot be cached (``teacher_fields`` None)."""
+        use (the trainer counts their hits): none where the method's teacher outputs cannot be
+        cached (``teacher_fields`` None)."""
         if self.teacher is None or self.teacher_fields is None or self.teacher.head_names != ("map",):
             return []  # nested head outputs (objects, motion, ...) are not cached
         self.teacher_cache = FrozenOutputCache(root, frozen_model_identity(self.teacher, "teacher", self.config))
         return [self.teacher_cache]
-
-    def output_caches(self) -> list[FrozenOutputCache]:
-        """The caches :meth:`use_output_cache` set up (for their hit counts)."""
-        return [cache for cache in (self.teacher_cache,) if cache is not None]
 
     @staticmethod
     def freeze(model: nn.Module) -> None:
@@ -305,18 +302,22 @@ class Distiller(nn.Module):
         """
         if self.teacher is None:
             raise RuntimeError(f"distiller '{self.method}' needs a teacher")
-        device = next(self.teacher.parameters()).device
         if self.teacher_cache is not None and self.teacher_fields is not None:
             names = self.teacher_fields
-            teacher = self.teacher
 
             def compute(batch: BEVInputs) -> dict[str, torch.Tensor]:
-                with torch.no_grad(), autocast_context(device, self.config.teacher_precision):
-                    computed = teacher(batch)
-                return {name: getattr(computed, name).float() for name in names}
+                computed = self._run_teacher(batch)
+                return {name: getattr(computed, name) for name in names}
 
+            device = next(self.teacher.parameters()).device
             read = self.teacher_cache.fetch(inputs_of(self.teacher, inputs), names, compute, device)
             return BEVOutputs(**{**{f.name: None for f in fields(BEVOutputs)}, **read})
+        return self._run_teacher(inputs)
+
+    def _run_teacher(self, inputs: BEVInputs) -> BEVOutputs:
+        """:meth:`teacher_forward` without the output cache: the teacher run on ``inputs``."""
+        assert self.teacher is not None
+        device = next(self.teacher.parameters()).device
         with torch.no_grad(), autocast_context(device, self.config.teacher_precision):
             outputs = self.teacher(inputs)
         maps = {f.name: getattr(outputs, f.name) for f in fields(outputs)}

@@ -216,9 +216,6 @@ class MonoTAKDDistiller(Distiller):
             caches.append(self.assistant_cache)
         return caches
 
-    def output_caches(self) -> list[FrozenOutputCache]:
-        return [*super().output_caches(), *([self.assistant_cache] if self.assistant_cache is not None else [])]
-
     def assistant_bev(self, inputs: BEVInputs) -> torch.Tensor:
         """The TA's camera BEV for this batch, a constant target.
 
@@ -226,16 +223,16 @@ class MonoTAKDDistiller(Distiller):
         it runs under ``distill.teacher_precision``, not the training step's autocast.
         """
         assert inputs.camera is not None
-        device = next(self.student.parameters()).device
         if self.assistant is not None and self.assistant_cache is not None:
-            encoder = self.assistant.camera_encoder
-
-            def compute(batch: BEVInputs) -> dict[str, torch.Tensor]:
-                with torch.no_grad(), autocast_context(device, self.config.teacher_precision):
-                    return {"camera_bev": encoder(batch.camera, batch.bev_aug)[0].float()}
-
-            read = self.assistant_cache.fetch(inputs_of(self.assistant, inputs), ("camera_bev",), compute, device)
+            device = next(self.student.parameters()).device
+            read = self.assistant_cache.fetch(inputs_of(self.assistant, inputs), ("camera_bev",),
+                                              lambda batch: {"camera_bev": self._assistant_lift(batch)}, device)
             return read["camera_bev"]
+        return self._assistant_lift(inputs)
+
+    def _assistant_lift(self, inputs: BEVInputs) -> torch.Tensor:
+        """:meth:`assistant_bev` without the output cache: the lift run on ``inputs``."""
+        device = next(self.student.parameters()).device
         with torch.no_grad(), autocast_context(device, self.config.teacher_precision):
             if self.assistant is not None:
                 bev, _ = self.assistant.camera_encoder(inputs.camera, inputs.bev_aug)

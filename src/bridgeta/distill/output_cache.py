@@ -119,7 +119,7 @@ def execution_settings(model: nn.Module, precision: str) -> dict:
 def _update_with_tensor(digest, name: str, tensor: torch.Tensor) -> None:
     tensor = tensor.detach().to("cpu").contiguous()
     digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
 
 
 def model_identity(model: nn.Module, what: str, precision: str, config: Mapping | None = None) -> str:

@@ -100,7 +100,7 @@ from bridgeta.engine.schedule import WarmupCosineSchedule
 from bridgeta.losses import map_segmentation_loss
 from bridgeta.models.targets import build_task_targets, task_losses
 from bridgeta.distill import Distiller, build_distiller, init_from_previous_stage
-from bridgeta.distill.output_cache import OUTPUT_CACHE_ENV
+from bridgeta.distill.output_cache import OUTPUT_CACHE_ENV, FrozenOutputCache
 from bridgeta.models.bev_model import BEVModel, build_model
 from bridgeta.models.types import BEVInputs
 
@@ -328,6 +328,7 @@ class _Trainer:
                              ", ".join(carried) or "no training-only module", config.distill.tinybev.init_from)
             modalities = tuple(dict.fromkeys(modalities + self.distiller.input_modalities))
         self.output_cache = output_cache
+        self.output_caches: list[FrozenOutputCache] = []  # what use_output_cache set up, for the summary
         self.module: nn.Module = self.distiller if self.distiller is not None else self.model
         if use_channels_last(cfg.memory_format, cfg.precision, ctx.device):
             # Parameters only: inputs are converted by the first convolution that reads them, and
@@ -336,9 +337,9 @@ class _Trainer:
         if output_cache is not None and self.distiller is not None:
             # Now that the frozen models have their final device and memory format (both name
             # their cached outputs).
-            caches = self.distiller.use_output_cache(output_cache)
+            self.output_caches = self.distiller.use_output_cache(output_cache)
             if ctx.is_main:
-                log.info("frozen outputs cached under %s (%d model(s))", output_cache, len(caches))
+                log.info("frozen outputs cached under %s (%d model(s))", output_cache, len(self.output_caches))
         self.forward_model = wrap_model(self.module, ctx)
 
         self.dataset = BEVMapDataset.for_model(
@@ -671,7 +672,7 @@ class _Trainer:
 
     def _output_cache_counts(self) -> dict[str, Any] | None:
         """Samples whose frozen outputs this process read from the cache (hits) or computed."""
-        caches = self.distiller.output_caches() if self.distiller is not None else []
+        caches = self.output_caches
         if not caches:
             return None
         return {"root": str(self.output_cache), "hits": sum(c.hits for c in caches),
