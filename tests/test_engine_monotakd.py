@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from engine_helpers import SMALL_TINY_C, export_onnx_and_run, torch_threads, write_teacher
 
@@ -63,6 +64,11 @@ def test_distilled_student_logs_every_term_and_exports_its_branches(runs, tmp_pa
     assert kind == "model" and config.model.residual is not None
     assert any(k.startswith("residual_branch.sam.") for k in state) and any(k.startswith("feature_fusion.") for k in state)
     assert not any(k.startswith(("teacher.", "assistant.", "student.")) for k in state)
+    # The export is the run's student, weight for weight (its residual branch and FFM included).
+    exported_model, _ = load_model_file(exported)
+    run_model, _ = load_model_file(runs / "student")
+    ours, theirs = exported_model.state_dict(), run_model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     # The exported file round-trips through eval: the same numbers as the run itself.
     from_export = evaluate_checkpoint(exported, split="val", device="cpu")
     from_run = evaluate_checkpoint(runs / "student", split="val", device="cpu")

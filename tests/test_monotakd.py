@@ -93,6 +93,21 @@ def test_deform_conv_matches_a_plain_bilinear_loop_in_value_and_gradient():
         assert torch.allclose(got, want, atol=1e-9)
 
 
+def test_deform_conv_offset_gradient_matches_finite_differences():
+    """The offsets' gradient (through the sampling grid: the part of the backward a plain loop with
+    constant positions does not check) against central differences, in float64, with every sampling
+    position kept 0.2 px or more from an integer (where bilinear sampling has a kink)."""
+    torch.manual_seed(7)
+    x = torch.randn(1, 2, 4, 5, dtype=torch.float64)
+    weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    whole = torch.randint(-2, 3, (1, 18, 4, 5)).double()
+    offset = (whole + 0.2 + 0.6 * torch.rand(1, 18, 4, 5, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda o: deform_conv2d(x, o, weight, None, padding=1), (offset,), eps=1e-6, atol=1e-6)
+    # Not vacuous: the positions move the output.
+    grad = torch.autograd.grad(deform_conv2d(x, offset, weight, None, padding=1).square().sum(), offset)[0]
+    assert grad.abs().sum() > 0
+
+
 def test_deform_conv_layer_starts_as_a_convolution_and_learns_offsets():
     torch.manual_seed(2)
     layer = DeformConv2d(4, 5)
@@ -275,11 +290,19 @@ def test_imd_reaches_the_students_camera_encoder(models):
     assert all(g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("ta_source", ["frozen", "shared"])
-def test_cmrd_target_is_a_constant_and_cmrd_trains_sam_but_not_ffm(models, ta_source):
-    """In ``shared`` mode the TA BEV comes from the student's own encoder: a target that kept its
-    graph would send CMRD's gradient into the encoder through the target as well."""
-    distiller = _distiller(models, imd=0.0, logit=0.0, ta_source=ta_source, init_from_assistant=ta_source == "frozen")
+@pytest.mark.parametrize("ta_source", ["frozen", "shared", "with_graph"])
+def test_cmrd_target_is_a_constant_and_cmrd_trains_sam_but_not_ffm(models, ta_source, monkeypatch):
+    """In ``shared`` mode the TA BEV comes from the student's own features: a target that kept its
+    graph would send CMRD's gradient into the encoder through the target as well. ``with_graph``
+    hands CMRD a TA BEV that does carry the student's graph, so only residual_target's own
+    detachment stands between it and the encoder."""
+    source = "shared" if ta_source == "with_graph" else ta_source
+    distiller = _distiller(models, imd=0.0, logit=0.0, ta_source=source, init_from_assistant=source == "frozen")
+    if ta_source == "with_graph":
+        def with_graph(inputs, student=None):
+            assert student is not None and student.camera_bev.requires_grad
+            return 2.0 * student.camera_bev.float()
+        monkeypatch.setattr(distiller, "assistant_bev", with_graph)
     distiller.train()
     inputs, labels = _batch()
     out = distiller(inputs, labels)
@@ -287,7 +310,8 @@ def test_cmrd_target_is_a_constant_and_cmrd_trains_sam_but_not_ffm(models, ta_so
     student = distiller.student
     encoder = [p for p in student.camera_encoder.parameters()]
     # The same loss with the target rebuilt and detached by hand: the gradients must be equal.
-    target = residual_target(distiller.assistant_bev(inputs), distiller.teacher_forward(inputs).fused_bev, 0.6)
+    target = residual_target(distiller.assistant_bev(inputs, out.student).detach(),
+                             distiller.teacher_forward(inputs).fused_bev, 0.6)
     constant = 0.2 * F.mse_loss(out.student.residual_bev.float(), target.detach())
     assert constant.item() == pytest.approx(cmrd.item(), rel=1e-5)
     got = torch.autograd.grad(cmrd, encoder, retain_graph=True, allow_unused=True)
@@ -349,9 +373,9 @@ def test_the_frozen_ta_source_is_the_assistant_network_not_the_student(models):
     inputs, _ = _batch()
     target = distiller.assistant_bev(inputs)
     with torch.no_grad():
-        ta, _ = assistant.camera_encoder(inputs.camera, inputs.bev_aug)
+        ta = assistant.camera_encoder(inputs.camera, inputs.bev_aug).bev
         student.camera_encoder.eval()
-        students, _ = student.camera_encoder(inputs.camera, inputs.bev_aug, depth_source="lidar")
+        students = student.camera_encoder(inputs.camera, inputs.bev_aug, depth_source="lidar").bev
     assert torch.allclose(target, ta, atol=1e-6) and target.abs().sum() > 0
     assert not torch.allclose(target, students, atol=1e-3)
 
@@ -414,15 +438,43 @@ def test_without_ffm_the_residual_branch_trains_but_neither_runs_nor_exports_at_
 
 
 def test_shared_source_lifts_the_students_own_features_without_touching_its_statistics(models):
+    """``shared``: the TA BEV is the student's own lift of this step's image features with the LiDAR
+    depth, i.e. its training-mode encoder run with ``depth_source: lidar`` (batch statistics, as
+    the student's own lift), but computed from the forward's features, with no second encoder
+    pass and no change to any running statistic."""
     distiller = _distiller(models, ta_source="shared", init_from_assistant=False)
     assert distiller.assistant is None
     distiller.train()
+    encoder = distiller.student.camera_encoder
     inputs, _ = _batch()
-    before = {n: b.clone() for n, b in distiller.student.camera_encoder.named_buffers()}
-    target = distiller.assistant_bev(inputs)
-    assert target.grad_fn is None  # the student's weights require gradients: no_grad must hold
-    assert all(torch.equal(b, before[n]) for n, b in distiller.student.camera_encoder.named_buffers())
-    assert distiller.student.camera_encoder.training
+    before = {n: b.clone() for n, b in encoder.named_buffers()}
+    out = distiller.student(inputs)
+    after_forward = {n: b.clone() for n, b in encoder.named_buffers()}
+    assert any(not torch.equal(b, before[n]) for n, b in after_forward.items())  # training mode: BN learns
+    calls = []
+    hook = encoder.backbone.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        target = distiller.assistant_bev(inputs, out)
+    finally:
+        hook.remove()
+    assert calls == []  # the forward's own features: no second pass through the image network
+    assert target.grad_fn is None and target.dtype == torch.float32
+    # The lift's post-pool block normalised with batch statistics and left its running ones alone.
+    assert all(torch.equal(b, after_forward[n]) for n, b in encoder.named_buffers())
+    # The reference: the training-mode encoder lifting with LiDAR depth (its BN updates undone).
+    with torch.no_grad():
+        reference = encoder(inputs.camera, inputs.bev_aug, depth_source="lidar").bev
+    for name, buffer in encoder.named_buffers():
+        buffer.copy_(after_forward[name])
+    assert torch.allclose(target, reference, atol=1e-5) and target.abs().sum() > 0
+    # Not the eval-mode probe (running statistics): that differs by more than the depth.
+    encoder.eval()
+    with torch.no_grad():
+        probe = encoder(inputs.camera, inputs.bev_aug, depth_source="lidar").bev
+    encoder.train()
+    assert not torch.allclose(target, probe, atol=1e-3)
+    with pytest.raises(ValueError, match="pass student"):
+        distiller.assistant_bev(inputs)
 
 
 def test_settings_that_cannot_work_are_refused(models):

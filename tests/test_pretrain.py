@@ -193,7 +193,7 @@ def test_lift_depth_model_gives_the_depth_distribution_the_lss_lift_uses():
                           ego_T_camera=eye, image_aug=torch.eye(3).expand(1, 6, 3, 3))
     with torch.no_grad():
         outputs = model(images[0])
-        _, lifted_depth = model.encoder(camera, None)
+        lifted_depth = model.encoder(camera, None).depth
     assert outputs.depth_bins.shape == (6, model.encoder.vtransform.num_depth_bins, 4, 11)
     torch.testing.assert_close(outputs.depth_bins, lifted_depth[0])
     # Its encoder is the BEV model's own: the same keys (so the saved file loads by name).

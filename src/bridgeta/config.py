@@ -399,8 +399,9 @@ class MonoTAKDConfig:
     assistant: the camera teaching assistant's model file or run (``bridgeta train-assistant``:
     the student's camera network lifting with projected LiDAR depth); required to train.
     ta_source: where the TA's BEV comes from during distillation: ``frozen``, the trained TA
-    (frozen, eval mode) on its own image features; ``shared``, the student's own image features
-    lifted with the LiDAR depth (the public code's forward), as a detached target.
+    (frozen, eval mode) on its own image features; ``shared``, the image features of the
+    student's own forward in the step, detached and lifted again with the LiDAR depth (the public
+    code's forward, without its TA block and SAM).
     threshold: CMRD keeps residual entries of at least ``threshold`` x the sample's largest.
     init_from_assistant: the student starts from the TA's weights (the public code's stage 2).
     assistant_imitation: read by ``train-assistant`` (not by the distillation run): the weight of

@@ -216,14 +216,21 @@ class MonoTAKDDistiller(Distiller):
             caches.append(self.assistant_cache)
         return caches
 
-    def assistant_bev(self, inputs: BEVInputs) -> torch.Tensor:
+    def assistant_bev(self, inputs: BEVInputs, student: BEVOutputs | None = None) -> torch.Tensor:
         """The TA's camera BEV for this batch, a constant target.
 
-        Like the teacher (:meth:`Distiller.teacher_forward`), a frozen forward without autograd:
-        it runs under ``distill.teacher_precision``, not the training step's autocast.
+        ``frozen``: like the teacher (:meth:`Distiller.teacher_forward`), a frozen forward without
+        autograd, under ``distill.teacher_precision``, not the training step's autocast.
+        ``shared``: the image features of the student's own forward in this step
+        (``student.camera_context``), detached and lifted again with the LiDAR depth by the
+        student's own view transform, in fp32: ``student`` is required there.
         """
         assert inputs.camera is not None
-        if self.assistant is not None and self.assistant_cache is not None:
+        if self.assistant is None:
+            if student is None:
+                raise ValueError("MonoTAKD's shared TA lift reads the student's outputs of this step: pass student")
+            return self._shared_lift(inputs, student)
+        if self.assistant_cache is not None:
             device = next(self.student.parameters()).device
             read = self.assistant_cache.fetch(inputs_of(self.assistant, inputs), ("camera_bev",),
                                               lambda batch: {"camera_bev": self._assistant_lift(batch)}, device)
@@ -231,20 +238,27 @@ class MonoTAKDDistiller(Distiller):
         return self._assistant_lift(inputs)
 
     def _assistant_lift(self, inputs: BEVInputs) -> torch.Tensor:
-        """:meth:`assistant_bev` without the output cache: the lift run on ``inputs``."""
+        """The frozen TA's camera BEV without the output cache: its lift run on ``inputs``."""
+        assert self.assistant is not None and self.assistant.camera_encoder is not None
         device = next(self.student.parameters()).device
         with torch.no_grad(), autocast_context(device, self.config.teacher_precision):
-            if self.assistant is not None:
-                bev, _ = self.assistant.camera_encoder(inputs.camera, inputs.bev_aug)
-            else:  # "shared": the student's own image features, lifted where the LiDAR says
-                # In eval mode, a probe: its BatchNorm must not learn the LiDAR lift's statistics.
-                encoder = self.student.camera_encoder
-                was_training = encoder.training
-                encoder.eval()
-                try:
-                    bev, _ = encoder(inputs.camera, inputs.bev_aug, depth_source="lidar")
-                finally:
-                    encoder.train(was_training)
+            bev = self.assistant.camera_encoder(inputs.camera, inputs.bev_aug).bev
+        return bev.float()
+
+    def _shared_lift(self, inputs: BEVInputs, student: BEVOutputs) -> torch.Tensor:
+        """``shared``: the student's image features of this very forward (the public code's TA
+        branch reads the same features as the student's lift), placed where the LiDAR says. No
+        second encoder pass: a pass of its own would see other BatchNorm statistics (or, in eval
+        mode, the running ones), so the target would differ by more than the depth."""
+        if student.camera_context is None:
+            raise ValueError("MonoTAKD's shared TA lift reads the student's camera_context: its camera "
+                             "branch returned none")
+        assert self.student.camera_encoder is not None and inputs.camera is not None
+        device = student.camera_context.device
+        with torch.autocast(device.type, enabled=False):
+            bev = self.student.camera_encoder.vtransform.lift_with_lidar_depth(
+                student.camera_context.detach().float(), inputs.camera, inputs.bev_aug
+            )
         return bev.float()
 
     def distill(
@@ -255,7 +269,7 @@ class MonoTAKDDistiller(Distiller):
         assert student.camera_bev is not None
         losses: dict[str, torch.Tensor] = {}
         if settings.imd > 0 or settings.cmrd > 0:
-            assistant = self.assistant_bev(inputs)
+            assistant = self.assistant_bev(inputs, student)
         if settings.imd > 0:
             imd = F.mse_loss(minmax_per_sample(student.camera_bev.float()), minmax_per_sample(assistant))
             losses["kd/imd"] = settings.imd * imd

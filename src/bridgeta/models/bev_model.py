@@ -25,7 +25,7 @@ from bridgeta.models.occupancy_head import OccupancyHead
 from bridgeta.models.residual import FeatureFusion, ResidualBranch
 from bridgeta.models.head import MapSegmentationHead
 from bridgeta.models.lidar import PillarEncoder
-from bridgeta.models.lss import LSSViewTransform, depth_supervision_loss
+from bridgeta.models.lss import LSSOutput, LSSViewTransform, depth_supervision_loss
 from bridgeta.models.neck import GeneralizedLSSFPN
 from bridgeta.models.types import BEVInputs, BEVOutputs, CameraInputs
 
@@ -88,7 +88,7 @@ class CameraEncoder(nn.Module):
 
     def forward(
         self, camera: CameraInputs, bev_aug: torch.Tensor | None, depth_source: str | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> LSSOutput:
         images = camera.images
         batch, cams, _, height, width = images.shape
         if (height, width) != self.image_size:
@@ -96,8 +96,7 @@ class CameraEncoder(nn.Module):
         features = self.backbone(images.flatten(0, 1))
         level = self.neck(features)[self.neck_level]
         level = level.unflatten(0, (batch, cams))
-        lifted = self.vtransform(level, camera, bev_aug, depth_source)
-        return lifted.bev, lifted.depth
+        return self.vtransform(level, camera, bev_aug, depth_source)
 
 
 class BEVModel(nn.Module):
@@ -232,18 +231,18 @@ class BEVModel(nn.Module):
         return {"depth/bce": weight * depth_supervision_loss(outputs.depth, inputs.camera.depth,
                                                              lss.feature_stride, lss.depth_bounds)}
 
-    def encode(self, inputs: BEVInputs) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Per-modality BEV features ``(F_cam, F_lid, depth)``."""
-        camera_bev = lidar_bev = depth = None
+    def encode(self, inputs: BEVInputs) -> tuple[LSSOutput | None, torch.Tensor | None]:
+        """Per-modality features: the camera lift's (``F_cam``, its depth and context) and ``F_lid``."""
+        lifted = lidar_bev = None
         if self.camera_encoder is not None:
             if inputs.camera is None:
                 raise ValueError("this model has a camera branch but the batch has no camera inputs")
-            camera_bev, depth = self.camera_encoder(inputs.camera, inputs.bev_aug)
+            lifted = self.camera_encoder(inputs.camera, inputs.bev_aug)
         if self.lidar_encoder is not None:
             if inputs.lidar is None:
                 raise ValueError("this model has a LiDAR branch but the batch has no LiDAR points")
             lidar_bev = self.lidar_encoder(inputs.lidar, inputs.batch_size)
-        return camera_bev, lidar_bev, depth
+        return lifted, lidar_bev
 
     def fuse(self, camera_bev: torch.Tensor | None, lidar_bev: torch.Tensor | None) -> torch.Tensor:
         if self.fuser is not None:
@@ -253,7 +252,8 @@ class BEVModel(nn.Module):
         return fused
 
     def forward(self, inputs: BEVInputs) -> BEVOutputs:
-        camera_bev, lidar_bev, depth = self.encode(inputs)
+        lifted, lidar_bev = self.encode(inputs)
+        camera_bev = lifted.bev if lifted is not None else None
         residual = None
         # Without FFM (the ``ffm: false`` ablation) only CMRD reads the residual branch, and only
         # in training: at inference nothing would read it, so it does not run.
@@ -276,7 +276,8 @@ class BEVModel(nn.Module):
             fused_bev=fused,
             decoded_bev=decoded,
             logits=logits,
-            depth=depth,
+            depth=lifted.depth if lifted is not None else None,
+            camera_context=lifted.context if lifted is not None else None,
             residual_bev=residual,
             objects=objects,
             motion=motion,

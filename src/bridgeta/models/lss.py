@@ -34,10 +34,13 @@ from bridgeta.models.types import CameraInputs
 
 @dataclass
 class LSSOutput:
-    """bev: ``(B, out_channels, X', Y')`` on ``output_grid``; depth: ``(B, N, D, fH, fW)`` probabilities."""
+    """bev: ``(B, out_channels, X', Y')`` on ``output_grid``; depth: ``(B, N, D, fH, fW)`` probabilities;
+    context: ``(B, N, fH, fW, C)``, the per-pixel features the lift spreads along each ray (the depth
+    net's context half), which :meth:`LSSViewTransform.lift_with_lidar_depth` lifts again."""
 
     bev: torch.Tensor
     depth: torch.Tensor
+    context: torch.Tensor | None = None
 
 
 def create_frustum(
@@ -182,13 +185,7 @@ class LSSViewTransform(nn.Module):
                 f"features have (B, N) = {(batch, cams)}, cameras {tuple(camera.intrinsics.shape[:2])}"
             )
 
-        with torch.no_grad():  # geometry is data, not a function of the weights
-            points = frustum_to_ego(
-                self.frustum, camera.intrinsics, camera.ego_T_camera, camera.image_aug, bev_aug
-            )
-            batch_index = torch.arange(batch, device=features.device).view(batch, 1, 1, 1, 1)
-            plan = compute_pool_plan(self.grid.point_to_cell(points), batch_index, self.grid, batch)
-
+        plan = self._pool_plan(camera, bev_aug, batch)
         num_depth = self.num_depth_bins
         flat = features.reshape(batch * cams, channels, feature_h, feature_w)
         if self.camera_aware:
@@ -197,22 +194,65 @@ class LSSViewTransform(nn.Module):
         else:
             logits = self.depthnet(flat)
         if depth_source == "lidar":
-            if camera.depth is None:
-                raise ValueError("depth_source 'lidar' lifts with projected LiDAR depth: the batch has no "
-                                 "CameraInputs.depth (load the 'depth' modality)")
-            depth = lidar_depth_distribution(
-                camera.depth.reshape(batch * cams, *self.image_size), self.feature_stride, self.depth_bounds
-            ).to(logits.dtype)
+            depth = self._lidar_depth(camera, batch * cams).to(logits.dtype)
         else:
             depth = logits[:, :num_depth].softmax(dim=1)  # (B*N, D, fH, fW)
         context = logits[:, num_depth:].permute(0, 2, 3, 1)  # (B*N, fH, fW, C)
+        return LSSOutput(
+            bev=self.downsample(self._splat(depth, context, plan)),
+            depth=depth.view(batch, cams, num_depth, feature_h, feature_w),
+            context=context.unflatten(0, (batch, cams)),
+        )
+
+    def lift_with_lidar_depth(
+        self, context: torch.Tensor, camera: CameraInputs, bev_aug: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The BEV that ``context`` ``(B, N, fH, fW, C)`` (an :class:`LSSOutput`'s, usually of this
+        very step) gives when lifted with the projected LiDAR depth instead of the predicted one:
+        MonoTAKD's TA lift from the student's own image features (``ta_source: shared``).
+
+        A constant, computed without gradient. The post-pool block (``downsample``) normalises it
+        with this batch's statistics, as it does the model's own lift in training, and its running
+        statistics are left as they were: they keep describing the predicted-depth lift that
+        inference runs.
+        """
+        batch, cams, feature_h, feature_w, channels = context.shape
+        if (feature_h, feature_w) != self.feature_size or channels != self.context_channels:
+            raise ValueError(f"context must be (B, N, {self.feature_size[0]}, {self.feature_size[1]}, "
+                             f"{self.context_channels}), got {tuple(context.shape)}")
+        with torch.no_grad():
+            plan = self._pool_plan(camera, bev_aug, batch)
+            depth = self._lidar_depth(camera, batch * cams).to(context.dtype)
+            bev = self._splat(depth, context.reshape(batch * cams, feature_h, feature_w, channels), plan)
+            # On copies of the buffers: the real ones may not change even in place and back, the
+            # model's own forward saved them for its backward (autograd's version check).
+            copies = {name: buffer.clone() for name, buffer in self.downsample.named_buffers()}
+            return torch.func.functional_call(self.downsample, copies, (bev,))
+
+    def _pool_plan(self, camera: CameraInputs, bev_aug: torch.Tensor | None, batch: int):
+        """Where each frustum point of each camera falls in the BEV grid (geometry: no gradient)."""
+        with torch.no_grad():  # geometry is data, not a function of the weights
+            points = frustum_to_ego(
+                self.frustum, camera.intrinsics, camera.ego_T_camera, camera.image_aug, bev_aug
+            )
+            batch_index = torch.arange(batch, device=points.device).view(batch, 1, 1, 1, 1)
+            return compute_pool_plan(self.grid.point_to_cell(points), batch_index, self.grid, batch)
+
+    def _lidar_depth(self, camera: CameraInputs, images: int) -> torch.Tensor:
+        """One-hot depth ``(B*N, D, fH, fW)`` from the batch's projected LiDAR depth."""
+        if camera.depth is None:
+            raise ValueError("depth_source 'lidar' lifts with projected LiDAR depth: the batch has no "
+                             "CameraInputs.depth (load the 'depth' modality)")
+        return lidar_depth_distribution(
+            camera.depth.reshape(images, *self.image_size), self.feature_stride, self.depth_bounds
+        )
+
+    def _splat(self, depth: torch.Tensor, context: torch.Tensor, plan) -> torch.Tensor:
+        """Lift: the outer product of depth ``(B*N, D, fH, fW)`` and context ``(B*N, fH, fW, C)``,
+        summed into the BEV cells of ``plan``."""
         # (B*N, D, fH, fW, C), contiguous in the frustum point order the plan uses.
         lifted = depth.unsqueeze(-1) * context.unsqueeze(1)
-        bev = bev_pool(lifted.reshape(-1, self.context_channels), plan)
-        return LSSOutput(
-            bev=self.downsample(bev),
-            depth=depth.view(batch, cams, num_depth, feature_h, feature_w),
-        )
+        return bev_pool(lifted.reshape(-1, self.context_channels), plan)
 
 
 def pool_sparse_depth(depth: torch.Tensor, stride: int) -> torch.Tensor:

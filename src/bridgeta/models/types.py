@@ -143,6 +143,9 @@ class BEVOutputs:
     decoded_bev: decoder output (``F_dec``).
     logits:      segmentation logits on the output grid (``L``), one channel per class.
     depth:       camera depth distribution ``(B, N, D, fH, fW)``, or ``None``.
+    camera_context: the image features ``(B, N, fH, fW, C)`` the camera lift spread along each ray
+                 (``LSSOutput.context``), or ``None``; MonoTAKD's shared TA lifts them again with
+                 LiDAR depth.
     residual_bev: MonoTAKD's residual branch output (``model.residual``), or ``None``; with FFM
                  on, ``fused_bev`` is the fusion of ``camera_bev`` with it. Without FFM the
                  branch runs in training only (CMRD reads it), so in eval mode it is ``None``.
@@ -165,6 +168,7 @@ class BEVOutputs:
     decoded_bev: torch.Tensor
     logits: torch.Tensor
     depth: torch.Tensor | None = None
+    camera_context: torch.Tensor | None = None
     residual_bev: torch.Tensor | None = None
     objects: Any = None
     motion: Any = None
