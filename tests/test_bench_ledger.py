@@ -154,7 +154,7 @@ def test_a_summary_reads_a_ledger_without_a_world(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("preset, ledger, method, seed", [
     ("cpu", "p4", "baseline", 1), ("cpu", "p4", "teacher", 0), ("cpu", "p4", "bridgeta", 1),
-    ("cpu-mt", "mt", "baseline", 2), ("cpu-mt", "mt", "direct", 0), ("cpu-tinybev", "mt", "aligned_teacher", 0),
+    ("cpu-mt", "mt", "baseline", 2), ("cpu-mt", "mt", "bridgeta", 0), ("cpu-tinybev", "mt", "aligned_teacher", 0),
 ])
 def test_the_committed_ledgers_runs_are_the_runs_their_preset_trains_now(preset, ledger, method, seed):
     """A record the bench reuses must be what the preset would train today (matches_stored):

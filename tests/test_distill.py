@@ -197,6 +197,10 @@ def test_crosskd_aux_reaches_student_decoder_not_teacher_head(configs):
     teacher = distiller.teacher_forward(inputs)
     ta = distiller.assistant_forward(student, teacher)
     ta_bn = {k: v.clone() for k, v in distiller.assistant.head.state_dict().items()}
+    # The teacher's half alone reaches the decoder (the TA probe's half would hide a detached one).
+    decoder = list(distiller.student.decoder.parameters())
+    teacher_half = torch.autograd.grad(distiller.teacher_head_kl(student, teacher), decoder, retain_graph=True)
+    assert any(g.abs().sum() > 0 for g in teacher_half)
     distiller.crosskd_aux(student, teacher, ta).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.student.decoder.parameters())
     assert all(p.grad is None for p in distiller.teacher.head.parameters())
@@ -239,7 +243,7 @@ def _fixed_run(method: str, **options):
 
 
 def test_direct_feature_and_logit_kd_values_by_hand():
-    out = _fixed_run("direct", weights=LevelWeights(fld=1.0, dld=0.5, lld=2.0))
+    out = _fixed_run("direct", weights=LevelWeights(fld=1.0, dld=0.5, lld=2.0), lld_aux=False)
     # FLD: 3 channels x (1 - 3)^2 = 12; DLD: 2 x (0 - 2)^2 = 8 (x0.5); LLD: (0.5 + 1)^2 = 2.25 (x2).
     assert out.losses["kd/fld"].item() == pytest.approx(12.0)
     assert out.losses["kd/dld"].item() == pytest.approx(4.0)
@@ -257,6 +261,32 @@ def test_direct_feature_and_logit_kd_values_by_hand():
     # Total = focal seg term (logit 0.5, label 0) + the KD term.
     focal = torch.sigmoid(torch.tensor(0.5)) ** 2 * torch.nn.functional.softplus(torch.tensor(0.5))
     assert out.total.item() == pytest.approx(expected + focal.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("lld_aux", [True, False])
+def test_direct_has_crosskds_teacher_half_through_the_teachers_head(configs, lld_aux):
+    """w/o TA differs from BridgeTA by the TA only: with ``lld_aux`` its L_LLD also holds
+    ``KL(L^T || teacher.head(F_dec^S))`` (the half of CrossKD that needs no TA: the paper's
+    58.2 row; without it, the 57.8 row). On fixed logits by hand, and its gradient reaches the
+    student's decoder through the teacher's head, not through the student's own head."""
+    distiller = _distiller(configs, method="direct", lld_aux=lld_aux, weights=LevelWeights(lld=1.0, lld_aux=0.5))
+    inputs, labels = _batch(configs)
+    out = distiller(inputs, labels)
+    kd = {k for k in out.losses if k.startswith("kd/")}
+    assert kd == {"kd/fld", "kd/dld", "kd/lld"} | ({"kd/lld_aux"} if lld_aux else set())
+    if not lld_aux:
+        return
+    teacher = distiller.teacher_forward(inputs)
+    with torch.no_grad():
+        through_teacher = distiller.teacher.head(out.student.decoded_bev)
+    p, q = torch.sigmoid(teacher.logits), torch.sigmoid(through_teacher)
+    by_hand = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).mean()
+    assert out.losses["kd/lld_aux"].item() == pytest.approx(0.5 * by_hand.item(), rel=1e-4)
+    aux = out.losses["kd/lld_aux"]
+    decoder = torch.autograd.grad(aux, list(distiller.student.decoder.parameters()), retain_graph=True)
+    assert any(g.abs().sum() > 0 for g in decoder)
+    own_head = torch.autograd.grad(aux, list(distiller.student.head.parameters()), allow_unused=True)
+    assert all(g is None for g in own_head)
 
 
 def test_ablation_switches_select_terms(configs):

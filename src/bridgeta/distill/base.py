@@ -337,6 +337,20 @@ class Distiller(nn.Module):
             return None
         return student.objects, teacher.objects
 
+    def teacher_head_kl(self, student: BEVOutputs, teacher: BEVOutputs) -> torch.Tensor:
+        """CrossKD's teacher half, ``KL(L^T || teacher.head(F_dec^S))``: the student's decoded BEV
+        read by the frozen teacher's map head (eval mode, weights without gradient), so only the
+        student learns from it. BridgeTA adds the TA's half; ``direct`` (w/o TA) has this half alone."""
+        assert self.teacher is not None
+        return bernoulli_kl(teacher.logits, self.teacher.head(student.decoded_bev), self.config.temperature)
+
+    def teacher_object_head_kl(self, student: BEVOutputs, teacher_objects: ObjectOutputs) -> torch.Tensor:
+        """:meth:`teacher_head_kl` on the object heatmap: the student's decoded BEV through the
+        frozen teacher's object head, against the teacher's own heatmap logits."""
+        assert self.teacher is not None and self.teacher.object_head is not None
+        through_teacher = self.teacher.object_head(student.decoded_bev).heatmap
+        return bernoulli_kl(teacher_objects.heatmap, through_teacher, self.config.temperature)
+
     def forward(self, inputs: BEVInputs, labels: torch.Tensor, targets: TaskTargets | None = None) -> DistillOutput:
         """The student's segmentation terms and the method's terms. ``targets``: the batch's other
         heads' targets for a multi-task student (the trainer adds the student's own task terms; a

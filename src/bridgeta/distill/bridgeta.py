@@ -166,13 +166,9 @@ class BridgeTADistiller(Distiller):
         normalises with the batch's statistics and throw-away copies of the buffers. The TA's
         target is detached for the same reason.
         """
-        assert self.teacher is not None
-        temperature = self.config.temperature
-        through_teacher = self.teacher.head(student.decoded_bev)
+        teacher_half = self.teacher_head_kl(student, teacher)
         through_ta = self.probe(self.assistant.head, student.decoded_bev)
-        return bernoulli_kl(teacher.logits, through_teacher, temperature) + bernoulli_kl(
-            ta.logits.detach(), through_ta, temperature
-        )
+        return teacher_half + bernoulli_kl(ta.logits.detach(), through_ta, self.config.temperature)
 
     def probe(self, head: nn.Module, features: torch.Tensor):
         """``head(features)`` as a fixed probe: detached weights, throw-away buffer copies, and
@@ -207,13 +203,10 @@ class BridgeTADistiller(Distiller):
             losses["kd/lld_object"] = config.weights.lld * loss
             logs.update({f"lld_object/{name}": float(value) for name, value in terms.items()})
             if config.lld_aux:
-                assert self.teacher is not None and self.teacher.object_head is not None
-                temperature = config.temperature
-                through_teacher = self.teacher.object_head(student.decoded_bev).heatmap
+                teacher_half = self.teacher_object_head_kl(student, t_obj)
                 through_ta = self.probe(self.assistant.object_head, student.decoded_bev).heatmap
                 losses["kd/lld_aux_object"] = config.weights.lld_aux * (
-                    bernoulli_kl(t_obj.heatmap, through_teacher, temperature)
-                    + bernoulli_kl(ta.objects.heatmap.detach(), through_ta, temperature))
+                    teacher_half + bernoulli_kl(ta.objects.heatmap.detach(), through_ta, config.temperature))
         return losses
 
     def distill(
