@@ -74,6 +74,11 @@ def test_every_method_is_the_bridgeta_recipe_with_one_setting_changed(tmp_path):
         "fld_dld": {"levels": ("fld", "dld")},
         "fld_dld_lld_base": {"lld_aux": False},
         "fixed_epsilon": {"epsilon": "fixed"},
+        "ta_seg_only": {"levels": ()},
+        "ta_no_grad_to_student": {"ta_grad_to_student": False},
+        "ta_mutual": {"ta_mutual": True},
+        "ta_from_teacher": {"ta_init": "teacher"},
+        "epsilon_narrow": {"epsilon_range": (0.5, 2.0)},
     }
     for method, changed in expected.items():
         distill = configs[method].distill
