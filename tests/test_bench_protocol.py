@@ -475,6 +475,42 @@ def test_longer_distillation_rows_are_their_method_on_twice_the_steps_paired_wit
     assert "| `monotakd` | 800 + 800 | 2 | 15.5 ± 0.7 | -1.0 ± 0.0 (n=2) vs `baseline_long` |" in text
 
 
+def test_ablations_are_paired_with_the_run_they_ablate_and_the_ta_is_no_student():
+    """An ablation's delta against its method at the same lambda: MonoTAKD's partner row where
+    MonoTAKD chose 0 (its ablations run at the best lambda > 0), BridgeTA itself where it chose
+    that lambda; none against a run of another lambda. MonoTAKD's TA gets no student deltas."""
+    from bridgeta.report import render_accuracy, render_partial
+
+    def run(seed, miou):
+        return {"seed": seed, "train": {}, "test": {"miou": miou, "miou_at_0.5": miou, "iou": {"drivable_area": miou},
+                                                    "by_condition": {"night": {"miou": miou}},
+                                                    "by_range": {"35-50": {"miou": miou}}}}
+
+    runs = {"teacher": [run(0, 0.5)], "baseline": [run(0, 0.10), run(1, 0.12)], "assistant": [run(0, 0.3)],
+            "monotakd": [run(0, 0.15), run(1, 0.16)], "monotakd_kd": [run(0, 0.14), run(1, 0.15)],
+            "monotakd_no_sam": [run(0, 0.13), run(1, 0.13)], "bridgeta": [run(0, 0.11), run(1, 0.13)],
+            "fixed_epsilon": [run(0, 0.13), run(1, 0.12)], "fld": [run(0, 0.12)]}
+    lambdas = {"monotakd": 0.0, "monotakd_kd": 0.3, "monotakd_no_sam": 0.3, "bridgeta": 1.0,
+               "fixed_epsilon": 1.0, "fld": 3.0}
+    table = bench_distill.aggregate(runs)
+    accuracy.add_family_pairs(table, runs, lambdas)
+    no_sam = table["monotakd_no_sam"]["paired_vs_family"]
+    assert no_sam["reference"] == "monotakd_kd" and no_sam["mean"] == pytest.approx(-0.015) and no_sam["n"] == 2
+    fixed = table["fixed_epsilon"]["paired_vs_family"]
+    assert fixed["reference"] == "bridgeta" and fixed["per_seed"] == pytest.approx({"0": 0.02, "1": -0.01})
+    assert "paired_vs_family" not in table["fld"]  # another lambda than BridgeTA's: not its ablation
+    for row in ("monotakd", "monotakd_kd", "bridgeta", "baseline", "assistant", "teacher"):
+        assert "paired_vs_family" not in table[row]
+    assert not any(k.startswith("paired_vs_") for k in table["assistant"]) and "gap_closed" not in table["assistant"]
+    results = _fabricated_protocol_results()
+    protocol = {**results["protocol"], "student_steps": 800}
+    partial = render_partial({**results, "table": table, "protocol": protocol})
+    assert "| `monotakd_no_sam` | 2 | 1600 | 13.0 ± 0.0 | +2.0 ± 1.4 (n=2) | – | -1.5 ± 0.7 (n=2) vs `monotakd_kd` |" in partial
+    assert "| `assistant` | 1 | – | 30.0 ± 0.0 | – | – | – |" in partial
+    text = render_accuracy({**results, "table": table, "learned_classes": ["drivable_area"], "protocol": protocol})
+    assert "| `fixed_epsilon` | 2 | 12.5 ± 0.7 | +0.5 ± 2.1 (n=2) vs `bridgeta` |" in text
+
+
 def _with_dataroot(config: tuple[str, list[str]]) -> tuple[str, list[str]]:
     preset, overrides = config
     return preset, ["data.dataroot=/d", *overrides]

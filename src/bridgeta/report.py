@@ -271,6 +271,12 @@ def render_accuracy(results: dict) -> str:
               f"above 10 % ({learned}). λ: the scale of the method's recipe weights chosen on the "
               f"validation towns ([distill.md](distill.md)). TA val mIoU: BridgeTA's teacher assistant "
               f"(teacher LiDAR BEV + student camera BEV) on the validation towns."]
+    ablations = [(m, row) for m, row in table.items() if "paired_vs_family" in row]
+    if ablations:
+        lines += ["", "Ablations, each paired per seed with the run it ablates (its method at the same λ):", "",
+                  "| method | seeds | test mIoU | Δ mIoU vs the method it ablates |", "|---|---:|---:|---:|"]
+        lines += [f"| `{method}` | {len(row['seeds'])} | {_cell(row['miou'])} | {_against(row['paired_vs_family'])} |"
+                  for method, row in ablations]
     longer = [(m, row) for m, row in table.items() if "paired_vs_same_schedule" in row]
     if longer:
         steps = results["protocol"].get("student_steps")
@@ -292,24 +298,31 @@ def render_accuracy(results: dict) -> str:
 
 
 def _steps_table(results: dict) -> list[str]:
-    """Each row's seeds, steps, test mIoU and paired deltas against the baseline and against the
+    """Each row's seeds, steps, test mIoU and paired deltas against the baseline, against the
     baseline of its steps (the rows that train for other steps than the baseline: TinyBEV's
-    stages, MonoTAKD, the longer schedules)."""
+    stages, MonoTAKD, the longer schedules) and, for an ablation, against the run it ablates."""
     from bridgeta.bench.distill import TEACHER_ROLES, trained_steps
 
     steps = results.get("protocol", {}).get("student_steps")
-    lines = ["| method | seeds | steps | test mIoU | Δ mIoU vs baseline | Δ mIoU vs the baseline of its steps |",
-             "|---|---:|---:|---:|---:|---:|"]
+    # The ablations' column only where there are ablations (paired_vs_family, bench/accuracy.py).
+    ablations = any("paired_vs_family" in row for row in results["table"].values())
+    lines = ["| method | seeds | steps | test mIoU | Δ mIoU vs baseline | Δ mIoU vs the baseline of its steps |"
+             + (" Δ mIoU vs the method it ablates |" if ablations else ""),
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if ablations else "")]
     for method, row in results["table"].items():
-        same = row.get("paired_vs_same_schedule")
         if method in (*TEACHER_ROLES, "assistant"):  # not camera students: no steps, no delta against one
-            lines.append(f"| `{method}` | {len(row['seeds'])} | – | {_cell(row['miou'])} | – | – |")
-            continue
-        count = trained_steps(method, steps) if steps else "–"
-        against_steps = f"{_delta(same)} vs `{same['reference']}`" if same else "–"
-        lines.append(f"| `{method}` | {len(row['seeds'])} | {count} | {_cell(row['miou'])} | "
-                     f"{_delta(row.get('paired_vs_baseline'))} | {against_steps} |")
+            cells = ["–", _cell(row["miou"]), "–", "–"]
+        else:
+            cells = [str(trained_steps(method, steps)) if steps else "–", _cell(row["miou"]),
+                     _delta(row.get("paired_vs_baseline")), _against(row.get("paired_vs_same_schedule"))]
+        cells += [_against(row.get("paired_vs_family"))] if ablations else []
+        lines.append(f"| `{method}` | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _against(pair: dict | None) -> str:
+    """A paired delta that names its reference row, or – without one."""
+    return f"{_delta(pair)} vs `{pair['reference']}`" if pair else "–"
 
 
 def _whose_steps(results: dict) -> str:

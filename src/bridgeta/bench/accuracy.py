@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bridgeta.bench.distill import (
     LONGER_BASELINES, LONGER_METHODS, METHODS, STAGE_AFTER, TUNED_METHODS, Protocol, aggregate, is_baseline_point, is_monotakd, is_tinybev,
-    learned_classes, method_job, prepare_inputs, run_name, stage_depth, train_method,
+    learned_classes, method_job, paired, prepare_inputs, run_name, stage_depth, train_method,
 )
 from bridgeta.bench.distill import run as run_methods
 from bridgeta.bench.jobs import run_jobs
@@ -71,8 +71,11 @@ CPU_METHODS = ("baseline", "direct", "feature_kd", "logit_kd", "bridgeta", "fixe
                "monotakd", "monotakd_imd_only", "monotakd_cmrd_only", "monotakd_no_sam", "monotakd_no_ffm",
                "monotakd_shared", "baseline_long", "baseline_x4", "direct_long", "bridgeta_long")
 # Ablation and control rows: 2 seeds each (seeds 0 and 1, paired with every headline method's).
+# baseline_long is the control of MonoTAKD's headline row (3 seeds), so it gets the default 3:
+# with 2, MonoTAKD's delta against the baseline of its steps would read one seed fewer than its mIoU.
 _ABLATION_SEEDS = {m: 2 for m in CPU_METHODS
                    if m in ("fixed_epsilon", *LONGER_BASELINES, *LONGER_METHODS) or m.startswith("monotakd_")}
+del _ABLATION_SEEDS["baseline_long"]
 
 PRESETS = {
     # The paper's regime on 2 CPU cores (docs/results.md): a 30-scene world (6 test scenes: day,
@@ -352,6 +355,22 @@ def ablation_lambdas(methods: Sequence[str], chosen: dict[str, float | None], po
     return out
 
 
+def add_family_pairs(table: dict, runs: dict[str, list[dict]], lambdas: dict[str, float | None]) -> None:
+    """Each ablation row's paired deltas against the run it ablates (``paired_vs_family``): its
+    family's partner row (``monotakd_kd``, where the family chose lambda 0 and the ablations run
+    at its best lambda > 0), else the family itself, and only at the ablation's own lambda.
+    The longer-schedule rows are not ablations: their pair is the baseline of their steps."""
+    for method, results in runs.items():
+        family = _family(method) if method in METHODS else None  # roles such as baseline_scratch are rows of their own
+        if family is None or method in LONGER_METHODS or method not in table:
+            continue
+        partner = PARTNERS.get(family)
+        reference = partner if partner in runs else family
+        if reference not in runs or lambdas.get(reference) is None or lambdas.get(reference) != lambdas.get(method):
+            continue
+        table[method]["paired_vs_family"] = {"reference": reference, **paired(results, runs[reference])}
+
+
 def awaits_lambda(method: str, chosen: dict[str, float | None], preset: AccuracyPreset) -> bool:
     """Whether ``method``'s runs wait for the sweep: a summary leaves such a method out while its
     lambda is not chosen. The rows without teacher weights (the longer baselines) never wait."""
@@ -523,8 +542,9 @@ def run_staged(preset_name: str, out: Path, work: Path, dataroot: Path, jobs: in
             continue  # trained for the sweep only
         runs.setdefault(role, []).append({**result, "run": job.label})
     if summary:
-        return _write_summary(out, started, dataroot, protocol, runs, runs_dir, preset_name, ledger)
+        return _write_summary(out, started, dataroot, protocol, runs, runs_dir, preset_name, ledger, chosen)
     table = aggregate(runs)
+    add_family_pairs(table, runs, chosen)
     splits = json.loads((dataroot / "bridgeta_splits.json").read_text())
     convergence = _convergence(runs_dir, protocol)
     diagnostics = {}
@@ -602,7 +622,8 @@ def _budget(work: Path, protocol: Protocol) -> dict:
 
 
 def _write_summary(out: Path, started: dict, dataroot: Path, protocol: Protocol, runs: dict[str, list[dict]],
-                   runs_dir: Path, preset_name: str, ledger: Path | None = None) -> dict:
+                   runs_dir: Path, preset_name: str, ledger: Path | None = None,
+                   lambdas: dict[str, float | None] | None = None) -> dict:
     """``partial.json``: the table over the runs finished so far, and the curves. ``environment``
     is where the summary was computed; ``trained_on``, the ledger's machine type, is where its
     runs trained (a summary reads the committed records on any machine)."""
@@ -622,6 +643,7 @@ def _write_summary(out: Path, started: dict, dataroot: Path, protocol: Protocol,
         "table": aggregate(runs) if runs else {},
         "preset": {"name": preset_name},
     }
+    add_family_pairs(result["table"], runs, lambdas or {})
     machine = ledger / MACHINE_FILE if ledger is not None else None
     if machine is not None and machine.is_file():
         recorded = json.loads(machine.read_text())

@@ -477,9 +477,10 @@ def learned_classes(runs: dict[str, list[dict]], threshold: float = 0.10) -> lis
 
 def _references(method: str, runs: dict[str, list[dict]]) -> list[str]:
     """The rows ``method`` gets paired deltas against: the baseline and ``direct`` where they ran,
-    except for itself, the teachers and the baseline (whose delta against ``direct`` would only
-    repeat ``direct``'s own, negated)."""
-    if method in (*TEACHER_ROLES, "baseline"):
+    except for itself, the teachers, MonoTAKD's TA (it lifts with LiDAR depth: not a camera
+    student) and the baseline (whose delta against ``direct`` would only repeat ``direct``'s own,
+    negated)."""
+    if method in (*TEACHER_ROLES, "assistant", "baseline"):
         return []
     return [reference for reference in ("baseline", "direct") if reference in runs and reference != method]
 
@@ -570,6 +571,8 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
         teacher = {r["seed"]: r["test"]["miou"] for r in runs["teacher"]}
         baseline = {r["seed"]: r["test"]["miou"] for r in runs["baseline"]}
         for method, results in runs.items():
+            if method == "assistant":  # the TA lifts with LiDAR depth: no camera student's gap
+                continue
             closed = []
             for r in results:
                 # With one teacher for every seed (Protocol.teacher_seeds = 1), it is seed 0's.
