@@ -10,6 +10,7 @@ from bridgeta.config import DistillConfig, LevelWeights, load_config
 from bridgeta.distill import (
     DISTILLERS,
     BridgeTADistiller,
+    affinity_loss,
     bernoulli_kl,
     build_distiller,
     cell_mse,
@@ -289,16 +290,28 @@ def test_direct_has_crosskds_teacher_half_through_the_teachers_head(configs, lld
     assert all(g is None for g in own_head)
 
 
-def test_ablation_switches_select_terms(configs):
-    distiller = _distiller(
-        configs, levels=("fld", "dld"), epsilon="fixed", epsilon_fixed=0.5, relational_weight=0.5
-    )
+@pytest.mark.parametrize("method", ["bridgeta", "direct"])
+def test_ablation_switches_select_terms(configs, method):
+    options = dict(epsilon="fixed", epsilon_fixed=0.5) if method == "bridgeta" else {}
+    distiller = _distiller(configs, method, levels=("fld", "dld"), relational_weight=0.5, **options)
+    distiller.train()
     inputs, labels = _batch(configs)
     out = distiller(inputs, labels)
     kd = {k for k in out.losses if k.startswith("kd/")}
     assert kd == {"kd/fld", "kd/dld", "kd/relational"}  # no LLD, so no CrossKD aux either
-    assert out.logs["fld/epsilon"] == pytest.approx(0.5)
-    assert out.losses["kd/relational"].item() > 0
+    if method == "bridgeta":
+        assert out.logs["fld/epsilon"] == pytest.approx(0.5)
+    # the relational term is the weighted affinity MSE of the decoded BEVs, the teacher's a target
+    teacher = distiller.teacher_forward(inputs)
+    by_hand = 0.5 * affinity_loss(out.student.decoded_bev.detach(), teacher.decoded_bev)
+    assert out.losses["kd/relational"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert by_hand.item() > 0
+    decoder = list(distiller.student.decoder.parameters())
+    grads = torch.autograd.grad(out.losses["kd/relational"], decoder, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert not distiller.teacher.training and all(p.grad is None for p in distiller.teacher.parameters())
+    without = _distiller(configs, method, levels=("fld", "dld"), **options)
+    assert "kd/relational" not in without(inputs, labels).losses
 
 
 # ------------------------------------------------------------- corrections: gradient routing

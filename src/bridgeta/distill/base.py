@@ -351,6 +351,16 @@ class Distiller(nn.Module):
         through_teacher = self.teacher.object_head(student.decoded_bev).heatmap
         return bernoulli_kl(teacher_objects.heatmap, through_teacher, self.config.temperature)
 
+    def relational_terms(self, student: BEVOutputs, teacher: BEVOutputs) -> dict[str, torch.Tensor]:
+        """The optional relational term, ``kd/relational`` (``relational_weight`` > 0; none at 0):
+        the affinity of the student's decoded BEV cells against the teacher's
+        (:func:`affinity_loss`). BridgeTA and ``direct`` share it, so ``w/o TA`` differs from
+        BridgeTA only by the missing assistant."""
+        weight = self.config.relational_weight
+        if weight <= 0:
+            return {}
+        return {"kd/relational": weight * affinity_loss(student.decoded_bev, teacher.decoded_bev)}
+
     def forward(self, inputs: BEVInputs, labels: torch.Tensor, targets: TaskTargets | None = None) -> DistillOutput:
         """The student's segmentation terms and the method's terms. ``targets``: the batch's other
         heads' targets for a multi-task student (the trainer adds the student's own task terms; a

@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from bridgeta.config import DistillConfig
-from bridgeta.distill.base import Distiller, affinity_loss, bernoulli_kl, register
+from bridgeta.distill.base import Distiller, bernoulli_kl, register
 from bridgeta.distill.young import dual_path_loss
 from bridgeta.models.bev_model import BEVModel
 from bridgeta.models.decoder import BEVDecoder
@@ -231,8 +231,5 @@ class BridgeTADistiller(Distiller):
         if "lld" in config.levels and config.lld_aux:
             losses["kd/lld_aux"] = config.weights.lld_aux * self.crosskd_aux(student, teacher, ta)
         losses.update(self.object_terms(student, teacher, ta, epsilon, logs))
-        if config.relational_weight > 0:
-            losses["kd/relational"] = config.relational_weight * affinity_loss(
-                student.decoded_bev, teacher.decoded_bev
-            )
+        losses.update(self.relational_terms(student, teacher))
         return losses

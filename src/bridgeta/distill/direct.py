@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from bridgeta.distill.base import Distiller, affinity_loss, cell_mse, register
+from bridgeta.distill.base import Distiller, cell_mse, register
 from bridgeta.models.types import BEVInputs, BEVOutputs
 
 
@@ -46,8 +46,5 @@ class DirectDistiller(Distiller):
             logs["lld_object/gap_l2"] = float(loss.detach().sqrt())
             if aux:
                 losses["kd/lld_aux_object"] = weights.lld_aux * self.teacher_object_head_kl(student, pair[1])
-        if self.config.relational_weight > 0:
-            losses["kd/relational"] = self.config.relational_weight * affinity_loss(
-                student.decoded_bev, teacher.decoded_bev
-            )
+        losses.update(self.relational_terms(student, teacher))
         return losses
