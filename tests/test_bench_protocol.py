@@ -478,7 +478,8 @@ def test_longer_distillation_rows_are_their_method_on_twice_the_steps_paired_wit
 def test_ablations_are_paired_with_the_run_they_ablate_and_the_ta_is_no_student():
     """An ablation's delta against its method at the same lambda: MonoTAKD's partner row where
     MonoTAKD chose 0 (its ablations run at the best lambda > 0), BridgeTA itself where it chose
-    that lambda; none against a run of another lambda. MonoTAKD's TA gets no student deltas."""
+    that lambda; none against a run of another lambda. MonoTAKD's TA gets no student deltas;
+    MonoTAKD is also paired with BridgeTA, the method the issue compares it with."""
     from bridgeta.report import render_accuracy, render_partial
 
     def run(seed, miou):
@@ -502,13 +503,20 @@ def test_ablations_are_paired_with_the_run_they_ablate_and_the_ta_is_no_student(
     for row in ("monotakd", "monotakd_kd", "bridgeta", "baseline", "assistant", "teacher"):
         assert "paired_vs_family" not in table[row]
     assert not any(k.startswith("paired_vs_") for k in table["assistant"]) and "gap_closed" not in table["assistant"]
+    # MonoTAKD head to head with BridgeTA, per seed; no other row has a rival
+    rival = table["monotakd"]["paired_vs_rival"]
+    assert rival["reference"] == "bridgeta" and rival["per_seed"] == pytest.approx({"0": 0.04, "1": 0.03})
+    assert [m for m, row in table.items() if "paired_vs_rival" in row] == ["monotakd"]
     results = _fabricated_protocol_results()
     protocol = {**results["protocol"], "student_steps": 800}
     partial = render_partial({**results, "table": table, "protocol": protocol})
     assert "| `monotakd_no_sam` | 2 | 1600 | 13.0 ± 0.0 | +2.0 ± 1.4 (n=2) | – | -1.5 ± 0.7 (n=2) vs `monotakd_kd` |" in partial
     assert "| `assistant` | 1 | – | 30.0 ± 0.0 | – | – | – |" in partial
+    head_to_head = "| `monotakd` | 2 | 15.5 ± 0.7 | 12.0 ± 1.4 | +3.5 ± 0.7 (n=2) vs `bridgeta` |"
+    assert head_to_head in partial
     text = render_accuracy({**results, "table": table, "learned_classes": ["drivable_area"], "protocol": protocol})
     assert "| `fixed_epsilon` | 2 | 12.5 ± 0.7 | +0.5 ± 2.1 (n=2) vs `bridgeta` |" in text
+    assert head_to_head in text
 
 
 def _with_dataroot(config: tuple[str, list[str]]) -> tuple[str, list[str]]:

@@ -277,6 +277,7 @@ def render_accuracy(results: dict) -> str:
                   "| method | seeds | test mIoU | Δ mIoU vs the method it ablates |", "|---|---:|---:|---:|"]
         lines += [f"| `{method}` | {len(row['seeds'])} | {_cell(row['miou'])} | {_against(row['paired_vs_family'])} |"
                   for method, row in ablations]
+    lines += _rivals_table(table)
     longer = [(m, row) for m, row in table.items() if "paired_vs_same_schedule" in row]
     if longer:
         steps = results["protocol"].get("student_steps")
@@ -320,6 +321,21 @@ def _steps_table(results: dict) -> list[str]:
     return lines
 
 
+def _rivals_table(table: dict) -> list[str]:
+    """The head-to-head rows (``paired_vs_rival``, bench/distill.py ``RIVALS``): each method
+    against the other method it is compared with, per seed; [] where none ran."""
+    rivals = [(m, row) for m, row in table.items() if "paired_vs_rival" in row]
+    if not rivals:
+        return []
+    lines = ["", "Head to head, paired per seed with the other method each is compared with:", "",
+             "| method | seeds | test mIoU | rival's test mIoU | Δ mIoU vs the rival |", "|---|---:|---:|---:|---:|"]
+    for method, row in rivals:
+        pair = row["paired_vs_rival"]
+        lines.append(f"| `{method}` | {len(row['seeds'])} | {_cell(row['miou'])} | "
+                     f"{_cell(table[pair['reference']]['miou'])} | {_against(pair)} |")
+    return lines
+
+
 def _against(pair: dict | None) -> str:
     """A paired delta that names its reference row, or – without one."""
     return f"{_delta(pair)} vs `{pair['reference']}`" if pair else "–"
@@ -342,6 +358,7 @@ def render_partial(results: dict) -> str:
     preset = results.get("preset", {}).get("name", "?")
     lines += ["", "Test towns, mean ± std over the finished seeds; Δ paired per seed, in points. " + _whose_steps(results)
               + _measured(results, f"bridgeta bench accuracy --preset {preset} --summary")]
+    lines += _rivals_table(results["table"])
     return "\n".join(lines)
 
 

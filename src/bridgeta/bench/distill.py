@@ -475,6 +475,12 @@ def learned_classes(runs: dict[str, list[dict]], threshold: float = 0.10) -> lis
     return [c for c in tests[0] if statistics.fmean(t[c] for t in tests) > threshold]
 
 
+# A headline row's rival: the other method it is compared with head to head, paired per seed
+# (``paired_vs_rival``) beside the baseline and ``direct``. MonoTAKD's issue asks for it against
+# BridgeTA: both teach through an assistant, one camera-only, one LiDAR-camera.
+RIVALS = {"monotakd": "bridgeta"}
+
+
 def _references(method: str, runs: dict[str, list[dict]]) -> list[str]:
     """The rows ``method`` gets paired deltas against: the baseline and ``direct`` where they ran,
     except for itself, the teachers, MonoTAKD's TA (it lifts with LiDAR depth: not a camera
@@ -487,7 +493,8 @@ def _references(method: str, runs: dict[str, list[dict]]) -> list[str]:
 
 def aggregate(runs: dict[str, list[dict]]) -> dict:
     """Mean ± std over seeds per method, the share of the teacher-baseline gap closed, paired
-    per-seed deltas against the baseline and ``direct``, and the mIoU over the classes the
+    per-seed deltas against the baseline and ``direct`` (and against the baseline of a row's
+    steps and its ``RIVALS`` entry, where they ran), and the mIoU over the classes the
     teacher learns (``miou_learned``)."""
     learned = learned_classes(runs)
     table = {}
@@ -543,6 +550,9 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
         reference = same_schedule_baseline(method)
         if reference in runs:
             table[method]["paired_vs_same_schedule"] = {"reference": reference, **paired(results, runs[reference])}
+        rival = RIVALS.get(method)
+        if rival in runs:
+            table[method]["paired_vs_rival"] = {"reference": rival, **paired(results, runs[rival])}
     for method, results in runs.items():  # the detection table's paired deltas (multi-task runs)
         if "detection" not in table[method]:
             continue
